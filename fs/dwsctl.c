@@ -1,0 +1,370 @@
+/* dwsctl: inspect, extract, verify and publish Delta Weight Sync buckets
+ * without a mount. A thin command line over libdwsfs. */
+#include "dwsfs/dwsfs.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <stdarg.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+static const char *prog = "dwsctl";
+
+static void usage(FILE *to)
+{
+	fprintf(to,
+		"usage: %s COMMAND ...\n"
+		"  ls BUCKET [--all]                      one line per step of the current run\n"
+		"  extract BUCKET OUTDIR [--step N] [--base SRC] [--map-prefix FROM=TO]...\n"
+		"                                         write the reconstructed model folder\n"
+		"  verify BUCKET [--step N] [--base SRC] [--map-prefix FROM=TO]...\n"
+		"                                         check a step against the producer's checksums\n"
+		"  publish PREV NEXT BUCKET_DIR --step N [--format gap_delta|raw|v1|anchor]\n"
+		"          [--zstd[=LEVEL]] [--run-id ID] [--parent N]\n"
+		"                                         write NEXT as a delta against PREV (or an anchor)\n"
+		"BUCKET is a local folder (file:// accepted).\n",
+		prog);
+}
+
+static int die(const dws_error *e)
+{
+	fprintf(stderr, "%s: %s\n", prog, e->msg);
+	return 1;
+}
+
+__attribute__((format(printf, 1, 2)))
+static int bad_usage(const char *fmt, ...)
+{
+	va_list ap;
+	fprintf(stderr, "%s: ", prog);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+	return 2;
+}
+
+/* Options shared by the commands that build a step. */
+struct build_args {
+	uint64_t step;
+	bool has_step;
+	const char *base;
+	dws_prefix_map maps[16];
+	size_t nmaps;
+	bool verify;
+};
+
+static int parse_step(const char *s, uint64_t *out)
+{
+	char *end;
+	errno = 0;
+	unsigned long long v = strtoull(s, &end, 10);
+	if (!*s || *end || errno || s[0] == '-')
+		return -1;
+	*out = v;
+	return 0;
+}
+
+enum { OPT_STEP = 1000, OPT_BASE, OPT_MAP, OPT_ALL, OPT_FORMAT, OPT_ZSTD, OPT_RUN, OPT_PARENT };
+
+static int parse_build_opt(int c, struct build_args *a)
+{
+	switch (c) {
+	case OPT_STEP:
+		if (parse_step(optarg, &a->step))
+			return bad_usage("--step needs a step number, not '%s'", optarg);
+		a->has_step = true;
+		return 0;
+	case OPT_BASE:
+		a->base = optarg;
+		return 0;
+	case OPT_MAP: {
+		char *eq = strchr(optarg, '=');
+		if (!eq || eq == optarg || a->nmaps == 16)
+			return bad_usage("--map-prefix needs FROM=TO (at most 16), not '%s'", optarg);
+		*eq = 0;
+		a->maps[a->nmaps++] = (dws_prefix_map){optarg, eq + 1};
+		return 0;
+	}
+	}
+	return -1;
+}
+
+/* Open bucket, catalog and builder, then build the requested step. */
+struct session {
+	dws_bucket *bucket;
+	dws_catalog *cat;
+	dws_builder *bl;
+	dws_step *step;
+};
+
+static void session_close(struct session *s)
+{
+	dws_step_unref(s->step);
+	dws_builder_free(s->bl);
+	dws_catalog_free(s->cat);
+	dws_bucket_close(s->bucket);
+}
+
+static int session_open(struct session *s, const char *uri, struct build_args *a,
+			dws_error *err)
+{
+	memset(s, 0, sizeof(*s));
+	int rc = dws_bucket_open(uri, &s->bucket, err);
+	if (!rc)
+		rc = dws_catalog_load(s->bucket, NULL, &s->cat, err);
+	if (rc)
+		return rc;
+	if (!a)
+		return DWS_OK;
+	if (!a->has_step) {
+		size_t n = dws_catalog_count(s->cat);
+		if (!n) {
+			err->code = DWS_ENOENT;
+			snprintf(err->msg, sizeof(err->msg), "%s: the bucket holds no steps (anchors/ and deltas/ are empty)", uri);
+			return DWS_ENOENT;
+		}
+		a->step = dws_catalog_at(s->cat, n - 1)->step;
+	}
+	dws_build_opts bo = {.base = a->base, .maps = a->maps, .nmaps = a->nmaps, .verify = a->verify};
+	rc = dws_builder_new(s->cat, &bo, &s->bl, err);
+	if (!rc)
+		rc = dws_builder_build(s->bl, a->step, &s->step, err);
+	return rc;
+}
+
+/* ---- ls ---- */
+
+static void fmt_time(int64_t ns, char *buf, size_t n)
+{
+	time_t t = (time_t)(ns / 1000000000);
+	struct tm tm;
+	gmtime_r(&t, &tm);
+	strftime(buf, n, "%Y-%m-%dT%H:%M:%SZ", &tm);
+}
+
+static void ls_line(const dws_stepfile *f, const char *tag)
+{
+	char when[32];
+	fmt_time(f->obj.mtime_ns, when, sizeof(when));
+	const char *kind = f->variant == DWS_VAR_DENSE ? (f->complete ? "anchor" : "overlay") : "delta";
+	const char *comp = f->variant == DWS_VAR_DENSE ? (f->complete ? "complete" : "partial") : "sparse";
+	printf("%-8" PRIu64 " %-7s %-8s %-9s%s %12" PRIu64 " %12" PRIu64 " %s%s%s%s\n", f->step, kind, comp,
+	       dws_variant_name(f->variant), f->compressed ? "+zst" : "    ", f->changed, f->obj.size, when, tag,
+	       f->error[0] ? "  INVALID: " : "", f->error);
+}
+
+static int cmd_ls(int argc, char **argv)
+{
+	static const struct option lo[] = {{"all", no_argument, 0, OPT_ALL}, {0}};
+	bool all = false;
+	int c;
+	while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
+		if (c == OPT_ALL)
+			all = true;
+		else
+			return 2;
+	}
+	if (argc - optind != 1)
+		return bad_usage("ls takes one BUCKET");
+	struct session s;
+	dws_error err = {0};
+	if (session_open(&s, argv[optind], NULL, &err))
+		return die(&err);
+	printf("%-8s %-7s %-8s %-13s %12s %12s %s\n", "STEP", "KIND", "STATE", "ENCODING", "CHANGED", "BYTES", "UPLOADED");
+	for (size_t i = 0; i < dws_catalog_count(s.cat); i++)
+		ls_line(dws_catalog_at(s.cat, i), "");
+	if (all)
+		for (size_t i = 0; i < dws_catalog_stale_count(s.cat); i++)
+			ls_line(dws_catalog_stale_at(s.cat, i), "  (earlier run, ignored)");
+	else if (dws_catalog_stale_count(s.cat))
+		fprintf(stderr, "%s: %zu files of an earlier trainer run are ignored (--all lists them)\n", prog,
+			dws_catalog_stale_count(s.cat));
+	session_close(&s);
+	return 0;
+}
+
+/* ---- extract ---- */
+
+struct progress {
+	struct timespec last;
+	bool shown;
+};
+
+static void show_progress(void *ctx, const char *what, uint64_t done, uint64_t total)
+{
+	struct progress *p = ctx;
+	struct timespec now;
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	long ms = (now.tv_sec - p->last.tv_sec) * 1000 + (now.tv_nsec - p->last.tv_nsec) / 1000000;
+	if (ms < 200 && done != total)
+		return;
+	p->last = now;
+	p->shown = true;
+	fprintf(stderr, "\r%s: extract %5.1f%%  %" PRIu64 " / %" PRIu64 " MiB  %-40.40s", prog,
+		total ? 100.0 * (double)done / (double)total : 100.0, done >> 20, total >> 20, what);
+}
+
+static int cmd_extract(int argc, char **argv)
+{
+	static const struct option lo[] = {
+		{"step", required_argument, 0, OPT_STEP}, {"base", required_argument, 0, OPT_BASE},
+		{"map-prefix", required_argument, 0, OPT_MAP}, {0}};
+	struct build_args a = {0};
+	int c;
+	while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1)
+		if (parse_build_opt(c, &a))
+			return 2;
+	if (argc - optind != 2)
+		return bad_usage("extract takes BUCKET OUTDIR");
+	struct session s;
+	dws_error err = {0};
+	if (session_open(&s, argv[optind], &a, &err)) {
+		session_close(&s);
+		return die(&err);
+	}
+	struct progress p = {0};
+	dws_progress pr = {show_progress, &p};
+	int rc = dws_extract(s.step, argv[optind + 1], isatty(2) ? &pr : NULL, &err);
+	if (p.shown)
+		fputc('\n', stderr);
+	session_close(&s);
+	return rc ? die(&err) : 0;
+}
+
+/* ---- verify ---- */
+
+static int cmd_verify(int argc, char **argv)
+{
+	static const struct option lo[] = {
+		{"step", required_argument, 0, OPT_STEP}, {"base", required_argument, 0, OPT_BASE},
+		{"map-prefix", required_argument, 0, OPT_MAP}, {0}};
+	struct build_args a = {.verify = true};
+	int c;
+	while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1)
+		if (parse_build_opt(c, &a))
+			return 2;
+	if (argc - optind != 1)
+		return bad_usage("verify takes one BUCKET");
+	struct session s;
+	dws_error err = {0};
+	if (session_open(&s, argv[optind], &a, &err)) {
+		session_close(&s);
+		return die(&err);
+	}
+	const dws_stepfile *f = dws_catalog_find(s.cat, a.step);
+	const char *want = f->state_xxh3[0] ? f->state_xxh3 : NULL;
+	int rc = DWS_OK;
+	if (want) {
+		uint64_t h = 0;
+		rc = dws_step_state_digest(s.step, &h, &err);
+		char got[17];
+		snprintf(got, sizeof(got), "%016" PRIx64, h);
+		if (!rc && strcmp(got, want) != 0) {
+			err.code = rc = DWS_EVERIFY;
+			snprintf(err.msg, sizeof(err.msg), "%s/%s: step %" PRIu64 " does not match the producer's state checksum (got %s, want %s)",
+				 dws_bucket_uri(s.bucket), f->obj.key, a.step, got, want);
+		}
+	}
+	if (!rc)
+		printf("step %" PRIu64 ": %s (anchor %" PRIu64 ", %zu files applied, %" PRIu64 " patched elements)\n", a.step,
+		       want ? "state checksum matches" : "chain decodes; no producer checksum to compare",
+		       dws_step_anchor(s.step), dws_step_chain_length(s.step), dws_step_patch_entries(s.step));
+	session_close(&s);
+	return rc ? die(&err) : 0;
+}
+
+/* ---- publish ---- */
+
+static int cmd_publish(int argc, char **argv)
+{
+	static const struct option lo[] = {
+		{"step", required_argument, 0, OPT_STEP}, {"format", required_argument, 0, OPT_FORMAT},
+		{"zstd", optional_argument, 0, OPT_ZSTD}, {"run-id", required_argument, 0, OPT_RUN},
+		{"parent", required_argument, 0, OPT_PARENT}, {0}};
+	dws_publish_opts o = {.parent_step = -1, .zstd_level = 3};
+	bool has_step = false;
+	int c;
+	while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
+		uint64_t v;
+		switch (c) {
+		case OPT_STEP:
+			if (parse_step(optarg, &o.step))
+				return bad_usage("--step needs a step number, not '%s'", optarg);
+			has_step = true;
+			break;
+		case OPT_PARENT:
+			if (parse_step(optarg, &v) || v > INT64_MAX)
+				return bad_usage("--parent needs a step number, not '%s'", optarg);
+			o.parent_step = (int64_t)v;
+			break;
+		case OPT_FORMAT:
+			if (!strcmp(optarg, "gap_delta"))
+				o.format = DWS_PUB_GAP_DELTA;
+			else if (!strcmp(optarg, "raw"))
+				o.format = DWS_PUB_RAW;
+			else if (!strcmp(optarg, "v1"))
+				o.format = DWS_PUB_V1;
+			else if (!strcmp(optarg, "anchor"))
+				o.format = DWS_PUB_ANCHOR;
+			else
+				return bad_usage("--format is gap_delta, raw, v1 or anchor, not '%s'", optarg);
+			break;
+		case OPT_ZSTD:
+			o.zstd = true;
+			if (optarg && (parse_step(optarg, &v) || v < 1 || v > 19))
+				return bad_usage("--zstd level is 1..19, not '%s'", optarg);
+			if (optarg)
+				o.zstd_level = (int)v;
+			break;
+		case OPT_RUN:
+			o.run_id = optarg;
+			break;
+		default:
+			return 2;
+		}
+	}
+	if (argc - optind != 3 || !has_step)
+		return bad_usage("publish takes PREV NEXT BUCKET_DIR and --step N (PREV may be '-' with --format anchor)");
+	o.prev = strcmp(argv[optind], "-") ? argv[optind] : NULL;
+	o.next = argv[optind + 1];
+	o.bucket_dir = argv[optind + 2];
+	char written[4096];
+	uint64_t changed = 0;
+	dws_error err = {0};
+	if (dws_publish(&o, written, sizeof(written), &changed, &err))
+		return die(&err);
+	printf("%s: step %" PRIu64 ", %" PRIu64 " elements\n", written, o.step, changed);
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc < 2 || !strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) {
+		usage(argc < 2 ? stderr : stdout);
+		return argc < 2 ? 2 : 0;
+	}
+	if (!strcmp(argv[1], "--version")) {
+		printf("dwsctl %s\n", DWSFS_VERSION);
+		return 0;
+	}
+	const char *cmd = argv[1];
+	argv[1] = argv[0];
+	argc--;
+	argv++;
+	if (!strcmp(cmd, "ls"))
+		return cmd_ls(argc, argv);
+	if (!strcmp(cmd, "extract"))
+		return cmd_extract(argc, argv);
+	if (!strcmp(cmd, "verify"))
+		return cmd_verify(argc, argv);
+	if (!strcmp(cmd, "publish"))
+		return cmd_publish(argc, argv);
+	fprintf(stderr, "%s: unknown command '%s'\n", prog, cmd);
+	usage(stderr);
+	return 2;
+}

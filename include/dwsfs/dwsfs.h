@@ -1,0 +1,287 @@
+/* libdwsfs — reconstruct the steps of a Delta Weight Sync bucket.
+ *
+ * Ownership: every open, new or build function returns an object the caller
+ * owns and releases with the matching close, free or unref (which accept NULL).
+ * Refcounted objects (dws_blob, dws_step) are safe to share between threads;
+ * everything else belongs to one thread at a time.
+ *
+ * Errors: functions return DWS_OK (0) or a negative dws_code, and fill a
+ * caller-provided dws_error with one line that names the object and the reason.
+ */
+#ifndef DWSFS_DWSFS_H
+#define DWSFS_DWSFS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define DWSFS_VERSION "0.1.0"
+
+typedef enum dws_code {
+	DWS_OK = 0,
+	DWS_EIO = -1,      /* a read or write failed */
+	DWS_EFORMAT = -2,  /* input violates the format: never served */
+	DWS_EUNSUP = -3,   /* valid but unsupported (nvcomp, dtype pairs) */
+	DWS_ENOENT = -4,   /* no such step, object or file */
+	DWS_ENOMEM = -5,
+	DWS_EINVAL = -6,   /* bad argument from the user */
+	DWS_ETIMEDOUT = -7,
+	DWS_EVERIFY = -8,  /* checksum or chain check failed */
+} dws_code;
+
+typedef struct dws_error {
+	int code;
+	char msg[768];
+} dws_error;
+
+const char *dws_code_name(int code);
+
+/* ---- dtypes ------------------------------------------------------------ */
+
+typedef enum dws_dtype {
+	DWS_DT_INVALID = 0,
+	DWS_DT_BOOL, DWS_DT_U8, DWS_DT_I8, DWS_DT_F8_E5M2, DWS_DT_F8_E4M3,
+	DWS_DT_I16, DWS_DT_U16, DWS_DT_F16, DWS_DT_BF16,
+	DWS_DT_I32, DWS_DT_U32, DWS_DT_F32,
+	DWS_DT_I64, DWS_DT_U64, DWS_DT_F64,
+	DWS_DT_COUNT
+} dws_dtype;
+
+dws_dtype dws_dtype_parse(const char *s);
+const char *dws_dtype_name(dws_dtype dt);
+size_t dws_dtype_size(dws_dtype dt);
+
+/* BF16 -> F16, round to nearest even (NaN stays NaN, overflow to inf). */
+uint16_t dws_bf16_to_f16(uint16_t b);
+float dws_bf16_to_f32(uint16_t b);
+/* F32 -> BF16, round to nearest even (what torch's .to(bfloat16) does). */
+uint16_t dws_f32_to_bf16(float f);
+uint16_t dws_f16_to_bf16(uint16_t h);
+
+/* ---- safetensors -------------------------------------------------------- */
+
+#define DWS_ST_MAX_HEADER (100u * 1024 * 1024) /* same cap as the safetensors library */
+
+typedef struct dws_st_tensor {
+	const char *name;
+	dws_dtype dtype;
+	uint32_t ndim;
+	const uint64_t *shape;
+	uint64_t numel;
+	uint64_t begin, end; /* relative to the data section */
+} dws_st_tensor;
+
+typedef struct dws_st_meta {
+	const char *key, *value;
+} dws_st_meta;
+
+typedef struct dws_st_file dws_st_file;
+
+/* Parse and validate a header. `prefix` holds at least the first 8 bytes; if
+ * it does not hold the whole header, *need is set to the byte count needed and
+ * DWS_EFORMAT is not returned (returns 1). `file_size` is the whole file's
+ * size: every tensor must lie inside it. `what` names the file in errors. */
+int dws_st_parse(const void *prefix, size_t prefix_len, uint64_t file_size,
+		 const char *what, dws_st_file **out, uint64_t *need,
+		 dws_error *err);
+void dws_st_free(dws_st_file *f);
+size_t dws_st_count(const dws_st_file *f);
+const dws_st_tensor *dws_st_at(const dws_st_file *f, size_t i);
+const dws_st_tensor *dws_st_find(const dws_st_file *f, const char *name);
+const char *dws_st_meta_get(const dws_st_file *f, const char *key);
+size_t dws_st_meta_count(const dws_st_file *f);
+const dws_st_meta *dws_st_meta_at(const dws_st_file *f, size_t i);
+/* Bytes before the data section: 8 + header length. */
+uint64_t dws_st_data_start(const dws_st_file *f);
+
+/* Writer: builds a header (sorted keys, space padded to 8) for tensors laid
+ * out back to back in the given order. */
+typedef struct dws_st_out_tensor {
+	const char *name;
+	dws_dtype dtype;
+	uint32_t ndim;
+	const uint64_t *shape;
+	uint64_t nbytes;
+} dws_st_out_tensor;
+int dws_st_build_header(const dws_st_out_tensor *t, size_t n,
+			const dws_st_meta *meta, size_t nmeta, char **out,
+			size_t *out_len, dws_error *err);
+
+/* ---- blobs and buckets -------------------------------------------------- */
+
+typedef struct dws_object {
+	char *key;          /* relative to the bucket root, '/'-separated */
+	uint64_t size;
+	int64_t mtime_ns;   /* upload time where known */
+	char ident[96];     /* content identity: xetHash, ETag+size, or mtime+size */
+} dws_object;
+
+void dws_objects_free(dws_object *v, size_t n);
+
+/* A readable source object. Thread safe; refcounted. */
+typedef struct dws_blob dws_blob;
+int dws_blob_read(dws_blob *b, uint64_t off, void *buf, size_t len,
+		  dws_error *err); /* exact: short means error */
+uint64_t dws_blob_size(const dws_blob *b);
+const char *dws_blob_name(const dws_blob *b);
+dws_blob *dws_blob_ref(dws_blob *b);
+void dws_blob_unref(dws_blob *b);
+/* A blob over memory the blob takes ownership of (free()d on last unref). */
+dws_blob *dws_blob_from_memory(const char *name, void *data, size_t len);
+/* A whole-object zstd decompression of `src` (a .zst object): streamed into an
+ * unlinked temporary file under `tmpdir` (NULL: $TMPDIR or /tmp), at most
+ * `max_size` bytes of output. */
+int dws_blob_zstd(dws_blob *src, const char *tmpdir, uint64_t max_size,
+		  dws_blob **out, dws_error *err);
+/* Decompress only the first `want` bytes of a zstd blob into memory. */
+int dws_zstd_prefix(dws_blob *src, size_t want, void **out, size_t *out_len,
+		    dws_error *err);
+
+typedef struct dws_bucket dws_bucket;
+/* "/path", "file:///path", later "hf://..." and "s3://...". */
+int dws_bucket_open(const char *uri, dws_bucket **out, dws_error *err);
+void dws_bucket_close(dws_bucket *b);
+const char *dws_bucket_uri(const dws_bucket *b);
+/* Every object under prefix ("" = all), recursively, sorted by key. */
+int dws_bucket_list(dws_bucket *b, const char *prefix, dws_object **out,
+		    size_t *n, dws_error *err);
+int dws_bucket_open_blob(dws_bucket *b, const dws_object *obj, dws_blob **out,
+			 dws_error *err);
+/* Validate an object key: relative, no "..", no empty or "." components. */
+bool dws_key_is_safe(const char *key);
+
+/* ---- catalog ------------------------------------------------------------ */
+
+typedef enum dws_variant {
+	DWS_VAR_DENSE = 0,
+	DWS_VAR_V1,        /* .indices/.values */
+	DWS_VAR_RAW,       /* v2/v3 .idx I32 */
+	DWS_VAR_GAP_DELTA, /* v2/v3 .idx U16/U32 gaps */
+	DWS_VAR_NVCOMP,    /* refused when applied */
+} dws_variant;
+
+const char *dws_variant_name(dws_variant v);
+
+typedef struct dws_stepfile {
+	uint64_t step;
+	dws_object obj;
+	bool compressed;      /* .safetensors.zst */
+	bool in_anchors;      /* lies under anchors/ (informative only) */
+	dws_variant variant;
+	bool complete;        /* dense and holds every parameter */
+	uint64_t nparams;     /* tensors (dense) or changed params (sparse) */
+	uint64_t changed;     /* changed elements (sparse), numel (dense) */
+	uint64_t total_elements; /* metadata total_elements, 0 if absent */
+	char run_id[64];      /* dwsfs.run_id, "" if absent */
+	int64_t parent_step;  /* dwsfs.parent_step, -1 if absent */
+	char state_xxh3[17];  /* dwsfs.state_xxh3, "" if absent */
+	char error[768];      /* non-empty: the header is bad; the step is invalid */
+} dws_stepfile;
+
+typedef struct dws_catalog_opts {
+	int64_t run_tolerance_ns; /* restart detection slack; default 60 s */
+	const char *tmpdir;
+} dws_catalog_opts;
+
+typedef struct dws_catalog dws_catalog;
+
+/* List the bucket, read every step file's header, keep the current run. */
+int dws_catalog_load(dws_bucket *b, const dws_catalog_opts *opts,
+		     dws_catalog **out, dws_error *err);
+void dws_catalog_free(dws_catalog *c);
+size_t dws_catalog_count(const dws_catalog *c);
+/* Steps of the current run, ascending. */
+const dws_stepfile *dws_catalog_at(const dws_catalog *c, size_t i);
+const dws_stepfile *dws_catalog_find(const dws_catalog *c, uint64_t step);
+/* Files of older runs that were left out (for `ls --all`). */
+size_t dws_catalog_stale_count(const dws_catalog *c);
+const dws_stepfile *dws_catalog_stale_at(const dws_catalog *c, size_t i);
+/* The latest complete anchor at or before step, or NULL. */
+const dws_stepfile *dws_catalog_anchor_for(const dws_catalog *c, uint64_t step);
+bool dws_catalog_has_base(const dws_catalog *c);
+dws_bucket *dws_catalog_bucket(const dws_catalog *c);
+
+/* ---- steps -------------------------------------------------------------- */
+
+typedef struct dws_prefix_map {
+	const char *from; /* trainer name prefix */
+	const char *to;   /* checkpoint name prefix */
+} dws_prefix_map;
+
+typedef struct dws_build_opts {
+	const char *base;          /* base folder or URI; NULL: bucket's base/ if any */
+	const dws_prefix_map *maps;
+	size_t nmaps;
+	const char *tmpdir;        /* where decompressed anchors are spilled */
+	uint64_t max_delta_bytes;  /* cap for one decompressed delta; 0: 64 GiB */
+	bool verify;               /* check dwsfs.* checksums while building */
+} dws_build_opts;
+
+typedef struct dws_step dws_step;
+typedef struct dws_builder dws_builder;
+
+typedef enum dws_file_kind { DWS_FILE_PLAIN, DWS_FILE_SAFETENSORS } dws_file_kind;
+
+typedef struct dws_file_info {
+	const char *path; /* relative to the model folder */
+	uint64_t size;
+	dws_file_kind kind;
+} dws_file_info;
+
+/* A builder turns catalog steps into dws_step values. It keeps the layout
+ * (base or anchor), the previous step and the blobs it opened. */
+int dws_builder_new(dws_catalog *c, const dws_build_opts *opts,
+		    dws_builder **out, dws_error *err);
+void dws_builder_free(dws_builder *bl);
+/* Build step N (any step of the catalog). Reuses the previous build when N
+ * follows it in the same chain. Returns a new reference. */
+int dws_builder_build(dws_builder *bl, uint64_t step, dws_step **out,
+		      dws_error *err);
+
+dws_step *dws_step_ref(dws_step *s);
+void dws_step_unref(dws_step *s);
+uint64_t dws_step_number(const dws_step *s);
+uint64_t dws_step_anchor(const dws_step *s);     /* 0: base only */
+size_t dws_step_chain_length(const dws_step *s); /* files applied since anchor */
+uint64_t dws_step_patch_entries(const dws_step *s);
+size_t dws_step_file_count(const dws_step *s);
+const dws_file_info *dws_step_file(const dws_step *s, size_t i);
+int dws_step_file_lookup(const dws_step *s, const char *path); /* -1 if none */
+/* Read bytes of file i at off; returns bytes read (short only at EOF) or <0. */
+int64_t dws_step_read(dws_step *s, size_t file, uint64_t off, void *buf,
+		      size_t len, dws_error *err);
+/* XXH3-64 state digest over the trainer view (see publish.c). */
+int dws_step_state_digest(dws_step *s, uint64_t *out, dws_error *err);
+
+/* ---- tools (dwsctl) ----------------------------------------------------- */
+
+typedef struct dws_progress {
+	void (*fn)(void *ctx, const char *what, uint64_t done, uint64_t total);
+	void *ctx;
+} dws_progress;
+
+/* Write step s as a folder at outdir, atomically: a sibling temp folder renamed
+ * into place at the end. outdir must not exist (or be an empty folder). */
+int dws_extract(dws_step *s, const char *outdir, const dws_progress *pr,
+		dws_error *err);
+
+typedef enum dws_pub_format {
+	DWS_PUB_GAP_DELTA = 0, DWS_PUB_RAW, DWS_PUB_V1, DWS_PUB_ANCHOR
+} dws_pub_format;
+
+typedef struct dws_publish_opts {
+	const char *prev;        /* previous checkpoint folder (NULL with anchor) */
+	const char *next;        /* next checkpoint folder */
+	const char *bucket_dir;  /* local bucket folder to write into */
+	uint64_t step;
+	int64_t parent_step;     /* -1: none */
+	dws_pub_format format;
+	bool zstd;
+	int zstd_level;
+	const char *run_id;      /* NULL: the bucket's current run, else a fresh one */
+} dws_publish_opts;
+
+int dws_publish(const dws_publish_opts *o, char *written, size_t written_len,
+		uint64_t *changed_out, dws_error *err);
+
+#endif

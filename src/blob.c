@@ -1,0 +1,280 @@
+/* Blobs: refcounted readable objects (a local file, memory, a decompressed
+ * zstd object). Backends make them; the step view reads through them. */
+#include "internal.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <xxhash.h>
+#include <zstd.h>
+
+dws_blob *dws_blob_new(const struct dws_blob_ops *ops, const char *name,
+		       uint64_t size, void *priv)
+{
+	dws_blob *b = dws_xcalloc(1, sizeof(*b));
+	b->ops = ops;
+	atomic_init(&b->refs, 1);
+	b->size = size;
+	b->name = dws_xstrdup(name);
+	b->priv = priv;
+	b->fd = -1;
+	return b;
+}
+
+int dws_blob_read(dws_blob *b, uint64_t off, void *buf, size_t len,
+		  dws_error *err)
+{
+	uint64_t end;
+	if (!dws_add_ok(off, len, &end) || end > b->size)
+		return dws_fail(err, DWS_EIO, "%s: read of %zu bytes at %llu is past the end (%llu bytes)", b->name, len,
+				(unsigned long long)off, (unsigned long long)b->size);
+	if (!len)
+		return DWS_OK;
+	return b->ops->read(b, off, buf, len, err);
+}
+
+uint64_t dws_blob_size(const dws_blob *b) { return b->size; }
+const char *dws_blob_name(const dws_blob *b) { return b->name; }
+
+dws_blob *dws_blob_ref(dws_blob *b)
+{
+	if (b)
+		atomic_fetch_add(&b->refs, 1);
+	return b;
+}
+
+void dws_blob_unref(dws_blob *b)
+{
+	if (!b || atomic_fetch_sub(&b->refs, 1) != 1)
+		return;
+	if (b->ops->destroy)
+		b->ops->destroy(b);
+	if (b->fd >= 0)
+		close(b->fd);
+	free(b->name);
+	free(b);
+}
+
+/* ---- file descriptor ---- */
+
+static int fd_read(dws_blob *b, uint64_t off, void *buf, size_t len,
+		   dws_error *err)
+{
+	char *p = buf;
+	while (len) {
+		ssize_t r = pread(b->fd, p, len, (off_t)off);
+		if (r < 0) {
+			if (errno == EINTR)
+				continue;
+			return dws_fail(err, DWS_EIO, "%s: read at %llu: %s", b->name, (unsigned long long)off, strerror(errno));
+		}
+		if (r == 0)
+			return dws_fail(err, DWS_EIO, "%s: truncated: file ended at %llu (it shrank while in use?)", b->name,
+					(unsigned long long)off);
+		p += r;
+		off += (uint64_t)r;
+		len -= (size_t)r;
+	}
+	return DWS_OK;
+}
+
+static const struct dws_blob_ops fd_ops = {.read = fd_read};
+
+dws_blob *dws_blob_from_fd(const char *name, int fd, uint64_t size)
+{
+	dws_blob *b = dws_blob_new(&fd_ops, name, size, NULL);
+	b->fd = fd;
+	return b;
+}
+
+/* ---- memory ---- */
+
+static int mem_read(dws_blob *b, uint64_t off, void *buf, size_t len,
+		    dws_error *err)
+{
+	(void)err;
+	memcpy(buf, (const char *)b->priv + off, len);
+	return DWS_OK;
+}
+
+static void mem_destroy(dws_blob *b) { free(b->priv); }
+
+static const struct dws_blob_ops mem_ops = {.read = mem_read, .destroy = mem_destroy};
+
+dws_blob *dws_blob_from_memory(const char *name, void *data, size_t len)
+{
+	return dws_blob_new(&mem_ops, name, len, data);
+}
+
+int dws_blob_slurp(dws_blob *b, uint64_t cap, void **out, size_t *len,
+		   dws_error *err)
+{
+	if (b->size > cap || b->size > SIZE_MAX)
+		return dws_fail(err, DWS_EFORMAT, "%s: %llu bytes is more than the %llu byte limit", b->name,
+				(unsigned long long)b->size, (unsigned long long)cap);
+	void *p = dws_xmalloc((size_t)b->size);
+	int rc = dws_blob_read(b, 0, p, (size_t)b->size, err);
+	if (rc) {
+		free(p);
+		return rc;
+	}
+	*out = p;
+	*len = (size_t)b->size;
+	return DWS_OK;
+}
+
+int dws_blob_xxh3(dws_blob *b, uint64_t off, uint64_t len, uint64_t *out,
+		  dws_error *err)
+{
+	enum { CH = 4 << 20 };
+	XXH3_state_t *st = XXH3_createState();
+	char *buf = dws_xmalloc(CH);
+	int rc = DWS_OK;
+	XXH3_64bits_reset(st);
+	while (len) {
+		size_t n = len < CH ? (size_t)len : CH;
+		rc = dws_blob_read(b, off, buf, n, err);
+		if (rc)
+			break;
+		XXH3_64bits_update(st, buf, n);
+		off += n;
+		len -= n;
+	}
+	*out = XXH3_64bits_digest(st);
+	XXH3_freeState(st);
+	free(buf);
+	return rc;
+}
+
+/* ---- zstd ---- */
+
+/* Stream-decompress src; hand each output chunk to sink until it returns
+ * nonzero (stop early, not an error) or the stream ends. */
+static int zstd_stream(dws_blob *src, uint64_t max_out,
+		       int (*sink)(void *ctx, const void *p, size_t n, dws_error *err),
+		       void *ctx, dws_error *err)
+{
+	ZSTD_DCtx *dc = ZSTD_createDCtx();
+	size_t incap = ZSTD_DStreamInSize(), outcap = ZSTD_DStreamOutSize();
+	char *in = dws_xmalloc(incap), *outb = dws_xmalloc(outcap);
+	uint64_t off = 0, total = 0;
+	int rc = DWS_OK;
+	size_t last = 1;
+	bool stopped = false;
+	/* a window bigger than 1 GiB is refused: it would cost that much memory */
+	ZSTD_DCtx_setParameter(dc, ZSTD_d_windowLogMax, 30);
+	while (off < src->size && !stopped) {
+		size_t n = src->size - off < incap ? (size_t)(src->size - off) : incap;
+		rc = dws_blob_read(src, off, in, n, err);
+		if (rc)
+			break;
+		off += n;
+		ZSTD_inBuffer ib = {in, n, 0};
+		while (ib.pos < ib.size && !stopped) {
+			ZSTD_outBuffer ob = {outb, outcap, 0};
+			last = ZSTD_decompressStream(dc, &ob, &ib);
+			if (ZSTD_isError(last)) {
+				rc = dws_fail(err, DWS_EFORMAT, "%s: bad zstd data: %s", src->name, ZSTD_getErrorName(last));
+				goto out;
+			}
+			total += ob.pos;
+			if (total > max_out) {
+				rc = dws_fail(err, DWS_EFORMAT, "%s: zstd data decompresses past the %llu byte limit", src->name,
+					      (unsigned long long)max_out);
+				goto out;
+			}
+			if (ob.pos) {
+				int s = sink(ctx, outb, ob.pos, err);
+				if (s < 0) {
+					rc = s;
+					goto out;
+				}
+				stopped = s > 0;
+			}
+		}
+	}
+	if (!stopped && last != 0)
+		rc = dws_fail(err, DWS_EFORMAT, "%s: truncated zstd data (the frame does not end)", src->name);
+out:
+	free(in);
+	free(outb);
+	ZSTD_freeDCtx(dc);
+	return rc;
+}
+
+struct fd_sink {
+	int fd;
+	uint64_t off;
+	const char *name;
+};
+
+static int sink_fd(void *ctx, const void *p, size_t n, dws_error *err)
+{
+	struct fd_sink *s = ctx;
+	const char *c = p;
+	while (n) {
+		ssize_t w = pwrite(s->fd, c, n, (off_t)s->off);
+		if (w < 0) {
+			if (errno == EINTR)
+				continue;
+			return dws_fail(err, DWS_EIO, "%s: writing the decompressed copy: %s", s->name, strerror(errno));
+		}
+		c += w;
+		n -= (size_t)w;
+		s->off += (uint64_t)w;
+	}
+	return 0;
+}
+
+int dws_blob_zstd(dws_blob *src, const char *tmpdir, uint64_t max_size,
+		  dws_blob **out, dws_error *err)
+{
+	if (!tmpdir)
+		tmpdir = getenv("TMPDIR");
+	if (!tmpdir || !*tmpdir)
+		tmpdir = "/tmp";
+	int fd = open(tmpdir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+	if (fd < 0)
+		return dws_fail(err, DWS_EIO, "%s: cannot create a temporary file in %s: %s", src->name, tmpdir, strerror(errno));
+	struct fd_sink s = {fd, 0, src->name};
+	int rc = zstd_stream(src, max_size, sink_fd, &s, err);
+	if (rc) {
+		close(fd);
+		return rc;
+	}
+	char *name = dws_xasprintf("%s (decompressed)", src->name);
+	*out = dws_blob_from_fd(name, fd, s.off);
+	free(name);
+	return DWS_OK;
+}
+
+struct mem_sink {
+	char *p;
+	size_t len, want;
+};
+
+static int sink_mem(void *ctx, const void *p, size_t n, dws_error *err)
+{
+	(void)err;
+	struct mem_sink *s = ctx;
+	size_t take = s->want - s->len < n ? s->want - s->len : n;
+	memcpy(s->p + s->len, p, take);
+	s->len += take;
+	return s->len == s->want;
+}
+
+int dws_zstd_prefix(dws_blob *src, size_t want, void **out, size_t *out_len,
+		    dws_error *err)
+{
+	struct mem_sink s = {dws_xmalloc(want ? want : 1), 0, want};
+	int rc = zstd_stream(src, UINT64_MAX, sink_mem, &s, err);
+	if (rc) {
+		free(s.p);
+		return rc;
+	}
+	*out = s.p;
+	*out_len = s.len;
+	return DWS_OK;
+}

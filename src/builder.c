@@ -1,0 +1,610 @@
+/* The step builder: base model or anchor layout, then the chain of files of
+ * the current run applied in order into a new immutable dws_step.
+ *
+ * Step N = the latest complete anchor A <= N (or the base model alone when the
+ * run has no anchor yet), then every file with A < step <= N: dense files
+ * replace the tensors they hold, sparse files merge into the patch index. */
+#include "bucket.h"
+#include "delta.h"
+#include "step.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <xxhash.h>
+
+struct cached_blob {
+	char *key;      /* object key + identity: a rewritten object is new */
+	dws_blob *blob;
+};
+
+struct dws_builder {
+	dws_catalog *cat;
+	dws_build_opts o;
+	dws_prefix_map *maps;
+	dws_bucket *base_bucket;   /* owned when the base is outside the bucket */
+	char *base_prefix;         /* "base" inside the bucket, "" outside */
+	dws_layout *base_layout;
+	dws_step *prev;
+	struct cached_blob *blobs;
+	size_t nblobs;
+	uint32_t *seen;            /* per slot: stamp of the file that last named it */
+	size_t nseen;
+	uint32_t stamp;
+};
+
+#define DEFAULT_MAX_DELTA (64ULL << 30)
+
+/* ---- blobs ---- */
+
+/* A source blob for a step file: decompressed when it is .zst. Kept for the
+ * builder's life so a chain reuses what it decompressed. */
+static int stepfile_blob(dws_builder *bl, const dws_stepfile *f, dws_blob **out,
+			 dws_error *err)
+{
+	char *key = dws_xasprintf("%s\n%s", f->obj.key, f->obj.ident);
+	for (size_t i = 0; i < bl->nblobs; i++)
+		if (strcmp(bl->blobs[i].key, key) == 0) {
+			free(key);
+			*out = dws_blob_ref(bl->blobs[i].blob);
+			return DWS_OK;
+		}
+	dws_blob *raw = NULL, *b = NULL;
+	int rc = dws_bucket_open_blob(dws_catalog_bucket(bl->cat), &f->obj, &raw, err);
+	if (!rc && f->compressed) {
+		rc = dws_blob_zstd(raw, bl->o.tmpdir, bl->o.max_delta_bytes * 64, &b, err);
+		dws_blob_unref(raw);
+	} else {
+		b = raw;
+	}
+	if (rc) {
+		free(key);
+		return rc;
+	}
+	bl->blobs = dws_xrealloc(bl->blobs, (bl->nblobs + 1) * sizeof(*bl->blobs));
+	bl->blobs[bl->nblobs++] = (struct cached_blob){key, dws_blob_ref(b)};
+	*out = b;
+	return DWS_OK;
+}
+
+/* ---- names ---- */
+
+static char *map_name(const dws_builder *bl, const char *trainer)
+{
+	for (size_t i = 0; i < bl->o.nmaps; i++) {
+		size_t fl = strlen(bl->maps[i].from);
+		if (strncmp(trainer, bl->maps[i].from, fl) == 0)
+			return dws_xasprintf("%s%s", bl->maps[i].to, trainer + fl);
+	}
+	return dws_xstrdup(trainer);
+}
+
+static char *unmap_name(const dws_builder *bl, const char *out)
+{
+	for (size_t i = 0; i < bl->o.nmaps; i++) {
+		size_t tl = strlen(bl->maps[i].to);
+		if (strncmp(out, bl->maps[i].to, tl) == 0)
+			return dws_xasprintf("%s%s", bl->maps[i].from, out + tl);
+	}
+	return dws_xstrdup(out);
+}
+
+/* ---- layouts ---- */
+
+static int cmp_ext(const void *a, const void *b)
+{
+	const dws_extent *x = a, *y = b;
+	return x->off < y->off ? -1 : x->off > y->off;
+}
+
+/* Add one file; for a safetensors file, its tensors become slots and its
+ * extents cover the whole file (gaps are served from the file itself). */
+static int layout_add(dws_builder *bl, dws_layout *L, const char *path,
+		      dws_blob *blob, const dws_st_file *st, dws_error *err)
+{
+	L->files = dws_xrealloc(L->files, (L->nfiles + 1) * sizeof(*L->files));
+	dws_out_file *f = &L->files[L->nfiles];
+	memset(f, 0, sizeof(*f));
+	f->info.path = dws_xstrdup(path);
+	f->info.size = dws_blob_size(blob);
+	f->info.kind = st ? DWS_FILE_SAFETENSORS : DWS_FILE_PLAIN;
+	f->blob = dws_blob_ref(blob);
+	uint32_t fi = (uint32_t)L->nfiles++;
+	size_t nt = st ? dws_st_count(st) : 0;
+	f->ext = dws_xcalloc(2 * nt + 2, sizeof(*f->ext));
+	if (!st) {
+		f->ext[f->next++] = (dws_extent){0, f->info.size, -1};
+		return DWS_OK;
+	}
+	uint64_t ds = dws_st_data_start(st);
+	dws_extent *tx = dws_xcalloc(nt ? nt : 1, sizeof(*tx));
+	size_t ntx = 0;
+	L->slots = dws_xrealloc(L->slots, (L->nslots + nt) * sizeof(*L->slots));
+	for (size_t i = 0; i < nt; i++) {
+		const dws_st_tensor *t = dws_st_at(st, i);
+		size_t dup;
+		if (dws_strmap_get(&L->by_name, t->name, &dup)) {
+			free(tx);
+			return dws_fail(err, DWS_EFORMAT, "%s: tensor '%s' is also in %s", dws_blob_name(blob), t->name,
+					L->files[L->slots[dup].file].info.path);
+		}
+		dws_slot *sl = &L->slots[L->nslots];
+		sl->name = dws_xstrdup(t->name);
+		sl->trainer = unmap_name(bl, t->name);
+		sl->file = fi;
+		sl->off = ds + t->begin;
+		sl->dtype = t->dtype;
+		sl->numel = t->numel;
+		sl->ndim = t->ndim;
+		sl->shape = dws_xcalloc(t->ndim ? t->ndim : 1, sizeof(uint64_t));
+		memcpy(sl->shape, t->shape, t->ndim * sizeof(uint64_t));
+		dws_strmap_put(&L->by_name, sl->name, L->nslots);
+		if (t->end > t->begin)
+			tx[ntx++] = (dws_extent){ds + t->begin, t->end - t->begin, (int64_t)L->nslots};
+		L->nslots++;
+	}
+	qsort(tx, ntx, sizeof(*tx), cmp_ext);
+	uint64_t pos = 0;
+	for (size_t i = 0; i < ntx; i++) {
+		if (tx[i].off > pos)
+			f->ext[f->next++] = (dws_extent){pos, tx[i].off - pos, -1};
+		f->ext[f->next++] = tx[i];
+		pos = tx[i].off + tx[i].len;
+	}
+	if (pos < f->info.size)
+		f->ext[f->next++] = (dws_extent){pos, f->info.size - pos, -1};
+	free(tx);
+	return DWS_OK;
+}
+
+static dws_layout *layout_new(void)
+{
+	dws_layout *L = dws_xcalloc(1, sizeof(*L));
+	atomic_init(&L->refs, 1);
+	dws_strmap_init(&L->by_name);
+	dws_strmap_init(&L->by_path);
+	return L;
+}
+
+static void layout_index_paths(dws_layout *L)
+{
+	for (size_t i = 0; i < L->nfiles; i++)
+		dws_strmap_put(&L->by_path, L->files[i].info.path, i);
+}
+
+static bool is_safetensors_name(const char *p)
+{
+	size_t n = strlen(p);
+	return n > 12 && strcmp(p + n - 12, ".safetensors") == 0;
+}
+
+static int layout_from_base(dws_builder *bl, dws_error *err)
+{
+	dws_bucket *b = bl->base_bucket ? bl->base_bucket : dws_catalog_bucket(bl->cat);
+	dws_object *objs = NULL;
+	size_t n = 0;
+	int rc = dws_bucket_list(b, bl->base_prefix, &objs, &n, err);
+	if (rc)
+		return rc;
+	size_t pl = strlen(bl->base_prefix);
+	dws_layout *L = layout_new();
+	for (size_t i = 0; i < n && !rc; i++) {
+		const char *path = objs[i].key + (pl ? pl + 1 : 0);
+		/* a Hub cache or git checkout keeps bookkeeping that is no model file */
+		if (path[0] == '.')
+			continue;
+		dws_blob *blob = NULL;
+		dws_st_file *st = NULL;
+		rc = dws_bucket_open_blob(b, &objs[i], &blob, err);
+		if (!rc && is_safetensors_name(path))
+			rc = dws_st_read_blob(blob, dws_blob_name(blob), &st, err);
+		if (!rc)
+			rc = layout_add(bl, L, path, blob, st, err);
+		dws_st_free(st);
+		dws_blob_unref(blob);
+	}
+	dws_objects_free(objs, n);
+	if (!rc && L->nfiles == 0)
+		rc = dws_fail(err, DWS_ENOENT, "%s%s%s: the base model folder is empty", dws_bucket_uri(b), pl ? "/" : "", bl->base_prefix);
+	if (rc) {
+		dws_layout_unref(L);
+		return rc;
+	}
+	layout_index_paths(L);
+	bl->base_layout = L;
+	return DWS_OK;
+}
+
+/* ---- steps ---- */
+
+static dws_step *step_new(dws_layout *L)
+{
+	dws_step *s = dws_xcalloc(1, sizeof(*s));
+	atomic_init(&s->refs, 1);
+	atomic_fetch_add(&L->refs, 1);
+	s->layout = L;
+	s->src = dws_xcalloc(L->nslots ? L->nslots : 1, sizeof(*s->src));
+	s->patch = dws_xcalloc(L->nslots ? L->nslots : 1, sizeof(*s->patch));
+	s->trained = dws_xcalloc(L->nslots ? L->nslots : 1, 1);
+	return s;
+}
+
+static dws_step *step_clone(const dws_step *p)
+{
+	dws_step *s = step_new(p->layout);
+	size_t n = p->layout->nslots;
+	for (size_t i = 0; i < n; i++) {
+		s->src[i] = p->src[i];
+		dws_blob_ref(s->src[i].blob);
+		s->patch[i] = p->patch[i];
+		if (s->patch[i])
+			atomic_fetch_add(&s->patch[i]->refs, 1);
+	}
+	memcpy(s->trained, p->trained, n);
+	s->step = p->step;
+	s->anchor = p->anchor;
+	s->chain = p->chain;
+	return s;
+}
+
+static bool is_float(dws_dtype d)
+{
+	return d == DWS_DT_BF16 || d == DWS_DT_F16 || d == DWS_DT_F32;
+}
+
+/* A fresh step whose tensors are read from the layout files themselves. */
+static dws_step *step_from_layout(dws_layout *L)
+{
+	dws_step *s = step_new(L);
+	for (size_t i = 0; i < L->nslots; i++) {
+		const dws_slot *sl = &L->slots[i];
+		s->src[i] = (dws_src){dws_blob_ref(L->files[sl->file].blob), sl->off, sl->dtype};
+	}
+	return s;
+}
+
+struct resolve_ctx {
+	dws_builder *bl;
+	dws_step *s;
+	const char *what;
+	dws_error *err;
+	bool dup;
+};
+
+static void ensure_seen(dws_builder *bl, size_t n)
+{
+	if (bl->nseen < n) {
+		bl->seen = dws_xrealloc(bl->seen, n * sizeof(*bl->seen));
+		memset(bl->seen + bl->nseen, 0, (n - bl->nseen) * sizeof(*bl->seen));
+		bl->nseen = n;
+	}
+}
+
+static int resolve(void *ctx, const char *name, size_t *slot, uint64_t *numel)
+{
+	struct resolve_ctx *rc = ctx;
+	char *out = map_name(rc->bl, name);
+	bool ok = dws_strmap_get(&rc->s->layout->by_name, out, slot);
+	free(out);
+	if (!ok)
+		return -1;
+	if (rc->bl->seen[*slot] == rc->bl->stamp)
+		rc->dup = true; /* two names of one file land on one tensor */
+	rc->bl->seen[*slot] = rc->bl->stamp;
+	*numel = rc->s->layout->slots[*slot].numel;
+	return 0;
+}
+
+static int check_payload(dws_builder *bl, dws_blob *b, const dws_st_file *st,
+			 const char *what, dws_error *err)
+{
+	const char *want = dws_st_meta_get(st, "dwsfs.payload_xxh3");
+	if (!bl->o.verify || !want)
+		return DWS_OK;
+	uint64_t h, ds = dws_st_data_start(st);
+	int rc = dws_blob_xxh3(b, ds, dws_blob_size(b) - ds, &h, err);
+	if (rc)
+		return rc;
+	char got[17];
+	snprintf(got, sizeof(got), "%016llx", (unsigned long long)h);
+	if (strcmp(got, want) != 0)
+		return dws_fail(err, DWS_EVERIFY, "%s: checksum mismatch: payload xxh3 is %s, the producer wrote %.32s", what, got, want);
+	return DWS_OK;
+}
+
+/* Dense file: each tensor it holds replaces the step's source for it. */
+static int apply_dense(dws_builder *bl, dws_step *s, const dws_stepfile *f,
+		       dws_error *err)
+{
+	dws_blob *b = NULL;
+	dws_st_file *st = NULL;
+	int rc = stepfile_blob(bl, f, &b, err);
+	if (rc)
+		return rc;
+	const char *what = dws_blob_name(b);
+	rc = dws_st_read_blob(b, what, &st, err);
+	if (!rc)
+		rc = check_payload(bl, b, st, what, err);
+	ensure_seen(bl, s->layout->nslots);
+	bl->stamp++;
+	struct resolve_ctx ctx = {bl, s, what, err, false};
+	for (size_t i = 0; !rc && i < dws_st_count(st); i++) {
+		const dws_st_tensor *t = dws_st_at(st, i);
+		size_t slot;
+		uint64_t numel;
+		if (resolve(&ctx, t->name, &slot, &numel) != 0) {
+			rc = dws_fail(err, DWS_EFORMAT, "%s: unknown tensor '%s': the model has no such parameter (trainer names that differ by a prefix need --map-prefix)", what, t->name);
+			break;
+		}
+		const dws_slot *sl = &s->layout->slots[slot];
+		if (ctx.dup) {
+			rc = dws_fail(err, DWS_EFORMAT, "%s: two tensors map onto '%s'", what, sl->name);
+			break;
+		}
+		if (numel != t->numel) {
+			rc = dws_fail(err, DWS_EFORMAT, "%s: tensor '%s' size mismatch: %llu elements, the model's '%s' has %llu", what, t->name,
+				      (unsigned long long)t->numel, sl->name, (unsigned long long)numel);
+			break;
+		}
+		if (t->dtype != sl->dtype && !(t->dtype == DWS_DT_BF16 && (sl->dtype == DWS_DT_F32 || sl->dtype == DWS_DT_F16))) {
+			rc = dws_fail(err, DWS_EUNSUP, "%s: tensor '%s' is %s; cannot convert it into the model's %s", what, t->name,
+				      dws_dtype_name(t->dtype), dws_dtype_name(sl->dtype));
+			break;
+		}
+		dws_blob_unref(s->src[slot].blob);
+		s->src[slot] = (dws_src){dws_blob_ref(b), dws_st_data_start(st) + t->begin, t->dtype};
+		dws_patch_unref(s->patch[slot]);
+		s->patch[slot] = NULL;
+		s->trained[slot] = is_float(t->dtype);
+	}
+	dws_st_free(st);
+	dws_blob_unref(b);
+	return rc;
+}
+
+/* Sparse file: decoded into sorted (index, value) lists merged per tensor. */
+static int apply_sparse(dws_builder *bl, dws_step *s, const dws_stepfile *f,
+			dws_error *err)
+{
+	dws_blob *raw = NULL;
+	void *data = NULL;
+	size_t len = 0;
+	dws_st_file *st = NULL;
+	dws_delta_param *ps = NULL;
+	size_t np = 0;
+	int rc = dws_bucket_open_blob(dws_catalog_bucket(bl->cat), &f->obj, &raw, err);
+	if (rc)
+		return rc;
+	char *what = dws_xstrdup(dws_blob_name(raw));
+	if (f->compressed) {
+		dws_blob *z = NULL;
+		rc = dws_blob_zstd(raw, bl->o.tmpdir, bl->o.max_delta_bytes, &z, err);
+		if (!rc)
+			rc = dws_blob_slurp(z, bl->o.max_delta_bytes, &data, &len, err);
+		dws_blob_unref(z);
+	} else {
+		rc = dws_blob_slurp(raw, bl->o.max_delta_bytes, &data, &len, err);
+	}
+	if (rc)
+		goto out;
+	rc = dws_st_parse(data, len, len, what, &st, NULL, err);
+	if (rc)
+		goto out;
+	const char *want = dws_st_meta_get(st, "dwsfs.payload_xxh3");
+	if (bl->o.verify && want) {
+		uint64_t ds = dws_st_data_start(st);
+		char got[17];
+		snprintf(got, sizeof(got), "%016llx", (unsigned long long)XXH3_64bits((char *)data + ds, len - ds));
+		if (strcmp(got, want) != 0) {
+			rc = dws_fail(err, DWS_EVERIFY, "%s: checksum mismatch: payload xxh3 is %s, the producer wrote %.32s", what, got, want);
+			goto out;
+		}
+	}
+	ensure_seen(bl, s->layout->nslots);
+	bl->stamp++;
+	struct resolve_ctx ctx = {bl, s, what, err, false};
+	uint64_t ds = dws_st_data_start(st);
+	rc = dws_delta_decode(st, (unsigned char *)data + ds, len - ds, f->variant, what, resolve, &ctx, &ps, &np, err);
+	if (rc)
+		goto out;
+	if (ctx.dup) {
+		rc = dws_fail(err, DWS_EFORMAT, "%s: two parameters map onto one tensor", what);
+		goto out;
+	}
+	for (size_t i = 0; i < np; i++) {
+		const dws_slot *sl = &s->layout->slots[ps[i].slot];
+		if (!is_float(sl->dtype)) {
+			rc = dws_fail(err, DWS_EUNSUP, "%s: cannot patch '%s': the model stores it as %s", what, sl->name, dws_dtype_name(sl->dtype));
+			goto out;
+		}
+	}
+	for (size_t i = 0; i < np; i++) {
+		size_t slot = ps[i].slot;
+		if (!ps[i].count)
+			continue;
+		dws_patch *m = dws_patch_merge(s->patch[slot], ps[i].idx, ps[i].val, ps[i].count);
+		dws_patch_unref(s->patch[slot]);
+		s->patch[slot] = m;
+		s->trained[slot] = 1;
+	}
+out:
+	dws_delta_free(ps, np);
+	dws_st_free(st);
+	free(data);
+	free(what);
+	dws_blob_unref(raw);
+	return rc;
+}
+
+static int apply_file(dws_builder *bl, dws_step *s, const dws_stepfile *f,
+		      dws_error *err)
+{
+	if (f->error[0])
+		return dws_fail(err, DWS_EFORMAT, "%s", f->error);
+	int rc = f->variant == DWS_VAR_DENSE ? apply_dense(bl, s, f, err) : apply_sparse(bl, s, f, err);
+	if (rc)
+		return rc;
+	if (bl->o.verify && f->parent_step >= 0 && s->chain + (s->anchor ? 1 : 0) > 0 &&
+	    (uint64_t)f->parent_step != s->step)
+		return dws_fail(err, DWS_EVERIFY, "%s/%s: chain broken: its parent is step %lld but the previous step in the bucket is %llu (a step is missing)",
+				dws_bucket_uri(dws_catalog_bucket(bl->cat)), f->obj.key, (long long)f->parent_step, (unsigned long long)s->step);
+	s->step = f->step;
+	s->chain++;
+	return DWS_OK;
+}
+
+/* The first step of a chain: the anchor's tensors over the base, or the
+ * anchor alone. */
+static int chain_start(dws_builder *bl, const dws_stepfile *a, dws_step **out,
+		       dws_error *err)
+{
+	int rc;
+	dws_step *s;
+	if (bl->base_layout) {
+		s = step_from_layout(bl->base_layout);
+		if (a) {
+			rc = apply_dense(bl, s, a, err);
+			if (rc) {
+				dws_step_unref(s);
+				return rc;
+			}
+		} else {
+			/* no anchor: the base is the trainer's starting point */
+			for (size_t i = 0; i < s->layout->nslots; i++)
+				s->trained[i] = is_float(s->layout->slots[i].dtype);
+		}
+	} else {
+		if (a->error[0])
+			return dws_fail(err, DWS_EFORMAT, "%s", a->error);
+		dws_blob *b = NULL;
+		dws_st_file *st = NULL;
+		rc = stepfile_blob(bl, a, &b, err);
+		if (rc)
+			return rc;
+		rc = dws_st_read_blob(b, dws_blob_name(b), &st, err);
+		if (!rc)
+			rc = check_payload(bl, b, st, dws_blob_name(b), err);
+		dws_layout *L = NULL;
+		if (!rc) {
+			L = layout_new();
+			rc = layout_add(bl, L, "model.safetensors", b, st, err);
+		}
+		dws_st_free(st);
+		dws_blob_unref(b);
+		if (rc) {
+			dws_layout_unref(L);
+			return rc;
+		}
+		layout_index_paths(L);
+		s = step_from_layout(L);
+		dws_layout_unref(L);
+		for (size_t i = 0; i < s->layout->nslots; i++)
+			s->trained[i] = is_float(s->layout->slots[i].dtype);
+	}
+	s->step = a ? a->step : 0;
+	s->anchor = a ? a->step : 0;
+	*out = s;
+	return DWS_OK;
+}
+
+int dws_builder_build(dws_builder *bl, uint64_t step, dws_step **out,
+		      dws_error *err)
+{
+	*out = NULL;
+	const dws_catalog *c = bl->cat;
+	const dws_stepfile *target = dws_catalog_find(c, step);
+	if (!target) {
+		for (size_t i = 0; i < dws_catalog_stale_count(c); i++)
+			if (dws_catalog_stale_at(c, i)->step == step)
+				return dws_fail(err, DWS_ENOENT, "%s: step %llu belongs to an earlier trainer run that was restarted; it is not served",
+						dws_bucket_uri(dws_catalog_bucket(c)), (unsigned long long)step);
+		return dws_fail(err, DWS_ENOENT, "%s: no step %llu in the bucket", dws_bucket_uri(dws_catalog_bucket(c)), (unsigned long long)step);
+	}
+	if (target->error[0])
+		return dws_fail(err, DWS_EFORMAT, "%s", target->error);
+	const dws_stepfile *a = dws_catalog_anchor_for(c, step);
+	if (!a && !bl->base_layout)
+		return dws_fail(err, DWS_ENOENT, "%s: step %llu has no complete anchor at or before it and there is no base model",
+				dws_bucket_uri(dws_catalog_bucket(c)), (unsigned long long)step);
+	uint64_t astep = a ? a->step : 0;
+
+	dws_step *s = NULL;
+	int rc;
+	if (bl->prev && bl->prev->anchor == astep && bl->prev->step <= step) {
+		s = step_clone(bl->prev);
+	} else {
+		rc = chain_start(bl, a, &s, err);
+		if (rc)
+			return rc;
+	}
+	for (size_t i = 0; i < dws_catalog_count(c); i++) {
+		const dws_stepfile *f = dws_catalog_at(c, i);
+		if (f->step <= s->step || (a && f->step <= astep))
+			continue;
+		if (f->step > step)
+			break;
+		rc = apply_file(bl, s, f, err);
+		if (rc) {
+			dws_step_unref(s);
+			return rc;
+		}
+	}
+	dws_step_unref(bl->prev);
+	bl->prev = dws_step_ref(s);
+	*out = s;
+	return DWS_OK;
+}
+
+int dws_builder_new(dws_catalog *c, const dws_build_opts *opts,
+		    dws_builder **out, dws_error *err)
+{
+	dws_builder *bl = dws_xcalloc(1, sizeof(*bl));
+	bl->cat = c;
+	if (opts)
+		bl->o = *opts;
+	if (!bl->o.max_delta_bytes)
+		bl->o.max_delta_bytes = DEFAULT_MAX_DELTA;
+	bl->maps = dws_xcalloc(bl->o.nmaps ? bl->o.nmaps : 1, sizeof(*bl->maps));
+	for (size_t i = 0; i < bl->o.nmaps; i++) {
+		bl->maps[i].from = dws_xstrdup(opts->maps[i].from);
+		bl->maps[i].to = dws_xstrdup(opts->maps[i].to);
+	}
+	bl->o.maps = bl->maps;
+	bl->o.base = NULL; /* not kept: the caller's string */
+	int rc = DWS_OK;
+	if (opts && opts->base) {
+		rc = dws_bucket_open(opts->base, &bl->base_bucket, err);
+		bl->base_prefix = dws_xstrdup("");
+	} else if (dws_catalog_has_base(c)) {
+		bl->base_prefix = dws_xstrdup("base");
+	}
+	if (!rc && bl->base_prefix)
+		rc = layout_from_base(bl, err);
+	if (rc) {
+		dws_builder_free(bl);
+		return rc;
+	}
+	*out = bl;
+	return DWS_OK;
+}
+
+void dws_builder_free(dws_builder *bl)
+{
+	if (!bl)
+		return;
+	dws_step_unref(bl->prev);
+	dws_layout_unref(bl->base_layout);
+	for (size_t i = 0; i < bl->nblobs; i++) {
+		free(bl->blobs[i].key);
+		dws_blob_unref(bl->blobs[i].blob);
+	}
+	for (size_t i = 0; i < bl->o.nmaps; i++) {
+		free((char *)bl->maps[i].from);
+		free((char *)bl->maps[i].to);
+	}
+	free(bl->maps);
+	free(bl->blobs);
+	free(bl->seen);
+	free(bl->base_prefix);
+	dws_bucket_close(bl->base_bucket);
+	free(bl);
+}

@@ -1,0 +1,335 @@
+/* The step catalog: which steps a bucket holds, what kind each file is, and
+ * which files belong to the current trainer run.
+ *
+ * A restarted trainer rewrites low-numbered files and leaves the old run's
+ * higher-numbered ones. Upload times are the only clue in a trainer's bucket:
+ * walking the steps in ascending order, a file older than a lower-numbered
+ * file already kept (by more than a tolerance for uploads finishing out of
+ * order) is from an earlier run. Files written by `dwsctl publish` carry a run
+ * id, which decides exactly. */
+#include "bucket.h"
+
+#include <jansson.h>
+#include <stdlib.h>
+#include <string.h>
+#include <zstd.h>
+
+struct dws_catalog {
+	dws_bucket *bucket;
+	dws_stepfile *v;      /* current run, ascending */
+	size_t n;
+	dws_stepfile *stale;  /* files of earlier runs, and losers of a tie */
+	size_t nstale;
+	bool has_base;
+};
+
+const char *dws_variant_name(dws_variant v)
+{
+	switch (v) {
+	case DWS_VAR_DENSE: return "dense";
+	case DWS_VAR_V1: return "v1";
+	case DWS_VAR_RAW: return "raw";
+	case DWS_VAR_GAP_DELTA: return "gap_delta";
+	case DWS_VAR_NVCOMP: return "nvcomp_cascaded";
+	}
+	return "?";
+}
+
+void dws_catalog_free(dws_catalog *c)
+{
+	if (!c)
+		return;
+	for (size_t i = 0; i < c->n; i++)
+		free(c->v[i].obj.key);
+	for (size_t i = 0; i < c->nstale; i++)
+		free(c->stale[i].obj.key);
+	free(c->v);
+	free(c->stale);
+	free(c);
+}
+
+size_t dws_catalog_count(const dws_catalog *c) { return c->n; }
+const dws_stepfile *dws_catalog_at(const dws_catalog *c, size_t i) { return &c->v[i]; }
+size_t dws_catalog_stale_count(const dws_catalog *c) { return c->nstale; }
+const dws_stepfile *dws_catalog_stale_at(const dws_catalog *c, size_t i) { return &c->stale[i]; }
+bool dws_catalog_has_base(const dws_catalog *c) { return c->has_base; }
+dws_bucket *dws_catalog_bucket(const dws_catalog *c) { return c->bucket; }
+
+const dws_stepfile *dws_catalog_find(const dws_catalog *c, uint64_t step)
+{
+	size_t lo = 0, hi = c->n;
+	while (lo < hi) {
+		size_t mid = lo + (hi - lo) / 2;
+		if (c->v[mid].step < step)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return lo < c->n && c->v[lo].step == step ? &c->v[lo] : NULL;
+}
+
+const dws_stepfile *dws_catalog_anchor_for(const dws_catalog *c, uint64_t step)
+{
+	const dws_stepfile *best = NULL;
+	for (size_t i = 0; i < c->n && c->v[i].step <= step; i++)
+		if (c->v[i].variant == DWS_VAR_DENSE && c->v[i].complete && !c->v[i].error[0])
+			best = &c->v[i];
+	return best;
+}
+
+/* Read the header of a step file and classify it. Problems go into f->error:
+ * a bad file makes its step invalid, not the whole catalog. */
+static void sniff(dws_bucket *b, dws_stepfile *f)
+{
+	dws_error err = {0};
+	dws_blob *blob = NULL;
+	dws_st_file *st = NULL;
+	void *buf = NULL;
+	const char *what = f->obj.key;
+	int rc = dws_bucket_open_blob(b, &f->obj, &blob, &err);
+	if (rc)
+		goto out;
+	if (f->compressed) {
+		size_t got = 0;
+		uint64_t need = 0, size;
+		rc = dws_zstd_prefix(blob, 4096, &buf, &got, &err);
+		if (rc)
+			goto out;
+		/* the frame header gives the size; without it the real check waits
+		 * until the step is built from the whole decompressed file */
+		unsigned char fh[32];
+		size_t fl = blob->size < sizeof(fh) ? (size_t)blob->size : sizeof(fh);
+		rc = dws_blob_read(blob, 0, fh, fl, &err);
+		if (rc)
+			goto out;
+		unsigned long long cs = ZSTD_getFrameContentSize(fh, fl);
+		size = (cs == ZSTD_CONTENTSIZE_UNKNOWN || cs == ZSTD_CONTENTSIZE_ERROR) ? UINT64_MAX / 2 : cs;
+		rc = dws_st_parse(buf, got, size < got ? got : size, what, &st, &need, &err);
+		if (rc == 1) {
+			free(buf);
+			buf = NULL;
+			rc = dws_zstd_prefix(blob, (size_t)need, &buf, &got, &err);
+			if (!rc)
+				rc = dws_st_parse(buf, got, size, what, &st, NULL, &err);
+		}
+	} else {
+		rc = dws_st_read_blob(blob, what, &st, &err);
+	}
+	if (rc)
+		goto out;
+
+	const char *sparse = dws_st_meta_get(st, "sparse");
+	const char *enc = dws_st_meta_get(st, "encoding");
+	const char *tot = dws_st_meta_get(st, "total_elements");
+	const char *run = dws_st_meta_get(st, "dwsfs.run_id");
+	const char *parent = dws_st_meta_get(st, "dwsfs.parent_step");
+	if (tot && !dws_parse_u64(tot, &f->total_elements)) {
+		rc = dws_fail(&err, DWS_EFORMAT, "%s: metadata total_elements '%.32s' is not a number", what, tot);
+		goto out;
+	}
+	const char *sx = dws_st_meta_get(st, "dwsfs.state_xxh3");
+	if (run)
+		snprintf(f->run_id, sizeof(f->run_id), "%s", run);
+	if (sx)
+		snprintf(f->state_xxh3, sizeof(f->state_xxh3), "%s", sx);
+	if (parent) {
+		uint64_t p;
+		if (!dws_parse_u64(parent, &p) || p > INT64_MAX) {
+			rc = dws_fail(&err, DWS_EFORMAT, "%s: metadata dwsfs.parent_step '%.32s' is not a step", what, parent);
+			goto out;
+		}
+		f->parent_step = (int64_t)p;
+	}
+	bool is_sparse;
+	if (!sparse || strcmp(sparse, "False") == 0 || strcmp(sparse, "false") == 0) {
+		is_sparse = false; /* a plain safetensors file is a dense file */
+	} else if (strcmp(sparse, "True") == 0 || strcmp(sparse, "true") == 0) {
+		is_sparse = true;
+	} else {
+		rc = dws_fail(&err, DWS_EFORMAT, "%s: metadata sparse='%.32s' is neither True nor False", what, sparse);
+		goto out;
+	}
+	size_t n = dws_st_count(st);
+	if (!is_sparse) {
+		f->variant = DWS_VAR_DENSE;
+		f->nparams = n;
+		for (size_t i = 0; i < n; i++)
+			f->changed += dws_st_at(st, i)->numel;
+		goto out;
+	}
+	if (enc) {
+		if (strcmp(enc, "raw") == 0)
+			f->variant = DWS_VAR_RAW;
+		else if (strcmp(enc, "gap_delta") == 0)
+			f->variant = DWS_VAR_GAP_DELTA;
+		else if (strcmp(enc, "nvcomp_cascaded") == 0)
+			f->variant = DWS_VAR_NVCOMP;
+		else {
+			rc = dws_fail(&err, DWS_EUNSUP, "%s: unknown sparse encoding '%.32s'", what, enc);
+			goto out;
+		}
+	} else if (dws_st_meta_get(st, "changed_params")) {
+		f->variant = DWS_VAR_V1;
+	} else {
+		rc = dws_fail(&err, DWS_EFORMAT, "%s: sparse file with neither 'encoding' nor 'changed_params' metadata", what);
+		goto out;
+	}
+	const char *vsuf = f->variant == DWS_VAR_V1 ? ".values" : ".val";
+	size_t vl = strlen(vsuf);
+	for (size_t i = 0; i < n; i++) {
+		const dws_st_tensor *t = dws_st_at(st, i);
+		size_t nl = strlen(t->name);
+		if (nl > vl && strcmp(t->name + nl - vl, vsuf) == 0) {
+			f->nparams++;
+			f->changed += t->numel;
+		}
+	}
+out:
+	if (rc)
+		snprintf(f->error, sizeof(f->error), "%s", err.msg);
+	free(buf);
+	dws_st_free(st);
+	dws_blob_unref(blob);
+}
+
+static int cmp_step_mtime(const void *a, const void *b)
+{
+	const dws_stepfile *x = a, *y = b;
+	if (x->step != y->step)
+		return x->step < y->step ? -1 : 1;
+	if (x->obj.mtime_ns != y->obj.mtime_ns)
+		return x->obj.mtime_ns < y->obj.mtime_ns ? -1 : 1;
+	return strcmp(x->obj.key, y->obj.key);
+}
+
+static void push(dws_stepfile **v, size_t *n, const dws_stepfile *f)
+{
+	*v = dws_xrealloc(*v, (*n + 1) * sizeof(**v));
+	(*v)[(*n)++] = *f;
+}
+
+static void select_run(dws_catalog *c, dws_stepfile *all, size_t n, int64_t tol)
+{
+	/* the run of the newest file carrying a run id wins; files of other runs
+	 * are stale whatever their numbers */
+	const char *run = NULL;
+	int64_t newest = INT64_MIN;
+	for (size_t i = 0; i < n; i++)
+		if (all[i].run_id[0] && all[i].obj.mtime_ns >= newest) {
+			newest = all[i].obj.mtime_ns;
+			run = all[i].run_id;
+		}
+	char runbuf[64] = "";
+	if (run)
+		snprintf(runbuf, sizeof(runbuf), "%s", run);
+
+	qsort(all, n, sizeof(*all), cmp_step_mtime);
+	int64_t kept_max = INT64_MIN;
+	for (size_t i = 0; i < n;) {
+		size_t j = i;
+		while (j < n && all[j].step == all[i].step)
+			j++;
+		/* candidates for this step: the group [i, j), oldest first */
+		dws_stepfile *pick = NULL;
+		for (size_t k = i; k < j; k++) {
+			dws_stepfile *f = &all[k];
+			bool ok = !(runbuf[0] && f->run_id[0] && strcmp(f->run_id, runbuf) != 0);
+			if (ok && kept_max != INT64_MIN && f->obj.mtime_ns < kept_max - tol)
+				ok = false;
+			if (!ok)
+				continue;
+			/* among files of one step, a complete dense one shortens the
+			 * chain; otherwise the newest wins */
+			bool fa = f->variant == DWS_VAR_DENSE && f->complete && !f->error[0];
+			bool pa = pick && pick->variant == DWS_VAR_DENSE && pick->complete && !pick->error[0];
+			if (!pick || (fa && !pa) || (fa == pa && f->obj.mtime_ns >= pick->obj.mtime_ns - tol))
+				pick = f;
+		}
+		for (size_t k = i; k < j; k++) {
+			if (&all[k] == pick) {
+				push(&c->v, &c->n, &all[k]);
+				if (all[k].obj.mtime_ns > kept_max)
+					kept_max = all[k].obj.mtime_ns;
+			} else {
+				push(&c->stale, &c->nstale, &all[k]);
+			}
+		}
+		i = j;
+	}
+}
+
+/* A dense file is complete when it holds every parameter: its element count
+ * equals the metadata total_elements, or, without that metadata, the largest
+ * element count of any dense file of the run. */
+static void mark_complete(dws_stepfile *v, size_t n)
+{
+	uint64_t maxel = 0;
+	for (size_t i = 0; i < n; i++)
+		if (v[i].variant == DWS_VAR_DENSE && !v[i].error[0] && v[i].changed > maxel)
+			maxel = v[i].changed;
+	for (size_t i = 0; i < n; i++) {
+		dws_stepfile *f = &v[i];
+		if (f->variant != DWS_VAR_DENSE || f->error[0])
+			continue;
+		f->complete = f->total_elements ? f->changed == f->total_elements : f->changed == maxel;
+	}
+}
+
+int dws_catalog_load(dws_bucket *b, const dws_catalog_opts *opts,
+		     dws_catalog **out, dws_error *err)
+{
+	static const char *const dirs[] = {"anchors", "deltas"};
+	int64_t tol = opts && opts->run_tolerance_ns ? opts->run_tolerance_ns : 60LL * 1000000000;
+	dws_stepfile *all = NULL;
+	size_t nall = 0;
+	*out = NULL;
+	for (size_t d = 0; d < DWS_ARRAY_LEN(dirs); d++) {
+		dws_object *objs = NULL;
+		size_t nobj = 0;
+		int rc = dws_bucket_list(b, dirs[d], &objs, &nobj, err);
+		if (rc) {
+			for (size_t i = 0; i < nall; i++)
+				free(all[i].obj.key);
+			free(all);
+			return rc;
+		}
+		size_t dl = strlen(dirs[d]);
+		for (size_t i = 0; i < nobj; i++) {
+			const char *key = objs[i].key;
+			uint64_t step;
+			bool zst;
+			if (strncmp(key, dirs[d], dl) != 0 || key[dl] != '/' || strchr(key + dl + 1, '/') ||
+			    !dws_parse_step_name(key + dl + 1, &step, &zst))
+				continue; /* not a step file: ignored */
+			dws_stepfile f = {0};
+			f.step = step;
+			f.obj = objs[i];
+			f.obj.key = dws_xstrdup(key);
+			f.compressed = zst;
+			f.in_anchors = d == 0;
+			f.parent_step = -1;
+			sniff(b, &f);
+			push(&all, &nall, &f);
+		}
+		dws_objects_free(objs, nobj);
+	}
+	dws_catalog *c = dws_xcalloc(1, sizeof(*c));
+	c->bucket = b;
+	/* completeness first (it decides ties), then again within the run */
+	mark_complete(all, nall);
+	select_run(c, all, nall, tol);
+	free(all);
+	mark_complete(c->v, c->n);
+
+	dws_object *bo = NULL;
+	size_t nb = 0;
+	if (dws_bucket_list(b, "base", &bo, &nb, err) == DWS_OK) {
+		c->has_base = nb > 0;
+		dws_objects_free(bo, nb);
+	} else {
+		dws_catalog_free(c);
+		return dws_code_of(err, DWS_EIO);
+	}
+	*out = c;
+	return DWS_OK;
+}

@@ -1,0 +1,27 @@
+/* Sparse delta decoding: one file -> sorted (index, BF16 value) lists. */
+#ifndef DWSFS_DELTA_H
+#define DWSFS_DELTA_H
+
+#include "internal.h"
+
+typedef struct dws_delta_param {
+	const char *name;           /* trainer parameter name (borrowed from st) */
+	size_t slot;                /* what the resolver returned */
+	uint64_t count;
+	uint32_t *idx;              /* strictly ascending, < numel; owned */
+	const unsigned char *val;   /* count BF16 values, little endian, unaligned */
+} dws_delta_param;
+
+/* Maps a trainer parameter name to the output tensor it patches: returns 0 and
+ * fills slot and numel, or -1 if the model has no such tensor. */
+typedef int (*dws_resolve_fn)(void *ctx, const char *name, size_t *slot,
+			      uint64_t *numel);
+
+/* Decode a sparse file. `data` is the data section (after the header). */
+int dws_delta_decode(const dws_st_file *st, const unsigned char *data,
+		     uint64_t data_len, dws_variant v, const char *what,
+		     dws_resolve_fn resolve, void *ctx, dws_delta_param **out,
+		     size_t *n, dws_error *err);
+void dws_delta_free(dws_delta_param *p, size_t n);
+
+#endif

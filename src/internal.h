@@ -1,0 +1,85 @@
+/* Internal helpers shared by the core; not part of the public API. */
+#ifndef DWSFS_INTERNAL_H
+#define DWSFS_INTERNAL_H
+
+#include "dwsfs/dwsfs.h"
+
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+
+#define DWS_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
+#define DWS_PRINTF(f, a) __attribute__((format(printf, f, a)))
+
+int dws_fail(dws_error *err, int code, const char *fmt, ...) DWS_PRINTF(3, 4);
+/* Returns the code of err when set, else code. */
+static inline int dws_code_of(const dws_error *err, int code)
+{
+	return err && err->code ? err->code : code;
+}
+
+static inline bool dws_mul_ok(uint64_t a, uint64_t b, uint64_t *out)
+{
+	return !__builtin_mul_overflow(a, b, out);
+}
+static inline bool dws_add_ok(uint64_t a, uint64_t b, uint64_t *out)
+{
+	return !__builtin_add_overflow(a, b, out);
+}
+
+void *dws_xmalloc(size_t n);
+void *dws_xcalloc(size_t n, size_t m);
+void *dws_xrealloc(void *p, size_t n);
+char *dws_xstrdup(const char *s);
+char *dws_xasprintf(const char *fmt, ...) DWS_PRINTF(1, 2);
+
+/* Parse a decimal u64 string strictly (no sign, no spaces, no overflow). */
+bool dws_parse_u64(const char *s, uint64_t *out);
+/* "step_000123.safetensors[.zst]" -> 123; false if the name is not a step. */
+bool dws_parse_step_name(const char *base, uint64_t *step, bool *zst);
+
+/* Open-addressing string -> size_t map. Keys are borrowed, not copied. */
+typedef struct dws_strmap {
+	const char **keys;
+	size_t *vals;
+	size_t cap, len;
+} dws_strmap;
+void dws_strmap_init(dws_strmap *m);
+void dws_strmap_free(dws_strmap *m);
+void dws_strmap_put(dws_strmap *m, const char *key, size_t val);
+bool dws_strmap_get(const dws_strmap *m, const char *key, size_t *val);
+
+/* Read a whole blob into memory (at most cap bytes). */
+int dws_blob_slurp(dws_blob *b, uint64_t cap, void **out, size_t *len,
+		   dws_error *err);
+
+/* Blob construction for backends. */
+struct dws_blob_ops {
+	int (*read)(dws_blob *b, uint64_t off, void *buf, size_t len,
+		    dws_error *err);
+	void (*destroy)(dws_blob *b);
+};
+struct dws_blob {
+	const struct dws_blob_ops *ops;
+	atomic_long refs;
+	uint64_t size;
+	char *name;
+	void *priv;
+	int fd;
+};
+dws_blob *dws_blob_new(const struct dws_blob_ops *ops, const char *name,
+		       uint64_t size, void *priv);
+/* A blob over an open file descriptor (the blob owns it). */
+dws_blob *dws_blob_from_fd(const char *name, int fd, uint64_t size);
+
+/* Read a safetensors header from a blob (validated against the blob size). */
+int dws_st_read_blob(dws_blob *b, const char *what, dws_st_file **out,
+		     dws_error *err);
+/* The raw header bytes [0, data_start) of the file the header came from. */
+const void *dws_st_raw(const dws_st_file *f);
+
+/* XXH3-64 of a byte range of a blob. */
+int dws_blob_xxh3(dws_blob *b, uint64_t off, uint64_t len, uint64_t *out,
+		  dws_error *err);
+
+#endif

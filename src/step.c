@@ -1,0 +1,364 @@
+/* Steps as values: reading bytes of a reconstructed file, and the merged
+ * patch index that keeps the cost of a read independent of chain length. */
+#include "step.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <xxhash.h>
+
+/* ---- patches ---- */
+
+void dws_patch_unref(dws_patch *p)
+{
+	if (!p || atomic_fetch_sub(&p->refs, 1) != 1)
+		return;
+	free(p->idx);
+	free(p->val);
+	free(p);
+}
+
+/* Merge m new entries (sorted, values as unaligned little-endian BF16) into
+ * old. Equal indices take the new value. */
+dws_patch *dws_patch_merge(const dws_patch *old, const uint32_t *idx,
+			   const unsigned char *val, uint64_t m)
+{
+	uint32_t n = old ? old->n : 0;
+	uint64_t i = 0, j = 0, total = 0;
+	while (i < n && j < m) {
+		uint32_t a = old->idx[i], b = idx[j];
+		i += a <= b;
+		j += b <= a;
+		total++;
+	}
+	total += (n - i) + (m - j);
+	dws_patch *p = dws_xcalloc(1, sizeof(*p));
+	atomic_init(&p->refs, 1);
+	p->n = (uint32_t)total; /* <= numel <= 2^32 was checked by the decoder */
+	p->idx = dws_xmalloc(total * sizeof(uint32_t));
+	p->val = dws_xmalloc(total * sizeof(uint16_t));
+	i = j = 0;
+	uint64_t k = 0;
+	while (i < n && j < m) {
+		uint32_t a = old->idx[i], b = idx[j];
+		if (a < b) {
+			p->idx[k] = a;
+			p->val[k++] = old->val[i++];
+		} else {
+			p->idx[k] = b;
+			memcpy(&p->val[k++], val + 2 * j++, 2);
+			i += a == b;
+		}
+	}
+	if (i < n) {
+		memcpy(p->idx + k, old->idx + i, (n - i) * sizeof(uint32_t));
+		memcpy(p->val + k, old->val + i, (n - i) * sizeof(uint16_t));
+		k += n - i;
+	}
+	if (j < m) {
+		memcpy(p->idx + k, idx + j, (m - j) * sizeof(uint32_t));
+		memcpy(p->val + k, val + 2 * j, (m - j) * sizeof(uint16_t));
+	}
+	return p;
+}
+
+/* ---- layout ---- */
+
+void dws_layout_unref(dws_layout *l)
+{
+	if (!l || atomic_fetch_sub(&l->refs, 1) != 1)
+		return;
+	for (size_t i = 0; i < l->nfiles; i++) {
+		free((char *)l->files[i].info.path);
+		free(l->files[i].ext);
+		dws_blob_unref(l->files[i].blob);
+	}
+	for (size_t i = 0; i < l->nslots; i++) {
+		free(l->slots[i].name);
+		free(l->slots[i].trainer);
+		free(l->slots[i].shape);
+	}
+	dws_strmap_free(&l->by_name);
+	dws_strmap_free(&l->by_path);
+	free(l->files);
+	free(l->slots);
+	free(l);
+}
+
+/* ---- step accessors ---- */
+
+dws_step *dws_step_ref(dws_step *s)
+{
+	if (s)
+		atomic_fetch_add(&s->refs, 1);
+	return s;
+}
+
+void dws_step_unref(dws_step *s)
+{
+	if (!s || atomic_fetch_sub(&s->refs, 1) != 1)
+		return;
+	for (size_t i = 0; i < s->layout->nslots; i++) {
+		dws_blob_unref(s->src[i].blob);
+		dws_patch_unref(s->patch[i]);
+	}
+	dws_layout_unref(s->layout);
+	free(s->src);
+	free(s->patch);
+	free(s->trained);
+	free(s);
+}
+
+uint64_t dws_step_number(const dws_step *s) { return s->step; }
+uint64_t dws_step_anchor(const dws_step *s) { return s->anchor; }
+size_t dws_step_chain_length(const dws_step *s) { return s->chain; }
+size_t dws_step_file_count(const dws_step *s) { return s->layout->nfiles; }
+const dws_file_info *dws_step_file(const dws_step *s, size_t i) { return &s->layout->files[i].info; }
+
+uint64_t dws_step_patch_entries(const dws_step *s)
+{
+	uint64_t n = 0;
+	for (size_t i = 0; i < s->layout->nslots; i++)
+		if (s->patch[i])
+			n += s->patch[i]->n;
+	return n;
+}
+
+int dws_step_file_lookup(const dws_step *s, const char *path)
+{
+	size_t i;
+	return dws_strmap_get(&s->layout->by_path, path, &i) ? (int)i : -1;
+}
+
+/* ---- reading ---- */
+
+static uint16_t f16_of_bf16[65536];
+static pthread_once_t f16_once = PTHREAD_ONCE_INIT;
+
+static void f16_table_init(void)
+{
+	for (uint32_t b = 0; b < 65536; b++)
+		f16_of_bf16[b] = dws_bf16_to_f16((uint16_t)b);
+}
+
+/* Store BF16 value v as element k of dst in dtype out. */
+static inline void put_bf16(unsigned char *dst, uint64_t k, dws_dtype out, uint16_t v)
+{
+	switch (out) {
+	case DWS_DT_BF16:
+		memcpy(dst + 2 * k, &v, 2);
+		break;
+	case DWS_DT_F32: {
+		uint32_t u = (uint32_t)v << 16;
+		memcpy(dst + 4 * k, &u, 4);
+		break;
+	}
+	case DWS_DT_F16:
+		memcpy(dst + 2 * k, &f16_of_bf16[v], 2);
+		break;
+	default:
+		break; /* refused when the step was built */
+	}
+}
+
+enum { CONV_CHUNK = 64 * 1024 }; /* elements converted per scratch fill */
+
+/* Write elements [e0, e0+cnt) of slot's tensor, patched, into dst. */
+static int produce(dws_step *s, size_t slot, uint64_t e0, uint64_t cnt,
+		   unsigned char *dst, dws_error *err)
+{
+	const dws_slot *sl = &s->layout->slots[slot];
+	const dws_src *src = &s->src[slot];
+	size_t ssz = dws_dtype_size(src->dtype);
+	int rc;
+	if (src->dtype == sl->dtype) {
+		rc = dws_blob_read(src->blob, src->off + e0 * ssz, dst, cnt * ssz, err);
+		if (rc)
+			return rc;
+	} else {
+		/* only BF16 sources are converted (checked at build) */
+		uint16_t scratch[CONV_CHUNK];
+		for (uint64_t done = 0; done < cnt;) {
+			uint64_t n = cnt - done < CONV_CHUNK ? cnt - done : CONV_CHUNK;
+			rc = dws_blob_read(src->blob, src->off + (e0 + done) * 2, scratch, n * 2, err);
+			if (rc)
+				return rc;
+			unsigned char *d = dst + done * dws_dtype_size(sl->dtype);
+			if (sl->dtype == DWS_DT_F32) {
+				uint32_t *o = (uint32_t *)(void *)d;
+				for (uint64_t k = 0; k < n; k++) {
+					uint32_t u = (uint32_t)scratch[k] << 16;
+					memcpy(o + k, &u, 4);
+				}
+			} else {
+				for (uint64_t k = 0; k < n; k++)
+					memcpy(d + 2 * k, &f16_of_bf16[scratch[k]], 2);
+			}
+			done += n;
+		}
+	}
+	const dws_patch *p = s->patch[slot];
+	if (!p || !cnt)
+		return DWS_OK;
+	/* first entry >= e0 */
+	uint32_t lo = 0, hi = p->n;
+	while (lo < hi) {
+		uint32_t mid = lo + (hi - lo) / 2;
+		if (p->idx[mid] < e0)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	uint64_t e1 = e0 + cnt;
+	if (sl->dtype == DWS_DT_BF16) {
+		for (uint32_t k = lo; k < p->n && p->idx[k] < e1; k++)
+			memcpy(dst + 2 * (p->idx[k] - e0), &p->val[k], 2);
+	} else {
+		for (uint32_t k = lo; k < p->n && p->idx[k] < e1; k++)
+			put_bf16(dst, p->idx[k] - e0, sl->dtype, p->val[k]);
+	}
+	return DWS_OK;
+}
+
+/* Bytes [boff, boff+n) of a tensor's output data; elements cut by the range
+ * ends go through a small bounce buffer. */
+static int read_tensor(dws_step *s, size_t slot, uint64_t boff, size_t n,
+		       unsigned char *dst, dws_error *err)
+{
+	size_t osz = dws_dtype_size(s->layout->slots[slot].dtype);
+	unsigned char tmp[8];
+	uint64_t e = boff / osz;
+	size_t head = (size_t)(boff % osz);
+	int rc;
+	if (head) {
+		rc = produce(s, slot, e, 1, tmp, err);
+		if (rc)
+			return rc;
+		size_t take = osz - head < n ? osz - head : n;
+		memcpy(dst, tmp + head, take);
+		dst += take;
+		n -= take;
+		e++;
+	}
+	uint64_t whole = n / osz;
+	if (whole) {
+		rc = produce(s, slot, e, whole, dst, err);
+		if (rc)
+			return rc;
+		dst += whole * osz;
+		n -= whole * osz;
+		e += whole;
+	}
+	if (n) {
+		rc = produce(s, slot, e, 1, tmp, err);
+		if (rc)
+			return rc;
+		memcpy(dst, tmp, n);
+	}
+	return DWS_OK;
+}
+
+int64_t dws_step_read(dws_step *s, size_t fi, uint64_t off, void *buf,
+		      size_t len, dws_error *err)
+{
+	pthread_once(&f16_once, f16_table_init);
+	if (fi >= s->layout->nfiles)
+		return dws_fail(err, DWS_ENOENT, "step %llu: no file %zu", (unsigned long long)s->step, fi);
+	const dws_out_file *f = &s->layout->files[fi];
+	if (off >= f->info.size)
+		return 0;
+	if (len > f->info.size - off)
+		len = (size_t)(f->info.size - off);
+	if (len > INT64_MAX)
+		len = INT64_MAX;
+	/* first extent that ends after off */
+	size_t lo = 0, hi = f->next;
+	while (lo < hi) {
+		size_t mid = lo + (hi - lo) / 2;
+		if (f->ext[mid].off + f->ext[mid].len <= off)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	unsigned char *dst = buf;
+	uint64_t pos = off, end = off + len;
+	for (size_t i = lo; i < f->next && pos < end; i++) {
+		const dws_extent *x = &f->ext[i];
+		uint64_t xe = x->off + x->len;
+		size_t n = (size_t)((xe < end ? xe : end) - pos);
+		int rc = x->slot < 0 ? dws_blob_read(f->blob, pos, dst, n, err)
+				     : read_tensor(s, (size_t)x->slot, pos - x->off, n, dst, err);
+		if (rc)
+			return rc;
+		dst += n;
+		pos += n;
+	}
+	return (int64_t)len;
+}
+
+/* ---- state digest ---- */
+
+static int cmp_trainer(const void *a, const void *b, void *ctx)
+{
+	const dws_slot *sl = ctx;
+	return strcmp(sl[*(const size_t *)a].trainer, sl[*(const size_t *)b].trainer);
+}
+
+/* XXH3-64 over the trainer's view of the model: for each trained tensor in
+ * order of its trainer name, the name, a NUL, numel as u64 LE, and its values
+ * as BF16. Independent of the base's dtypes and layout; `dwsctl publish`
+ * computes the same from the next checkpoint. */
+int dws_step_state_digest(dws_step *s, uint64_t *out, dws_error *err)
+{
+	pthread_once(&f16_once, f16_table_init);
+	const dws_layout *L = s->layout;
+	size_t *order = dws_xcalloc(L->nslots, sizeof(size_t)), n = 0;
+	for (size_t i = 0; i < L->nslots; i++)
+		if (s->trained[i])
+			order[n++] = i;
+	qsort_r(order, n, sizeof(size_t), cmp_trainer, L->slots);
+	XXH3_state_t *st = XXH3_createState();
+	XXH3_64bits_reset(st);
+	enum { CH = 1 << 20 };
+	unsigned char *buf = dws_xmalloc(CH * 4);
+	uint16_t *bf = dws_xmalloc(CH * 2);
+	int rc = DWS_OK;
+	for (size_t k = 0; k < n && !rc; k++) {
+		const dws_slot *sl = &L->slots[order[k]];
+		XXH3_64bits_update(st, sl->trainer, strlen(sl->trainer) + 1);
+		uint64_t ne = sl->numel;
+		XXH3_64bits_update(st, &ne, 8);
+		const dws_src *src = &s->src[order[k]];
+		const dws_patch *p = s->patch[order[k]];
+		size_t ssz = dws_dtype_size(src->dtype);
+		uint32_t pk = 0;
+		for (uint64_t e = 0; e < sl->numel && !rc; e += CH) {
+			uint64_t cnt = sl->numel - e < CH ? sl->numel - e : CH;
+			rc = dws_blob_read(src->blob, src->off + e * ssz, buf, cnt * ssz, err);
+			if (rc)
+				break;
+			for (uint64_t i = 0; i < cnt; i++) {
+				if (src->dtype == DWS_DT_BF16) {
+					memcpy(&bf[i], buf + 2 * i, 2);
+				} else if (src->dtype == DWS_DT_F16) {
+					uint16_t h;
+					memcpy(&h, buf + 2 * i, 2);
+					bf[i] = dws_f16_to_bf16(h);
+				} else {
+					float f;
+					memcpy(&f, buf + 4 * i, 4);
+					bf[i] = dws_f32_to_bf16(f);
+				}
+			}
+			for (; p && pk < p->n && p->idx[pk] < e + cnt; pk++)
+				bf[p->idx[pk] - e] = p->val[pk];
+			XXH3_64bits_update(st, bf, cnt * 2);
+		}
+	}
+	*out = XXH3_64bits_digest(st);
+	XXH3_freeState(st);
+	free(buf);
+	free(bf);
+	free(order);
+	return rc;
+}

@@ -1,0 +1,231 @@
+/* Errors, checked allocation, small parsers and a string map. */
+#include "internal.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <xxhash.h>
+
+const char *dws_code_name(int code)
+{
+	switch (code) {
+	case DWS_OK: return "ok";
+	case DWS_EIO: return "I/O error";
+	case DWS_EFORMAT: return "bad format";
+	case DWS_EUNSUP: return "unsupported";
+	case DWS_ENOENT: return "not found";
+	case DWS_ENOMEM: return "out of memory";
+	case DWS_EINVAL: return "invalid argument";
+	case DWS_ETIMEDOUT: return "timed out";
+	case DWS_EVERIFY: return "verification failed";
+	}
+	return "unknown error";
+}
+
+int dws_fail(dws_error *err, int code, const char *fmt, ...)
+{
+	if (err && !err->code) {
+		va_list ap;
+		va_start(ap, fmt);
+		vsnprintf(err->msg, sizeof(err->msg), fmt, ap);
+		va_end(ap);
+		/* one line per error, whatever the input held */
+		for (char *p = err->msg; *p; p++)
+			if (*p == '\n' || *p == '\r')
+				*p = ' ';
+		err->code = code;
+	}
+	return code;
+}
+
+static void oom(void)
+{
+	fputs("dwsfs: out of memory\n", stderr);
+	abort();
+}
+
+void *dws_xmalloc(size_t n)
+{
+	void *p = malloc(n ? n : 1);
+	if (!p)
+		oom();
+	return p;
+}
+
+void *dws_xcalloc(size_t n, size_t m)
+{
+	void *p = calloc(n ? n : 1, m ? m : 1);
+	if (!p)
+		oom();
+	return p;
+}
+
+void *dws_xrealloc(void *p, size_t n)
+{
+	p = realloc(p, n ? n : 1);
+	if (!p)
+		oom();
+	return p;
+}
+
+char *dws_xstrdup(const char *s)
+{
+	char *p = strdup(s);
+	if (!p)
+		oom();
+	return p;
+}
+
+char *dws_xasprintf(const char *fmt, ...)
+{
+	va_list ap;
+	char *s;
+	va_start(ap, fmt);
+	int r = vasprintf(&s, fmt, ap);
+	va_end(ap);
+	if (r < 0)
+		oom();
+	return s;
+}
+
+bool dws_parse_u64(const char *s, uint64_t *out)
+{
+	uint64_t v = 0;
+	if (!s || !*s)
+		return false;
+	for (; *s; s++) {
+		if (*s < '0' || *s > '9')
+			return false;
+		if (!dws_mul_ok(v, 10, &v) || !dws_add_ok(v, (uint64_t)(*s - '0'), &v))
+			return false;
+	}
+	*out = v;
+	return true;
+}
+
+bool dws_parse_step_name(const char *base, uint64_t *step, bool *zst)
+{
+	static const char pre[] = "step_", suf[] = ".safetensors";
+	size_t n = strlen(base);
+	if (strncmp(base, pre, 5) != 0)
+		return false;
+	*zst = n > 4 && strcmp(base + n - 4, ".zst") == 0;
+	if (*zst)
+		n -= 4;
+	if (n < 5 + 6 + 12 || strncmp(base + n - 12, suf, 12) != 0)
+		return false;
+	size_t digits = n - 5 - 12;
+	if (digits > 19)
+		return false;
+	char num[20];
+	memcpy(num, base + 5, digits);
+	num[digits] = 0;
+	/* at least six digits; more only without leading zeros past six */
+	if (digits > 6 && num[0] == '0')
+		return false;
+	return dws_parse_u64(num, step);
+}
+
+void dws_objects_free(dws_object *v, size_t n)
+{
+	if (!v)
+		return;
+	for (size_t i = 0; i < n; i++)
+		free(v[i].key);
+	free(v);
+}
+
+/* ---- string map ---- */
+
+static uint64_t hash_str(const char *s)
+{
+	return XXH3_64bits(s, strlen(s));
+}
+
+void dws_strmap_init(dws_strmap *m)
+{
+	memset(m, 0, sizeof(*m));
+}
+
+void dws_strmap_free(dws_strmap *m)
+{
+	free(m->keys);
+	free(m->vals);
+	memset(m, 0, sizeof(*m));
+}
+
+static void strmap_grow(dws_strmap *m)
+{
+	size_t cap = m->cap ? m->cap * 2 : 64;
+	const char **keys = dws_xcalloc(cap, sizeof(*keys));
+	size_t *vals = dws_xcalloc(cap, sizeof(*vals));
+	for (size_t i = 0; i < m->cap; i++) {
+		if (!m->keys[i])
+			continue;
+		size_t j = hash_str(m->keys[i]) & (cap - 1);
+		while (keys[j])
+			j = (j + 1) & (cap - 1);
+		keys[j] = m->keys[i];
+		vals[j] = m->vals[i];
+	}
+	free(m->keys);
+	free(m->vals);
+	m->keys = keys;
+	m->vals = vals;
+	m->cap = cap;
+}
+
+void dws_strmap_put(dws_strmap *m, const char *key, size_t val)
+{
+	if ((m->len + 1) * 4 >= m->cap * 3)
+		strmap_grow(m);
+	size_t j = hash_str(key) & (m->cap - 1);
+	while (m->keys[j]) {
+		if (strcmp(m->keys[j], key) == 0) {
+			m->vals[j] = val;
+			return;
+		}
+		j = (j + 1) & (m->cap - 1);
+	}
+	m->keys[j] = key;
+	m->vals[j] = val;
+	m->len++;
+}
+
+bool dws_strmap_get(const dws_strmap *m, const char *key, size_t *val)
+{
+	if (!m->cap)
+		return false;
+	size_t j = hash_str(key) & (m->cap - 1);
+	while (m->keys[j]) {
+		if (strcmp(m->keys[j], key) == 0) {
+			*val = m->vals[j];
+			return true;
+		}
+		j = (j + 1) & (m->cap - 1);
+	}
+	return false;
+}
+
+bool dws_key_is_safe(const char *key)
+{
+	if (!key || !*key || key[0] == '/')
+		return false;
+	const char *p = key;
+	while (*p) {
+		const char *e = strchr(p, '/');
+		size_t n = e ? (size_t)(e - p) : strlen(p);
+		if (n == 0 || (n == 1 && p[0] == '.') ||
+		    (n == 2 && p[0] == '.' && p[1] == '.'))
+			return false;
+		for (size_t i = 0; i < n; i++)
+			if ((unsigned char)p[i] < 0x20 || p[i] == '\\')
+				return false;
+		p += n;
+		if (*p == '/')
+			p++;
+		if (e && !*p)
+			return false; /* trailing slash */
+	}
+	return true;
+}
