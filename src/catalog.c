@@ -85,10 +85,10 @@ static void sniff(dws_bucket *b, dws_stepfile *f)
 	dws_blob *blob = NULL;
 	dws_st_file *st = NULL;
 	void *buf = NULL;
-	const char *what = f->obj.key;
 	int rc = dws_bucket_open_blob(b, &f->obj, &blob, &err);
 	if (rc)
 		goto out;
+	const char *what = dws_blob_name(blob);
 	if (f->compressed) {
 		size_t got = 0;
 		uint64_t need = 0, size;

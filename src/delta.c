@@ -57,7 +57,7 @@ static int decode_idx(dws_delta_param *p, const dws_st_tensor *ti,
 	uint64_t n = p->count;
 	p->idx = malloc((n ? n : 1) * sizeof(uint32_t));
 	if (!p->idx)
-		return dws_fail(err, DWS_ENOMEM, "%s: no memory for %llu indices of '%s'", what, (unsigned long long)n, p->name);
+		return dws_fail(err, DWS_ENOMEM, "%s: no memory for %llu indices of '%.*s'", what, (unsigned long long)n, p->name_len, p->name);
 	int64_t prev = -1;
 	for (uint64_t k = 0; k < n; k++) {
 		int64_t cur;
@@ -65,8 +65,8 @@ static int decode_idx(dws_delta_param *p, const dws_st_tensor *ti,
 			int32_t v;
 			memcpy(&v, src + 4 * k, 4);
 			if (v <= prev)
-				return dws_fail(err, DWS_EFORMAT, "%s: indices of '%s' are not ascending (%lld after %lld at position %llu)", what,
-						p->name, (long long)v, (long long)prev, (unsigned long long)k);
+				return dws_fail(err, DWS_EFORMAT, "%s: indices of '%.*s' are not ascending (%lld after %lld at position %llu)", what,
+						p->name_len, p->name, (long long)v, (long long)prev, (unsigned long long)k);
 			cur = v;
 		} else {
 			uint32_t g;
@@ -80,8 +80,8 @@ static int decode_idx(dws_delta_param *p, const dws_st_tensor *ti,
 			cur = prev + (int64_t)g + 1; /* cannot overflow: prev < 2^32 */
 		}
 		if ((uint64_t)cur >= numel)
-			return dws_fail(err, DWS_EFORMAT, "%s: index %lld of '%s' is out of range (the tensor has %llu elements)", what,
-					(long long)cur, p->name, (unsigned long long)numel);
+			return dws_fail(err, DWS_EFORMAT, "%s: index %lld of '%.*s' is out of range (the tensor has %llu elements)", what,
+					(long long)cur, p->name_len, p->name, (unsigned long long)numel);
 		p->idx[k] = (uint32_t)cur;
 		prev = cur;
 	}
@@ -225,6 +225,7 @@ int dws_delta_decode(const dws_st_file *st, const unsigned char *data,
 			goto out;
 		}
 		p->name = t->name;
+		p->name_len = (int)stem;
 		p->count = t->numel;
 		p->val = data + t->begin;
 		np++;

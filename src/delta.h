@@ -5,7 +5,8 @@
 #include "internal.h"
 
 typedef struct dws_delta_param {
-	const char *name;           /* trainer parameter name (borrowed from st) */
+	const char *name;           /* value tensor name (borrowed from st) */
+	int name_len;               /* length of the parameter name within it */
 	size_t slot;                /* what the resolver returned */
 	uint64_t count;
 	uint32_t *idx;              /* strictly ascending, < numel; owned */

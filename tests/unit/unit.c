@@ -1,0 +1,337 @@
+/* Unit tests of the core, without a mount. Each check names what it tests;
+ * the last line is "N passed, N failed". */
+#include "bucket.h"
+#include "delta.h"
+#include "step.h"
+
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+static int passed, failed;
+
+#define CHECK(cond, ...)                                                   \
+	do {                                                               \
+		if (cond) {                                                \
+			passed++;                                          \
+		} else {                                                   \
+			failed++;                                          \
+			fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+			fprintf(stderr, __VA_ARGS__);                      \
+			fputc('\n', stderr);                               \
+		}                                                          \
+	} while (0)
+
+/* ---- dtypes ---- */
+
+static void test_dtypes(void)
+{
+	/* every BF16 value against the compiler's own F32 -> F16 conversion */
+	int bad = 0;
+	for (uint32_t b = 0; b < 65536; b++) {
+		float f = dws_bf16_to_f32((uint16_t)b);
+		if (f != f)
+			continue; /* NaN payloads may differ; NaN-ness is checked below */
+		_Float16 h = (_Float16)f;
+		uint16_t want;
+		memcpy(&want, &h, 2);
+		if (dws_bf16_to_f16((uint16_t)b) != want && bad++ < 3)
+			fprintf(stderr, "bf16 %04x: got %04x want %04x\n", b, dws_bf16_to_f16((uint16_t)b), want);
+	}
+	CHECK(bad == 0, "bf16->f16 matches _Float16 for all finite values (%d bad)", bad);
+	uint16_t nan = dws_bf16_to_f16(0x7fc1);
+	CHECK((nan & 0x7c00) == 0x7c00 && (nan & 0x3ff), "NaN stays NaN");
+	CHECK(dws_f32_to_bf16(1.0f) == 0x3f80, "f32->bf16 1.0");
+	/* 1 + 2^-8 is a tie between 1.0 and 1+2^-7: to even (1.0) */
+	CHECK(dws_f32_to_bf16(1.00390625f) == 0x3f80, "f32->bf16 tie to even");
+	CHECK(dws_f32_to_bf16(1.01171875f) == 0x3f82, "f32->bf16 tie to even, odd");
+	CHECK(dws_dtype_parse("BF16") == DWS_DT_BF16 && dws_dtype_parse("bf16") == DWS_DT_INVALID, "dtype names are exact");
+	CHECK(dws_dtype_size(DWS_DT_F64) == 8 && dws_dtype_size(DWS_DT_INVALID) == 0, "dtype sizes");
+}
+
+/* ---- names ---- */
+
+static void test_names(void)
+{
+	uint64_t s;
+	bool z;
+	CHECK(dws_parse_step_name("step_000123.safetensors", &s, &z) && s == 123 && !z, "six digits");
+	CHECK(dws_parse_step_name("step_1000000.safetensors.zst", &s, &z) && s == 1000000 && z, "seven digits, zst");
+	CHECK(!dws_parse_step_name("step_12.safetensors", &s, &z), "fewer than six digits");
+	CHECK(!dws_parse_step_name("step_0000012.safetensors", &s, &z), "seven digits with a leading zero");
+	CHECK(!dws_parse_step_name("step_00001a.safetensors", &s, &z), "non-digit");
+	CHECK(!dws_parse_step_name("step_000001.safetensors.tmp", &s, &z), "other suffix");
+	CHECK(!dws_parse_step_name("step_99999999999999999999.safetensors", &s, &z), "overflow");
+	CHECK(dws_key_is_safe("a/b.json") && dws_key_is_safe("x"), "safe keys");
+	CHECK(!dws_key_is_safe("../x") && !dws_key_is_safe("a/../b") && !dws_key_is_safe("/abs") &&
+		      !dws_key_is_safe("a//b") && !dws_key_is_safe("a/./b") && !dws_key_is_safe("a/") && !dws_key_is_safe(""),
+	      "unsafe keys");
+}
+
+/* ---- safetensors ---- */
+
+static size_t mkst(unsigned char *buf, const char *json, size_t data_len)
+{
+	size_t jl = strlen(json);
+	for (int i = 0; i < 8; i++)
+		buf[i] = (unsigned char)((uint64_t)jl >> (8 * i));
+	memcpy(buf + 8, json, jl);
+	memset(buf + 8 + jl, 0, data_len);
+	return 8 + jl + data_len;
+}
+
+static int parse_json(const char *json, size_t data_len, dws_error *e)
+{
+	unsigned char buf[4096];
+	size_t n = mkst(buf, json, data_len);
+	dws_st_file *f = NULL;
+	memset(e, 0, sizeof(*e));
+	int rc = dws_st_parse(buf, n, n, "t.safetensors", &f, NULL, e);
+	dws_st_free(f);
+	return rc;
+}
+
+static void test_safetensors(void)
+{
+	dws_error e;
+	CHECK(parse_json("{\"a\":{\"dtype\":\"BF16\",\"shape\":[2,3],\"data_offsets\":[0,12]},\"__metadata__\":{\"k\":\"v\"}}", 12, &e) == 0,
+	      "valid header: %s", e.msg);
+	CHECK(parse_json("{\"a\":{\"dtype\":\"BF16\",\"shape\":[2,3],\"data_offsets\":[0,12]}}    ", 12, &e) == 0, "space padding");
+	struct {
+		const char *json, *reason;
+		size_t data;
+	} bad[] = {
+		{"{\"a\":{\"dtype\":\"BF16\",\"shape\":[2,3],\"data_offsets\":[0,12]}}", "outside", 11},
+		{"{\"a\":{\"dtype\":\"BF16\",\"shape\":[2,3],\"data_offsets\":[0,10]}}", "size mismatch", 12},
+		{"{\"a\":{\"dtype\":\"Q7\",\"shape\":[1],\"data_offsets\":[0,1]}}", "unknown dtype", 4},
+		{"{\"a\":{\"dtype\":\"U8\",\"shape\":[-1],\"data_offsets\":[0,1]}}", "shape", 4},
+		{"{\"a\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[0,4]},\"b\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[2,6]}}", "overlap", 8},
+		{"{\"a\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[4,0]}}", "end before", 8},
+		{"{\"a\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[0,4]},\"a\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[0,4]}}", "invalid JSON", 8},
+		{"{\"a\":{\"dtype\":\"U8\",\"shape\":[4294967296,4294967296,4294967296],\"data_offsets\":[0,4]}}", "overflow", 8},
+		{"{\"__metadata__\":{\"k\":1}}", "metadata", 0},
+		{"[1,2]", "invalid JSON", 0},
+		{"{\"a\":", "invalid JSON", 0},
+		{"{\"a\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1],\"x\":1}}", "invalid JSON", 1},
+		{"{\"a\":{\"dtype\":\"U8\",\"shape\":[1.5],\"data_offsets\":[0,1]}}", "shape", 1},
+		{"{\"a\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,99999999999999999999]}}", "invalid JSON", 1},
+	};
+	for (size_t i = 0; i < DWS_ARRAY_LEN(bad); i++) {
+		int rc = parse_json(bad[i].json, bad[i].data, &e);
+		CHECK(rc == DWS_EFORMAT && strstr(e.msg, bad[i].reason) && strstr(e.msg, "t.safetensors") && !strchr(e.msg, '\n'),
+		      "bad header %zu rejected with '%s': rc=%d msg=%s", i, bad[i].reason, rc, e.msg);
+	}
+	/* header length past the end, huge, and a short file */
+	unsigned char buf[64] = {0};
+	dws_st_file *f = NULL;
+	buf[0] = 200;
+	memset(&e, 0, sizeof(e));
+	CHECK(dws_st_parse(buf, 64, 64, "t", &f, NULL, &e) == DWS_EFORMAT && strstr(e.msg, "past the end"), "length past end: %s", e.msg);
+	memset(buf, 0xff, 8);
+	memset(&e, 0, sizeof(e));
+	CHECK(dws_st_parse(buf, 64, 64, "t", &f, NULL, &e) == DWS_EFORMAT && strstr(e.msg, "cap"), "huge length: %s", e.msg);
+	memset(&e, 0, sizeof(e));
+	CHECK(dws_st_parse(buf, 5, 5, "t", &f, NULL, &e) == DWS_EFORMAT && strstr(e.msg, "truncated"), "short file: %s", e.msg);
+	/* a prefix that stops inside the header asks for more */
+	unsigned char big[256];
+	size_t n = mkst(big, "{\"a\":{\"dtype\":\"U8\",\"shape\":[2],\"data_offsets\":[0,2]}}", 2);
+	uint64_t need = 0;
+	memset(&e, 0, sizeof(e));
+	CHECK(dws_st_parse(big, 20, n, "t", &f, &need, &e) == 1 && need == n - 2, "need more: %llu", (unsigned long long)need);
+
+	/* writer -> parser round trip */
+	uint64_t sh1[] = {3, 4}, sh2[] = {5};
+	dws_st_out_tensor ts[] = {{"w", DWS_DT_F32, 2, sh1, 48}, {"b", DWS_DT_BF16, 1, sh2, 10}};
+	dws_st_meta md[] = {{"format", "x"}};
+	char *hdr = NULL;
+	size_t hl = 0;
+	memset(&e, 0, sizeof(e));
+	CHECK(dws_st_build_header(ts, 2, md, 1, &hdr, &hl, &e) == 0 && hl % 8 == 0, "writer");
+	unsigned char *file = calloc(1, hl + 58);
+	memcpy(file, hdr, hl);
+	CHECK(dws_st_parse(file, hl + 58, hl + 58, "rt", &f, NULL, &e) == 0, "round trip parses: %s", e.msg);
+	if (f) {
+		const dws_st_tensor *b = dws_st_find(f, "b");
+		CHECK(b && b->begin == 48 && b->end == 58 && b->numel == 5 && dws_st_count(f) == 2, "round trip layout");
+		CHECK(dws_st_meta_get(f, "format") && !strcmp(dws_st_meta_get(f, "format"), "x"), "round trip metadata");
+		dws_st_free(f);
+	}
+	free(file);
+	free(hdr);
+}
+
+/* ---- patch merge ---- */
+
+static uint32_t rng = 12345;
+static uint32_t rnd(void)
+{
+	rng ^= rng << 13;
+	rng ^= rng >> 17;
+	rng ^= rng << 5;
+	return rng;
+}
+
+static void test_patch_merge(void)
+{
+	enum { N = 5000 };
+	static int32_t naive[N];
+	for (int i = 0; i < N; i++)
+		naive[i] = -1;
+	dws_patch *p = NULL;
+	int bad = 0;
+	for (int round = 0; round < 50; round++) {
+		uint32_t idx[N];
+		uint16_t val[N];
+		uint64_t m = 0;
+		for (uint32_t i = 0; i < N; i++)
+			if (rnd() % 37 == 0) {
+				idx[m] = i;
+				val[m++] = (uint16_t)rnd();
+			}
+		dws_patch *q = dws_patch_merge(p, idx, (const unsigned char *)val, m);
+		dws_patch_unref(p);
+		p = q;
+		for (uint64_t k = 0; k < m; k++)
+			naive[idx[k]] = val[k];
+	}
+	uint32_t k = 0;
+	for (uint32_t i = 0; i < N; i++) {
+		if (naive[i] < 0)
+			continue;
+		if (k >= p->n || p->idx[k] != i || p->val[k] != (uint16_t)naive[i])
+			bad++;
+		k++;
+	}
+	CHECK(bad == 0 && k == p->n, "merged patch equals naive replay (%d bad, %u vs %u entries)", bad, k, p->n);
+	for (uint32_t i = 1; i < p->n; i++)
+		if (p->idx[i] <= p->idx[i - 1])
+			bad++;
+	CHECK(bad == 0, "merged indices strictly ascending");
+	dws_patch_unref(p);
+	dws_patch *e = dws_patch_merge(NULL, NULL, NULL, 0);
+	CHECK(e->n == 0, "empty merge");
+	dws_patch_unref(e);
+}
+
+/* ---- delta decoding ---- */
+
+static int resolve_any(void *ctx, const char *name, size_t *slot, uint64_t *numel)
+{
+	(void)ctx;
+	if (strcmp(name, "w") != 0)
+		return -1;
+	*slot = 7;
+	*numel = 100000;
+	return 0;
+}
+
+static void test_gap_delta(void)
+{
+	/* U32 gaps: indices 0, 70000, 70001 */
+	const char *json = "{\"__metadata__\":{\"sparse\":\"True\",\"encoding\":\"gap_delta\",\"total_changed_elements\":\"3\"},"
+			   "\"w.idx\":{\"dtype\":\"U32\",\"shape\":[3],\"data_offsets\":[0,12]},"
+			   "\"w.val\":{\"dtype\":\"BF16\",\"shape\":[3],\"data_offsets\":[12,18]}}";
+	unsigned char buf[1024];
+	size_t n = mkst(buf, json, 18);
+	uint32_t gaps[3] = {0, 69999, 0};
+	size_t ds = n - 18;
+	memcpy(buf + ds, gaps, 12);
+	dws_st_file *f = NULL;
+	dws_error e = {0};
+	CHECK(dws_st_parse(buf, n, n, "g", &f, NULL, &e) == 0, "gap file parses: %s", e.msg);
+	dws_delta_param *ps = NULL;
+	size_t np = 0;
+	int rc = dws_delta_decode(f, buf + ds, 18, DWS_VAR_GAP_DELTA, "g", resolve_any, NULL, &ps, &np, &e);
+	CHECK(rc == 0 && np == 1 && ps[0].count == 3 && ps[0].idx[0] == 0 && ps[0].idx[1] == 70000 && ps[0].idx[2] == 70001 && ps[0].slot == 7,
+	      "U32 gaps decode: %s", e.msg);
+	dws_delta_free(ps, np);
+	/* raw wants I32 offsets, not U32 gaps */
+	memset(&e, 0, sizeof(e));
+	rc = dws_delta_decode(f, buf + ds, 18, DWS_VAR_RAW, "g", resolve_any, NULL, &ps, &np, &e);
+	CHECK(rc == DWS_EFORMAT && strstr(e.msg, "expected I32"), "raw: %s", e.msg);
+	memset(&e, 0, sizeof(e));
+	rc = dws_delta_decode(f, buf + ds, 18, DWS_VAR_NVCOMP, "g", resolve_any, NULL, &ps, &np, &e);
+	CHECK(rc == DWS_EUNSUP && strstr(e.msg, "nvcomp"), "nvcomp refused: %s", e.msg);
+	dws_st_free(f);
+}
+
+/* ---- catalog: run selection and numeric order over a real folder ---- */
+
+static void put_file(const char *dir, const char *rel, const char *json, int64_t mtime_s)
+{
+	char *path = dws_xasprintf("%s/%s", dir, rel);
+	char *d = dws_xstrdup(path);
+	*strrchr(d, '/') = 0;
+	mkdir(d, 0755);
+	unsigned char buf[2048];
+	size_t n = mkst(buf, json, 4);
+	FILE *fp = fopen(path, "wb");
+	fwrite(buf, 1, n, fp);
+	fclose(fp);
+	struct timespec ts[2] = {{mtime_s, 0}, {mtime_s, 0}};
+	utimensat(AT_FDCWD, path, ts, 0);
+	free(path);
+	free(d);
+}
+
+static void test_catalog(void)
+{
+	char dir[] = "/tmp/dwsfs-unit-XXXXXX";
+	if (!mkdtemp(dir)) {
+		CHECK(0, "mkdtemp");
+		return;
+	}
+	const char *dense = "{\"__metadata__\":{\"sparse\":\"False\",\"total_elements\":\"2\"},\"w\":{\"dtype\":\"BF16\",\"shape\":[2],\"data_offsets\":[0,4]}}";
+	const char *sparse = "{\"__metadata__\":{\"sparse\":\"True\",\"encoding\":\"raw\"},\"w.idx\":{\"dtype\":\"I32\",\"shape\":[0],\"data_offsets\":[0,0]},\"w.val\":{\"dtype\":\"BF16\",\"shape\":[0],\"data_offsets\":[0,0]}}";
+	int64_t t0 = 1700000000, restart = t0 + 3600;
+	/* old run: 1..8; new run: 1..4 written an hour later */
+	for (int s = 1; s <= 8; s++) {
+		char rel[64];
+		snprintf(rel, sizeof(rel), s == 1 ? "anchors/step_%06d.safetensors" : "deltas/step_%06d.safetensors", s);
+		put_file(dir, rel, s == 1 ? dense : sparse, t0 + 10 * s);
+	}
+	for (int s = 1; s <= 4; s++) {
+		char rel[64];
+		snprintf(rel, sizeof(rel), s == 1 ? "anchors/step_%06d.safetensors" : "deltas/step_%06d.safetensors", s);
+		put_file(dir, rel, s == 1 ? dense : sparse, restart + 10 * s);
+	}
+	/* past 999999: string order would put 1000000 first */
+	put_file(dir, "deltas/step_1000000.safetensors", sparse, restart + 100);
+	put_file(dir, "deltas/step_999999.safetensors", sparse, restart + 90);
+	put_file(dir, "deltas/notes.txt", sparse, restart);
+	dws_bucket *b = NULL;
+	dws_catalog *c = NULL;
+	dws_error e = {0};
+	CHECK(dws_bucket_open(dir, &b, &e) == 0 && dws_catalog_load(b, NULL, &c, &e) == 0, "catalog loads: %s", e.msg);
+	if (c) {
+		size_t n = dws_catalog_count(c);
+		CHECK(n == 6, "current run has 6 steps, got %zu", n);
+		CHECK(n == 6 && dws_catalog_at(c, 3)->step == 4 && dws_catalog_at(c, 4)->step == 999999 &&
+			      dws_catalog_at(c, 5)->step == 1000000,
+		      "numeric order past 999999");
+		CHECK(dws_catalog_stale_count(c) == 4, "old run's steps 5..8 are stale, got %zu", dws_catalog_stale_count(c));
+		CHECK(!dws_catalog_find(c, 5) && dws_catalog_find(c, 4), "find");
+		const dws_stepfile *a = dws_catalog_anchor_for(c, 1000000);
+		CHECK(a && a->step == 1 && a->complete, "anchor for the last step");
+		dws_catalog_free(c);
+	}
+	dws_bucket_close(b);
+	char *cmd = dws_xasprintf("rm -rf '%s'", dir);
+	CHECK(system(cmd) == 0, "cleanup");
+	free(cmd);
+}
+
+int main(void)
+{
+	test_dtypes();
+	test_names();
+	test_safetensors();
+	test_patch_merge();
+	test_gap_delta();
+	test_catalog();
+	printf("%d passed, %d failed\n", passed, failed);
+	return failed ? 1 : 0;
+}
