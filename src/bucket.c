@@ -47,5 +47,6 @@ static int cmp_key(const void *a, const void *b)
 
 void dws_objects_sort(dws_object *v, size_t n)
 {
-	qsort(v, n, sizeof(*v), cmp_key);
+	if (n)
+		qsort(v, n, sizeof(*v), cmp_key);
 }

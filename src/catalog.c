@@ -223,7 +223,8 @@ static void select_run(dws_catalog *c, dws_stepfile *all, size_t n, int64_t tol)
 	if (run)
 		snprintf(runbuf, sizeof(runbuf), "%s", run);
 
-	qsort(all, n, sizeof(*all), cmp_step_mtime);
+	if (n)
+		qsort(all, n, sizeof(*all), cmp_step_mtime);
 	int64_t kept_max = INT64_MIN;
 	for (size_t i = 0; i < n;) {
 		size_t j = i;
