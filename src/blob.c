@@ -57,6 +57,11 @@ void dws_blob_unref(dws_blob *b)
 	free(b);
 }
 
+static atomic_ullong bytes_fetched;
+
+uint64_t dws_stats_bytes_fetched(void) { return atomic_load(&bytes_fetched); }
+void dws_stats_add_fetched(uint64_t n) { atomic_fetch_add(&bytes_fetched, n); }
+
 /* ---- file descriptor ---- */
 
 static int fd_read(dws_blob *b, uint64_t off, void *buf, size_t len,
@@ -76,6 +81,8 @@ static int fd_read(dws_blob *b, uint64_t off, void *buf, size_t len,
 		p += r;
 		off += (uint64_t)r;
 		len -= (size_t)r;
+		if (b->counted)
+			dws_stats_add_fetched((uint64_t)r);
 	}
 	return DWS_OK;
 }

@@ -169,6 +169,7 @@ static void layout_index_paths(dws_layout *L)
 {
 	for (size_t i = 0; i < L->nfiles; i++)
 		dws_strmap_put(&L->by_path, L->files[i].info.path, i);
+	dws_layout_build_tree(L);
 }
 
 static bool is_safetensors_name(const char *p)
@@ -548,10 +549,21 @@ int dws_builder_build(dws_builder *bl, uint64_t step, dws_step **out,
 			return rc;
 		}
 	}
+	s->id = dws_catalog_step_id(c, step);
 	dws_step_unref(bl->prev);
 	bl->prev = dws_step_ref(s);
 	*out = s;
 	return DWS_OK;
+}
+
+void dws_builder_set_catalog(dws_builder *bl, dws_catalog *c)
+{
+	bl->cat = c;
+	/* keep the previous build only if its chain is unchanged */
+	if (bl->prev && dws_catalog_step_id(c, bl->prev->step) != bl->prev->id) {
+		dws_step_unref(bl->prev);
+		bl->prev = NULL;
+	}
 }
 
 int dws_builder_new(dws_catalog *c, const dws_build_opts *opts,

@@ -10,6 +10,7 @@
 #include "bucket.h"
 
 #include <jansson.h>
+#include <xxhash.h>
 #include <stdlib.h>
 #include <string.h>
 #include <zstd.h>
@@ -276,6 +277,51 @@ static void mark_complete(dws_stepfile *v, size_t n)
 	}
 }
 
+static uint64_t id_mix(uint64_t seed, const dws_stepfile *f)
+{
+	XXH3_state_t *st = XXH3_createState();
+	XXH3_64bits_reset_withSeed(st, seed);
+	XXH3_64bits_update(st, &f->step, sizeof(f->step));
+	XXH3_64bits_update(st, f->obj.key, strlen(f->obj.key) + 1);
+	XXH3_64bits_update(st, f->obj.ident, strlen(f->obj.ident) + 1);
+	uint64_t h = XXH3_64bits_digest(st);
+	XXH3_freeState(st);
+	return h;
+}
+
+uint64_t dws_catalog_step_id(const dws_catalog *c, uint64_t step)
+{
+	const dws_stepfile *t = dws_catalog_find(c, step);
+	if (!t)
+		return 0;
+	const dws_stepfile *a = dws_catalog_anchor_for(c, step);
+	uint64_t id = a ? id_mix(0x616e63686f72ULL, a) : 0x62617365ULL;
+	for (size_t i = 0; i < c->n && c->v[i].step <= step; i++)
+		if (!a || c->v[i].step > a->step)
+			id = id_mix(id, &c->v[i]);
+	id &= (1ULL << 39) - 1; /* fits in an inode number beside a node index */
+	return id ? id : 1;
+}
+
+/* The header facts of an unchanged object, from the previous catalog. */
+static bool reuse(const dws_catalog *prev, dws_stepfile *f)
+{
+	if (!prev)
+		return false;
+	for (int pass = 0; pass < 2; pass++) {
+		const dws_stepfile *v = pass ? prev->stale : prev->v;
+		size_t n = pass ? prev->nstale : prev->n;
+		for (size_t i = 0; i < n; i++)
+			if (strcmp(v[i].obj.key, f->obj.key) == 0 && strcmp(v[i].obj.ident, f->obj.ident) == 0) {
+				char *key = f->obj.key;
+				*f = v[i];
+				f->obj.key = key;
+				return true;
+			}
+	}
+	return false;
+}
+
 int dws_catalog_load(dws_bucket *b, const dws_catalog_opts *opts,
 		     dws_catalog **out, dws_error *err)
 {
@@ -309,7 +355,8 @@ int dws_catalog_load(dws_bucket *b, const dws_catalog_opts *opts,
 			f.compressed = zst;
 			f.in_anchors = d == 0;
 			f.parent_step = -1;
-			sniff(b, &f);
+			if (!reuse(opts ? opts->prev : NULL, &f))
+				sniff(b, &f);
 			push(&all, &nall, &f);
 		}
 		dws_objects_free(objs, nobj);

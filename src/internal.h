@@ -66,7 +66,9 @@ struct dws_blob {
 	char *name;
 	void *priv;
 	int fd;
+	bool counted; /* reads count as fetched from the bucket */
 };
+void dws_stats_add_fetched(uint64_t n);
 dws_blob *dws_blob_new(const struct dws_blob_ops *ops, const char *name,
 		       uint64_t size, void *priv);
 /* A blob over an open file descriptor (the blob owns it). */

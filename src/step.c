@@ -78,6 +78,11 @@ void dws_layout_unref(dws_layout *l)
 		free(l->slots[i].trainer);
 		free(l->slots[i].shape);
 	}
+	for (size_t i = 0; i < l->nnodes; i++)
+		free(l->node_keys[i]);
+	free(l->node_keys);
+	free(l->nodes);
+	dws_strmap_free(&l->by_node_path);
 	dws_strmap_free(&l->by_name);
 	dws_strmap_free(&l->by_path);
 	free(l->files);
@@ -361,4 +366,70 @@ int dws_step_state_digest(dws_step *s, uint64_t *out, dws_error *err)
 	free(bf);
 	free(order);
 	return rc;
+}
+
+/* ---- folder tree ---- */
+
+static uint32_t tree_add(dws_layout *L, uint32_t parent, const char *name,
+			 size_t len, int64_t file)
+{
+	char *key = dws_xasprintf("%u/%.*s", parent, (int)len, name);
+	size_t found;
+	if (dws_strmap_get(&L->by_node_path, key, &found)) {
+		free(key);
+		return (uint32_t)found;
+	}
+	uint32_t i = (uint32_t)L->nnodes++;
+	L->nodes = dws_xrealloc(L->nodes, L->nnodes * sizeof(*L->nodes));
+	L->node_keys = dws_xrealloc(L->node_keys, L->nnodes * sizeof(*L->node_keys));
+	L->node_keys[i] = key;
+	/* the name is the tail of the key, which lives as long as the layout */
+	L->nodes[i] = (dws_node){key + strlen(key) - len, parent, DWS_NODE_NONE, DWS_NODE_NONE, file};
+	if (i) {
+		dws_node *p = &L->nodes[parent];
+		if (p->child == DWS_NODE_NONE) {
+			p->child = i;
+		} else {
+			uint32_t c = p->child;
+			while (L->nodes[c].next != DWS_NODE_NONE)
+				c = L->nodes[c].next;
+			L->nodes[c].next = i;
+		}
+	}
+	dws_strmap_put(&L->by_node_path, key, i);
+	return i;
+}
+
+void dws_layout_build_tree(dws_layout *L)
+{
+	dws_strmap_init(&L->by_node_path);
+	tree_add(L, 0, "", 0, -1);
+	for (size_t f = 0; f < L->nfiles; f++) {
+		const char *p = L->files[f].info.path;
+		uint32_t dir = 0;
+		for (;;) {
+			const char *slash = strchr(p, '/');
+			if (!slash) {
+				tree_add(L, dir, p, strlen(p), (int64_t)f);
+				break;
+			}
+			dir = tree_add(L, dir, p, (size_t)(slash - p), -1);
+			if (L->nodes[dir].file >= 0)
+				break; /* a file and a folder of one name: the file wins */
+			p = slash + 1;
+		}
+	}
+}
+
+size_t dws_step_node_count(const dws_step *s) { return s->layout->nnodes; }
+const dws_node *dws_step_node(const dws_step *s, size_t i) { return &s->layout->nodes[i]; }
+uint64_t dws_step_id(const dws_step *s) { return s->id; }
+
+uint32_t dws_step_node_lookup(const dws_step *s, uint32_t dir, const char *name)
+{
+	char *key = dws_xasprintf("%u/%s", dir, name);
+	size_t i;
+	bool ok = dws_strmap_get(&s->layout->by_node_path, key, &i);
+	free(key);
+	return ok ? (uint32_t)i : DWS_NODE_NONE;
 }

@@ -60,13 +60,19 @@ typedef struct dws_layout {
 	size_t nslots;
 	dws_strmap by_name;  /* output name -> slot */
 	dws_strmap by_path;  /* file path -> file */
+	dws_node *nodes;     /* folder tree of the files */
+	size_t nnodes;
+	dws_strmap by_node_path; /* "parent-index/name" -> node */
+	char **node_keys;
 } dws_layout;
+
+void dws_layout_build_tree(dws_layout *L);
 
 void dws_layout_unref(dws_layout *l);
 
 struct dws_step {
 	atomic_long refs;
-	uint64_t step, anchor;
+	uint64_t step, anchor, id;
 	size_t chain;
 	dws_layout *layout;
 	dws_src *src;        /* per slot */

@@ -36,6 +36,11 @@ typedef struct dws_error {
 
 const char *dws_code_name(int code);
 
+/* One line per event on stderr: "dwsfs HH:MM:SS.mmm <text>". */
+void dws_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* Bytes read from bucket objects since start (all buckets of the process). */
+uint64_t dws_stats_bytes_fetched(void);
+
 /* ---- dtypes ------------------------------------------------------------ */
 
 typedef enum dws_dtype {
@@ -180,7 +185,7 @@ typedef struct dws_stepfile {
 
 typedef struct dws_catalog_opts {
 	int64_t run_tolerance_ns; /* restart detection slack; default 60 s */
-	const char *tmpdir;
+	const struct dws_catalog *prev; /* reuse headers of unchanged objects */
 } dws_catalog_opts;
 
 typedef struct dws_catalog dws_catalog;
@@ -237,16 +242,39 @@ void dws_builder_free(dws_builder *bl);
  * follows it in the same chain. Returns a new reference. */
 int dws_builder_build(dws_builder *bl, uint64_t step, dws_step **out,
 		      dws_error *err);
+/* Switch to a newer catalog of the same bucket (the caller keeps ownership of
+ * both; the old one may be freed after this returns). */
+void dws_builder_set_catalog(dws_builder *bl, dws_catalog *c);
+/* The content id step N would have in catalog c: a hash of the chain's
+ * objects (key and identity), so a rewritten or restarted step gets a new id
+ * and the same content always the same one; 39 bits, never 0 for a step of
+ * the catalog. 0 if the step is not in the catalog. */
+uint64_t dws_catalog_step_id(const dws_catalog *c, uint64_t step);
 
 dws_step *dws_step_ref(dws_step *s);
 void dws_step_unref(dws_step *s);
 uint64_t dws_step_number(const dws_step *s);
+uint64_t dws_step_id(const dws_step *s); /* see dws_catalog_step_id */
 uint64_t dws_step_anchor(const dws_step *s);     /* 0: base only */
 size_t dws_step_chain_length(const dws_step *s); /* files applied since anchor */
 uint64_t dws_step_patch_entries(const dws_step *s);
 size_t dws_step_file_count(const dws_step *s);
 const dws_file_info *dws_step_file(const dws_step *s, size_t i);
 int dws_step_file_lookup(const dws_step *s, const char *path); /* -1 if none */
+/* The folder tree of a step: node 0 is its top folder. Children of a folder
+ * are linked through `next`. */
+typedef struct dws_node {
+	const char *name;
+	uint32_t parent;
+	uint32_t child;   /* first child, or UINT32_MAX */
+	uint32_t next;    /* next sibling, or UINT32_MAX */
+	int64_t file;     /* file index, or -1 for a folder */
+} dws_node;
+#define DWS_NODE_NONE UINT32_MAX
+size_t dws_step_node_count(const dws_step *s);
+const dws_node *dws_step_node(const dws_step *s, size_t i);
+/* Child of folder node dir named name, or DWS_NODE_NONE. */
+uint32_t dws_step_node_lookup(const dws_step *s, uint32_t dir, const char *name);
 /* Read bytes of file i at off; returns bytes read (short only at EOF) or <0. */
 int64_t dws_step_read(dws_step *s, size_t file, uint64_t off, void *buf,
 		      size_t len, dws_error *err);
@@ -283,5 +311,58 @@ typedef struct dws_publish_opts {
 
 int dws_publish(const dws_publish_opts *o, char *written, size_t written_len,
 		uint64_t *changed_out, dws_error *err);
+
+/* ---- mount engine (what the FUSE daemon serves; no FUSE here) ---------- */
+
+typedef enum dws_verify_mode {
+	DWS_VERIFY_NONE = 0,   /* structure checks only */
+	DWS_VERIFY_PAYLOAD,    /* + producer payload checksums and parent steps */
+	DWS_VERIFY_STATE,      /* + state checksum of the whole new step */
+} dws_verify_mode;
+
+typedef struct dws_mount dws_mount;
+
+typedef struct dws_mount_opts {
+	const char *bucket;
+	const char *base;
+	const dws_prefix_map *maps;
+	size_t nmaps;
+	unsigned poll_ms;           /* default 1000 */
+	unsigned swap_idle_ms;      /* default 1000 */
+	unsigned swap_max_delay_ms; /* default 30000 */
+	size_t max_steps;           /* step views kept for steps/N; default 8 */
+	dws_verify_mode verify;     /* default DWS_VERIFY_STATE (set verify_set) */
+	bool verify_set;
+	const char *tmpdir;
+	const char *on_swap;        /* sh -c command after each swap */
+	const char *mountpoint;     /* for DWSFS_MOUNT and logs */
+	/* Called by the sync thread after a swap, holding no lock. */
+	void (*swapped)(void *ctx, dws_step *old_root, dws_step *new_root);
+	void *ctx;
+} dws_mount_opts;
+
+/* Load the catalog and build the latest good step: any error here is one
+ * line, before anything is mounted. */
+int dws_mount_open(const dws_mount_opts *o, dws_mount **out, dws_error *err);
+int dws_mount_start(dws_mount *m, dws_error *err); /* the sync thread */
+void dws_mount_close(dws_mount *m);
+/* The step the root serves (a new reference). */
+dws_step *dws_mount_root(dws_mount *m);
+/* Root view use: an open of a root file, and its release. The root swaps only
+ * after swap_idle ms without an open handle or an open. */
+void dws_mount_root_opened(dws_mount *m);
+void dws_mount_root_released(dws_mount *m);
+/* Steps of the current catalog, ascending (a malloc'd array). */
+size_t dws_mount_steps(dws_mount *m, uint64_t **out);
+/* Step N of the catalog, built on first use; a new reference. */
+int dws_mount_get_step(dws_mount *m, uint64_t step, dws_step **out,
+		       dws_error *err);
+/* A step by content id (for inode numbers minted earlier); a new reference. */
+int dws_mount_get_step_by_id(dws_mount *m, uint64_t id, dws_step **out,
+			     dws_error *err);
+/* The producer's state checksum of a step, "" if none. */
+void dws_mount_step_checksum(dws_mount *m, uint64_t step, char out[17]);
+/* .dwsfs/status as a JSON document (malloc'd). */
+char *dws_mount_status_json(dws_mount *m);
 
 #endif

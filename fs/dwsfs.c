@@ -1,0 +1,768 @@
+/* dwsfs: mount a Delta Weight Sync bucket read-only with libfuse3.
+ *
+ * The FUSE glue only: every decision lives in the core's mount engine.
+ *
+ * Inode numbers: 1 the root, 2 steps/, 3 .dwsfs/, 4 .dwsfs/status; every
+ * other inode is (view << 63) | (step content id << 24) | tree node. A step's
+ * files are immutable, so their inodes keep page cache and attributes for
+ * long; the root view (bit 63 set) has inodes of its own so that a root swap
+ * never shares cache with steps/N and never counts steps/N use as root use. */
+#define FUSE_USE_VERSION 312
+
+#include "dwsfs/dwsfs.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <fuse_lowlevel.h>
+#include <limits.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define INO_ROOT 1
+#define INO_STEPS 2
+#define INO_META 3
+#define INO_STATUS 4
+#define VIEW_ROOT (1ULL << 63)
+#define NODE_BITS 24
+#define NODE_MASK ((1ULL << NODE_BITS) - 1)
+#define ID_MASK ((1ULL << 39) - 1)
+
+#define IMMUTABLE_TIMEOUT 86400.0
+
+struct opts {
+	char *bucket;
+	char *mountpoint_arg;
+	char *base;
+	char *cache_dir;
+	char *cache_size;
+	char *on_swap;
+	char *verify;
+	char *map_prefix;
+	unsigned poll;
+	double swap_idle;
+	double swap_max_delay;
+	unsigned max_steps;
+	int show_help;
+};
+
+struct fs {
+	dws_mount *m;
+	struct fuse_session *se;
+	time_t started;
+	double name_timeout; /* root and steps/ names can be re-bound */
+	uid_t uid;
+	gid_t gid;
+};
+
+enum handle_kind { H_FILE, H_STATUS, H_DIR };
+
+struct handle {
+	enum handle_kind kind;
+	dws_step *step;
+	size_t file;
+	bool root_view;
+	char *buf; /* status snapshot or directory listing */
+	size_t len;
+};
+
+static struct fs *fs_of(fuse_req_t req) { return fuse_req_userdata(req); }
+
+static fuse_ino_t mk_ino(bool root_view, uint64_t id, uint32_t node)
+{
+	return (root_view ? VIEW_ROOT : 0) | ((id & ID_MASK) << NODE_BITS) | node;
+}
+
+static bool is_step_ino(fuse_ino_t ino) { return (ino & ~VIEW_ROOT) > NODE_MASK; }
+static uint64_t ino_id(fuse_ino_t ino) { return (ino & ~VIEW_ROOT) >> NODE_BITS; }
+static uint32_t ino_node(fuse_ino_t ino) { return (uint32_t)(ino & NODE_MASK); }
+static bool ino_root_view(fuse_ino_t ino) { return (ino & VIEW_ROOT) != 0; }
+
+static int errno_of(int code)
+{
+	switch (code) {
+	case DWS_ENOENT: return ENOENT;
+	case DWS_ENOMEM: return ENOMEM;
+	case DWS_EINVAL: return EINVAL;
+	case DWS_ETIMEDOUT: return EIO;
+	default: return EIO;
+	}
+}
+
+/* The step an inode belongs to (a new reference), or an errno. */
+static int step_of(struct fs *f, fuse_ino_t ino, dws_step **out)
+{
+	dws_error err = {0};
+	int rc = dws_mount_get_step_by_id(f->m, ino_id(ino), out, &err);
+	if (rc) {
+		dws_log("inode %llx: %s", (unsigned long long)ino, err.msg);
+		return rc == DWS_ENOENT ? ESTALE : errno_of(rc);
+	}
+	if (ino_node(ino) >= dws_step_node_count(*out)) {
+		dws_step_unref(*out);
+		return ESTALE;
+	}
+	return 0;
+}
+
+static void fill_dir(struct fs *f, struct stat *st, fuse_ino_t ino)
+{
+	memset(st, 0, sizeof(*st));
+	st->st_ino = ino;
+	st->st_mode = S_IFDIR | 0555;
+	st->st_nlink = 2;
+	st->st_uid = f->uid;
+	st->st_gid = f->gid;
+	st->st_mtime = st->st_ctime = st->st_atime = f->started;
+}
+
+static void fill_node(struct fs *f, struct stat *st, fuse_ino_t ino, dws_step *s)
+{
+	const dws_node *n = dws_step_node(s, ino_node(ino));
+	fill_dir(f, st, ino);
+	if (n->file >= 0) {
+		st->st_mode = S_IFREG | 0444;
+		st->st_nlink = 1;
+		st->st_size = (off_t)dws_step_file(s, (size_t)n->file)->size;
+		st->st_blocks = (st->st_size + 511) / 512;
+		st->st_blksize = 1 << 20;
+	}
+}
+
+static void fill_status(struct fs *f, struct stat *st)
+{
+	char *j = dws_mount_status_json(f->m);
+	fill_dir(f, st, INO_STATUS);
+	st->st_mode = S_IFREG | 0444;
+	st->st_nlink = 1;
+	st->st_size = (off_t)strlen(j);
+	st->st_mtime = time(NULL);
+	free(j);
+}
+
+static int getattr_of(struct fs *f, fuse_ino_t ino, struct stat *st)
+{
+	switch (ino) {
+	case INO_ROOT:
+	case INO_STEPS:
+	case INO_META:
+		fill_dir(f, st, ino);
+		return 0;
+	case INO_STATUS:
+		fill_status(f, st);
+		return 0;
+	}
+	if (!is_step_ino(ino))
+		return ENOENT;
+	dws_step *s;
+	int e = step_of(f, ino, &s);
+	if (e)
+		return e;
+	fill_node(f, st, ino, s);
+	dws_step_unref(s);
+	return 0;
+}
+
+/* "000012" -> 12; the canonical name only (six digits or more). */
+static bool parse_step_dir(const char *name, uint64_t *out)
+{
+	size_t n = strlen(name);
+	if (n < 6 || n > 19 || (n > 6 && name[0] == '0'))
+		return false;
+	uint64_t v = 0;
+	for (size_t i = 0; i < n; i++) {
+		if (name[i] < '0' || name[i] > '9')
+			return false;
+		v = v * 10 + (uint64_t)(name[i] - '0');
+	}
+	*out = v;
+	return true;
+}
+
+static void reply_entry(fuse_req_t req, struct fs *f, fuse_ino_t ino, double timeout)
+{
+	struct fuse_entry_param e;
+	memset(&e, 0, sizeof(e));
+	int err = getattr_of(f, ino, &e.attr);
+	if (err) {
+		fuse_reply_err(req, err);
+		return;
+	}
+	e.ino = ino;
+	e.attr_timeout = ino == INO_STATUS ? 0 : ino <= INO_META ? f->name_timeout : IMMUTABLE_TIMEOUT;
+	e.entry_timeout = timeout;
+	fuse_reply_entry(req, &e);
+}
+
+static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+	struct fs *f = fs_of(req);
+	if (parent == INO_ROOT) {
+		if (!strcmp(name, "steps"))
+			return reply_entry(req, f, INO_STEPS, IMMUTABLE_TIMEOUT);
+		if (!strcmp(name, ".dwsfs"))
+			return reply_entry(req, f, INO_META, IMMUTABLE_TIMEOUT);
+		dws_step *s = dws_mount_root(f->m);
+		uint32_t n = dws_step_node_lookup(s, 0, name);
+		fuse_ino_t ino = mk_ino(true, dws_step_id(s), n);
+		dws_step_unref(s);
+		if (n == DWS_NODE_NONE)
+			return (void)fuse_reply_err(req, ENOENT);
+		return reply_entry(req, f, ino, f->name_timeout);
+	}
+	if (parent == INO_STEPS) {
+		uint64_t step;
+		dws_step *s = NULL;
+		dws_error err = {0};
+		if (!parse_step_dir(name, &step))
+			return (void)fuse_reply_err(req, ENOENT);
+		int rc = dws_mount_get_step(f->m, step, &s, &err);
+		if (rc) {
+			if (rc != DWS_ENOENT)
+				dws_log("steps/%s: %s", name, err.msg);
+			return (void)fuse_reply_err(req, rc == DWS_ENOENT ? ENOENT : errno_of(rc));
+		}
+		fuse_ino_t ino = mk_ino(false, dws_step_id(s), 0);
+		dws_step_unref(s);
+		return reply_entry(req, f, ino, f->name_timeout);
+	}
+	if (parent == INO_META) {
+		if (!strcmp(name, "status"))
+			return reply_entry(req, f, INO_STATUS, 0);
+		return (void)fuse_reply_err(req, ENOENT);
+	}
+	if (!is_step_ino(parent))
+		return (void)fuse_reply_err(req, ENOENT);
+	dws_step *s;
+	int e = step_of(f, parent, &s);
+	if (e)
+		return (void)fuse_reply_err(req, e);
+	uint32_t n = dws_step_node_lookup(s, ino_node(parent), name);
+	fuse_ino_t ino = mk_ino(ino_root_view(parent), dws_step_id(s), n);
+	dws_step_unref(s);
+	if (n == DWS_NODE_NONE)
+		return (void)fuse_reply_err(req, ENOENT);
+	reply_entry(req, f, ino, IMMUTABLE_TIMEOUT);
+}
+
+static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	(void)fi;
+	struct fs *f = fs_of(req);
+	struct stat st;
+	int e = getattr_of(f, ino, &st);
+	if (e)
+		return (void)fuse_reply_err(req, e);
+	double t = ino == INO_STATUS ? 0 : ino <= INO_META ? f->name_timeout : IMMUTABLE_TIMEOUT;
+	fuse_reply_attr(req, &st, t);
+}
+
+/* ---- directories ---- */
+
+struct dirbuf {
+	char *p;
+	size_t len;
+};
+
+static void dir_add(fuse_req_t req, struct dirbuf *b, const char *name, fuse_ino_t ino, mode_t mode)
+{
+	struct stat st = {.st_ino = ino, .st_mode = mode};
+	size_t need = fuse_add_direntry(req, NULL, 0, name, NULL, 0);
+	b->p = realloc(b->p, b->len + need);
+	if (!b->p)
+		abort();
+	fuse_add_direntry(req, b->p + b->len, need, name, &st, (off_t)(b->len + need));
+	b->len += need;
+}
+
+static void add_step_children(fuse_req_t req, struct dirbuf *b, dws_step *s, uint32_t dir, bool root_view)
+{
+	for (uint32_t c = dws_step_node(s, dir)->child; c != DWS_NODE_NONE; c = dws_step_node(s, c)->next) {
+		const dws_node *n = dws_step_node(s, c);
+		dir_add(req, b, n->name, mk_ino(root_view, dws_step_id(s), c), n->file >= 0 ? S_IFREG : S_IFDIR);
+	}
+}
+
+static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	struct fs *f = fs_of(req);
+	struct dirbuf b = {0};
+	dir_add(req, &b, ".", ino, S_IFDIR);
+	dir_add(req, &b, "..", INO_ROOT, S_IFDIR);
+	if (ino == INO_ROOT) {
+		dws_step *s = dws_mount_root(f->m);
+		add_step_children(req, &b, s, 0, true);
+		dws_step_unref(s);
+		dir_add(req, &b, "steps", INO_STEPS, S_IFDIR);
+		dir_add(req, &b, ".dwsfs", INO_META, S_IFDIR);
+	} else if (ino == INO_STEPS) {
+		uint64_t *v;
+		size_t n = dws_mount_steps(f->m, &v);
+		for (size_t i = 0; i < n; i++) {
+			char name[32];
+			snprintf(name, sizeof(name), "%06llu", (unsigned long long)v[i]);
+			/* the inode is settled by lookup, which builds the step */
+			dir_add(req, &b, name, (fuse_ino_t)(v[i] | (1ULL << 62)), S_IFDIR);
+		}
+		free(v);
+	} else if (ino == INO_META) {
+		dir_add(req, &b, "status", INO_STATUS, S_IFREG);
+	} else if (is_step_ino(ino)) {
+		dws_step *s;
+		int e = step_of(f, ino, &s);
+		if (e) {
+			free(b.p);
+			return (void)fuse_reply_err(req, e);
+		}
+		if (dws_step_node(s, ino_node(ino))->file >= 0) {
+			dws_step_unref(s);
+			free(b.p);
+			return (void)fuse_reply_err(req, ENOTDIR);
+		}
+		add_step_children(req, &b, s, ino_node(ino), ino_root_view(ino));
+		dws_step_unref(s);
+	} else {
+		free(b.p);
+		return (void)fuse_reply_err(req, ENOENT);
+	}
+	struct handle *h = calloc(1, sizeof(*h));
+	if (!h)
+		abort();
+	h->kind = H_DIR;
+	h->buf = b.p;
+	h->len = b.len;
+	fi->fh = (uintptr_t)h;
+	fi->cache_readdir = ino != INO_ROOT && ino != INO_STEPS;
+	fi->keep_cache = fi->cache_readdir;
+	fuse_reply_open(req, fi);
+}
+
+static void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
+{
+	(void)ino;
+	struct handle *h = (struct handle *)(uintptr_t)fi->fh;
+	if ((size_t)off >= h->len)
+		return (void)fuse_reply_buf(req, NULL, 0);
+	/* entries are whole: cut at the last one that fits */
+	size_t end = (size_t)off, lim = (size_t)off + size;
+	while (end < h->len) {
+		const char *p = h->buf + end;
+		size_t reclen;
+		/* struct fuse_dirent: ino, off, namelen, type, name padded to 8 */
+		uint32_t namelen;
+		memcpy(&namelen, p + 16, 4);
+		reclen = (24 + namelen + 7) & ~(size_t)7;
+		if (end + reclen > lim)
+			break;
+		end += reclen;
+	}
+	fuse_reply_buf(req, h->buf + off, end - (size_t)off);
+}
+
+static void op_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	(void)ino;
+	struct handle *h = (struct handle *)(uintptr_t)fi->fh;
+	free(h->buf);
+	free(h);
+	fuse_reply_err(req, 0);
+}
+
+/* ---- files ---- */
+
+static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	struct fs *f = fs_of(req);
+	if ((fi->flags & O_ACCMODE) != O_RDONLY)
+		return (void)fuse_reply_err(req, EROFS);
+	struct handle *h = calloc(1, sizeof(*h));
+	if (!h)
+		abort();
+	if (ino == INO_STATUS) {
+		h->kind = H_STATUS;
+		h->buf = dws_mount_status_json(f->m);
+		h->len = strlen(h->buf);
+		fi->direct_io = 1;
+		fi->fh = (uintptr_t)h;
+		return (void)fuse_reply_open(req, fi);
+	}
+	if (!is_step_ino(ino)) {
+		free(h);
+		return (void)fuse_reply_err(req, ino <= INO_META ? EISDIR : ENOENT);
+	}
+	int e = step_of(f, ino, &h->step);
+	if (e) {
+		free(h);
+		return (void)fuse_reply_err(req, e);
+	}
+	const dws_node *n = dws_step_node(h->step, ino_node(ino));
+	if (n->file < 0) {
+		dws_step_unref(h->step);
+		free(h);
+		return (void)fuse_reply_err(req, EISDIR);
+	}
+	h->kind = H_FILE;
+	h->file = (size_t)n->file;
+	h->root_view = ino_root_view(ino);
+	if (h->root_view)
+		dws_mount_root_opened(f->m);
+	fi->fh = (uintptr_t)h;
+	fi->keep_cache = 1; /* the inode's bytes never change */
+	fi->noflush = 1;
+	if (fuse_reply_open(req, fi) == -ENOENT) { /* interrupted: no release will come */
+		if (h->root_view)
+			dws_mount_root_released(f->m);
+		dws_step_unref(h->step);
+		free(h);
+	}
+}
+
+static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
+{
+	(void)ino;
+	struct handle *h = (struct handle *)(uintptr_t)fi->fh;
+	if (h->kind == H_STATUS) {
+		if ((size_t)off >= h->len)
+			return (void)fuse_reply_buf(req, NULL, 0);
+		size_t n = h->len - (size_t)off < size ? h->len - (size_t)off : size;
+		return (void)fuse_reply_buf(req, h->buf + off, n);
+	}
+	char *buf = malloc(size ? size : 1);
+	if (!buf)
+		return (void)fuse_reply_err(req, ENOMEM);
+	dws_error err = {0};
+	int64_t n = dws_step_read(h->step, h->file, (uint64_t)off, buf, size, &err);
+	if (n < 0) {
+		dws_log("read %s [%lld, +%zu) of step %llu failed: %s", dws_step_file(h->step, h->file)->path, (long long)off, size,
+			(unsigned long long)dws_step_number(h->step), err.msg);
+		fuse_reply_err(req, EIO);
+	} else {
+		fuse_reply_buf(req, buf, (size_t)n);
+	}
+	free(buf);
+}
+
+static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	(void)ino;
+	struct fs *f = fs_of(req);
+	struct handle *h = (struct handle *)(uintptr_t)fi->fh;
+	if (h->root_view)
+		dws_mount_root_released(f->m);
+	dws_step_unref(h->step);
+	free(h->buf);
+	free(h);
+	fuse_reply_err(req, 0);
+}
+
+/* ---- extended attributes ---- */
+
+static void xattr_reply(fuse_req_t req, const char *v, size_t len, size_t size)
+{
+	if (!size)
+		return (void)fuse_reply_xattr(req, len);
+	if (size < len)
+		return (void)fuse_reply_err(req, ERANGE);
+	fuse_reply_buf(req, v, len);
+}
+
+static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
+{
+	struct fs *f = fs_of(req);
+	if (!is_step_ino(ino))
+		return (void)fuse_reply_err(req, ENODATA);
+	dws_step *s;
+	int e = step_of(f, ino, &s);
+	if (e)
+		return (void)fuse_reply_err(req, e);
+	char v[64] = "";
+	if (!strcmp(name, "user.dwsfs.step"))
+		snprintf(v, sizeof(v), "%llu", (unsigned long long)dws_step_number(s));
+	else if (!strcmp(name, "user.dwsfs.anchor"))
+		snprintf(v, sizeof(v), "%llu", (unsigned long long)dws_step_anchor(s));
+	else if (!strcmp(name, "user.dwsfs.state_xxh3"))
+		dws_mount_step_checksum(f->m, dws_step_number(s), v);
+	dws_step_unref(s);
+	if (!v[0])
+		return (void)fuse_reply_err(req, ENODATA);
+	xattr_reply(req, v, strlen(v), size);
+}
+
+static void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
+{
+	struct fs *f = fs_of(req);
+	if (!is_step_ino(ino))
+		return xattr_reply(req, "", 0, size);
+	dws_step *s;
+	int e = step_of(f, ino, &s);
+	if (e)
+		return (void)fuse_reply_err(req, e);
+	char sum[17];
+	dws_mount_step_checksum(f->m, dws_step_number(s), sum);
+	dws_step_unref(s);
+	static const char names[] = "user.dwsfs.step\0user.dwsfs.anchor\0user.dwsfs.state_xxh3";
+	size_t len = sum[0] ? sizeof(names) : sizeof("user.dwsfs.step\0user.dwsfs.anchor");
+	xattr_reply(req, names, len, size);
+}
+
+static void op_statfs(fuse_req_t req, fuse_ino_t ino)
+{
+	(void)ino;
+	struct statvfs st = {.f_bsize = 1 << 20, .f_frsize = 1 << 20, .f_namemax = 255};
+	fuse_reply_statfs(req, &st);
+}
+
+static void op_init(void *userdata, struct fuse_conn_info *conn)
+{
+	(void)userdata;
+	if (conn->capable & FUSE_CAP_ASYNC_READ)
+		conn->want |= FUSE_CAP_ASYNC_READ;
+	/* attributes and data of an inode never change: no revalidation */
+	conn->want &= ~FUSE_CAP_AUTO_INVAL_DATA;
+	if (conn->capable & FUSE_CAP_CACHE_SYMLINKS)
+		conn->want |= FUSE_CAP_CACHE_SYMLINKS;
+}
+
+static const struct fuse_lowlevel_ops ops = {
+	.init = op_init,
+	.lookup = op_lookup,
+	.getattr = op_getattr,
+	.opendir = op_opendir,
+	.readdir = op_readdir,
+	.releasedir = op_releasedir,
+	.open = op_open,
+	.read = op_read,
+	.release = op_release,
+	.getxattr = op_getxattr,
+	.listxattr = op_listxattr,
+	.statfs = op_statfs,
+};
+
+/* After a swap (called by the sync thread, holding no lock): drop the
+ * kernel's root entries of both steps so the next lookup sees the new one. */
+static void on_swapped(void *ctx, dws_step *old_root, dws_step *new_root)
+{
+	struct fs *f = ctx;
+	if (!f->se)
+		return;
+	dws_step *both[2] = {old_root, new_root};
+	for (int k = 0; k < 2; k++)
+		for (uint32_t c = dws_step_node(both[k], 0)->child; c != DWS_NODE_NONE; c = dws_step_node(both[k], c)->next) {
+			const char *name = dws_step_node(both[k], c)->name;
+			int r = fuse_lowlevel_notify_inval_entry(f->se, INO_ROOT, name, strlen(name));
+			if (r && r != -ENOENT)
+				dws_log("invalidate /%s: %s", name, strerror(-r));
+		}
+	fuse_lowlevel_notify_inval_inode(f->se, INO_ROOT, 0, 0);
+}
+
+/* ---- options ---- */
+
+#define OPT(t, p) {t, offsetof(struct opts, p), 1}
+static const struct fuse_opt opt_spec[] = {
+	OPT("base=%s", base),
+	OPT("cache_dir=%s", cache_dir),
+	OPT("cache_size=%s", cache_size),
+	OPT("on_swap=%s", on_swap),
+	OPT("verify=%s", verify),
+	OPT("map_prefix=%s", map_prefix),
+	OPT("poll=%u", poll),
+	OPT("swap_idle=%lf", swap_idle),
+	OPT("swap_max_delay=%lf", swap_max_delay),
+	OPT("max_steps=%u", max_steps),
+	OPT("-h", show_help),
+	OPT("--help", show_help),
+	FUSE_OPT_END};
+
+static int opt_proc(void *data, const char *arg, int key, struct fuse_args *outargs)
+{
+	(void)outargs;
+	struct opts *o = data;
+	if (key == FUSE_OPT_KEY_NONOPT && !o->bucket) {
+		o->bucket = strdup(arg);
+		return 0;
+	}
+	if (key == FUSE_OPT_KEY_NONOPT && !o->mountpoint_arg) {
+		o->mountpoint_arg = strdup(arg);
+		return 1; /* fuse_parse_cmdline takes it too */
+	}
+	return 1;
+}
+
+static void usage(const char *prog)
+{
+	printf("usage: %s [-f] [-d] [-o OPTIONS] BUCKET MOUNTPOINT\n\n"
+	       "BUCKET: a local folder (file:// accepted).\n"
+	       "dwsfs options:\n"
+	       "    -o base=SRC            base model folder (default: the bucket's base/)\n"
+	       "    -o poll=SECONDS        how often to look for new steps (default 1)\n"
+	       "    -o swap_idle=SECONDS   swap the root after it was idle this long (default 1)\n"
+	       "    -o swap_max_delay=SECONDS  swap anyway this long after a step is ready (default 30)\n"
+	       "    -o on_swap=CMD         run `sh -c CMD` after a swap (DWSFS_STEP, DWSFS_MOUNT set)\n"
+	       "    -o verify=MODE         none, payload or state (default state)\n"
+	       "    -o map_prefix=FROM=TO  trainer name prefix FROM is TO in the checkpoint\n"
+	       "    -o max_steps=N         step views kept in memory for steps/ (default 8)\n"
+	       "    -o cache_dir=DIR       where decompressed anchors and fetched blocks go\n"
+	       "    -o cache_size=BYTES    byte cap of the cache\n"
+	       "\n",
+	       prog);
+}
+
+static bool mounted_stale(const char *mp)
+{
+	struct stat st;
+	return stat(mp, &st) != 0 && errno == ENOTCONN;
+}
+
+/* A daemon killed with -9 leaves "Transport endpoint is not connected":
+ * detach that mount so a new one can take its place. */
+static void clean_stale_mount(const char *mp)
+{
+	if (!mounted_stale(mp))
+		return;
+	dws_log("%s: cleaning the stale mount of a daemon that died", mp);
+	if (umount2(mp, MNT_DETACH) == 0)
+		return;
+	pid_t pid = fork();
+	if (pid == 0) {
+		execlp("fusermount3", "fusermount3", "-u", "-z", mp, (char *)NULL);
+		_exit(127);
+	}
+	if (pid > 0)
+		waitpid(pid, NULL, 0);
+}
+
+int main(int argc, char *argv[])
+{
+	struct fuse_args args = FUSE_ARGS_INIT(argc, argv);
+	struct opts o = {.swap_idle = -1, .swap_max_delay = -1};
+	struct fuse_cmdline_opts co = {0};
+	struct fs f = {.started = time(NULL), .name_timeout = 1.0, .uid = getuid(), .gid = getgid()};
+	dws_mount *m = NULL;
+	struct fuse_session *se = NULL;
+	struct fuse_loop_config *lc = NULL;
+	dws_error err = {0};
+	int ret = 1;
+
+	if (fuse_opt_parse(&args, &o, opt_spec, opt_proc) != 0)
+		return 1;
+	if (o.show_help) {
+		usage(argv[0]);
+		fuse_lowlevel_help();
+		ret = 0;
+		goto out_args;
+	}
+	if (fuse_parse_cmdline(&args, &co) != 0)
+		goto out_args;
+	if (co.show_version) {
+		printf("dwsfs %s, libfuse %s\n", DWSFS_VERSION, fuse_pkgversion());
+		ret = 0;
+		goto out_args;
+	}
+	if (!o.bucket || !co.mountpoint) {
+		fprintf(stderr, "dwsfs: usage: dwsfs [-f] [-o OPTIONS] BUCKET MOUNTPOINT (dwsfs -h for options)\n");
+		goto out_args;
+	}
+	dws_prefix_map map = {0};
+	if (o.map_prefix) {
+		char *eq = strchr(o.map_prefix, '=');
+		if (!eq || eq == o.map_prefix) {
+			fprintf(stderr, "dwsfs: map_prefix needs FROM=TO, not '%s'\n", o.map_prefix);
+			goto out_args;
+		}
+		*eq = 0;
+		map = (dws_prefix_map){o.map_prefix, eq + 1};
+	}
+	dws_mount_opts mo = {
+		.bucket = o.bucket, .base = o.base, .maps = o.map_prefix ? &map : NULL, .nmaps = o.map_prefix ? 1 : 0,
+		.poll_ms = o.poll ? o.poll * 1000 : 1000,
+		.swap_idle_ms = o.swap_idle >= 0 ? (unsigned)(o.swap_idle * 1000) + (o.swap_idle == 0) : 0,
+		.swap_max_delay_ms = o.swap_max_delay >= 0 ? (unsigned)(o.swap_max_delay * 1000) + (o.swap_max_delay == 0) : 0,
+		.max_steps = o.max_steps, .tmpdir = o.cache_dir, .on_swap = o.on_swap, .mountpoint = co.mountpoint,
+		.swapped = on_swapped, .ctx = &f};
+	if (o.verify) {
+		mo.verify_set = true;
+		if (!strcmp(o.verify, "none"))
+			mo.verify = DWS_VERIFY_NONE;
+		else if (!strcmp(o.verify, "payload"))
+			mo.verify = DWS_VERIFY_PAYLOAD;
+		else if (!strcmp(o.verify, "state"))
+			mo.verify = DWS_VERIFY_STATE;
+		else {
+			fprintf(stderr, "dwsfs: verify is none, payload or state, not '%s'\n", o.verify);
+			goto out_args;
+		}
+	}
+	clean_stale_mount(co.mountpoint);
+	if (dws_mount_open(&mo, &m, &err) != 0) {
+		fprintf(stderr, "dwsfs: %s\n", err.msg);
+		goto out_args;
+	}
+	f.m = m;
+	/* a read-only mount named after the bucket */
+	char *fsname = NULL;
+	if (asprintf(&fsname, "-osubtype=dwsfs,ro,fsname=%s", o.bucket) < 0 || fuse_opt_add_arg(&args, fsname) != 0) {
+		free(fsname);
+		goto out_mount;
+	}
+	free(fsname);
+	se = fuse_session_new(&args, &ops, sizeof(ops), &f);
+	if (!se)
+		goto out_mount;
+	if (fuse_set_signal_handlers(se) != 0)
+		goto out_session;
+	if (fuse_session_mount(se, co.mountpoint) != 0)
+		goto out_signals;
+	f.se = se;
+	if (fuse_daemonize(co.foreground) != 0)
+		goto out_unmount;
+	if (dws_mount_start(m, &err) != 0) {
+		fprintf(stderr, "dwsfs: %s\n", err.msg);
+		goto out_unmount;
+	}
+	dws_step *r = dws_mount_root(m);
+	dws_log("mounted %s on %s: step %llu", o.bucket, co.mountpoint, (unsigned long long)dws_step_number(r));
+	dws_step_unref(r);
+	if (co.singlethread) {
+		ret = fuse_session_loop(se);
+	} else {
+		lc = fuse_loop_cfg_create();
+		fuse_loop_cfg_set_clone_fd(lc, co.clone_fd);
+		fuse_loop_cfg_set_max_threads(lc, co.max_threads ? co.max_threads : 16);
+		ret = fuse_session_loop_mt(se, lc);
+		fuse_loop_cfg_destroy(lc);
+	}
+	/* a signal ends the loop with its number: a clean shutdown */
+	ret = ret < 0 ? 1 : 0;
+	dws_mount_close(m); /* stop the sync thread before the session goes */
+	m = NULL;
+	f.m = NULL;
+	dws_log("unmounted %s", co.mountpoint);
+out_unmount:
+	f.se = NULL;
+	fuse_session_unmount(se);
+out_signals:
+	fuse_remove_signal_handlers(se);
+out_session:
+	fuse_session_destroy(se);
+out_mount:
+	dws_mount_close(m);
+out_args:
+	free(co.mountpoint);
+	free(o.bucket);
+	free(o.mountpoint_arg);
+	free(o.base);
+	free(o.cache_dir);
+	free(o.cache_size);
+	free(o.on_swap);
+	free(o.verify);
+	free(o.map_prefix);
+	fuse_opt_free_args(&args);
+	return ret;
+}

@@ -1,0 +1,588 @@
+/* The mount engine: what the FUSE layer serves, without FUSE.
+ *
+ * A sync thread polls the bucket, builds the newest step that builds and
+ * verifies, holds it as `ready`, and swaps it in as the root once the root
+ * view has been idle for swap_idle (no open handle, no open) or swap_max_delay
+ * after it became ready. Steps are immutable values: a swap is one pointer
+ * store, open handles keep the step they opened. A step that fails is never
+ * served; the root stays where it is and the error shows in the status.
+ *
+ * Locks: build_lock serializes the builder (slow); lock guards the rest and is
+ * never held while building or reading bytes. Order: build_lock, then lock. */
+#include "internal.h"
+
+#include <errno.h>
+#include <jansson.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+struct cached_step {
+	dws_step *step;
+	int64_t last_use;
+};
+
+struct step_entry {
+	uint64_t step, id;
+};
+
+struct dws_mount {
+	dws_mount_opts o;
+	char *bucket_uri, *base, *tmpdir, *on_swap, *mountpoint;
+	dws_prefix_map *maps;
+	dws_bucket *bucket;
+
+	pthread_mutex_t build_lock;
+	dws_builder *bl;
+
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	dws_catalog *cat;
+	struct step_entry *table; /* current catalog's steps and ids */
+	size_t ntable;
+	dws_step *root, *ready;
+	int64_t ready_since;
+	struct cached_step *cache;
+	size_t ncache;
+	int root_open;
+	int64_t root_activity;
+	uint64_t *failed;         /* ids that failed to build: not retried */
+	size_t nfailed;
+	char last_error[768];
+	int64_t last_poll_wall;
+	uint64_t swaps, cache_hits, cache_misses;
+	bool stop, started;
+	pthread_t thread;
+};
+
+static int64_t now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+void dws_log(const char *fmt, ...)
+{
+	char when[32];
+	struct timespec ts;
+	struct tm tm;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	gmtime_r(&ts.tv_sec, &tm);
+	strftime(when, sizeof(when), "%H:%M:%S", &tm);
+	char line[1024];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(line, sizeof(line), fmt, ap);
+	va_end(ap);
+	for (char *p = line; *p; p++)
+		if (*p == '\n')
+			*p = ' ';
+	fprintf(stderr, "dwsfs %s.%03ld %s\n", when, ts.tv_nsec / 1000000, line);
+}
+
+/* ---- catalog table ---- */
+
+static void set_catalog_locked(dws_mount *m, dws_catalog *c)
+{
+	size_t n = dws_catalog_count(c);
+	struct step_entry *t = dws_xcalloc(n ? n : 1, sizeof(*t));
+	for (size_t i = 0; i < n; i++) {
+		t[i].step = dws_catalog_at(c, i)->step;
+		t[i].id = dws_catalog_step_id(c, t[i].step);
+	}
+	free(m->table);
+	m->table = t;
+	m->ntable = n;
+	m->cat = c;
+}
+
+static bool failed_locked(const dws_mount *m, uint64_t id)
+{
+	for (size_t i = 0; i < m->nfailed; i++)
+		if (m->failed[i] == id)
+			return true;
+	return false;
+}
+
+/* ---- step cache ---- */
+
+static dws_step *cache_find_locked(dws_mount *m, uint64_t id)
+{
+	if (m->root && dws_step_id(m->root) == id)
+		return dws_step_ref(m->root);
+	if (m->ready && dws_step_id(m->ready) == id)
+		return dws_step_ref(m->ready);
+	for (size_t i = 0; i < m->ncache; i++)
+		if (dws_step_id(m->cache[i].step) == id) {
+			m->cache[i].last_use = now_ms();
+			return dws_step_ref(m->cache[i].step);
+		}
+	return NULL;
+}
+
+static void cache_put_locked(dws_mount *m, dws_step *s)
+{
+	for (size_t i = 0; i < m->ncache; i++)
+		if (dws_step_id(m->cache[i].step) == dws_step_id(s))
+			return;
+	if (m->ncache == m->o.max_steps) {
+		size_t old = 0;
+		for (size_t i = 1; i < m->ncache; i++)
+			if (m->cache[i].last_use < m->cache[old].last_use)
+				old = i;
+		/* open handles keep their own reference: evicting is safe */
+		dws_step_unref(m->cache[old].step);
+		m->cache[old] = m->cache[--m->ncache];
+	}
+	m->cache[m->ncache++] = (struct cached_step){dws_step_ref(s), now_ms()};
+}
+
+/* Build step n under build_lock. */
+static int build(dws_mount *m, uint64_t n, dws_step **out, dws_error *err)
+{
+	pthread_mutex_lock(&m->build_lock);
+	int rc = dws_builder_build(m->bl, n, out, err);
+	pthread_mutex_unlock(&m->build_lock);
+	return rc;
+}
+
+int dws_mount_get_step_by_id(dws_mount *m, uint64_t id, dws_step **out,
+			     dws_error *err)
+{
+	pthread_mutex_lock(&m->lock);
+	dws_step *s = cache_find_locked(m, id);
+	uint64_t n = 0;
+	bool known = false;
+	for (size_t i = 0; !s && i < m->ntable; i++)
+		if (m->table[i].id == id) {
+			n = m->table[i].step;
+			known = true;
+		}
+	if (s)
+		m->cache_hits++;
+	else
+		m->cache_misses++;
+	pthread_mutex_unlock(&m->lock);
+	if (s) {
+		*out = s;
+		return DWS_OK;
+	}
+	if (!known)
+		return dws_fail(err, DWS_ENOENT, "%s: that step is no longer in the bucket", m->bucket_uri);
+	int rc = build(m, n, &s, err);
+	if (rc)
+		return rc;
+	if (dws_step_id(s) != id) { /* the catalog moved on while we built */
+		dws_step_unref(s);
+		return dws_fail(err, DWS_ENOENT, "%s: step %llu changed in the bucket", m->bucket_uri, (unsigned long long)n);
+	}
+	pthread_mutex_lock(&m->lock);
+	cache_put_locked(m, s);
+	pthread_mutex_unlock(&m->lock);
+	*out = s;
+	return DWS_OK;
+}
+
+int dws_mount_get_step(dws_mount *m, uint64_t step, dws_step **out,
+		       dws_error *err)
+{
+	uint64_t id = 0;
+	pthread_mutex_lock(&m->lock);
+	for (size_t i = 0; i < m->ntable; i++)
+		if (m->table[i].step == step)
+			id = m->table[i].id;
+	pthread_mutex_unlock(&m->lock);
+	if (!id)
+		return dws_fail(err, DWS_ENOENT, "%s: no step %llu", m->bucket_uri, (unsigned long long)step);
+	return dws_mount_get_step_by_id(m, id, out, err);
+}
+
+size_t dws_mount_steps(dws_mount *m, uint64_t **out)
+{
+	pthread_mutex_lock(&m->lock);
+	size_t n = m->ntable;
+	uint64_t *v = dws_xcalloc(n ? n : 1, sizeof(*v));
+	for (size_t i = 0; i < n; i++)
+		v[i] = m->table[i].step;
+	pthread_mutex_unlock(&m->lock);
+	*out = v;
+	return n;
+}
+
+void dws_mount_step_checksum(dws_mount *m, uint64_t step, char out[17])
+{
+	pthread_mutex_lock(&m->lock);
+	const dws_stepfile *f = m->cat ? dws_catalog_find(m->cat, step) : NULL;
+	snprintf(out, 17, "%s", f ? f->state_xxh3 : "");
+	pthread_mutex_unlock(&m->lock);
+}
+
+dws_step *dws_mount_root(dws_mount *m)
+{
+	pthread_mutex_lock(&m->lock);
+	dws_step *s = dws_step_ref(m->root);
+	pthread_mutex_unlock(&m->lock);
+	return s;
+}
+
+void dws_mount_root_opened(dws_mount *m)
+{
+	pthread_mutex_lock(&m->lock);
+	m->root_open++;
+	m->root_activity = now_ms();
+	pthread_mutex_unlock(&m->lock);
+}
+
+void dws_mount_root_released(dws_mount *m)
+{
+	pthread_mutex_lock(&m->lock);
+	m->root_open--;
+	m->root_activity = now_ms();
+	pthread_cond_signal(&m->cond);
+	pthread_mutex_unlock(&m->lock);
+}
+
+/* ---- verification of a new step ---- */
+
+static int verify_state(dws_mount *m, dws_step *s, dws_error *err)
+{
+	if (m->o.verify < DWS_VERIFY_STATE)
+		return DWS_OK;
+	char want[17];
+	dws_mount_step_checksum(m, dws_step_number(s), want);
+	if (!want[0])
+		return DWS_OK;
+	uint64_t h;
+	int rc = dws_step_state_digest(s, &h, err);
+	if (rc)
+		return rc;
+	char got[17];
+	snprintf(got, sizeof(got), "%016llx", (unsigned long long)h);
+	if (strcmp(got, want) != 0)
+		return dws_fail(err, DWS_EVERIFY, "%s: step %llu does not match the producer's state checksum (got %s, want %s)",
+				m->bucket_uri, (unsigned long long)dws_step_number(s), got, want);
+	return DWS_OK;
+}
+
+/* Build and verify the newest step newer than `after` that works. Steps that
+ * failed before are skipped. Returns NULL if none. */
+static dws_step *build_newest(dws_mount *m, uint64_t after, bool have_root, dws_error *last)
+{
+	pthread_mutex_lock(&m->lock);
+	size_t n = m->ntable;
+	struct step_entry *t = dws_xcalloc(n ? n : 1, sizeof(*t));
+	memcpy(t, m->table, n * sizeof(*t));
+	pthread_mutex_unlock(&m->lock);
+	dws_step *got = NULL;
+	for (size_t i = n; i-- > 0 && !got;) {
+		if (have_root && t[i].step <= after)
+			break;
+		pthread_mutex_lock(&m->lock);
+		bool skip = failed_locked(m, t[i].id) || (m->ready && dws_step_id(m->ready) == t[i].id);
+		pthread_mutex_unlock(&m->lock);
+		if (skip)
+			continue;
+		dws_error err = {0};
+		int64_t t0 = now_ms();
+		dws_step *s = NULL;
+		int rc = build(m, t[i].step, &s, &err);
+		if (!rc)
+			rc = verify_state(m, s, &err);
+		if (rc) {
+			dws_step_unref(s);
+			dws_log("step %llu refused: %s", (unsigned long long)t[i].step, err.msg);
+			pthread_mutex_lock(&m->lock);
+			m->failed = dws_xrealloc(m->failed, (m->nfailed + 1) * sizeof(*m->failed));
+			m->failed[m->nfailed++] = t[i].id;
+			snprintf(m->last_error, sizeof(m->last_error), "%s", err.msg);
+			pthread_mutex_unlock(&m->lock);
+			if (last && !last->code)
+				*last = err;
+			continue;
+		}
+		dws_log("step %llu ready: anchor %llu, %zu files since, %llu patched elements, built in %lld ms",
+			(unsigned long long)t[i].step, (unsigned long long)dws_step_anchor(s), dws_step_chain_length(s),
+			(unsigned long long)dws_step_patch_entries(s), (long long)(now_ms() - t0));
+		got = s;
+	}
+	free(t);
+	return got;
+}
+
+/* ---- sync thread ---- */
+
+static void run_on_swap(dws_mount *m, uint64_t step)
+{
+	if (!m->on_swap)
+		return;
+	pid_t pid = fork();
+	if (pid == 0) {
+		/* grandchild runs the command; the child exits so nothing is left to reap */
+		if (fork() == 0) {
+			char buf[32];
+			snprintf(buf, sizeof(buf), "%llu", (unsigned long long)step);
+			setenv("DWSFS_STEP", buf, 1);
+			setenv("DWSFS_MOUNT", m->mountpoint ? m->mountpoint : "", 1);
+			execl("/bin/sh", "sh", "-c", m->on_swap, (char *)NULL);
+			_exit(127);
+		}
+		_exit(0);
+	}
+	if (pid > 0)
+		waitpid(pid, NULL, 0);
+	else
+		dws_log("on_swap: cannot fork: %s", strerror(errno));
+}
+
+static void poll_once(dws_mount *m)
+{
+	dws_error err = {0};
+	dws_catalog *c = NULL;
+	dws_catalog_opts co = {.prev = m->cat};
+	int rc = dws_catalog_load(m->bucket, &co, &c, &err);
+	pthread_mutex_lock(&m->lock);
+	m->last_poll_wall = (int64_t)time(NULL);
+	pthread_mutex_unlock(&m->lock);
+	if (rc) {
+		dws_log("poll failed: %s", err.msg);
+		pthread_mutex_lock(&m->lock);
+		snprintf(m->last_error, sizeof(m->last_error), "%s", err.msg);
+		pthread_mutex_unlock(&m->lock);
+		return;
+	}
+	pthread_mutex_lock(&m->build_lock);
+	pthread_mutex_lock(&m->lock);
+	dws_catalog *old = m->cat;
+	set_catalog_locked(m, c);
+	dws_builder_set_catalog(m->bl, c);
+	uint64_t root_step = dws_step_number(m->root);
+	pthread_mutex_unlock(&m->lock);
+	pthread_mutex_unlock(&m->build_lock);
+	dws_catalog_free(old);
+
+	dws_step *s = build_newest(m, root_step, true, NULL);
+	if (!s)
+		return;
+	pthread_mutex_lock(&m->lock);
+	/* a newer ready step replaces an older one that never got served */
+	dws_step *drop = m->ready;
+	m->ready = s;
+	m->ready_since = now_ms();
+	pthread_mutex_unlock(&m->lock);
+	dws_step_unref(drop);
+}
+
+static void *sync_main(void *arg)
+{
+	dws_mount *m = arg;
+	int64_t next_poll = now_ms() + m->o.poll_ms;
+	pthread_mutex_lock(&m->lock);
+	while (!m->stop) {
+		int64_t now = now_ms();
+		if (now >= next_poll) {
+			pthread_mutex_unlock(&m->lock);
+			poll_once(m);
+			pthread_mutex_lock(&m->lock);
+			next_poll = now_ms() + m->o.poll_ms;
+			continue;
+		}
+		int64_t wake = next_poll;
+		if (m->ready) {
+			bool idle = m->root_open == 0 && now - m->root_activity >= m->o.swap_idle_ms;
+			bool overdue = now - m->ready_since >= m->o.swap_max_delay_ms;
+			if (idle || overdue) {
+				dws_step *old = m->root;
+				m->root = m->ready;
+				m->ready = NULL;
+				m->swaps++;
+				m->last_error[0] = 0;
+				uint64_t n = dws_step_number(m->root);
+				dws_step *nr = dws_step_ref(m->root);
+				pthread_mutex_unlock(&m->lock);
+				dws_log("root now serves step %llu (was %llu)%s", (unsigned long long)n,
+					(unsigned long long)dws_step_number(old), idle ? "" : " after swap_max_delay, with the root in use");
+				if (m->o.swapped)
+					m->o.swapped(m->o.ctx, old, nr);
+				run_on_swap(m, n);
+				dws_step_unref(old);
+				dws_step_unref(nr);
+				pthread_mutex_lock(&m->lock);
+				continue;
+			}
+			int64_t w = m->root_open ? m->ready_since + m->o.swap_max_delay_ms
+						 : m->root_activity + m->o.swap_idle_ms;
+			if (w < wake)
+				wake = w;
+		}
+		struct timespec ts;
+		clock_gettime(CLOCK_MONOTONIC, &ts);
+		int64_t ms = wake - now_ms();
+		if (ms < 1)
+			ms = 1;
+		ts.tv_sec += ms / 1000;
+		ts.tv_nsec += (ms % 1000) * 1000000;
+		if (ts.tv_nsec >= 1000000000) {
+			ts.tv_sec++;
+			ts.tv_nsec -= 1000000000;
+		}
+		pthread_cond_timedwait(&m->cond, &m->lock, &ts);
+	}
+	pthread_mutex_unlock(&m->lock);
+	return NULL;
+}
+
+/* ---- status ---- */
+
+char *dws_mount_status_json(dws_mount *m)
+{
+	pthread_mutex_lock(&m->lock);
+	json_t *j = json_object();
+	size_t latest = m->ntable ? m->table[m->ntable - 1].step : 0;
+	uint64_t rs = dws_step_number(m->root);
+	size_t lag = 0;
+	for (size_t i = 0; i < m->ntable; i++)
+		lag += m->table[i].step > rs;
+	char when[32] = "";
+	if (m->last_poll_wall) {
+		time_t t = (time_t)m->last_poll_wall;
+		struct tm tm;
+		gmtime_r(&t, &tm);
+		strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", &tm);
+	}
+	json_object_set_new(j, "step", json_integer((json_int_t)rs));
+	json_object_set_new(j, "anchor", json_integer((json_int_t)dws_step_anchor(m->root)));
+	json_object_set_new(j, "chain_length", json_integer((json_int_t)dws_step_chain_length(m->root)));
+	json_object_set_new(j, "bucket", json_string(m->bucket_uri));
+	json_object_set_new(j, "last_poll", m->last_poll_wall ? json_string(when) : json_null());
+	json_object_set_new(j, "latest_step", json_integer((json_int_t)latest));
+	json_object_set_new(j, "lag_steps", json_integer((json_int_t)lag));
+	json_object_set_new(j, "pending_step", m->ready ? json_integer((json_int_t)dws_step_number(m->ready)) : json_null());
+	json_object_set_new(j, "steps", json_integer((json_int_t)m->ntable));
+	json_object_set_new(j, "swaps", json_integer((json_int_t)m->swaps));
+	json_object_set_new(j, "root_open_handles", json_integer(m->root_open));
+	json_object_set_new(j, "patched_elements", json_integer((json_int_t)dws_step_patch_entries(m->root)));
+	json_object_set_new(j, "bytes_fetched", json_integer((json_int_t)dws_stats_bytes_fetched()));
+	json_object_set_new(j, "cache_hits", json_integer((json_int_t)m->cache_hits));
+	json_object_set_new(j, "cache_misses", json_integer((json_int_t)m->cache_misses));
+	json_object_set_new(j, "last_error", m->last_error[0] ? json_string(m->last_error) : json_null());
+	pthread_mutex_unlock(&m->lock);
+	char *s = json_dumps(j, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+	json_decref(j);
+	char *out = dws_xasprintf("%s\n", s ? s : "{}");
+	free(s);
+	return out;
+}
+
+/* ---- life cycle ---- */
+
+int dws_mount_open(const dws_mount_opts *o, dws_mount **out, dws_error *err)
+{
+	dws_mount *m = dws_xcalloc(1, sizeof(*m));
+	m->o = *o;
+	if (!m->o.poll_ms)
+		m->o.poll_ms = 1000;
+	if (!m->o.swap_idle_ms)
+		m->o.swap_idle_ms = 1000;
+	if (!m->o.swap_max_delay_ms)
+		m->o.swap_max_delay_ms = 30000;
+	if (!m->o.max_steps)
+		m->o.max_steps = 8;
+	if (!m->o.verify_set)
+		m->o.verify = DWS_VERIFY_STATE;
+	m->bucket_uri = dws_xstrdup(o->bucket);
+	m->base = o->base ? dws_xstrdup(o->base) : NULL;
+	m->tmpdir = o->tmpdir ? dws_xstrdup(o->tmpdir) : NULL;
+	m->on_swap = o->on_swap ? dws_xstrdup(o->on_swap) : NULL;
+	m->mountpoint = o->mountpoint ? dws_xstrdup(o->mountpoint) : NULL;
+	m->maps = dws_xcalloc(o->nmaps ? o->nmaps : 1, sizeof(*m->maps));
+	for (size_t i = 0; i < o->nmaps; i++)
+		m->maps[i] = (dws_prefix_map){dws_xstrdup(o->maps[i].from), dws_xstrdup(o->maps[i].to)};
+	m->cache = dws_xcalloc(m->o.max_steps, sizeof(*m->cache));
+	pthread_mutex_init(&m->lock, NULL);
+	pthread_mutex_init(&m->build_lock, NULL);
+	pthread_condattr_t ca;
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(&m->cond, &ca);
+	pthread_condattr_destroy(&ca);
+
+	dws_catalog *c = NULL;
+	int rc = dws_bucket_open(m->bucket_uri, &m->bucket, err);
+	if (!rc)
+		rc = dws_catalog_load(m->bucket, NULL, &c, err);
+	if (!rc && dws_catalog_count(c) == 0)
+		rc = dws_fail(err, DWS_ENOENT, "%s: the bucket holds no steps (anchors/ and deltas/ are empty)", m->bucket_uri);
+	if (!rc) {
+		dws_build_opts bo = {.base = m->base, .maps = m->maps, .nmaps = o->nmaps, .tmpdir = m->tmpdir,
+				     .verify = m->o.verify >= DWS_VERIFY_PAYLOAD};
+		rc = dws_builder_new(c, &bo, &m->bl, err);
+	}
+	if (rc) {
+		dws_catalog_free(c);
+		dws_mount_close(m);
+		return rc;
+	}
+	set_catalog_locked(m, c);
+	dws_error first = {0};
+	m->root = build_newest(m, 0, false, &first);
+	if (!m->root) {
+		rc = dws_fail(err, first.code ? first.code : DWS_EFORMAT, "no step of %s can be served: %s", m->bucket_uri,
+			      first.code ? first.msg : "none builds");
+		dws_mount_close(m);
+		return rc;
+	}
+	m->root_activity = now_ms() - m->o.swap_idle_ms;
+	m->last_poll_wall = (int64_t)time(NULL);
+	*out = m;
+	return DWS_OK;
+}
+
+int dws_mount_start(dws_mount *m, dws_error *err)
+{
+	int e = pthread_create(&m->thread, NULL, sync_main, m);
+	if (e)
+		return dws_fail(err, DWS_EIO, "cannot start the sync thread: %s", strerror(e));
+	m->started = true;
+	return DWS_OK;
+}
+
+void dws_mount_close(dws_mount *m)
+{
+	if (!m)
+		return;
+	if (m->started) {
+		pthread_mutex_lock(&m->lock);
+		m->stop = true;
+		pthread_cond_signal(&m->cond);
+		pthread_mutex_unlock(&m->lock);
+		pthread_join(m->thread, NULL);
+	}
+	dws_step_unref(m->root);
+	dws_step_unref(m->ready);
+	for (size_t i = 0; i < m->ncache; i++)
+		dws_step_unref(m->cache[i].step);
+	free(m->cache);
+	dws_builder_free(m->bl);
+	dws_catalog_free(m->cat);
+	dws_bucket_close(m->bucket);
+	for (size_t i = 0; i < m->o.nmaps; i++) {
+		free((char *)m->maps[i].from);
+		free((char *)m->maps[i].to);
+	}
+	free(m->maps);
+	free(m->table);
+	free(m->failed);
+	free(m->bucket_uri);
+	free(m->base);
+	free(m->tmpdir);
+	free(m->on_swap);
+	free(m->mountpoint);
+	pthread_mutex_destroy(&m->lock);
+	pthread_mutex_destroy(&m->build_lock);
+	pthread_cond_destroy(&m->cond);
+	free(m);
+}
