@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <getopt.h>
+#include <jansson.h>
 #include <stdarg.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -26,6 +27,8 @@ static void usage(FILE *to)
 		"  publish PREV NEXT BUCKET_DIR --step N [--format gap_delta|raw|v1|anchor]\n"
 		"          [--zstd[=LEVEL]] [--run-id ID] [--parent N]\n"
 		"                                         write NEXT as a delta against PREV (or an anchor)\n"
+		"  status MOUNTPOINT                      print where a dwsfs mount stands\n"
+		"  wait MOUNTPOINT STEP [--timeout S]     return once the root serves STEP or later\n"
 		"BUCKET is a local folder (file:// accepted).\n",
 		prog);
 }
@@ -342,6 +345,92 @@ static int cmd_publish(int argc, char **argv)
 	return 0;
 }
 
+/* ---- status / wait (talk to a mount through .dwsfs/status) ---- */
+
+static char *read_status(const char *mnt, char *why, size_t wl)
+{
+	char *path = NULL;
+	if (asprintf(&path, "%s/.dwsfs/status", mnt) < 0)
+		return NULL;
+	FILE *fp = fopen(path, "r");
+	if (!fp) {
+		snprintf(why, wl, "%s: %s (is a dwsfs mount there?)", path, strerror(errno));
+		free(path);
+		return NULL;
+	}
+	size_t cap = 1 << 16, len;
+	char *buf = malloc(cap);
+	len = buf ? fread(buf, 1, cap - 1, fp) : 0;
+	fclose(fp);
+	free(path);
+	if (buf)
+		buf[len] = 0;
+	return buf;
+}
+
+static bool status_step(const char *json, uint64_t *step)
+{
+	json_t *j = json_loads(json, 0, NULL);
+	json_t *v = json_object_get(j, "step");
+	bool ok = json_is_integer(v) && json_integer_value(v) >= 0;
+	if (ok)
+		*step = (uint64_t)json_integer_value(v);
+	json_decref(j);
+	return ok;
+}
+
+static int cmd_status(int argc, char **argv)
+{
+	if (argc != 2)
+		return bad_usage("status takes one MOUNTPOINT");
+	char why[512];
+	char *s = read_status(argv[1], why, sizeof(why));
+	if (!s) {
+		fprintf(stderr, "%s: %s\n", prog, why);
+		return 1;
+	}
+	fputs(s, stdout);
+	free(s);
+	return 0;
+}
+
+static int cmd_wait(int argc, char **argv)
+{
+	static const struct option lo[] = {{"timeout", required_argument, 0, 't'}, {0}};
+	double timeout = 60;
+	int c;
+	while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
+		char *end;
+		if (c != 't' || (timeout = strtod(optarg, &end), *end) || timeout < 0)
+			return bad_usage("--timeout takes seconds");
+	}
+	uint64_t want;
+	if (argc - optind != 2 || parse_step(argv[optind + 1], &want))
+		return bad_usage("wait takes MOUNTPOINT STEP");
+	struct timespec t0, now;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	for (;;) {
+		char why[512];
+		char *s = read_status(argv[optind], why, sizeof(why));
+		uint64_t step = 0;
+		bool ok = s && status_step(s, &step);
+		free(s);
+		if (ok && step >= want) {
+			printf("%" PRIu64 "\n", step);
+			return 0;
+		}
+		clock_gettime(CLOCK_MONOTONIC, &now);
+		double el = (double)(now.tv_sec - t0.tv_sec) + (double)(now.tv_nsec - t0.tv_nsec) / 1e9;
+		if (el >= timeout) {
+			fprintf(stderr, "%s: %s: step %" PRIu64 " did not arrive within %.1f s (%s)\n", prog, argv[optind], want,
+				timeout, ok ? "the root serves an earlier step" : why);
+			return 1;
+		}
+		struct timespec d = {0, 50 * 1000000};
+		nanosleep(&d, NULL);
+	}
+}
+
 int main(int argc, char **argv)
 {
 	if (argc < 2 || !strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) {
@@ -364,6 +453,10 @@ int main(int argc, char **argv)
 		return cmd_verify(argc, argv);
 	if (!strcmp(cmd, "publish"))
 		return cmd_publish(argc, argv);
+	if (!strcmp(cmd, "status"))
+		return cmd_status(argc, argv);
+	if (!strcmp(cmd, "wait"))
+		return cmd_wait(argc, argv);
 	fprintf(stderr, "%s: unknown command '%s'\n", prog, cmd);
 	usage(stderr);
 	return 2;
