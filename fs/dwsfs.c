@@ -720,6 +720,8 @@ int main(int argc, char *argv[])
 	if (fuse_session_mount(se, co.mountpoint) != 0)
 		goto out_signals;
 	f.se = se;
+	if (!co.foreground)
+		dws_log_to_syslog("dwsfs");
 	if (fuse_daemonize(co.foreground) != 0)
 		goto out_unmount;
 	if (dws_mount_start(m, &err) != 0) {

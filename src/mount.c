@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
+#include <syslog.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -65,6 +66,14 @@ static int64_t now_ms(void)
 	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+static bool log_syslog;
+
+void dws_log_to_syslog(const char *ident)
+{
+	openlog(ident, LOG_PID, LOG_DAEMON);
+	log_syslog = true;
+}
+
 void dws_log(const char *fmt, ...)
 {
 	char when[32];
@@ -81,7 +90,10 @@ void dws_log(const char *fmt, ...)
 	for (char *p = line; *p; p++)
 		if (*p == '\n')
 			*p = ' ';
-	fprintf(stderr, "dwsfs %s.%03ld %s\n", when, ts.tv_nsec / 1000000, line);
+	if (log_syslog)
+		syslog(LOG_NOTICE, "%s", line);
+	else
+		fprintf(stderr, "dwsfs %s.%03ld %s\n", when, ts.tv_nsec / 1000000, line);
 }
 
 /* ---- catalog table ---- */

@@ -38,6 +38,8 @@ const char *dws_code_name(int code);
 
 /* One line per event on stderr: "dwsfs HH:MM:SS.mmm <text>". */
 void dws_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* From now on dws_log goes to syslog (a daemon in the background). */
+void dws_log_to_syslog(const char *ident);
 /* Bytes read from bucket objects since start (all buckets of the process). */
 uint64_t dws_stats_bytes_fetched(void);
 
