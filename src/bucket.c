@@ -1,20 +1,66 @@
 /* Bucket dispatch: a URI names a backend. Only the local folder exists in
  * this file; HTTP backends plug in through the same ops table. */
 #include "bucket.h"
+#include "http.h"
+#include "remote.h"
 
 #include <stdlib.h>
 #include <string.h>
 
-int dws_bucket_open(const char *uri, dws_bucket **out, dws_error *err)
+int dws_bucket_open_opts(const char *uri, const dws_bucket_opts *o,
+			 dws_bucket **out, dws_error *err)
 {
 	*out = NULL;
 	if (!uri || !*uri)
 		return dws_fail(err, DWS_EINVAL, "bucket: empty location");
 	if (strncmp(uri, "file://", 7) == 0)
 		return dws_bucket_local_open(uri + 7, out, err);
+	if (strncmp(uri, "hf://", 5) == 0)
+		return dws_bucket_hf_open(uri, o, out, err);
+	if (strncmp(uri, "s3://", 5) == 0)
+		return dws_bucket_s3_open(uri, o, out, err);
 	if (strstr(uri, "://"))
-		return dws_fail(err, DWS_EUNSUP, "%s: unsupported bucket scheme (local folders and file:// are supported)", uri);
+		return dws_fail(err, DWS_EUNSUP, "%s: unsupported bucket scheme (a folder, file://, hf:// or s3://)", uri);
 	return dws_bucket_local_open(uri, out, err);
+}
+
+int dws_bucket_open(const char *uri, dws_bucket **out, dws_error *err)
+{
+	return dws_bucket_open_opts(uri, NULL, out, err);
+}
+
+int dws_bucket_probe(dws_bucket *b, char *token, size_t len, dws_error *err)
+{
+	if (!b->ops->probe)
+		return DWS_EUNSUP;
+	return b->ops->probe(b, token, len, err);
+}
+
+int dws_bucket_head(dws_bucket *b, const char *key, dws_object *out,
+		    dws_error *err)
+{
+	if (!b->ops->head)
+		return DWS_EUNSUP;
+	return b->ops->head(b, key, out, err);
+}
+
+bool dws_bucket_is_remote(const dws_bucket *b) { return b->http != NULL; }
+
+void dws_bucket_http_counts(const dws_bucket *b, uint64_t req[4], uint64_t bytes[4])
+{
+	for (int c = 0; c < 4; c++) {
+		req[c] = bytes[c] = 0;
+		if (b->http)
+			dws_http_counts(b->http, (dws_http_class)c, &req[c], &bytes[c]);
+	}
+}
+
+void dws_bucket_cache_stats(const dws_bucket *b, uint64_t *hits, uint64_t *misses,
+			    uint64_t *bytes, uint64_t *blocks)
+{
+	*hits = *misses = *bytes = *blocks = 0;
+	if (b->cache)
+		dws_cache_stats(b->cache, hits, misses, bytes, blocks);
 }
 
 void dws_bucket_close(dws_bucket *b)

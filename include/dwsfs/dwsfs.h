@@ -145,8 +145,34 @@ int dws_zstd_prefix(dws_blob *src, size_t want, void **out, size_t *out_len,
 		    dws_error *err);
 
 typedef struct dws_bucket dws_bucket;
-/* "/path", "file:///path", later "hf://..." and "s3://...". */
+
+typedef struct dws_bucket_opts {
+	const char *cache_dir;     /* block cache of remote buckets */
+	uint64_t cache_size;       /* its byte cap */
+	uint32_t block_size;       /* fetch unit; default 8 MiB */
+	const char *ca_file;       /* extra CA bundle (TLS verification stays on) */
+	unsigned stall_timeout_ms; /* a transfer that sends nothing this long fails */
+	unsigned read_deadline_ms; /* a read that cannot be served by then: EIO */
+	/* s3:// only; else AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID... */
+	const char *s3_endpoint, *s3_region, *s3_key, *s3_secret;
+} dws_bucket_opts;
+
+/* "/path", "file:///path", "hf://buckets/NS/NAME[/PREFIX]",
+ * "hf://NS/REPO[@REVISION]" (a model repo), "s3://BUCKET[/PREFIX]". */
 int dws_bucket_open(const char *uri, dws_bucket **out, dws_error *err);
+int dws_bucket_open_opts(const char *uri, const dws_bucket_opts *o,
+			 dws_bucket **out, dws_error *err);
+/* Cheap "anything new?" probe: a token that changes when the bucket does.
+ * DWS_EUNSUP where the backend has none (list instead). */
+int dws_bucket_probe(dws_bucket *b, char *token, size_t len, dws_error *err);
+/* Metadata of one object without listing (DWS_ENOENT if absent). */
+int dws_bucket_head(dws_bucket *b, const char *key, dws_object *out,
+		    dws_error *err);
+bool dws_bucket_is_remote(const dws_bucket *b);
+/* Requests and bytes by class: api, resolve, cdn, s3 (remote buckets). */
+void dws_bucket_http_counts(const dws_bucket *b, uint64_t req[4], uint64_t bytes[4]);
+void dws_bucket_cache_stats(const dws_bucket *b, uint64_t *hits, uint64_t *misses,
+			    uint64_t *bytes, uint64_t *blocks);
 void dws_bucket_close(dws_bucket *b);
 const char *dws_bucket_uri(const dws_bucket *b);
 /* Every object under prefix ("" = all), recursively, sorted by key. */

@@ -1,0 +1,485 @@
+/* Hugging Face Hub backends: Storage Buckets (hf://buckets/NS/NAME[/PREFIX])
+ * and model repositories (hf://NS/REPO[@REVISION]) for base models.
+ *
+ * Listing uses the tree API (one API call a page); bytes come from resolve
+ * with a Range, whose redirect to the CDN is remembered per object so a read
+ * costs one CDN request and no resolver call. The redirect's X-Xet-Hash must
+ * match the identity the listing gave: a rewritten object is never mixed in. */
+#include "bucket.h"
+#include "http.h"
+#include "remote.h"
+
+#include <jansson.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define CDN_URL_TTL_MS (10 * 60 * 1000)
+#define MAX_PAGES 100000
+#define MAX_LIST_OBJECTS (10u * 1000 * 1000)
+
+struct hf {
+	dws_http *http;
+	dws_cache *cache;
+	char *endpoint;
+	char *ns, *name;     /* bucket, or model repo */
+	char *prefix;        /* inside the bucket, "" for none */
+	char *revision;      /* model repo only */
+	bool model;
+};
+
+struct hf_obj {
+	struct hf *hf;
+	char *key;           /* relative to the bucket prefix */
+	char *xet;           /* expected X-Xet-Hash, "" unknown */
+	char *what;
+	pthread_mutex_t lock;
+	char *cdn;           /* remembered redirect target */
+	int64_t cdn_until;
+};
+
+/* ---- shared cache per folder ---- */
+
+static pthread_mutex_t caches_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct shared_cache {
+	char *dir;
+	dws_cache *c;
+	int refs;
+} caches[8];
+
+static int cache_get(const dws_bucket_opts *bo, dws_cache **out, dws_error *err)
+{
+	const char *dir = bo && bo->cache_dir ? bo->cache_dir : "";
+	pthread_mutex_lock(&caches_lock);
+	for (size_t i = 0; i < DWS_ARRAY_LEN(caches); i++)
+		if (caches[i].c && !strcmp(caches[i].dir, dir)) {
+			caches[i].refs++;
+			*out = caches[i].c;
+			pthread_mutex_unlock(&caches_lock);
+			return DWS_OK;
+		}
+	dws_cache_opts co = {.dir = *dir ? dir : NULL};
+	if (bo) {
+		co.cap = bo->cache_size;
+		co.block_size = bo->block_size;
+		co.wait_ms = bo->read_deadline_ms;
+	}
+	int rc = dws_cache_open(&co, out, err);
+	for (size_t i = 0; !rc && i < DWS_ARRAY_LEN(caches); i++)
+		if (!caches[i].c) {
+			caches[i] = (struct shared_cache){dws_xstrdup(dir), *out, 1};
+			break;
+		}
+	pthread_mutex_unlock(&caches_lock);
+	return rc;
+}
+
+static void cache_put(dws_cache *c)
+{
+	pthread_mutex_lock(&caches_lock);
+	for (size_t i = 0; i < DWS_ARRAY_LEN(caches); i++)
+		if (caches[i].c == c && --caches[i].refs == 0) {
+			dws_cache_close(c);
+			free(caches[i].dir);
+			caches[i].c = NULL;
+		}
+	pthread_mutex_unlock(&caches_lock);
+}
+
+dws_cache *dws_bucket_cache(dws_bucket *b)
+{
+	return b->cache;
+}
+
+/* ---- URLs ---- */
+
+static char *join_prefix(const char *a, const char *b)
+{
+	if (!*a)
+		return dws_xstrdup(b);
+	if (!*b)
+		return dws_xstrdup(a);
+	return dws_xasprintf("%s/%s", a, b);
+}
+
+static char *resolve_url(struct hf *h, const char *key)
+{
+	char *full = join_prefix(h->prefix, key);
+	char *esc = dws_http_escape_path(full);
+	char *url = h->model ? dws_xasprintf("%s/%s/%s/resolve/%s/%s", h->endpoint, h->ns, h->name, h->revision, esc)
+			     : dws_xasprintf("%s/buckets/%s/%s/resolve/%s", h->endpoint, h->ns, h->name, esc);
+	free(full);
+	free(esc);
+	return url;
+}
+
+/* "2024-05-01T12:00:00.123Z" -> ns since the epoch; 0 if it does not parse */
+static int64_t parse_time(const char *s)
+{
+	struct tm tm = {0};
+	const char *p = s ? strptime(s, "%Y-%m-%dT%H:%M:%S", &tm) : NULL;
+	if (!p)
+		return 0;
+	int64_t ns = 0;
+	if (*p == '.') {
+		int64_t scale = 100000000;
+		for (p++; *p >= '0' && *p <= '9'; p++, scale /= 10)
+			ns += (*p - '0') * scale;
+	}
+	return (int64_t)timegm(&tm) * 1000000000 + ns;
+}
+
+static bool is_hex64(const char *s)
+{
+	if (!s || strlen(s) != 64)
+		return false;
+	for (; *s; s++)
+		if (!((*s >= '0' && *s <= '9') || (*s >= 'a' && *s <= 'f')))
+			return false;
+	return true;
+}
+
+/* ---- listing ---- */
+
+struct objvec {
+	dws_object *v;
+	size_t n, cap;
+};
+
+static int parse_page(dws_bucket *b, const char *body, const char *want, struct objvec *ov,
+		      dws_error *err)
+{
+	struct hf *h = b->priv;
+	json_error_t je;
+	json_t *arr = json_loads(body, JSON_REJECT_DUPLICATES, &je);
+	if (!json_is_array(arr)) {
+		json_decref(arr);
+		return dws_fail(err, DWS_EFORMAT, "%s: the listing is not a JSON array (%s)", b->uri, je.text);
+	}
+	size_t i, wl = strlen(want), pl = strlen(h->prefix);
+	json_t *e;
+	int rc = DWS_OK;
+	json_array_foreach(arr, i, e) {
+		const char *type = json_string_value(json_object_get(e, "type"));
+		const char *path = json_string_value(json_object_get(e, "path"));
+		json_t *size = json_object_get(e, "size");
+		if (!type || !path) {
+			rc = dws_fail(err, DWS_EFORMAT, "%s: listing entry %zu has no type or path", b->uri, i);
+			break;
+		}
+		if (strcmp(type, "file") != 0)
+			continue;
+		/* the prefix quirk: "a/x" also lists "a/x#1/..."; keep "a/x/..." only */
+		if (wl && (strncmp(path, want, wl) != 0 || path[wl] != '/'))
+			continue;
+		const char *key = path + (pl ? pl + 1 : 0);
+		if ((pl && (strncmp(path, h->prefix, pl) != 0 || path[pl] != '/')) || !dws_key_is_safe(key)) {
+			dws_log("%s: ignoring listed object '%s': not a safe path inside the bucket", b->uri, path);
+			continue;
+		}
+		if (!json_is_integer(size) || json_integer_value(size) < 0) {
+			rc = dws_fail(err, DWS_EFORMAT, "%s: listing entry '%s' has no valid size", b->uri, path);
+			break;
+		}
+		if (ov->n >= MAX_LIST_OBJECTS) {
+			rc = dws_fail(err, DWS_EFORMAT, "%s: more than %u objects", b->uri, MAX_LIST_OBJECTS);
+			break;
+		}
+		if (ov->n == ov->cap) {
+			ov->cap = ov->cap ? ov->cap * 2 : 256;
+			ov->v = dws_xrealloc(ov->v, ov->cap * sizeof(*ov->v));
+		}
+		dws_object *o = &ov->v[ov->n++];
+		memset(o, 0, sizeof(*o));
+		o->key = dws_xstrdup(key);
+		o->size = (uint64_t)json_integer_value(size);
+		const char *up = json_string_value(json_object_get(e, "uploadedAt"));
+		const char *mt = json_string_value(json_object_get(e, "mtime"));
+		o->mtime_ns = parse_time(up ? up : mt);
+		const char *xet = json_string_value(json_object_get(e, "xetHash"));
+		if (!xet)
+			xet = json_string_value(json_object_get(json_object_get(e, "lfs"), "oid"));
+		if (is_hex64(xet))
+			snprintf(o->ident, sizeof(o->ident), "xet:%s", xet);
+		else
+			snprintf(o->ident, sizeof(o->ident), "sz:%llu:%lld", (unsigned long long)o->size, (long long)o->mtime_ns);
+	}
+	json_decref(arr);
+	return rc;
+}
+
+static int hf_list(dws_bucket *b, const char *prefix, dws_object **out, size_t *n,
+		   dws_error *err)
+{
+	struct hf *h = b->priv;
+	struct objvec ov = {0};
+	char *want = join_prefix(h->prefix, prefix);
+	size_t wl = strlen(want);
+	while (wl && want[wl - 1] == '/')
+		want[--wl] = 0;
+	char *esc = dws_http_escape_path(want);
+	char *url = h->model ? dws_xasprintf("%s/api/models/%s/%s/tree/%s%s%s?recursive=true", h->endpoint, h->ns, h->name,
+					     h->revision, *esc ? "/" : "", esc)
+			     : dws_xasprintf("%s/api/buckets/%s/%s/tree/%s?recursive=true&limit=1000", h->endpoint, h->ns, h->name, esc);
+	free(esc);
+	int rc = DWS_OK;
+	for (int page = 0; url && page < MAX_PAGES; page++) {
+		dws_http_req rq = {.url = url, .cls = DWS_HTTP_API, .what = b->uri};
+		dws_http_resp rs;
+		rc = dws_http_do(h->http, &rq, &rs, err);
+		if (rc == DWS_ENOENT && !strcmp(rs.error_code, "EntryNotFound")) {
+			rc = DWS_OK; /* an absent prefix lists nothing */
+			dws_http_resp_free(&rs);
+			break;
+		}
+		if (rc == DWS_ENOENT && err)
+			snprintf(err->msg + strlen(err->msg), sizeof(err->msg) - strlen(err->msg), " (no such %s)", h->model ? "repository" : "bucket");
+		if (!rc)
+			rc = parse_page(b, rs.body, want, &ov, err);
+		free(url);
+		url = !rc && rs.link_next[0] ? dws_xstrdup(rs.link_next) : NULL;
+		dws_http_resp_free(&rs);
+		if (rc)
+			break;
+	}
+	free(url);
+	free(want);
+	if (rc) {
+		dws_objects_free(ov.v, ov.n);
+		return rc;
+	}
+	dws_objects_sort(ov.v, ov.n);
+	*out = ov.v;
+	*n = ov.n;
+	return DWS_OK;
+}
+
+/* ---- bytes ---- */
+
+static int hf_fetch(void *ctx, uint64_t off, size_t len, void *dst, dws_error *err)
+{
+	struct hf_obj *o = ctx;
+	struct hf *h = o->hf;
+	for (int tries = 0; tries < 2; tries++) {
+		pthread_mutex_lock(&o->lock);
+		char *cdn = o->cdn && dws_now_ms() < o->cdn_until ? dws_xstrdup(o->cdn) : NULL;
+		pthread_mutex_unlock(&o->lock);
+		if (!cdn) {
+			/* resolve once; remember where it sends us */
+			char *url = resolve_url(h, o->key);
+			dws_http_req rq = {.url = url, .cls = DWS_HTTP_RESOLVE, .no_follow = true, .method = "HEAD", .what = o->what};
+			dws_http_resp rs;
+			int rc = dws_http_do(h->http, &rq, &rs, err);
+			if (!rc && o->xet[0] && rs.xet_hash[0] && strcmp(rs.xet_hash, o->xet) != 0)
+				rc = dws_fail(err, DWS_ENOENT, "%s: the object changed since it was listed (xet hash %.16s..., listed %.16s...)",
+					      o->what, rs.xet_hash, o->xet);
+			if (!rc)
+				cdn = rs.location ? dws_xstrdup(rs.location) : dws_xstrdup(url);
+			dws_http_resp_free(&rs);
+			free(url);
+			if (rc)
+				return rc;
+			pthread_mutex_lock(&o->lock);
+			free(o->cdn);
+			o->cdn = dws_xstrdup(cdn);
+			o->cdn_until = dws_now_ms() + CDN_URL_TTL_MS;
+			pthread_mutex_unlock(&o->lock);
+		}
+		dws_http_req rq = {.url = cdn, .cls = DWS_HTTP_CDN, .range_off = off, .range_len = len, .dst = dst, .what = o->what};
+		dws_http_resp rs;
+		dws_error e2 = {0};
+		int rc = dws_http_do(h->http, &rq, &rs, &e2);
+		dws_http_resp_free(&rs);
+		free(cdn);
+		if (!rc)
+			return DWS_OK;
+		if (rc == DWS_ENOENT && tries == 0) {
+			/* an expired or stale redirect: resolve again once */
+			pthread_mutex_lock(&o->lock);
+			free(o->cdn);
+			o->cdn = NULL;
+			pthread_mutex_unlock(&o->lock);
+			continue;
+		}
+		if (err && !err->code)
+			*err = e2;
+		return rc;
+	}
+	return dws_fail(err, DWS_EIO, "%s: unreachable", o->what);
+}
+
+static void hf_obj_free(void *ctx)
+{
+	struct hf_obj *o = ctx;
+	free(o->key);
+	free(o->xet);
+	free(o->what);
+	free(o->cdn);
+	pthread_mutex_destroy(&o->lock);
+	free(o);
+}
+
+static int hf_open_blob(dws_bucket *b, const dws_object *obj, dws_blob **out,
+			dws_error *err)
+{
+	(void)err;
+	struct hf *h = b->priv;
+	struct hf_obj *o = dws_xcalloc(1, sizeof(*o));
+	o->hf = h;
+	o->key = dws_xstrdup(obj->key);
+	o->xet = dws_xstrdup(strncmp(obj->ident, "xet:", 4) == 0 ? obj->ident + 4 : "");
+	o->what = dws_xasprintf("%s/%s", b->uri, obj->key);
+	pthread_mutex_init(&o->lock, NULL);
+	char *ident = dws_xasprintf("%s|%s", b->uri, obj->ident);
+	*out = dws_remote_blob(h->cache, o->what, ident, obj->size, hf_fetch, o, hf_obj_free);
+	(*out)->counted = false; /* the cache counts what it fetched */
+	free(ident);
+	return DWS_OK;
+}
+
+static int hf_probe(dws_bucket *b, char *token, size_t tl, dws_error *err)
+{
+	struct hf *h = b->priv;
+	if (h->model) {
+		snprintf(token, tl, "model");
+		return DWS_OK;
+	}
+	char *url = dws_xasprintf("%s/api/buckets/%s/%s", h->endpoint, h->ns, h->name);
+	dws_http_req rq = {.url = url, .cls = DWS_HTTP_API, .what = b->uri};
+	dws_http_resp rs;
+	int rc = dws_http_do(h->http, &rq, &rs, err);
+	free(url);
+	if (!rc) {
+		json_t *j = json_loads(rs.body, 0, NULL);
+		const char *up = json_string_value(json_object_get(j, "updatedAt"));
+		json_t *tf = json_object_get(j, "totalFiles");
+		if (!up)
+			rc = dws_fail(err, DWS_EFORMAT, "%s: bucket info without updatedAt", b->uri);
+		else
+			snprintf(token, tl, "%s|%lld", up, (long long)json_integer_value(tf));
+		json_decref(j);
+	}
+	dws_http_resp_free(&rs);
+	return rc;
+}
+
+static int hf_head(dws_bucket *b, const char *key, dws_object *out, dws_error *err)
+{
+	struct hf *h = b->priv;
+	char *url = resolve_url(h, key);
+	dws_http_req rq = {.url = url, .cls = DWS_HTTP_RESOLVE, .no_follow = true, .method = "HEAD", .what = b->uri};
+	dws_http_resp rs;
+	int rc = dws_http_do(h->http, &rq, &rs, err);
+	free(url);
+	if (!rc) {
+		memset(out, 0, sizeof(*out));
+		out->key = dws_xstrdup(key);
+		out->size = rs.has_linked_size ? rs.linked_size : rs.content_length;
+		out->mtime_ns = (int64_t)time(NULL) * 1000000000; /* just appeared: newest */
+		if (is_hex64(rs.xet_hash))
+			snprintf(out->ident, sizeof(out->ident), "xet:%s", rs.xet_hash);
+		else
+			snprintf(out->ident, sizeof(out->ident), "etag:%.80s:%llu", rs.etag, (unsigned long long)out->size);
+	}
+	dws_http_resp_free(&rs);
+	return rc;
+}
+
+static void hf_close(dws_bucket *b)
+{
+	struct hf *h = b->priv;
+	dws_http_free(h->http);
+	cache_put(h->cache);
+	free(h->endpoint);
+	free(h->ns);
+	free(h->name);
+	free(h->prefix);
+	free(h->revision);
+	free(h);
+	free(b->uri);
+	free(b);
+}
+
+static const struct dws_bucket_ops hf_ops = {
+	.list = hf_list, .open_blob = hf_open_blob, .close = hf_close, .probe = hf_probe, .head = hf_head,
+};
+
+static bool name_ok(const char *s)
+{
+	if (!*s || !strcmp(s, ".") || !strcmp(s, ".."))
+		return false;
+	for (; *s; s++)
+		if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || (*s >= '0' && *s <= '9') || strchr("-_.", *s)))
+			return false;
+	return true;
+}
+
+int dws_bucket_hf_open(const char *uri, const dws_bucket_opts *bo, dws_bucket **out,
+		       dws_error *err)
+{
+	const char *rest = uri + 5; /* after hf:// */
+	bool model = strncmp(rest, "buckets/", 8) != 0;
+	if (!model)
+		rest += 8;
+	char *dup = dws_xstrdup(rest);
+	char *ns = dup, *slash = strchr(ns, '/');
+	if (!slash) {
+		free(dup);
+		return dws_fail(err, DWS_EINVAL, "%s: expected hf://buckets/NAMESPACE/NAME[/PREFIX] or hf://NAMESPACE/REPO[@REVISION]", uri);
+	}
+	*slash = 0;
+	char *name = slash + 1, *prefix = strchr(name, '/');
+	if (prefix)
+		*prefix++ = 0;
+	char *rev = NULL;
+	if (model && (rev = strchr(name, '@')))
+		*rev++ = 0;
+	if (model && prefix && *prefix) {
+		free(dup);
+		return dws_fail(err, DWS_EINVAL, "%s: a model repository takes no path; use hf://NAMESPACE/REPO[@REVISION]", uri);
+	}
+	while (prefix && *prefix && prefix[strlen(prefix) - 1] == '/')
+		prefix[strlen(prefix) - 1] = 0;
+	if (!name_ok(ns) || !name_ok(name) || (prefix && *prefix && !dws_key_is_safe(prefix)) || (rev && !*rev)) {
+		free(dup);
+		return dws_fail(err, DWS_EINVAL, "%s: bad namespace, name, prefix or revision", uri);
+	}
+	const char *ep = getenv("HF_ENDPOINT");
+	if (!ep || !*ep)
+		ep = "https://huggingface.co";
+	struct hf *h = dws_xcalloc(1, sizeof(*h));
+	h->endpoint = dws_xstrdup(ep);
+	size_t el = strlen(h->endpoint);
+	while (el && h->endpoint[el - 1] == '/')
+		h->endpoint[--el] = 0;
+	h->ns = dws_xstrdup(ns);
+	h->name = dws_xstrdup(name);
+	h->prefix = dws_xstrdup(prefix ? prefix : "");
+	h->revision = model ? dws_xstrdup(rev ? rev : "main") : NULL;
+	h->model = model;
+	free(dup);
+	char *token = dws_hf_token();
+	dws_http_opts ho = {.token = token, .endpoint = h->endpoint, .ca_file = bo ? bo->ca_file : NULL,
+			    .stall_timeout_ms = bo ? bo->stall_timeout_ms : 0,
+			    .deadline_ms = bo ? bo->read_deadline_ms : 0};
+	int rc = dws_http_new(&ho, &h->http, err);
+	if (token) {
+		explicit_bzero(token, strlen(token));
+		free(token);
+	}
+	if (!rc)
+		rc = cache_get(bo, &h->cache, err);
+	dws_bucket *b = dws_xcalloc(1, sizeof(*b));
+	b->ops = &hf_ops;
+	b->priv = h;
+	b->uri = dws_xstrdup(uri);
+	b->cache = h->cache;
+	b->http = h->http;
+	if (rc) {
+		hf_close(b);
+		return rc;
+	}
+	*out = b;
+	return DWS_OK;
+}

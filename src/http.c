@@ -1,0 +1,582 @@
+/* HTTP requests over libcurl with the failure handling a mount needs: every
+ * transfer has a stall timeout and a deadline, transient failures are retried
+ * with capped exponential backoff and jitter (429 waits as the server says),
+ * redirects are followed by hand so the token never reaches another host, and
+ * nothing that could hold a secret (token, signed query) reaches a message. */
+#include "http.h"
+
+#include <curl/curl.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
+
+#define POOL_MAX 32
+#define DEFAULT_MAX_BODY (64u << 20)
+#define MAX_HOPS 5
+
+struct dws_http {
+	dws_http_opts o;
+	char *token, *endpoint, *ca_file, *sigv4, *userpwd;
+	char *ep_host;
+	long ep_port;
+	char *user_agent;
+	pthread_mutex_t lock;
+	CURL *pool[POOL_MAX];
+	int npool;
+	atomic_ullong reqs[DWS_HTTP_NCLASS], bytes[DWS_HTTP_NCLASS];
+};
+
+static pthread_once_t global_once = PTHREAD_ONCE_INIT;
+static void global_init(void) { curl_global_init(CURL_GLOBAL_DEFAULT); }
+
+int64_t dws_now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* scheme://host:port of a URL; false if it does not parse. */
+static bool url_host(const char *url, char **host, long *port)
+{
+	CURLU *u = curl_url();
+	char *h = NULL, *p = NULL;
+	bool ok = curl_url_set(u, CURLUPART_URL, url, 0) == CURLUE_OK &&
+		  curl_url_get(u, CURLUPART_HOST, &h, 0) == CURLUE_OK &&
+		  curl_url_get(u, CURLUPART_PORT, &p, CURLU_DEFAULT_PORT) == CURLUE_OK;
+	if (ok) {
+		*host = dws_xstrdup(h);
+		*port = strtol(p, NULL, 10);
+	}
+	curl_free(h);
+	curl_free(p);
+	curl_url_cleanup(u);
+	return ok;
+}
+
+/* The URL without its query: signed URLs carry secrets there. */
+static char *url_for_log(const char *url)
+{
+	size_t n = strcspn(url, "?#");
+	return dws_xasprintf("%.*s", (int)n, url);
+}
+
+static char *dup_or_null(const char *s) { return s ? dws_xstrdup(s) : NULL; }
+
+int dws_http_new(const dws_http_opts *o, dws_http **out, dws_error *err)
+{
+	pthread_once(&global_once, global_init);
+	dws_http *h = dws_xcalloc(1, sizeof(*h));
+	h->o = *o;
+	if (!h->o.connect_timeout_ms)
+		h->o.connect_timeout_ms = 10000;
+	if (!h->o.stall_timeout_ms)
+		h->o.stall_timeout_ms = 10000;
+	if (!h->o.max_attempts)
+		h->o.max_attempts = 8;
+	if (!h->o.backoff_base_ms)
+		h->o.backoff_base_ms = 200;
+	if (!h->o.backoff_cap_ms)
+		h->o.backoff_cap_ms = 10000;
+	if (!h->o.deadline_ms)
+		h->o.deadline_ms = 60000;
+	h->token = dup_or_null(o->token);
+	h->endpoint = dup_or_null(o->endpoint);
+	h->ca_file = dup_or_null(o->ca_file);
+	h->sigv4 = dup_or_null(o->aws_sigv4);
+	h->userpwd = dup_or_null(o->aws_userpwd);
+	h->user_agent = dws_xasprintf("dwsfs/%s", DWSFS_VERSION);
+	if (h->endpoint && !url_host(h->endpoint, &h->ep_host, &h->ep_port)) {
+		dws_http_free(h);
+		return dws_fail(err, DWS_EINVAL, "endpoint '%s' is not a URL", o->endpoint);
+	}
+	pthread_mutex_init(&h->lock, NULL);
+	*out = h;
+	return DWS_OK;
+}
+
+void dws_http_free(dws_http *h)
+{
+	if (!h)
+		return;
+	for (int i = 0; i < h->npool; i++)
+		curl_easy_cleanup(h->pool[i]);
+	if (h->token) {
+		explicit_bzero(h->token, strlen(h->token));
+		free(h->token);
+	}
+	free(h->endpoint);
+	free(h->ca_file);
+	free(h->sigv4);
+	if (h->userpwd) {
+		explicit_bzero(h->userpwd, strlen(h->userpwd));
+		free(h->userpwd);
+	}
+	free(h->ep_host);
+	free(h->user_agent);
+	pthread_mutex_destroy(&h->lock);
+	free(h);
+}
+
+void dws_http_counts(const dws_http *h, dws_http_class c, uint64_t *requests,
+		     uint64_t *bytes)
+{
+	*requests = atomic_load(&((dws_http *)h)->reqs[c]);
+	*bytes = atomic_load(&((dws_http *)h)->bytes[c]);
+}
+
+/* Easy handles are pooled: each keeps its connections alive. */
+static CURL *handle_get(dws_http *h)
+{
+	CURL *c = NULL;
+	pthread_mutex_lock(&h->lock);
+	if (h->npool)
+		c = h->pool[--h->npool];
+	pthread_mutex_unlock(&h->lock);
+	if (c)
+		curl_easy_reset(c);
+	else
+		c = curl_easy_init();
+	return c;
+}
+
+static void handle_put(dws_http *h, CURL *c)
+{
+	pthread_mutex_lock(&h->lock);
+	if (h->npool < POOL_MAX) {
+		h->pool[h->npool++] = c;
+		c = NULL;
+	}
+	pthread_mutex_unlock(&h->lock);
+	if (c)
+		curl_easy_cleanup(c);
+}
+
+void dws_http_resp_free(dws_http_resp *rs)
+{
+	free(rs->body);
+	free(rs->location);
+	free(rs->final_url);
+	memset(rs, 0, sizeof(*rs));
+}
+
+char *dws_http_escape_path(const char *path)
+{
+	pthread_once(&global_once, global_init);
+	size_t cap = strlen(path) * 3 + 1, len = 0;
+	char *out = dws_xmalloc(cap);
+	const char *p = path;
+	for (;;) {
+		size_t n = strcspn(p, "/");
+		char *seg = curl_easy_escape(NULL, p, (int)n);
+		size_t sl = strlen(seg);
+		memcpy(out + len, seg, sl);
+		len += sl;
+		curl_free(seg);
+		p += n;
+		if (!*p)
+			break;
+		out[len++] = '/';
+		p++;
+	}
+	out[len] = 0;
+	return out;
+}
+
+/* ---- one attempt ---- */
+
+struct xfer {
+	const dws_http_req *rq;
+	dws_http_resp *rs;
+	char *buf;
+	size_t len, cap, max;
+	bool overflow;
+	double retry_after;
+};
+
+static size_t on_body(char *p, size_t sz, size_t n, void *ud)
+{
+	struct xfer *x = ud;
+	size_t k = sz * n;
+	if (x->rq->dst && x->rq->range_len) {
+		if (x->len + k > x->rq->range_len) {
+			x->overflow = true;
+			return 0;
+		}
+		memcpy((char *)x->rq->dst + x->len, p, k);
+		x->len += k;
+		return k;
+	}
+	if (x->len + k > x->max) {
+		x->overflow = true;
+		return 0;
+	}
+	if (x->len + k + 1 > x->cap) {
+		x->cap = (x->len + k + 1) * 2;
+		if (x->cap > x->max + 1)
+			x->cap = x->max + 1;
+		x->buf = dws_xrealloc(x->buf, x->cap);
+	}
+	memcpy(x->buf + x->len, p, k);
+	x->len += k;
+	return k;
+}
+
+static void copy_value(char *dst, size_t n, const char *v, size_t vl)
+{
+	while (vl && (v[vl - 1] == '\r' || v[vl - 1] == '\n' || v[vl - 1] == ' '))
+		vl--;
+	while (vl && *v == ' ') {
+		v++;
+		vl--;
+	}
+	if (vl >= n)
+		vl = n - 1;
+	memcpy(dst, v, vl);
+	dst[vl] = 0;
+}
+
+static size_t on_header(char *p, size_t sz, size_t n, void *ud)
+{
+	struct xfer *x = ud;
+	size_t k = sz * n;
+	const char *colon = memchr(p, ':', k);
+	if (!colon)
+		return k;
+	size_t nl = (size_t)(colon - p);
+	const char *v = colon + 1;
+	size_t vl = k - nl - 1;
+	char tmp[2048];
+#define IS(name) (nl == sizeof(name) - 1 && strncasecmp(p, name, nl) == 0)
+	if (IS("link")) {
+		copy_value(tmp, sizeof(tmp), v, vl);
+		/* <url>; rel="next" (possibly among several links) */
+		for (char *s = tmp; (s = strchr(s, '<'));) {
+			char *e = strchr(s, '>');
+			if (!e)
+				break;
+			if (strstr(e, "rel=\"next\"") && (!strchr(e, ',') || strstr(e, "rel=\"next\"") < strchr(e, ','))) {
+				snprintf(x->rs->link_next, sizeof(x->rs->link_next), "%.*s", (int)(e - s - 1), s + 1);
+				break;
+			}
+			s = e;
+		}
+	} else if (IS("etag")) {
+		copy_value(x->rs->etag, sizeof(x->rs->etag), v, vl);
+	} else if (IS("x-linked-etag")) {
+		copy_value(x->rs->etag, sizeof(x->rs->etag), v, vl);
+	} else if (IS("x-xet-hash")) {
+		copy_value(x->rs->xet_hash, sizeof(x->rs->xet_hash), v, vl);
+	} else if (IS("x-error-code")) {
+		copy_value(x->rs->error_code, sizeof(x->rs->error_code), v, vl);
+	} else if (IS("x-linked-size")) {
+		copy_value(tmp, sizeof(tmp), v, vl);
+		x->rs->has_linked_size = dws_parse_u64(tmp, &x->rs->linked_size);
+	} else if (IS("content-length")) {
+		copy_value(tmp, sizeof(tmp), v, vl);
+		x->rs->has_content_length = dws_parse_u64(tmp, &x->rs->content_length);
+	} else if (IS("retry-after")) {
+		copy_value(tmp, sizeof(tmp), v, vl);
+		char *end;
+		double s = strtod(tmp, &end);
+		if (end != tmp && s >= 0)
+			x->retry_after = s;
+	} else if (IS("ratelimit")) {
+		/* "api";r=0;t=42: t is the seconds until the window resets */
+		copy_value(tmp, sizeof(tmp), v, vl);
+		char *t = strstr(tmp, ";t=");
+		if (t && x->retry_after <= 0)
+			x->retry_after = strtod(t + 3, NULL);
+	}
+#undef IS
+	return k;
+}
+
+static bool same_host(dws_http *h, const char *url)
+{
+	char *host = NULL;
+	long port = 0;
+	bool same = h->ep_host && url_host(url, &host, &port) && strcasecmp(host, h->ep_host) == 0 && port == h->ep_port;
+	free(host);
+	return same;
+}
+
+/* One request without retries. Returns a CURLcode; fills status. */
+static CURLcode attempt(dws_http *h, const dws_http_req *rq, const char *url,
+			int64_t deadline, struct xfer *x, char **redirect)
+{
+	CURL *c = handle_get(h);
+	struct curl_slist *hdr = NULL;
+	char line[512];
+	const char *method = rq->method ? rq->method : "GET";
+	curl_easy_setopt(c, CURLOPT_URL, url);
+	curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
+	curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+	curl_easy_setopt(c, CURLOPT_FOLLOWLOCATION, 0L);
+	curl_easy_setopt(c, CURLOPT_USERAGENT, h->user_agent);
+	curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, (long)h->o.connect_timeout_ms);
+	curl_easy_setopt(c, CURLOPT_LOW_SPEED_LIMIT, 1L);
+	long stall_s = (long)((h->o.stall_timeout_ms + 999) / 1000);
+	curl_easy_setopt(c, CURLOPT_LOW_SPEED_TIME, stall_s > 0 ? stall_s : 1L);
+	int64_t left = deadline - dws_now_ms();
+	curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, (long)(left > 1 ? left : 1));
+	curl_easy_setopt(c, CURLOPT_SSL_VERIFYPEER, 1L);
+	curl_easy_setopt(c, CURLOPT_SSL_VERIFYHOST, 2L);
+	if (h->ca_file)
+		curl_easy_setopt(c, CURLOPT_CAINFO, h->ca_file);
+	curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_body);
+	curl_easy_setopt(c, CURLOPT_WRITEDATA, x);
+	curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, on_header);
+	curl_easy_setopt(c, CURLOPT_HEADERDATA, x);
+	curl_easy_setopt(c, CURLOPT_ACCEPT_ENCODING, NULL);
+	if (!strcmp(method, "HEAD")) {
+		curl_easy_setopt(c, CURLOPT_NOBODY, 1L);
+	} else if (!strcmp(method, "POST")) {
+		curl_easy_setopt(c, CURLOPT_POST, 1L);
+		curl_easy_setopt(c, CURLOPT_POSTFIELDS, rq->body ? rq->body : "");
+		curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE, (long)(rq->body ? strlen(rq->body) : 0));
+		snprintf(line, sizeof(line), "Content-Type: %s", rq->content_type ? rq->content_type : "application/json");
+		hdr = curl_slist_append(hdr, line);
+	}
+	if (rq->range_len) {
+		snprintf(line, sizeof(line), "%llu-%llu", (unsigned long long)rq->range_off,
+			 (unsigned long long)(rq->range_off + rq->range_len - 1));
+		curl_easy_setopt(c, CURLOPT_RANGE, line);
+	}
+	/* the token goes to the endpoint's host only, never to a redirect target */
+	char *auth = NULL;
+	if (h->token && same_host(h, url)) {
+		auth = dws_xasprintf("Authorization: Bearer %s", h->token);
+		hdr = curl_slist_append(hdr, auth);
+	}
+	if (h->sigv4) {
+		curl_easy_setopt(c, CURLOPT_AWS_SIGV4, h->sigv4);
+		curl_easy_setopt(c, CURLOPT_USERPWD, h->userpwd);
+		hdr = curl_slist_append(hdr, "x-amz-content-sha256: UNSIGNED-PAYLOAD");
+	}
+	curl_easy_setopt(c, CURLOPT_HTTPHEADER, hdr);
+	CURLcode rc = curl_easy_perform(c);
+	curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &x->rs->status);
+	if (rc == CURLE_OK && x->rs->status >= 300 && x->rs->status < 400) {
+		char *loc = NULL;
+		curl_easy_getinfo(c, CURLINFO_REDIRECT_URL, &loc);
+		if (loc)
+			*redirect = dws_xstrdup(loc);
+	}
+	curl_slist_free_all(hdr);
+	if (auth) {
+		explicit_bzero(auth, strlen(auth));
+		free(auth);
+	}
+	atomic_fetch_add(&h->reqs[rq->cls], 1);
+	atomic_fetch_add(&h->bytes[rq->cls], x->len);
+	if (rc == CURLE_OK)
+		handle_put(h, c);
+	else
+		curl_easy_cleanup(c); /* a failed connection is not reused */
+	return rc;
+}
+
+static bool retryable_curl(CURLcode rc)
+{
+	switch (rc) {
+	case CURLE_COULDNT_CONNECT:
+	case CURLE_COULDNT_RESOLVE_HOST:
+	case CURLE_RECV_ERROR:
+	case CURLE_SEND_ERROR:
+	case CURLE_OPERATION_TIMEDOUT:
+	case CURLE_PARTIAL_FILE:
+	case CURLE_GOT_NOTHING:
+	case CURLE_HTTP2:
+	case CURLE_HTTP2_STREAM:
+	case CURLE_SSL_CONNECT_ERROR:
+		return true;
+	default:
+		return false;
+	}
+}
+
+static bool retryable_status(long s)
+{
+	return s == 408 || s == 429 || s == 500 || s == 502 || s == 503 || s == 504;
+}
+
+static unsigned jitter(unsigned ms)
+{
+	unsigned r = 0;
+	if (getrandom(&r, sizeof(r), GRND_NONBLOCK) != sizeof(r))
+		r = (unsigned)dws_now_ms();
+	return ms / 2 + (ms ? r % (ms / 2 + 1) : 0);
+}
+
+int dws_http_do(dws_http *h, const dws_http_req *rq, dws_http_resp *rs,
+		dws_error *err)
+{
+	memset(rs, 0, sizeof(*rs));
+	int64_t deadline = rq->deadline_ms ? rq->deadline_ms : dws_now_ms() + h->o.deadline_ms;
+	const char *what = rq->what ? rq->what : "request";
+	char *url = dws_xstrdup(rq->url);
+	char *logurl = url_for_log(url);
+	char why[256] = "";
+	int hops = 0;
+	int rc = DWS_EIO;
+	for (unsigned att = 0;; att++) {
+		struct xfer x = {.rq = rq, .rs = rs, .max = rq->max_body ? rq->max_body : DEFAULT_MAX_BODY};
+		char *redirect = NULL;
+		long keep_status = 0;
+		rs->status = 0;
+		rs->link_next[0] = rs->etag[0] = rs->xet_hash[0] = rs->error_code[0] = 0;
+		rs->linked_size = rs->content_length = 0;
+		rs->has_linked_size = rs->has_content_length = false;
+		CURLcode cc = attempt(h, rq, url, deadline, &x, &redirect);
+		bool retry = false;
+		unsigned wait_ms = 0;
+		if (x.overflow) {
+			snprintf(why, sizeof(why), rq->range_len ? "the server sent more than the %llu bytes asked for" : "the answer is larger than %llu bytes",
+				 (unsigned long long)(rq->range_len ? rq->range_len : x.max));
+			free(x.buf);
+			free(redirect);
+			rc = DWS_EIO;
+			break;
+		}
+		if (cc != CURLE_OK) {
+			snprintf(why, sizeof(why), "%s", curl_easy_strerror(cc));
+			retry = retryable_curl(cc);
+			if (cc == CURLE_OPERATION_TIMEDOUT && dws_now_ms() >= deadline)
+				retry = false;
+		} else if (rs->status >= 300 && rs->status < 400 && redirect) {
+			if (rq->no_follow) {
+				rs->location = redirect;
+				free(x.buf);
+				rc = DWS_OK;
+				break;
+			}
+			free(x.buf);
+			if (++hops > MAX_HOPS) {
+				free(redirect);
+				snprintf(why, sizeof(why), "more than %d redirects", MAX_HOPS);
+				rc = DWS_EIO;
+				break;
+			}
+			free(url);
+			url = redirect;
+			att--; /* a redirect is not a failed attempt */
+			continue;
+		} else if (rs->status >= 200 && rs->status < 300) {
+			keep_status = rs->status;
+			if (rq->range_len && rq->dst) {
+				if (rs->status == 200 && rq->range_off != 0) {
+					snprintf(why, sizeof(why), "the server ignored the Range header");
+					rc = DWS_EIO;
+					free(x.buf);
+					break;
+				}
+				if (x.len != rq->range_len) {
+					snprintf(why, sizeof(why), "truncated answer: %zu of %llu bytes", x.len, (unsigned long long)rq->range_len);
+					retry = true;
+				}
+			}
+			if (!retry) {
+				rs->body = x.buf ? x.buf : dws_xcalloc(1, 1);
+				rs->body[x.len] = 0;
+				rs->len = x.len;
+				rs->final_url = dws_xstrdup(url);
+				rs->status = keep_status;
+				rc = DWS_OK;
+				break;
+			}
+		} else {
+			snprintf(why, sizeof(why), "HTTP %ld%s%s", rs->status, rs->error_code[0] ? " " : "", rs->error_code);
+			retry = retryable_status(rs->status);
+			if (rs->status == 429 && x.retry_after > 0)
+				wait_ms = (unsigned)(x.retry_after * 1000);
+			if (!retry) {
+				rc = rs->status == 404 || rs->status == 410 ? DWS_ENOENT : rs->status == 416 ? DWS_EFORMAT : DWS_EIO;
+				rs->body = x.buf ? x.buf : dws_xcalloc(1, 1);
+				rs->body[x.len] = 0;
+				rs->len = x.len;
+				break;
+			}
+		}
+		free(x.buf);
+		free(redirect);
+		if (!retry) {
+			rc = DWS_EIO;
+			break;
+		}
+		if (att + 1 >= h->o.max_attempts) {
+			rc = DWS_EIO;
+			break;
+		}
+		if (!wait_ms) {
+			uint64_t b = (uint64_t)h->o.backoff_base_ms << (att < 16 ? att : 16);
+			wait_ms = jitter(b > h->o.backoff_cap_ms ? h->o.backoff_cap_ms : (unsigned)b);
+		}
+		int64_t now = dws_now_ms();
+		if (now + wait_ms >= deadline) {
+			rc = DWS_ETIMEDOUT;
+			snprintf(why + strlen(why), sizeof(why) - strlen(why), "; deadline reached");
+			break;
+		}
+		struct timespec ts = {wait_ms / 1000, (long)(wait_ms % 1000) * 1000000};
+		nanosleep(&ts, NULL);
+		/* retry from the original URL: a redirect target may have expired */
+		if (hops) {
+			free(url);
+			url = dws_xstrdup(rq->url);
+			hops = 0;
+		}
+	}
+	if (rc != DWS_OK) {
+		if (rq->range_len)
+			dws_fail(err, rc, "%s: %s %s bytes %llu-%llu: %s", what, rq->method ? rq->method : "GET", logurl,
+				 (unsigned long long)rq->range_off, (unsigned long long)(rq->range_off + rq->range_len - 1), why);
+		else
+			dws_fail(err, rc, "%s: %s %s: %s", what, rq->method ? rq->method : "GET", logurl, why);
+	}
+	free(url);
+	free(logurl);
+	return rc;
+}
+
+/* ---- token ---- */
+
+static char *read_token_file(const char *path)
+{
+	FILE *fp = fopen(path, "r");
+	if (!fp)
+		return NULL;
+	char buf[4096];
+	size_t n = fread(buf, 1, sizeof(buf) - 1, fp);
+	fclose(fp);
+	buf[n] = 0;
+	while (n && (buf[n - 1] == '\n' || buf[n - 1] == '\r' || buf[n - 1] == ' '))
+		buf[--n] = 0;
+	char *t = n ? dws_xstrdup(buf) : NULL;
+	explicit_bzero(buf, sizeof(buf));
+	return t;
+}
+
+char *dws_hf_token(void)
+{
+	const char *t = getenv("HF_TOKEN");
+	if (t && *t)
+		return dws_xstrdup(t);
+	const char *p = getenv("HF_TOKEN_PATH");
+	if (p && *p)
+		return read_token_file(p);
+	const char *home = getenv("HF_HOME");
+	char *path = NULL;
+	if (home && *home)
+		path = dws_xasprintf("%s/token", home);
+	else if (getenv("HOME"))
+		path = dws_xasprintf("%s/.cache/huggingface/token", getenv("HOME"));
+	char *tok = path ? read_token_file(path) : NULL;
+	free(path);
+	return tok;
+}

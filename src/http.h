@@ -1,0 +1,74 @@
+/* HTTP over libcurl for the remote bucket backends. */
+#ifndef DWSFS_HTTP_H
+#define DWSFS_HTTP_H
+
+#include "internal.h"
+
+typedef struct dws_http dws_http;
+
+typedef struct dws_http_opts {
+	const char *token;        /* Bearer token; sent to the endpoint host only */
+	const char *endpoint;     /* scheme://host[:port] the token belongs to */
+	const char *ca_file;      /* extra CA bundle; TLS verification stays on */
+	const char *aws_sigv4;    /* "aws:amz:REGION:s3" to sign with SigV4 */
+	const char *aws_userpwd;  /* "KEY:SECRET" */
+	unsigned connect_timeout_ms; /* default 10000 */
+	unsigned stall_timeout_ms;   /* no byte for this long ends a transfer; 10000 */
+	unsigned max_attempts;       /* default 8 */
+	unsigned backoff_base_ms;    /* default 200 */
+	unsigned backoff_cap_ms;     /* default 10000 */
+	unsigned deadline_ms;        /* a whole request with retries; 60000 */
+} dws_http_opts;
+
+typedef enum dws_http_class { DWS_HTTP_API, DWS_HTTP_RESOLVE, DWS_HTTP_CDN, DWS_HTTP_S3, DWS_HTTP_NCLASS } dws_http_class;
+
+typedef struct dws_http_req {
+	const char *method;       /* "GET" (default), "HEAD", "POST" */
+	const char *url;
+	dws_http_class cls;
+	uint64_t range_off, range_len; /* range_len > 0: Range: bytes=off-(off+len-1) */
+	const char *body;         /* POST body */
+	const char *content_type;
+	void *dst;                /* with a range: exactly range_len bytes land here */
+	size_t max_body;          /* buffered body cap (default 64 MiB) */
+	bool no_follow;           /* return a 3xx instead of following it */
+	int64_t deadline_ms;      /* absolute CLOCK_MONOTONIC ms; 0: opts default */
+	const char *what;         /* names the object in errors */
+} dws_http_req;
+
+typedef struct dws_http_resp {
+	long status;
+	char *body;               /* NUL-terminated, malloc'd (when no dst) */
+	size_t len;
+	char *location;           /* absolute redirect target (no_follow) */
+	char *final_url;          /* where the bytes came from after redirects */
+	char link_next[2048];     /* Link: <...>; rel="next" */
+	char etag[160];
+	char xet_hash[80];
+	char error_code[64];      /* X-Error-Code */
+	uint64_t linked_size;     /* X-Linked-Size */
+	bool has_linked_size;
+	uint64_t content_length;  /* Content-Length */
+	bool has_content_length;
+} dws_http_resp;
+
+int dws_http_new(const dws_http_opts *o, dws_http **out, dws_error *err);
+void dws_http_free(dws_http *h);
+/* Perform with retries (408, 429, 5xx, resets, stalls, truncation) within
+ * the deadline. A 2xx is DWS_OK; 404 is DWS_ENOENT; other finals DWS_EIO.
+ * The token never goes to another host and never into a message. */
+int dws_http_do(dws_http *h, const dws_http_req *rq, dws_http_resp *rs,
+		dws_error *err);
+void dws_http_resp_free(dws_http_resp *rs);
+/* Escape each path segment (keeps '/'): "a b/c#d" -> "a%20b/c%23d". */
+char *dws_http_escape_path(const char *path);
+/* Requests and bytes per class since start. */
+void dws_http_counts(const dws_http *h, dws_http_class c, uint64_t *requests,
+		     uint64_t *bytes);
+/* The token from $HF_TOKEN, $HF_TOKEN_PATH, $HF_HOME/token or
+ * ~/.cache/huggingface/token (malloc'd, NULL if none). */
+char *dws_hf_token(void);
+
+int64_t dws_now_ms(void);
+
+#endif

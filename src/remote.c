@@ -1,0 +1,666 @@
+/* The block cache: remote objects are read in aligned blocks kept as files
+ * under cache_dir/blocks, keyed by (content identity, block number), so a
+ * rewritten object is never served from a stale block.
+ *
+ * - A block is written to a temporary file and renamed into place: a kill -9
+ *   mid-download leaves no block. Its header carries the data's XXH3-64, which
+ *   is checked the first time the block is read in this process.
+ * - One fetch per block however many readers want it (single flight); readers
+ *   wait with a deadline.
+ * - A hard byte cap and a free-space floor, LRU eviction; the index is rebuilt
+ *   from the files at start, so the cache survives remounts.
+ * - Readahead per blob: the window doubles on sequential reads up to
+ *   max_window blocks and drops to nothing on a random read (mmap faults). */
+#include "remote.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <time.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#define BLK_MAGIC "DWSBLK1"
+#define HDR_SIZE 32
+#define QUEUE_MAX 256
+
+struct entry {
+	char *key;          /* "<ident hash>-<block>" */
+	uint64_t bytes;     /* on disk, header included */
+	uint64_t last_use;
+	bool verified;
+	bool present;
+};
+
+struct flight {
+	char *key;
+	bool done;
+	int rc;
+	int waiters;
+	struct flight *next;
+};
+
+struct job {
+	dws_blob *blob;
+	uint64_t block;
+};
+
+struct dws_cache {
+	dws_cache_opts o;
+	char *dir;
+	pthread_mutex_t lock;
+	pthread_cond_t cond;   /* flights finishing, jobs queued */
+	struct entry *e;
+	size_t n, cap_e;
+	dws_strmap index;      /* key -> entry index */
+	uint64_t total, clock;
+	struct flight *flights;
+	struct job queue[QUEUE_MAX];
+	size_t qhead, qlen;
+	pthread_t *threads;
+	unsigned nthreads;
+	bool stop;
+	uint64_t hits, misses, fetched;
+	unsigned tmp_seq;
+};
+
+struct remote {
+	dws_cache *c;
+	char *ident_hash;       /* hex of XXH3-128(ident) */
+	dws_fetch_fn fetch;
+	void *ctx;
+	void (*free_ctx)(void *);
+	pthread_mutex_t lock;   /* readahead state */
+	uint64_t last_end;
+	unsigned window;
+};
+
+static int64_t mono_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static char *block_path(dws_cache *c, const char *key)
+{
+	return dws_xasprintf("%s/blocks/%.2s/%s.blk", c->dir, key, key);
+}
+
+/* ---- index (under lock) ---- */
+
+static void rebuild_map(dws_cache *c)
+{
+	dws_strmap_free(&c->index);
+	dws_strmap_init(&c->index);
+	for (size_t i = 0; i < c->n; i++)
+		dws_strmap_put(&c->index, c->e[i].key, i);
+}
+
+static void drop_locked(dws_cache *c, size_t i)
+{
+	char *p = block_path(c, c->e[i].key);
+	unlink(p);
+	free(p);
+	c->total -= c->e[i].bytes;
+	free(c->e[i].key);
+	c->e[i] = c->e[--c->n];
+	rebuild_map(c);
+}
+
+static uint64_t fs_free(const char *dir)
+{
+	struct statvfs sv;
+	if (statvfs(dir, &sv) != 0)
+		return UINT64_MAX;
+	return (uint64_t)sv.f_bavail * sv.f_frsize;
+}
+
+/* Make room for `need` more bytes: evict least recently used blocks. */
+static void evict_locked(dws_cache *c, uint64_t need)
+{
+	while (c->n && (c->total + need > c->o.cap || fs_free(c->dir) < c->o.free_floor + need)) {
+		size_t old = 0;
+		for (size_t i = 1; i < c->n; i++)
+			if (c->e[i].last_use < c->e[old].last_use)
+				old = i;
+		drop_locked(c, old);
+	}
+}
+
+static void insert_locked(dws_cache *c, const char *key, uint64_t bytes, bool verified)
+{
+	size_t i;
+	if (dws_strmap_get(&c->index, key, &i)) {
+		c->e[i].last_use = ++c->clock;
+		return;
+	}
+	if (c->n == c->cap_e) {
+		c->cap_e = c->cap_e ? c->cap_e * 2 : 256;
+		c->e = dws_xrealloc(c->e, c->cap_e * sizeof(*c->e));
+	}
+	c->e[c->n] = (struct entry){dws_xstrdup(key), bytes, ++c->clock, verified, true};
+	dws_strmap_put(&c->index, c->e[c->n].key, c->n);
+	c->n++;
+	c->total += bytes;
+}
+
+/* ---- files ---- */
+
+static int write_block(dws_cache *c, const char *key, const void *data, size_t len,
+		       dws_error *err)
+{
+	unsigned char hdr[HDR_SIZE] = {0};
+	memcpy(hdr, BLK_MAGIC, 8);
+	uint64_t l = len, h = XXH3_64bits(data, len);
+	memcpy(hdr + 8, &l, 8);
+	memcpy(hdr + 16, &h, 8);
+	pthread_mutex_lock(&c->lock);
+	unsigned seq = ++c->tmp_seq;
+	pthread_mutex_unlock(&c->lock);
+	char *tmp = dws_xasprintf("%s/tmp/%ld.%u", c->dir, (long)getpid(), seq);
+	char *dst = block_path(c, key);
+	char *sub = dws_xasprintf("%s/blocks/%.2s", c->dir, key);
+	mkdir(sub, 0700);
+	free(sub);
+	int rc = DWS_OK;
+	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	if (fd < 0) {
+		rc = dws_fail(err, DWS_EIO, "cache %s: %s", tmp, strerror(errno));
+	} else {
+		struct iovec {
+			const void *b;
+			size_t n;
+		} parts[2] = {{hdr, HDR_SIZE}, {data, len}};
+		for (int i = 0; i < 2 && !rc; i++) {
+			const char *p = parts[i].b;
+			size_t n = parts[i].n;
+			while (n) {
+				ssize_t w = write(fd, p, n);
+				if (w < 0 && errno == EINTR)
+					continue;
+				if (w <= 0) {
+					rc = dws_fail(err, DWS_EIO, "cache %s: write: %s", tmp, strerror(errno));
+					break;
+				}
+				p += w;
+				n -= (size_t)w;
+			}
+		}
+		if (close(fd) != 0 && !rc)
+			rc = dws_fail(err, DWS_EIO, "cache %s: close: %s", tmp, strerror(errno));
+		if (!rc && rename(tmp, dst) != 0)
+			rc = dws_fail(err, DWS_EIO, "cache %s: %s", dst, strerror(errno));
+		if (rc)
+			unlink(tmp);
+	}
+	free(tmp);
+	free(dst);
+	return rc;
+}
+
+/* Read [off, off+len) of a cached block. verify: check the whole block's
+ * XXH3 first. Returns DWS_ENOENT if the file is gone or bad. */
+static int read_block(dws_cache *c, const char *key, uint64_t want_len, uint64_t off,
+		      void *buf, size_t len, bool verify)
+{
+	char *p = block_path(c, key);
+	int fd = open(p, O_RDONLY | O_CLOEXEC);
+	free(p);
+	if (fd < 0)
+		return DWS_ENOENT;
+	unsigned char hdr[HDR_SIZE];
+	int rc = DWS_ENOENT;
+	uint64_t l, h;
+	if (pread(fd, hdr, HDR_SIZE, 0) != HDR_SIZE || memcmp(hdr, BLK_MAGIC, 8) != 0)
+		goto out;
+	memcpy(&l, hdr + 8, 8);
+	memcpy(&h, hdr + 16, 8);
+	if (l != want_len || off + len > l)
+		goto out;
+	if (verify) {
+		char *all = dws_xmalloc(l ? l : 1);
+		ssize_t r = pread(fd, all, l, HDR_SIZE);
+		bool ok = r == (ssize_t)l && XXH3_64bits(all, l) == h;
+		if (ok)
+			memcpy(buf, all + off, len);
+		free(all);
+		rc = ok ? DWS_OK : DWS_ENOENT;
+		goto out;
+	}
+	for (size_t done = 0; done < len;) {
+		ssize_t r = pread(fd, (char *)buf + done, len - done, (off_t)(HDR_SIZE + off + done));
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0)
+			goto out;
+		done += (size_t)r;
+	}
+	rc = DWS_OK;
+out:
+	close(fd);
+	return rc;
+}
+
+/* ---- blocks ---- */
+
+static struct flight *flight_find(dws_cache *c, const char *key)
+{
+	for (struct flight *f = c->flights; f; f = f->next)
+		if (!strcmp(f->key, key))
+			return f;
+	return NULL;
+}
+
+static void flight_remove(dws_cache *c, struct flight *f)
+{
+	for (struct flight **pp = &c->flights; *pp; pp = &(*pp)->next)
+		if (*pp == f) {
+			*pp = f->next;
+			break;
+		}
+}
+
+static uint64_t block_len(const dws_blob *b, dws_cache *c, uint64_t blk)
+{
+	uint64_t off = blk * c->o.block_size;
+	uint64_t n = b->size - off;
+	return n < c->o.block_size ? n : c->o.block_size;
+}
+
+/* Bytes [off, off+len) of block blk of blob b into buf (buf may be NULL for a
+ * prefetch). */
+static int get_block(dws_blob *b, uint64_t blk, uint64_t off, void *buf, size_t len,
+		     bool prefetch, dws_error *err)
+{
+	struct remote *r = b->priv;
+	dws_cache *c = r->c;
+	char key[64];
+	snprintf(key, sizeof(key), "%s-%llu", r->ident_hash, (unsigned long long)blk);
+	uint64_t blen = block_len(b, c, blk);
+	int64_t deadline = mono_ms() + c->o.wait_ms;
+	for (;;) {
+		pthread_mutex_lock(&c->lock);
+		size_t i;
+		if (dws_strmap_get(&c->index, key, &i)) {
+			c->e[i].last_use = ++c->clock;
+			bool verify = !c->e[i].verified;
+			if (!prefetch)
+				c->hits++;
+			pthread_mutex_unlock(&c->lock);
+			if (prefetch)
+				return DWS_OK;
+			if (read_block(c, key, blen, off, buf, len, verify) == DWS_OK) {
+				if (verify) {
+					pthread_mutex_lock(&c->lock);
+					if (dws_strmap_get(&c->index, key, &i))
+						c->e[i].verified = true;
+					pthread_mutex_unlock(&c->lock);
+				}
+				return DWS_OK;
+			}
+			/* gone or corrupt on disk: forget it and fetch again */
+			pthread_mutex_lock(&c->lock);
+			if (dws_strmap_get(&c->index, key, &i))
+				drop_locked(c, i);
+			pthread_mutex_unlock(&c->lock);
+			dws_log("cache: block %s of %s was bad on disk; fetching it again", key, b->name);
+			continue;
+		}
+		struct flight *f = flight_find(c, key);
+		if (f) {
+			if (prefetch) {
+				pthread_mutex_unlock(&c->lock);
+				return DWS_OK;
+			}
+			f->waiters++;
+			while (!f->done) {
+				struct timespec ts;
+				clock_gettime(CLOCK_MONOTONIC, &ts);
+				int64_t left = deadline - mono_ms();
+				if (left <= 0)
+					break;
+				ts.tv_sec += left / 1000;
+				ts.tv_nsec += (left % 1000) * 1000000;
+				if (ts.tv_nsec >= 1000000000) {
+					ts.tv_sec++;
+					ts.tv_nsec -= 1000000000;
+				}
+				pthread_cond_timedwait(&c->cond, &c->lock, &ts);
+			}
+			bool done = f->done;
+			int frc = f->rc;
+			if (--f->waiters == 0 && f->done) {
+				free(f->key);
+				free(f);
+			}
+			pthread_mutex_unlock(&c->lock);
+			if (!done)
+				return dws_fail(err, DWS_ETIMEDOUT, "%s: block %llu (bytes %llu+%llu) did not arrive within %u ms", b->name,
+						(unsigned long long)blk, (unsigned long long)(blk * c->o.block_size),
+						(unsigned long long)blen, c->o.wait_ms);
+			if (frc && frc != DWS_OK)
+				return dws_fail(err, frc, "%s: block %llu could not be fetched (see the log)", b->name, (unsigned long long)blk);
+			continue; /* now in the index */
+		}
+		/* this thread fetches */
+		f = dws_xcalloc(1, sizeof(*f));
+		f->key = dws_xstrdup(key);
+		f->next = c->flights;
+		c->flights = f;
+		if (!prefetch)
+			c->misses++;
+		pthread_mutex_unlock(&c->lock);
+
+		char *data = dws_xmalloc(blen ? blen : 1);
+		dws_error ferr = {0};
+		int rc = r->fetch(r->ctx, blk * c->o.block_size, (size_t)blen, data, &ferr);
+		if (!rc) {
+			pthread_mutex_lock(&c->lock);
+			evict_locked(c, blen + HDR_SIZE);
+			pthread_mutex_unlock(&c->lock);
+			rc = write_block(c, key, data, (size_t)blen, &ferr);
+			if (!rc && buf)
+				memcpy(buf, data + off, len);
+		} else {
+			dws_log("%s", ferr.msg);
+		}
+		free(data);
+		pthread_mutex_lock(&c->lock);
+		if (!rc) {
+			insert_locked(c, key, blen + HDR_SIZE, true);
+			c->fetched += blen;
+		}
+		flight_remove(c, f);
+		f->done = true;
+		f->rc = rc;
+		bool free_now = f->waiters == 0;
+		pthread_cond_broadcast(&c->cond);
+		pthread_mutex_unlock(&c->lock);
+		if (free_now) {
+			free(f->key);
+			free(f);
+		}
+		if (rc && !prefetch) {
+			if (err && !err->code)
+				*err = ferr;
+			return rc;
+		}
+		return rc;
+	}
+}
+
+/* ---- prefetch ---- */
+
+static void *prefetch_main(void *arg)
+{
+	dws_cache *c = arg;
+	pthread_mutex_lock(&c->lock);
+	for (;;) {
+		while (!c->stop && !c->qlen)
+			pthread_cond_wait(&c->cond, &c->lock);
+		if (c->stop)
+			break;
+		struct job j = c->queue[c->qhead];
+		c->qhead = (c->qhead + 1) % QUEUE_MAX;
+		c->qlen--;
+		pthread_mutex_unlock(&c->lock);
+		dws_error err = {0};
+		get_block(j.blob, j.block, 0, NULL, 0, true, &err);
+		dws_blob_unref(j.blob);
+		pthread_mutex_lock(&c->lock);
+	}
+	pthread_mutex_unlock(&c->lock);
+	return NULL;
+}
+
+static void prefetch(dws_blob *b, uint64_t first, unsigned n)
+{
+	struct remote *r = b->priv;
+	dws_cache *c = r->c;
+	uint64_t nblk = (b->size + c->o.block_size - 1) / c->o.block_size;
+	pthread_mutex_lock(&c->lock);
+	for (unsigned k = 0; k < n && first + k < nblk && c->qlen < QUEUE_MAX; k++) {
+		char key[64];
+		size_t i;
+		snprintf(key, sizeof(key), "%s-%llu", r->ident_hash, (unsigned long long)(first + k));
+		if (dws_strmap_get(&c->index, key, &i) || flight_find(c, key))
+			continue;
+		bool queued = false;
+		for (size_t q = 0; q < c->qlen; q++) {
+			struct job *j = &c->queue[(c->qhead + q) % QUEUE_MAX];
+			if (j->blob == b && j->block == first + k)
+				queued = true;
+		}
+		if (queued)
+			continue;
+		c->queue[(c->qhead + c->qlen) % QUEUE_MAX] = (struct job){dws_blob_ref(b), first + k};
+		c->qlen++;
+	}
+	pthread_cond_broadcast(&c->cond);
+	pthread_mutex_unlock(&c->lock);
+}
+
+/* ---- the blob ---- */
+
+static int remote_read(dws_blob *b, uint64_t off, void *buf, size_t len, dws_error *err)
+{
+	struct remote *r = b->priv;
+	dws_cache *c = r->c;
+	uint64_t bs = c->o.block_size;
+	uint64_t first = off / bs, last = (off + len - 1) / bs;
+
+	pthread_mutex_lock(&r->lock);
+	bool seq = off == r->last_end || (r->last_end > bs && off / bs == (r->last_end - 1) / bs);
+	if (seq)
+		r->window = r->window ? (r->window * 2 > c->o.max_window ? c->o.max_window : r->window * 2) : 1;
+	else
+		r->window = 0;
+	r->last_end = off + len;
+	unsigned window = r->window;
+	pthread_mutex_unlock(&r->lock);
+
+	/* the blocks this read needs beyond the first go to the prefetchers so
+	 * several transfers run at once */
+	if (last > first)
+		prefetch(b, first + 1, (unsigned)(last - first));
+	if (window)
+		prefetch(b, last + 1, window);
+
+	char *dst = buf;
+	for (uint64_t blk = first; blk <= last; blk++) {
+		uint64_t bo = blk * bs;
+		uint64_t s = off > bo ? off - bo : 0;
+		uint64_t e = off + len < bo + bs ? off + len - bo : bs;
+		int rc = get_block(b, blk, s, dst, (size_t)(e - s), false, err);
+		if (rc)
+			return rc;
+		dst += e - s;
+	}
+	return DWS_OK;
+}
+
+static void remote_destroy(dws_blob *b)
+{
+	struct remote *r = b->priv;
+	if (r->free_ctx)
+		r->free_ctx(r->ctx);
+	pthread_mutex_destroy(&r->lock);
+	free(r->ident_hash);
+	free(r);
+}
+
+static const struct dws_blob_ops remote_ops = {.read = remote_read, .destroy = remote_destroy};
+
+dws_blob *dws_remote_blob(dws_cache *c, const char *name, const char *ident,
+			  uint64_t size, dws_fetch_fn fetch, void *ctx,
+			  void (*free_ctx)(void *ctx))
+{
+	struct remote *r = dws_xcalloc(1, sizeof(*r));
+	XXH128_hash_t h = XXH3_128bits(ident, strlen(ident));
+	r->ident_hash = dws_xasprintf("%016llx%016llx", (unsigned long long)h.high64, (unsigned long long)h.low64);
+	r->c = c;
+	r->fetch = fetch;
+	r->ctx = ctx;
+	r->free_ctx = free_ctx;
+	pthread_mutex_init(&r->lock, NULL);
+	dws_blob *b = dws_blob_new(&remote_ops, name, size, r);
+	return b;
+}
+
+/* ---- life cycle ---- */
+
+static char *default_dir(void)
+{
+	const char *d = getenv("DWSFS_CACHE_DIR");
+	if (d && *d)
+		return dws_xstrdup(d);
+	d = getenv("XDG_CACHE_HOME");
+	if (d && *d)
+		return dws_xasprintf("%s/dwsfs", d);
+	d = getenv("HOME");
+	return dws_xasprintf("%s/.cache/dwsfs", d && *d ? d : "/var/cache");
+}
+
+static int mkdir_p(const char *path)
+{
+	char *p = dws_xstrdup(path);
+	for (char *s = p + 1; *s; s++)
+		if (*s == '/') {
+			*s = 0;
+			mkdir(p, 0700);
+			*s = '/';
+		}
+	int rc = mkdir(p, 0700) == 0 || errno == EEXIST ? 0 : -1;
+	free(p);
+	return rc;
+}
+
+/* The blocks a previous mount left, oldest first in LRU order. */
+static void scan(dws_cache *c)
+{
+	char *tmp = dws_xasprintf("%s/tmp", c->dir);
+	DIR *d = opendir(tmp);
+	struct dirent *de;
+	while (d && (de = readdir(d)))
+		if (de->d_name[0] != '.')
+			unlinkat(dirfd(d), de->d_name, 0); /* half-written: never served */
+	if (d)
+		closedir(d);
+	free(tmp);
+	char *blocks = dws_xasprintf("%s/blocks", c->dir);
+	DIR *top = opendir(blocks);
+	while (top && (de = readdir(top))) {
+		if (de->d_name[0] == '.')
+			continue;
+		char *sub = dws_xasprintf("%s/%s", blocks, de->d_name);
+		DIR *s = opendir(sub);
+		struct dirent *fe;
+		while (s && (fe = readdir(s))) {
+			size_t n = strlen(fe->d_name);
+			struct stat st;
+			if (n < 5 || strcmp(fe->d_name + n - 4, ".blk") || fstatat(dirfd(s), fe->d_name, &st, 0))
+				continue;
+			char key[64];
+			snprintf(key, sizeof(key), "%.*s", (int)(n - 4), fe->d_name);
+			insert_locked(c, key, (uint64_t)st.st_size, false);
+			c->e[c->n - 1].last_use = (uint64_t)st.st_atime; /* oldest first */
+		}
+		if (s)
+			closedir(s);
+		free(sub);
+	}
+	if (top)
+		closedir(top);
+	free(blocks);
+	uint64_t maxuse = 0;
+	for (size_t i = 0; i < c->n; i++)
+		if (c->e[i].last_use > maxuse)
+			maxuse = c->e[i].last_use;
+	c->clock = maxuse;
+	evict_locked(c, 0);
+}
+
+int dws_cache_open(const dws_cache_opts *o, dws_cache **out, dws_error *err)
+{
+	dws_cache *c = dws_xcalloc(1, sizeof(*c));
+	c->o = *o;
+	if (!c->o.cap)
+		c->o.cap = 16ULL << 30;
+	if (!c->o.free_floor)
+		c->o.free_floor = 1ULL << 30;
+	if (!c->o.block_size)
+		c->o.block_size = 8u << 20;
+	if (!c->o.prefetch_threads)
+		c->o.prefetch_threads = 4;
+	if (!c->o.max_window)
+		c->o.max_window = 8;
+	if (!c->o.wait_ms)
+		c->o.wait_ms = 60000;
+	c->dir = o->dir ? dws_xstrdup(o->dir) : default_dir();
+	char *b = dws_xasprintf("%s/blocks", c->dir), *t = dws_xasprintf("%s/tmp", c->dir);
+	bool ok = mkdir_p(c->dir) == 0 && mkdir_p(b) == 0 && mkdir_p(t) == 0;
+	free(b);
+	free(t);
+	if (!ok) {
+		int rc = dws_fail(err, DWS_EIO, "cache folder %s: %s", c->dir, strerror(errno));
+		free(c->dir);
+		free(c);
+		return rc;
+	}
+	dws_strmap_init(&c->index);
+	pthread_mutex_init(&c->lock, NULL);
+	pthread_condattr_t ca;
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(&c->cond, &ca);
+	pthread_condattr_destroy(&ca);
+	pthread_mutex_lock(&c->lock);
+	scan(c);
+	pthread_mutex_unlock(&c->lock);
+	c->threads = dws_xcalloc(c->o.prefetch_threads, sizeof(pthread_t));
+	for (unsigned i = 0; i < c->o.prefetch_threads; i++)
+		if (pthread_create(&c->threads[i], NULL, prefetch_main, c) == 0)
+			c->nthreads++;
+	*out = c;
+	return DWS_OK;
+}
+
+void dws_cache_stats(dws_cache *c, uint64_t *hits, uint64_t *misses,
+		     uint64_t *bytes, uint64_t *blocks)
+{
+	pthread_mutex_lock(&c->lock);
+	*hits = c->hits;
+	*misses = c->misses;
+	*bytes = c->total;
+	*blocks = c->n;
+	pthread_mutex_unlock(&c->lock);
+}
+
+void dws_cache_close(dws_cache *c)
+{
+	if (!c)
+		return;
+	pthread_mutex_lock(&c->lock);
+	c->stop = true;
+	pthread_cond_broadcast(&c->cond);
+	pthread_mutex_unlock(&c->lock);
+	for (unsigned i = 0; i < c->nthreads; i++)
+		pthread_join(c->threads[i], NULL);
+	for (size_t q = 0; q < c->qlen; q++)
+		dws_blob_unref(c->queue[(c->qhead + q) % QUEUE_MAX].blob);
+	for (size_t i = 0; i < c->n; i++)
+		free(c->e[i].key);
+	free(c->e);
+	dws_strmap_free(&c->index);
+	free(c->threads);
+	free(c->dir);
+	pthread_mutex_destroy(&c->lock);
+	pthread_cond_destroy(&c->cond);
+	free(c);
+}

@@ -1,0 +1,35 @@
+/* Remote objects read lazily through a disk block cache. */
+#ifndef DWSFS_REMOTE_H
+#define DWSFS_REMOTE_H
+
+#include "internal.h"
+
+typedef struct dws_cache dws_cache;
+
+typedef struct dws_cache_opts {
+	const char *dir;          /* NULL: $DWSFS_CACHE_DIR, $XDG_CACHE_HOME/dwsfs, ~/.cache/dwsfs */
+	uint64_t cap;             /* byte cap; default 16 GiB */
+	uint64_t free_floor;      /* keep this much free on the filesystem; default 1 GiB */
+	uint32_t block_size;      /* default 8 MiB */
+	unsigned prefetch_threads;/* default 4 */
+	unsigned max_window;      /* readahead blocks at most; default 8 */
+	unsigned wait_ms;         /* a reader waits this long for a block; default 60000 */
+} dws_cache_opts;
+
+int dws_cache_open(const dws_cache_opts *o, dws_cache **out, dws_error *err);
+void dws_cache_close(dws_cache *c);
+void dws_cache_stats(dws_cache *c, uint64_t *hits, uint64_t *misses,
+		     uint64_t *bytes, uint64_t *blocks);
+
+/* Fetches [off, off+len) of an object into dst (exactly len bytes). */
+typedef int (*dws_fetch_fn)(void *ctx, uint64_t off, size_t len, void *dst,
+			    dws_error *err);
+
+/* A blob whose bytes come from fetch(ctx, ...) through the cache, keyed by
+ * ident (content identity: a rewritten object has a new ident). The blob owns
+ * ctx and calls free_ctx on it with the last reference. */
+dws_blob *dws_remote_blob(dws_cache *c, const char *name, const char *ident,
+			  uint64_t size, dws_fetch_fn fetch, void *ctx,
+			  void (*free_ctx)(void *ctx));
+
+#endif
