@@ -45,6 +45,10 @@ struct opts {
 	char *on_swap;
 	char *verify;
 	char *map_prefix;
+	char *ca_file;
+	double read_timeout;
+	double stall_timeout;
+	unsigned block_size;
 	unsigned poll;
 	double swap_idle;
 	double swap_max_delay;
@@ -576,6 +580,10 @@ static const struct fuse_opt opt_spec[] = {
 	OPT("swap_idle=%lf", swap_idle),
 	OPT("swap_max_delay=%lf", swap_max_delay),
 	OPT("max_steps=%u", max_steps),
+	OPT("ca_file=%s", ca_file),
+	OPT("read_timeout=%lf", read_timeout),
+	OPT("stall_timeout=%lf", stall_timeout),
+	OPT("block_size=%u", block_size),
 	OPT("-h", show_help),
 	OPT("--help", show_help),
 	FUSE_OPT_END};
@@ -598,7 +606,7 @@ static int opt_proc(void *data, const char *arg, int key, struct fuse_args *outa
 static void usage(const char *prog)
 {
 	printf("usage: %s [-f] [-d] [-o OPTIONS] BUCKET MOUNTPOINT\n\n"
-	       "BUCKET: a local folder (file:// accepted).\n"
+	       "BUCKET: a local folder, hf://buckets/NS/NAME[/PREFIX] or s3://BUCKET[/PREFIX].\n"
 	       "dwsfs options:\n"
 	       "    -o base=SRC            base model folder (default: the bucket's base/)\n"
 	       "    -o poll=SECONDS        how often to look for new steps (default 1)\n"
@@ -609,9 +617,36 @@ static void usage(const char *prog)
 	       "    -o map_prefix=FROM=TO  trainer name prefix FROM is TO in the checkpoint\n"
 	       "    -o max_steps=N         step views kept in memory for steps/ (default 8)\n"
 	       "    -o cache_dir=DIR       where decompressed anchors and fetched blocks go\n"
-	       "    -o cache_size=BYTES    byte cap of the cache\n"
+	       "    -o cache_size=BYTES    byte cap of the block cache (K, M, G suffixes; default 16G)\n"
+	       "    -o read_timeout=SECONDS  a read not served by then fails with EIO (default 60)\n"
+	       "    -o stall_timeout=SECONDS a transfer that sends nothing this long is retried (default 10)\n"
+	       "    -o ca_file=FILE        extra CA bundle for TLS (verification is always on)\n"
+	       "    -o block_size=BYTES    fetch unit of remote objects (default 8 MiB)\n"
 	       "\n",
 	       prog);
+}
+
+/* "16G", "512M", "1048576" -> bytes; false if it does not parse. */
+static bool parse_size(const char *s, uint64_t *out)
+{
+	char *end;
+	errno = 0;
+	unsigned long long v = strtoull(s, &end, 10);
+	if (end == s || errno || s[0] == '-')
+		return false;
+	int shift = 0;
+	switch (*end) {
+	case 'k': case 'K': shift = 10; end++; break;
+	case 'm': case 'M': shift = 20; end++; break;
+	case 'g': case 'G': shift = 30; end++; break;
+	case 't': case 'T': shift = 40; end++; break;
+	}
+	if (*end == 'i' || *end == 'B')
+		end += *end == 'i' ? (end[1] == 'B' ? 2 : 1) : 1;
+	if (*end || (shift && v > (UINT64_MAX >> shift)))
+		return false;
+	*out = (uint64_t)v << shift;
+	return true;
 }
 
 static bool mounted_stale(const char *mp)
@@ -679,9 +714,16 @@ int main(int argc, char *argv[])
 		*eq = 0;
 		map = (dws_prefix_map){o.map_prefix, eq + 1};
 	}
+	dws_bucket_opts bo = {.cache_dir = o.cache_dir, .ca_file = o.ca_file, .block_size = o.block_size,
+			      .read_deadline_ms = o.read_timeout > 0 ? (unsigned)(o.read_timeout * 1000) : 0,
+			      .stall_timeout_ms = o.stall_timeout > 0 ? (unsigned)(o.stall_timeout * 1000) : 0};
+	if (o.cache_size && !parse_size(o.cache_size, &bo.cache_size)) {
+		fprintf(stderr, "dwsfs: cache_size takes bytes (K, M, G suffixes), not '%s'\n", o.cache_size);
+		goto out_args;
+	}
 	dws_mount_opts mo = {
-		.bucket = o.bucket, .base = o.base, .maps = o.map_prefix ? &map : NULL, .nmaps = o.map_prefix ? 1 : 0,
-		.poll_ms = o.poll ? o.poll * 1000 : 1000,
+		.bucket = o.bucket, .bucket_opts = &bo, .base = o.base, .maps = o.map_prefix ? &map : NULL, .nmaps = o.map_prefix ? 1 : 0,
+		.poll_ms = o.poll ? o.poll * 1000 : 0,
 		.swap_idle_ms = o.swap_idle >= 0 ? (unsigned)(o.swap_idle * 1000) + (o.swap_idle == 0) : 0,
 		.swap_max_delay_ms = o.swap_max_delay >= 0 ? (unsigned)(o.swap_max_delay * 1000) + (o.swap_max_delay == 0) : 0,
 		.max_steps = o.max_steps, .tmpdir = o.cache_dir, .on_swap = o.on_swap, .mountpoint = co.mountpoint,
@@ -765,6 +807,7 @@ out_args:
 	free(o.on_swap);
 	free(o.verify);
 	free(o.map_prefix);
+	free(o.ca_file);
 	fuse_opt_free_args(&args);
 	return ret;
 }

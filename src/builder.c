@@ -584,7 +584,7 @@ int dws_builder_new(dws_catalog *c, const dws_build_opts *opts,
 	bl->o.base = NULL; /* not kept: the caller's string */
 	int rc = DWS_OK;
 	if (opts && opts->base) {
-		rc = dws_bucket_open(opts->base, &bl->base_bucket, err);
+		rc = dws_bucket_open_opts(opts->base, opts->bucket_opts, &bl->base_bucket, err);
 		bl->base_prefix = dws_xstrdup("");
 	} else if (dws_catalog_has_base(c)) {
 		bl->base_prefix = dws_xstrdup("base");

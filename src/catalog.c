@@ -330,15 +330,39 @@ int dws_catalog_load(dws_bucket *b, const dws_catalog_opts *opts,
 	dws_stepfile *all = NULL;
 	size_t nall = 0;
 	*out = NULL;
+	const dws_catalog *prev = opts ? opts->prev : NULL;
+	bool reuse_listing = opts && opts->reuse_listing && prev;
 	for (size_t d = 0; d < DWS_ARRAY_LEN(dirs); d++) {
 		dws_object *objs = NULL;
 		size_t nobj = 0;
-		int rc = dws_bucket_list(b, dirs[d], &objs, &nobj, err);
-		if (rc) {
-			for (size_t i = 0; i < nall; i++)
-				free(all[i].obj.key);
-			free(all);
-			return rc;
+		if (reuse_listing) {
+			/* the previous listing, with discovered objects replacing theirs */
+			objs = dws_xcalloc(prev->n + prev->nstale + opts->nextra + 1, sizeof(*objs));
+			for (size_t k = 0; k < opts->nextra; k++) {
+				objs[nobj] = opts->extra[k];
+				objs[nobj++].key = dws_xstrdup(opts->extra[k].key);
+			}
+			for (int pass = 0; pass < 2; pass++) {
+				const dws_stepfile *v = pass ? prev->stale : prev->v;
+				size_t n = pass ? prev->nstale : prev->n;
+				for (size_t k = 0; k < n; k++) {
+					bool dup = false;
+					for (size_t x = 0; x < opts->nextra; x++)
+						dup |= !strcmp(opts->extra[x].key, v[k].obj.key);
+					if (dup)
+						continue;
+					objs[nobj] = v[k].obj;
+					objs[nobj++].key = dws_xstrdup(v[k].obj.key);
+				}
+			}
+		} else {
+			int rc = dws_bucket_list(b, dirs[d], &objs, &nobj, err);
+			if (rc) {
+				for (size_t i = 0; i < nall; i++)
+					free(all[i].obj.key);
+				free(all);
+				return rc;
+			}
 		}
 		size_t dl = strlen(dirs[d]);
 		for (size_t i = 0; i < nobj; i++) {
@@ -355,7 +379,7 @@ int dws_catalog_load(dws_bucket *b, const dws_catalog_opts *opts,
 			f.compressed = zst;
 			f.in_anchors = d == 0;
 			f.parent_step = -1;
-			if (!reuse(opts ? opts->prev : NULL, &f))
+			if (!reuse(prev, &f))
 				sniff(b, &f);
 			push(&all, &nall, &f);
 		}
@@ -371,7 +395,9 @@ int dws_catalog_load(dws_bucket *b, const dws_catalog_opts *opts,
 
 	dws_object *bo = NULL;
 	size_t nb = 0;
-	if (dws_bucket_list(b, "base", &bo, &nb, err) == DWS_OK) {
+	if (reuse_listing) {
+		c->has_base = prev->has_base;
+	} else if (dws_bucket_list(b, "base", &bo, &nb, err) == DWS_OK) {
 		c->has_base = nb > 0;
 		dws_objects_free(bo, nb);
 	} else {

@@ -482,9 +482,10 @@ int dws_http_do(dws_http *h, const dws_http_req *rq, dws_http_resp *rs,
 				}
 			}
 			if (!retry) {
+				bool direct = rq->dst && rq->range_len;
 				rs->body = x.buf ? x.buf : dws_xcalloc(1, 1);
-				rs->body[x.len] = 0;
-				rs->len = x.len;
+				rs->len = direct ? 0 : x.len;
+				rs->body[rs->len] = 0;
 				rs->final_url = dws_xstrdup(url);
 				rs->status = keep_status;
 				rc = DWS_OK;

@@ -57,6 +57,13 @@ struct dws_mount {
 	uint64_t swaps, cache_hits, cache_misses;
 	bool stop, started;
 	pthread_t thread;
+	/* remote polling (sync thread only) */
+	bool remote;
+	char info_token[256];
+	int64_t next_info, next_relist;
+	bool discovered;
+	dws_object *found;  /* objects found by HEAD since the last listing */
+	size_t nfound;
 };
 
 static int64_t now_ms(void)
@@ -350,12 +357,92 @@ static void run_on_swap(dws_mount *m, uint64_t step)
 		dws_log("on_swap: cannot fork: %s", strerror(errno));
 }
 
+/* Remote buckets are polled within Hub quotas: each poll HEADs the name the
+ * next delta would have (a resolver call); a bucket-info probe (one API call)
+ * every info_poll_ms notices anything else (anchors, skipped step numbers,
+ * restarts) and only then is the bucket listed again (API calls); a full
+ * listing happens at least every relist_ms. */
+static bool poll_remote(dws_mount *m, bool *relist, dws_error *err)
+{
+	int64_t now = now_ms();
+	*relist = now >= m->next_relist;
+	if (now >= m->next_info) {
+		char tok[256];
+		int rc = dws_bucket_probe(m->bucket, tok, sizeof(tok), err);
+		m->next_info = now + m->o.info_poll_ms;
+		if (rc && rc != DWS_EUNSUP)
+			return false;
+		if (!rc && strcmp(tok, m->info_token) != 0) {
+			if (!m->discovered && m->info_token[0])
+				*relist = true;
+			snprintf(m->info_token, sizeof(m->info_token), "%s", tok);
+		}
+		m->discovered = false;
+	}
+	if (*relist)
+		return true;
+	/* the next step numbers, as deltas (compressed if the run compresses) */
+	pthread_mutex_lock(&m->lock);
+	uint64_t next = m->ntable ? m->table[m->ntable - 1].step + 1 : 1;
+	bool zst = false;
+	for (size_t i = 0; m->cat && i < dws_catalog_count(m->cat); i++)
+		zst = dws_catalog_at(m->cat, i)->compressed;
+	pthread_mutex_unlock(&m->lock);
+	bool found_any = false;
+	for (int k = 0; k < 16; k++, next++) {
+		char key[64];
+		snprintf(key, sizeof(key), "deltas/step_%06llu.safetensors%s", (unsigned long long)next, zst ? ".zst" : "");
+		dws_object o;
+		dws_error e = {0};
+		int rc = dws_bucket_head(m->bucket, key, &o, &e);
+		if (rc == DWS_ENOENT)
+			break;
+		if (rc) {
+			*err = e;
+			return found_any;
+		}
+		m->found = dws_xrealloc(m->found, (m->nfound + 1) * sizeof(*m->found));
+		m->found[m->nfound++] = o;
+		m->discovered = found_any = true;
+	}
+	return found_any;
+}
+
 static void poll_once(dws_mount *m)
 {
 	dws_error err = {0};
 	dws_catalog *c = NULL;
 	dws_catalog_opts co = {.prev = m->cat};
+	bool relist = true;
+	if (m->remote) {
+		bool changed = poll_remote(m, &relist, &err);
+		if (err.code) {
+			dws_log("poll failed: %s", err.msg);
+			pthread_mutex_lock(&m->lock);
+			snprintf(m->last_error, sizeof(m->last_error), "%s", err.msg);
+			m->last_poll_wall = (int64_t)time(NULL);
+			pthread_mutex_unlock(&m->lock);
+			if (!changed)
+				return;
+			memset(&err, 0, sizeof(err));
+		}
+		if (!relist && !changed) {
+			pthread_mutex_lock(&m->lock);
+			m->last_poll_wall = (int64_t)time(NULL);
+			pthread_mutex_unlock(&m->lock);
+			return;
+		}
+		co.reuse_listing = !relist;
+		co.extra = m->found;
+		co.nextra = m->nfound;
+	}
 	int rc = dws_catalog_load(m->bucket, &co, &c, &err);
+	if (!rc && relist && m->remote) {
+		m->next_relist = now_ms() + m->o.relist_ms;
+		dws_objects_free(m->found, m->nfound); /* the listing has them now */
+		m->found = NULL;
+		m->nfound = 0;
+	}
 	pthread_mutex_lock(&m->lock);
 	m->last_poll_wall = (int64_t)time(NULL);
 	pthread_mutex_unlock(&m->lock);
@@ -477,9 +564,23 @@ char *dws_mount_status_json(dws_mount *m)
 	json_object_set_new(j, "swaps", json_integer((json_int_t)m->swaps));
 	json_object_set_new(j, "root_open_handles", json_integer(m->root_open));
 	json_object_set_new(j, "patched_elements", json_integer((json_int_t)dws_step_patch_entries(m->root)));
-	json_object_set_new(j, "bytes_fetched", json_integer((json_int_t)dws_stats_bytes_fetched()));
-	json_object_set_new(j, "cache_hits", json_integer((json_int_t)m->cache_hits));
-	json_object_set_new(j, "cache_misses", json_integer((json_int_t)m->cache_misses));
+	if (m->remote) {
+		uint64_t req[4], bytes[4], hits, misses, cbytes, blocks;
+		dws_bucket_http_counts(m->bucket, req, bytes);
+		dws_bucket_cache_stats(m->bucket, &hits, &misses, &cbytes, &blocks);
+		json_object_set_new(j, "bytes_fetched", json_integer((json_int_t)(bytes[2] + bytes[3] + bytes[0] + bytes[1])));
+		json_object_set_new(j, "cache_hits", json_integer((json_int_t)hits));
+		json_object_set_new(j, "cache_misses", json_integer((json_int_t)misses));
+		json_object_set_new(j, "cache_bytes", json_integer((json_int_t)cbytes));
+		json_object_set_new(j, "api_calls", json_integer((json_int_t)req[0]));
+		json_object_set_new(j, "resolver_calls", json_integer((json_int_t)req[1]));
+		json_object_set_new(j, "cdn_requests", json_integer((json_int_t)req[2]));
+		json_object_set_new(j, "s3_requests", json_integer((json_int_t)req[3]));
+	} else {
+		json_object_set_new(j, "bytes_fetched", json_integer((json_int_t)dws_stats_bytes_fetched()));
+		json_object_set_new(j, "cache_hits", json_integer((json_int_t)m->cache_hits));
+		json_object_set_new(j, "cache_misses", json_integer((json_int_t)m->cache_misses));
+	}
 	json_object_set_new(j, "last_error", m->last_error[0] ? json_string(m->last_error) : json_null());
 	pthread_mutex_unlock(&m->lock);
 	char *s = json_dumps(j, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
@@ -497,6 +598,10 @@ int dws_mount_open(const dws_mount_opts *o, dws_mount **out, dws_error *err)
 	m->o = *o;
 	if (!m->o.poll_ms)
 		m->o.poll_ms = 1000;
+	if (!m->o.info_poll_ms)
+		m->o.info_poll_ms = 60000;
+	if (!m->o.relist_ms)
+		m->o.relist_ms = 600000;
 	if (!m->o.swap_idle_ms)
 		m->o.swap_idle_ms = 1000;
 	if (!m->o.swap_max_delay_ms)
@@ -523,13 +628,17 @@ int dws_mount_open(const dws_mount_opts *o, dws_mount **out, dws_error *err)
 	pthread_condattr_destroy(&ca);
 
 	dws_catalog *c = NULL;
-	int rc = dws_bucket_open(m->bucket_uri, &m->bucket, err);
-	if (!rc)
+	int rc = dws_bucket_open_opts(m->bucket_uri, o->bucket_opts, &m->bucket, err);
+	if (!rc) {
+		m->remote = dws_bucket_is_remote(m->bucket);
+		if (!o->poll_ms && m->remote)
+			m->o.poll_ms = 5000;
 		rc = dws_catalog_load(m->bucket, NULL, &c, err);
+	}
 	if (!rc && dws_catalog_count(c) == 0)
 		rc = dws_fail(err, DWS_ENOENT, "%s: the bucket holds no steps (anchors/ and deltas/ are empty)", m->bucket_uri);
 	if (!rc) {
-		dws_build_opts bo = {.base = m->base, .maps = m->maps, .nmaps = o->nmaps, .tmpdir = m->tmpdir,
+		dws_build_opts bo = {.base = m->base, .bucket_opts = o->bucket_opts, .maps = m->maps, .nmaps = o->nmaps, .tmpdir = m->tmpdir,
 				     .verify = m->o.verify >= DWS_VERIFY_PAYLOAD};
 		rc = dws_builder_new(c, &bo, &m->bl, err);
 	}
@@ -548,6 +657,12 @@ int dws_mount_open(const dws_mount_opts *o, dws_mount **out, dws_error *err)
 		return rc;
 	}
 	m->root_activity = now_ms() - m->o.swap_idle_ms;
+	m->next_info = now_ms() + m->o.info_poll_ms;
+	m->next_relist = now_ms() + m->o.relist_ms;
+	if (m->remote) {
+		dws_error pe = {0};
+		dws_bucket_probe(m->bucket, m->info_token, sizeof(m->info_token), &pe);
+	}
 	m->last_poll_wall = (int64_t)time(NULL);
 	*out = m;
 	return DWS_OK;
@@ -588,6 +703,7 @@ void dws_mount_close(dws_mount *m)
 	free(m->maps);
 	free(m->table);
 	free(m->failed);
+	dws_objects_free(m->found, m->nfound);
 	free(m->bucket_uri);
 	free(m->base);
 	free(m->tmpdir);

@@ -214,6 +214,10 @@ typedef struct dws_stepfile {
 typedef struct dws_catalog_opts {
 	int64_t run_tolerance_ns; /* restart detection slack; default 60 s */
 	const struct dws_catalog *prev; /* reuse headers of unchanged objects */
+	/* No listing: prev's objects plus these (found by dws_bucket_head). */
+	bool reuse_listing;
+	const dws_object *extra;
+	size_t nextra;
 } dws_catalog_opts;
 
 typedef struct dws_catalog dws_catalog;
@@ -243,6 +247,7 @@ typedef struct dws_prefix_map {
 
 typedef struct dws_build_opts {
 	const char *base;          /* base folder or URI; NULL: bucket's base/ if any */
+	const dws_bucket_opts *bucket_opts; /* for opening the base */
 	const dws_prefix_map *maps;
 	size_t nmaps;
 	const char *tmpdir;        /* where decompressed anchors are spilled */
@@ -352,10 +357,13 @@ typedef struct dws_mount dws_mount;
 
 typedef struct dws_mount_opts {
 	const char *bucket;
+	const dws_bucket_opts *bucket_opts;
 	const char *base;
 	const dws_prefix_map *maps;
 	size_t nmaps;
-	unsigned poll_ms;           /* default 1000 */
+	unsigned poll_ms;           /* default 1000; remote buckets 5000 */
+	unsigned info_poll_ms;      /* remote: bucket-info probe; default 60000 */
+	unsigned relist_ms;         /* remote: full listing at least; default 600000 */
 	unsigned swap_idle_ms;      /* default 1000 */
 	unsigned swap_max_delay_ms; /* default 30000 */
 	size_t max_steps;           /* step views kept for steps/N; default 8 */
