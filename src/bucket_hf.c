@@ -39,54 +39,6 @@ struct hf_obj {
 	int64_t cdn_until;
 };
 
-/* ---- shared cache per folder ---- */
-
-static pthread_mutex_t caches_lock = PTHREAD_MUTEX_INITIALIZER;
-static struct shared_cache {
-	char *dir;
-	dws_cache *c;
-	int refs;
-} caches[8];
-
-static int cache_get(const dws_bucket_opts *bo, dws_cache **out, dws_error *err)
-{
-	const char *dir = bo && bo->cache_dir ? bo->cache_dir : "";
-	pthread_mutex_lock(&caches_lock);
-	for (size_t i = 0; i < DWS_ARRAY_LEN(caches); i++)
-		if (caches[i].c && !strcmp(caches[i].dir, dir)) {
-			caches[i].refs++;
-			*out = caches[i].c;
-			pthread_mutex_unlock(&caches_lock);
-			return DWS_OK;
-		}
-	dws_cache_opts co = {.dir = *dir ? dir : NULL};
-	if (bo) {
-		co.cap = bo->cache_size;
-		co.block_size = bo->block_size;
-		co.wait_ms = bo->read_deadline_ms;
-	}
-	int rc = dws_cache_open(&co, out, err);
-	for (size_t i = 0; !rc && i < DWS_ARRAY_LEN(caches); i++)
-		if (!caches[i].c) {
-			caches[i] = (struct shared_cache){dws_xstrdup(dir), *out, 1};
-			break;
-		}
-	pthread_mutex_unlock(&caches_lock);
-	return rc;
-}
-
-static void cache_put(dws_cache *c)
-{
-	pthread_mutex_lock(&caches_lock);
-	for (size_t i = 0; i < DWS_ARRAY_LEN(caches); i++)
-		if (caches[i].c == c && --caches[i].refs == 0) {
-			dws_cache_close(c);
-			free(caches[i].dir);
-			caches[i].c = NULL;
-		}
-	pthread_mutex_unlock(&caches_lock);
-}
-
 dws_cache *dws_bucket_cache(dws_bucket *b)
 {
 	return b->cache;
@@ -390,7 +342,7 @@ static void hf_close(dws_bucket *b)
 {
 	struct hf *h = b->priv;
 	dws_http_free(h->http);
-	cache_put(h->cache);
+	dws_cache_release(h->cache);
 	free(h->endpoint);
 	free(h->ns);
 	free(h->name);
@@ -469,7 +421,7 @@ int dws_bucket_hf_open(const char *uri, const dws_bucket_opts *bo, dws_bucket **
 		free(token);
 	}
 	if (!rc)
-		rc = cache_get(bo, &h->cache, err);
+		rc = dws_cache_acquire(bo, &h->cache, err);
 	dws_bucket *b = dws_xcalloc(1, sizeof(*b));
 	b->ops = &hf_ops;
 	b->priv = h;

@@ -165,6 +165,15 @@ void dws_http_resp_free(dws_http_resp *rs)
 	memset(rs, 0, sizeof(*rs));
 }
 
+char *dws_http_escape(const char *s)
+{
+	pthread_once(&global_once, global_init);
+	char *e = curl_easy_escape(NULL, s, (int)strlen(s));
+	char *out = dws_xstrdup(e);
+	curl_free(e);
+	return out;
+}
+
 char *dws_http_escape_path(const char *path)
 {
 	pthread_once(&global_once, global_init);

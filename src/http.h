@@ -60,6 +60,8 @@ void dws_http_free(dws_http *h);
 int dws_http_do(dws_http *h, const dws_http_req *rq, dws_http_resp *rs,
 		dws_error *err);
 void dws_http_resp_free(dws_http_resp *rs);
+/* Escape everything but unreserved characters (a query value). */
+char *dws_http_escape(const char *s);
 /* Escape each path segment (keeps '/'): "a b/c#d" -> "a%20b/c%23d". */
 char *dws_http_escape_path(const char *path);
 /* Requests and bytes per class since start. */

@@ -58,7 +58,7 @@ struct dws_mount {
 	bool stop, started;
 	pthread_t thread;
 	/* remote polling (sync thread only) */
-	bool remote;
+	bool remote, has_probe;
 	char info_token[256];
 	int64_t next_info, next_relist;
 	bool discovered;
@@ -365,7 +365,9 @@ static void run_on_swap(dws_mount *m, uint64_t step)
 static bool poll_remote(dws_mount *m, bool *relist, dws_error *err)
 {
 	int64_t now = now_ms();
-	*relist = now >= m->next_relist;
+	*relist = now >= m->next_relist || !m->has_probe; /* S3: listing is the probe */
+	if (!m->has_probe)
+		return true;
 	if (now >= m->next_info) {
 		char tok[256];
 		int rc = dws_bucket_probe(m->bucket, tok, sizeof(tok), err);
@@ -661,7 +663,7 @@ int dws_mount_open(const dws_mount_opts *o, dws_mount **out, dws_error *err)
 	m->next_relist = now_ms() + m->o.relist_ms;
 	if (m->remote) {
 		dws_error pe = {0};
-		dws_bucket_probe(m->bucket, m->info_token, sizeof(m->info_token), &pe);
+		m->has_probe = dws_bucket_probe(m->bucket, m->info_token, sizeof(m->info_token), &pe) != DWS_EUNSUP;
 	}
 	m->last_poll_wall = (int64_t)time(NULL);
 	*out = m;

@@ -642,6 +642,59 @@ void dws_cache_stats(dws_cache *c, uint64_t *hits, uint64_t *misses,
 	pthread_mutex_unlock(&c->lock);
 }
 
+static pthread_mutex_t shared_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct shared_cache {
+	char *dir;
+	dws_cache *c;
+	int refs;
+} shared[8];
+
+int dws_cache_acquire(const dws_bucket_opts *bo, dws_cache **out, dws_error *err)
+{
+	const char *dir = bo && bo->cache_dir ? bo->cache_dir : "";
+	pthread_mutex_lock(&shared_lock);
+	for (size_t i = 0; i < DWS_ARRAY_LEN(shared); i++)
+		if (shared[i].c && !strcmp(shared[i].dir, dir)) {
+			shared[i].refs++;
+			*out = shared[i].c;
+			pthread_mutex_unlock(&shared_lock);
+			return DWS_OK;
+		}
+	dws_cache_opts co = {.dir = *dir ? dir : NULL};
+	if (bo) {
+		co.cap = bo->cache_size;
+		co.block_size = bo->block_size;
+		co.wait_ms = bo->read_deadline_ms;
+	}
+	int rc = dws_cache_open(&co, out, err);
+	bool kept = false;
+	for (size_t i = 0; !rc && i < DWS_ARRAY_LEN(shared) && !kept; i++)
+		if (!shared[i].c) {
+			shared[i] = (struct shared_cache){dws_xstrdup(dir), *out, 1};
+			kept = true;
+		}
+	pthread_mutex_unlock(&shared_lock);
+	if (!rc && !kept) {
+		dws_cache_close(*out);
+		return dws_fail(err, DWS_EINVAL, "more than %zu cache folders in one process", DWS_ARRAY_LEN(shared));
+	}
+	return rc;
+}
+
+void dws_cache_release(dws_cache *c)
+{
+	if (!c)
+		return;
+	pthread_mutex_lock(&shared_lock);
+	for (size_t i = 0; i < DWS_ARRAY_LEN(shared); i++)
+		if (shared[i].c == c && --shared[i].refs == 0) {
+			dws_cache_close(c);
+			free(shared[i].dir);
+			shared[i].c = NULL;
+		}
+	pthread_mutex_unlock(&shared_lock);
+}
+
 void dws_cache_close(dws_cache *c)
 {
 	if (!c)

@@ -17,6 +17,9 @@ typedef struct dws_cache_opts {
 } dws_cache_opts;
 
 int dws_cache_open(const dws_cache_opts *o, dws_cache **out, dws_error *err);
+/* One cache per folder in a process, shared by every bucket using it. */
+int dws_cache_acquire(const dws_bucket_opts *bo, dws_cache **out, dws_error *err);
+void dws_cache_release(dws_cache *c);
 void dws_cache_close(dws_cache *c);
 void dws_cache_stats(dws_cache *c, uint64_t *hits, uint64_t *misses,
 		     uint64_t *bytes, uint64_t *blocks);
