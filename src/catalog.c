@@ -86,6 +86,7 @@ static void sniff(dws_bucket *b, dws_stepfile *f)
 	dws_blob *blob = NULL;
 	dws_st_file *st = NULL;
 	void *buf = NULL;
+	dws_blob_direct_reads(true); /* a header is no reason to fetch whole blocks */
 	int rc = dws_bucket_open_blob(b, &f->obj, &blob, &err);
 	if (rc)
 		goto out;
@@ -186,6 +187,7 @@ static void sniff(dws_bucket *b, dws_stepfile *f)
 		}
 	}
 out:
+	dws_blob_direct_reads(false);
 	if (rc)
 		snprintf(f->error, sizeof(f->error), "%s", err.msg);
 	free(buf);

@@ -49,6 +49,13 @@ void dws_strmap_free(dws_strmap *m);
 void dws_strmap_put(dws_strmap *m, const char *key, size_t val);
 bool dws_strmap_get(const dws_strmap *m, const char *key, size_t *val);
 
+/* Readahead of remote blobs stops at this offset for reads made by this
+ * thread until it is reset to UINT64_MAX (the end of the tensor being read). */
+void dws_blob_readahead_limit(uint64_t end);
+/* While on, remote blob reads by this thread that miss the cache fetch just
+ * the bytes asked for and keep nothing (reading headers while cataloguing). */
+void dws_blob_direct_reads(bool on);
+
 /* Read a whole blob into memory (at most cap bytes). */
 int dws_blob_slurp(dws_blob *b, uint64_t cap, void **out, size_t *len,
 		   dws_error *err);

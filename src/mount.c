@@ -611,7 +611,7 @@ int dws_mount_open(const dws_mount_opts *o, dws_mount **out, dws_error *err)
 	if (!m->o.max_steps)
 		m->o.max_steps = 8;
 	if (!m->o.verify_set)
-		m->o.verify = DWS_VERIFY_STATE;
+		m->o.verify = DWS_VERIFY_STATE; /* remote buckets: payload, below */
 	m->bucket_uri = dws_xstrdup(o->bucket);
 	m->base = o->base ? dws_xstrdup(o->base) : NULL;
 	m->tmpdir = o->tmpdir ? dws_xstrdup(o->tmpdir) : NULL;
@@ -635,6 +635,10 @@ int dws_mount_open(const dws_mount_opts *o, dws_mount **out, dws_error *err)
 		m->remote = dws_bucket_is_remote(m->bucket);
 		if (!o->poll_ms && m->remote)
 			m->o.poll_ms = 5000;
+		/* a state checksum reads the whole model: remote, that is a full
+		 * download per step, so it is opt-in there */
+		if (!o->verify_set && m->remote)
+			m->o.verify = DWS_VERIFY_PAYLOAD;
 		rc = dws_catalog_load(m->bucket, NULL, &c, err);
 	}
 	if (!rc && dws_catalog_count(c) == 0)

@@ -448,12 +448,40 @@ static void prefetch(dws_blob *b, uint64_t first, unsigned n)
 
 /* ---- the blob ---- */
 
+static _Thread_local uint64_t ra_limit = UINT64_MAX;
+
+static _Thread_local bool direct_reads;
+
+void dws_blob_readahead_limit(uint64_t end) { ra_limit = end; }
+void dws_blob_direct_reads(bool on) { direct_reads = on; }
+
+static bool block_cached(dws_cache *c, const struct remote *r, uint64_t blk)
+{
+	char key[64];
+	size_t i;
+	snprintf(key, sizeof(key), "%s-%llu", r->ident_hash, (unsigned long long)blk);
+	pthread_mutex_lock(&c->lock);
+	bool hit = dws_strmap_get(&c->index, key, &i);
+	pthread_mutex_unlock(&c->lock);
+	return hit;
+}
+
 static int remote_read(dws_blob *b, uint64_t off, void *buf, size_t len, dws_error *err)
 {
 	struct remote *r = b->priv;
 	dws_cache *c = r->c;
 	uint64_t bs = c->o.block_size;
 	uint64_t first = off / bs, last = (off + len - 1) / bs;
+
+	if (direct_reads && first == last && !block_cached(c, r, first)) {
+		int rc = r->fetch(r->ctx, off, len, buf, err);
+		if (!rc) {
+			pthread_mutex_lock(&c->lock);
+			c->fetched += len;
+			pthread_mutex_unlock(&c->lock);
+		}
+		return rc;
+	}
 
 	pthread_mutex_lock(&r->lock);
 	bool seq = off == r->last_end || (r->last_end > bs && off / bs == (r->last_end - 1) / bs);
@@ -469,6 +497,10 @@ static int remote_read(dws_blob *b, uint64_t off, void *buf, size_t len, dws_err
 	 * several transfers run at once */
 	if (last > first)
 		prefetch(b, first + 1, (unsigned)(last - first));
+	if (window && ra_limit != UINT64_MAX) {
+		uint64_t lim_blk = ra_limit ? (ra_limit - 1) / bs : 0; /* last block worth having */
+		window = lim_blk > last ? (unsigned)(lim_blk - last < window ? lim_blk - last : window) : 0;
+	}
 	if (window)
 		prefetch(b, last + 1, window);
 

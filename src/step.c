@@ -176,18 +176,24 @@ static int produce(dws_step *s, size_t slot, uint64_t e0, uint64_t cnt,
 	const dws_src *src = &s->src[slot];
 	size_t ssz = dws_dtype_size(src->dtype);
 	int rc;
+	/* read ahead within this tensor only: one tensor costs about its bytes */
+	dws_blob_readahead_limit(src->off + sl->numel * ssz);
 	if (src->dtype == sl->dtype) {
 		rc = dws_blob_read(src->blob, src->off + e0 * ssz, dst, cnt * ssz, err);
-		if (rc)
+		if (rc) {
+			dws_blob_readahead_limit(UINT64_MAX);
 			return rc;
+		}
 	} else {
 		/* only BF16 sources are converted (checked at build) */
 		uint16_t scratch[CONV_CHUNK];
 		for (uint64_t done = 0; done < cnt;) {
 			uint64_t n = cnt - done < CONV_CHUNK ? cnt - done : CONV_CHUNK;
 			rc = dws_blob_read(src->blob, src->off + (e0 + done) * 2, scratch, n * 2, err);
-			if (rc)
+			if (rc) {
+				dws_blob_readahead_limit(UINT64_MAX);
 				return rc;
+			}
 			unsigned char *d = dst + done * dws_dtype_size(sl->dtype);
 			if (sl->dtype == DWS_DT_F32) {
 				uint32_t *o = (uint32_t *)(void *)d;
@@ -202,6 +208,7 @@ static int produce(dws_step *s, size_t slot, uint64_t e0, uint64_t cnt,
 			done += n;
 		}
 	}
+	dws_blob_readahead_limit(UINT64_MAX);
 	const dws_patch *p = s->patch[slot];
 	if (!p || !cnt)
 		return DWS_OK;
