@@ -50,6 +50,7 @@ struct opts {
 	double stall_timeout;
 	unsigned block_size;
 	unsigned poll;
+	unsigned info_poll;
 	double swap_idle;
 	double swap_max_delay;
 	unsigned max_steps;
@@ -577,6 +578,7 @@ static const struct fuse_opt opt_spec[] = {
 	OPT("verify=%s", verify),
 	OPT("map_prefix=%s", map_prefix),
 	OPT("poll=%u", poll),
+	OPT("info_poll=%u", info_poll),
 	OPT("swap_idle=%lf", swap_idle),
 	OPT("swap_max_delay=%lf", swap_max_delay),
 	OPT("max_steps=%u", max_steps),
@@ -609,7 +611,8 @@ static void usage(const char *prog)
 	       "BUCKET: a local folder, hf://buckets/NS/NAME[/PREFIX] or s3://BUCKET[/PREFIX].\n"
 	       "dwsfs options:\n"
 	       "    -o base=SRC            base model folder (default: the bucket's base/)\n"
-	       "    -o poll=SECONDS        how often to look for new steps (default 1)\n"
+	       "    -o poll=SECONDS        how often to look for new steps (default 1; remote 5)\n"
+	       "    -o info_poll=SECONDS   remote: bucket-info probe for anything else (default 60)\n"
 	       "    -o swap_idle=SECONDS   swap the root after it was idle this long (default 1)\n"
 	       "    -o swap_max_delay=SECONDS  swap anyway this long after a step is ready (default 30)\n"
 	       "    -o on_swap=CMD         run `sh -c CMD` after a swap (DWSFS_STEP, DWSFS_MOUNT set)\n"
@@ -724,6 +727,7 @@ int main(int argc, char *argv[])
 	dws_mount_opts mo = {
 		.bucket = o.bucket, .bucket_opts = &bo, .base = o.base, .maps = o.map_prefix ? &map : NULL, .nmaps = o.map_prefix ? 1 : 0,
 		.poll_ms = o.poll ? o.poll * 1000 : 0,
+		.info_poll_ms = o.info_poll * 1000,
 		.swap_idle_ms = o.swap_idle >= 0 ? (unsigned)(o.swap_idle * 1000) + (o.swap_idle == 0) : 0,
 		.swap_max_delay_ms = o.swap_max_delay >= 0 ? (unsigned)(o.swap_max_delay * 1000) + (o.swap_max_delay == 0) : 0,
 		.max_steps = o.max_steps, .tmpdir = o.cache_dir, .on_swap = o.on_swap, .mountpoint = co.mountpoint,

@@ -86,7 +86,9 @@ static void sniff(dws_bucket *b, dws_stepfile *f)
 	dws_blob *blob = NULL;
 	dws_st_file *st = NULL;
 	void *buf = NULL;
-	dws_blob_direct_reads(true); /* a header is no reason to fetch whole blocks */
+	/* an anchor's header is no reason to fetch whole blocks of it; a delta
+	 * is fetched whole anyway, so its first block goes to the cache */
+	dws_blob_direct_reads(f->in_anchors);
 	int rc = dws_bucket_open_blob(b, &f->obj, &blob, &err);
 	if (rc)
 		goto out;

@@ -383,17 +383,28 @@ static bool poll_remote(dws_mount *m, bool *relist, dws_error *err)
 	}
 	if (*relist)
 		return true;
-	/* the next step numbers, as deltas (compressed if the run compresses) */
+	/* the next step numbers, as deltas (compressed if the run compresses),
+	 * or as an anchor where the run's anchor interval puts one */
 	pthread_mutex_lock(&m->lock);
 	uint64_t next = m->ntable ? m->table[m->ntable - 1].step + 1 : 1;
 	bool zst = false;
-	for (size_t i = 0; m->cat && i < dws_catalog_count(m->cat); i++)
-		zst = dws_catalog_at(m->cat, i)->compressed;
+	uint64_t a_last = 0, a_every = 0;
+	for (size_t i = 0; m->cat && i < dws_catalog_count(m->cat); i++) {
+		const dws_stepfile *f = dws_catalog_at(m->cat, i);
+		zst = f->compressed;
+		if (f->in_anchors) {
+			if (a_last && f->step > a_last)
+				a_every = f->step - a_last;
+			a_last = f->step;
+		}
+	}
 	pthread_mutex_unlock(&m->lock);
 	bool found_any = false;
 	for (int k = 0; k < 16; k++, next++) {
 		char key[64];
-		snprintf(key, sizeof(key), "deltas/step_%06llu.safetensors%s", (unsigned long long)next, zst ? ".zst" : "");
+		bool anchor = a_every && next > a_last && (next - a_last) % a_every == 0;
+		snprintf(key, sizeof(key), "%s/step_%06llu.safetensors%s", anchor ? "anchors" : "deltas", (unsigned long long)next,
+			 zst ? ".zst" : "");
 		dws_object o;
 		dws_error e = {0};
 		int rc = dws_bucket_head(m->bucket, key, &o, &e);

@@ -77,6 +77,7 @@ struct remote {
 	void (*free_ctx)(void *);
 	pthread_mutex_t lock;   /* readahead state */
 	uint64_t last_end;
+	uint64_t last_limit;    /* readahead limit of the last read: its tensor */
 	unsigned window;
 };
 
@@ -485,6 +486,11 @@ static int remote_read(dws_blob *b, uint64_t off, void *buf, size_t len, dws_err
 
 	pthread_mutex_lock(&r->lock);
 	bool seq = off == r->last_end || (r->last_end > bs && off / bs == (r->last_end - 1) / bs);
+	/* a read of another tensor starts a new window: the kernel's own
+	 * readahead past a tensor's end is no reason to fetch the next one */
+	if (ra_limit != r->last_limit)
+		seq = false;
+	r->last_limit = ra_limit;
 	if (seq)
 		r->window = r->window ? (r->window * 2 > c->o.max_window ? c->o.max_window : r->window * 2) : 1;
 	else

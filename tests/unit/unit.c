@@ -29,8 +29,9 @@ static int passed, failed;
 
 static void test_dtypes(void)
 {
-	/* every BF16 value against the compiler's own F32 -> F16 conversion */
 	int bad = 0;
+#if defined(__FLT16_MAX__) && !defined(__clang__)
+	/* every BF16 value against the compiler's own F32 -> F16 conversion */
 	for (uint32_t b = 0; b < 65536; b++) {
 		float f = dws_bf16_to_f32((uint16_t)b);
 		if (f != f)
@@ -42,6 +43,7 @@ static void test_dtypes(void)
 			fprintf(stderr, "bf16 %04x: got %04x want %04x\n", b, dws_bf16_to_f16((uint16_t)b), want);
 	}
 	CHECK(bad == 0, "bf16->f16 matches _Float16 for all finite values (%d bad)", bad);
+#endif
 	uint16_t nan = dws_bf16_to_f16(0x7fc1);
 	CHECK((nan & 0x7c00) == 0x7c00 && (nan & 0x3ff), "NaN stays NaN");
 	CHECK(dws_f32_to_bf16(1.0f) == 0x3f80, "f32->bf16 1.0");

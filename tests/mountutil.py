@@ -1,0 +1,216 @@
+"""Running the dwsfs daemon under test, following libfuse's test pattern:
+start it in the foreground with its stderr in a file, wait for the mount with
+a deadline (failing early, with the daemon's stderr, if it exits), and on the
+way out always unmount, always reap the process (kill -9 past a deadline), then
+fail if it exited badly or logged an error the test did not declare.
+
+    with mounted(bucket, mnt, "poll=1", "swap_idle=0.2") as m:
+        read_status(m.mnt)["step"]
+"""
+import contextlib
+import errno
+import json
+import mmap
+import os
+import re
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DWSFS = os.environ.get("DWSFS", str(REPO / "build" / "dwsfs"))
+DWSCTL = os.environ.get("DWSCTL", str(REPO / "build" / "dwsctl"))
+
+# Deadlines only matter when something is wrong; scale them for slow builds
+# (ASan/UBSan is ~3x slower) without making a passing run any slower.
+SLOW = float(os.environ.get("DWSFS_TEST_SLOW", "3" if "asan" in DWSFS else "1"))
+MOUNT_TIMEOUT = 10.0 * SLOW
+EXIT_TIMEOUT = 10.0 * SLOW
+
+# Log lines that are a failure unless the test declared them with allowed_errors.
+BAD_LINE = re.compile(r"AddressSanitizer|LeakSanitizer|runtime error|ERROR| failed: | refused: ")
+
+
+class MountError(AssertionError):
+    pass
+
+
+def ismount(path):
+    """os.path.ismount, but a dead daemon's mount (ENOTCONN) counts as a mount."""
+    try:
+        return os.path.ismount(path)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+
+
+def is_stale(path):
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
+def wait_until(pred, timeout, what, interval=0.02):
+    """Poll pred() until it returns something truthy (returned) or raise after
+    `timeout` seconds saying `what` never happened. Exceptions of pred count
+    as false until the deadline, then are chained to the failure."""
+    deadline = time.monotonic() + timeout
+    last_exc = None
+    while True:
+        try:
+            v = pred()
+            if v:
+                return v
+            last_exc = None
+        except Exception as e:  # noqa: BLE001 - reported on timeout
+            last_exc = e
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:.1f} s waiting for {what}") from last_exc
+        time.sleep(interval)
+
+
+def read_status(mnt):
+    with open(os.path.join(mnt, ".dwsfs", "status"), "rb") as f:
+        return json.loads(f.read())
+
+
+def mmap_read(path):
+    """The whole file through a shared read-only mapping."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return b""
+        with mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as mm:
+            return bytes(mm[:])
+
+
+def read_file(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def unmount(mnt, check=False):
+    """Lazy unmount; returns fusermount3's CompletedProcess."""
+    p = subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, text=True, timeout=30)
+    if check and p.returncode != 0:
+        raise MountError(f"fusermount3 -u -z {mnt} failed ({p.returncode}): {p.stderr.strip()}")
+    return p
+
+
+def daemon_env(env=None):
+    e = dict(os.environ)
+    # Sanitizer reports must end the daemon and show in its stderr.
+    e.setdefault("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=1")
+    e.setdefault("UBSAN_OPTIONS", "print_stacktrace=1:halt_on_error=1")
+    if env:
+        e.update(env)
+    return e
+
+
+def daemon_cmd(bucket, mnt, opts):
+    cmd = [DWSFS, "-f", str(bucket), str(mnt)]
+    for o in opts:
+        o = str(o)
+        cmd += [o] if o.startswith("-") else ["-o", o]
+    return cmd
+
+
+def unexpected_lines(text, allowed_errors=()):
+    pats = [re.compile(a) for a in allowed_errors]
+    return [ln for ln in text.splitlines() if BAD_LINE.search(ln) and not any(p.search(ln) for p in pats)]
+
+
+class Mount:
+    def __init__(self, proc, mnt, logpath):
+        self.proc, self.mnt, self.logpath = proc, str(mnt), logpath
+        self.final_log = None
+
+    def log(self):
+        """The daemon's stderr so far (all of it once mounted() has ended)."""
+        if self.final_log is not None:
+            return self.final_log
+        with open(self.logpath, errors="replace") as f:
+            return f.read()
+
+    def status(self):
+        return read_status(self.mnt)
+
+    def path(self, *parts):
+        return os.path.join(self.mnt, *[str(p) for p in parts])
+
+    def wait_step(self, step, timeout, what=None):
+        """Wait until the root serves `step`; returns the seconds it took."""
+        t0 = time.monotonic()
+        wait_until(lambda: read_status(self.mnt)["step"] == step, timeout,
+                   what or f"the root to serve step {step} (log:\n{self.log()})")
+        return time.monotonic() - t0
+
+    def wait_exit(self, timeout):
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+
+@contextlib.contextmanager
+def mounted(bucket, mnt, *opts, env=None, allowed_errors=(), expect_returncode=0,
+            mount_timeout=None, exit_timeout=None):
+    """Mount `bucket` on `mnt` with `dwsfs -f BUCKET MNT -o OPT...` (an opt that
+    starts with '-' is passed as is). Yields a Mount.
+
+    On exit, whatever happened: `fusermount3 -u -z MNT`, wait for the daemon
+    (kill -9 after a deadline), then fail if it exited with something else than
+    `expect_returncode` or logged an unexpected error line (sanitizer report,
+    'runtime error', 'ERROR', ' failed: ', ' refused: ') that matches none of
+    the regexes in `allowed_errors`."""
+    mnt = str(mnt)
+    os.makedirs(mnt, exist_ok=True)
+    mount_timeout = mount_timeout or MOUNT_TIMEOUT
+    exit_timeout = exit_timeout or EXIT_TIMEOUT
+    fd, logpath = tempfile.mkstemp(prefix="dwsfs-", suffix=".log")
+    log = os.fdopen(fd, "w")
+    proc = subprocess.Popen(daemon_cmd(bucket, mnt, opts), stdin=subprocess.DEVNULL, stdout=log,
+                            stderr=subprocess.STDOUT, env=daemon_env(env))
+    log.close()
+    m = Mount(proc, mnt, logpath)
+    body_failed = False
+    try:
+        deadline = time.monotonic() + mount_timeout
+        while not os.path.ismount(mnt):
+            if proc.poll() is not None:
+                raise MountError(f"dwsfs exited with {proc.returncode} before mounting {mnt}:\n{m.log()}")
+            if time.monotonic() > deadline:
+                raise MountError(f"{mnt} not mounted after {mount_timeout:.0f} s:\n{m.log()}")
+            time.sleep(0.02)
+        yield m
+    except BaseException:
+        body_failed = True
+        raise
+    finally:
+        problems = []
+        if proc.poll() is None or ismount(mnt):
+            unmount(mnt)
+        rc = m.wait_exit(exit_timeout)
+        if rc is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+            problems.append(f"dwsfs did not exit within {exit_timeout:.0f} s of the unmount; killed")
+        elif rc != expect_returncode:
+            problems.append(f"dwsfs exited with {rc}, expected {expect_returncode}")
+        bad = unexpected_lines(m.log(), allowed_errors)
+        if bad:
+            problems.append("unexpected error lines in the daemon's log:\n  " + "\n  ".join(bad))
+        text = m.final_log = m.log()
+        os.unlink(logpath)
+        if body_failed:
+            print(f"--- daemon log ({' '.join(proc.args)}) ---\n{text}")
+        for _ in range(3):  # stacked mounts (a stale one under ours) included
+            if not ismount(mnt):
+                break
+            problems.append(f"{mnt} is still mounted after the daemon exited")
+            unmount(mnt)
+        if problems and not body_failed:
+            raise MountError("; ".join(problems) + f"\n--- daemon log ---\n{text}")

@@ -1,0 +1,502 @@
+"""Remote buckets: hf:// against the loopback Hub (tests/hubserver.py) and
+s3:// against s3rver, through dwsctl and through the mount. Byte-exact against
+the oracle, lazy (bytes fetched), fault-tolerant (never a wrong byte, never a
+hang), with the token kept away from the CDN and the cache under its cap."""
+import json
+import mmap
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import dwsgen
+import dwsref
+from conftest import REPO
+from hubserver import Hub
+
+DWSFS = os.environ.get("DWSFS", str(REPO / "build" / "dwsfs"))
+DWSCTL = os.environ.get("DWSCTL", str(REPO / "build" / "dwsctl"))
+S3RVER = os.environ.get("S3RVER", "/opt/dwsfs-test-npm/node_modules/.bin/s3rver")
+TOKEN = "hf_test_secret_token_0123456789"
+
+
+def wait_until(pred, timeout, what):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+class Mount:
+    """dwsfs in the foreground; always unmounted; daemon errors fail the test."""
+
+    def __init__(self, bucket, mnt, opts=(), env=None, allowed=()):
+        self.mnt = Path(mnt)
+        self.mnt.mkdir(parents=True, exist_ok=True)
+        self.logf = open(self.mnt.parent / (self.mnt.name + ".log"), "w+")
+        args = [DWSFS, "-f", str(bucket), str(mnt)]
+        if opts:
+            args += ["-o", ",".join(opts)]
+        self.allowed = allowed
+        self.proc = subprocess.Popen(args, stderr=self.logf, env=env)
+        deadline = time.monotonic() + 20
+        while not os.path.ismount(mnt):
+            if self.proc.poll() is not None:
+                raise AssertionError(f"dwsfs exited {self.proc.returncode}: {self.log()}")
+            if time.monotonic() > deadline:
+                self.close()
+                raise AssertionError(f"not mounted after 20 s: {self.log()}")
+            time.sleep(0.02)
+
+    def log(self):
+        self.logf.flush()
+        with open(self.logf.name) as f:
+            return f.read()
+
+    def status(self):
+        with open(self.mnt / ".dwsfs" / "status") as f:
+            return json.load(f)
+
+    def close(self):
+        subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True, timeout=30)
+        try:
+            rc = self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait(timeout=10)
+            raise AssertionError("dwsfs did not exit after unmount")
+        log = self.log()
+        self.logf.close()
+        assert rc == 0, f"dwsfs exited {rc}: {log}"
+        for bad in ("AddressSanitizer", "runtime error", "LeakSanitizer"):
+            assert bad not in log, log
+        return log
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_all(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def read_mmap(path):
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return b""
+        with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+            return bytes(m)
+
+
+def same_tree(actual_root, expected_root, reader=read_all):
+    for dirpath, _, files in os.walk(expected_root):
+        for name in files:
+            e = Path(dirpath) / name
+            rel = e.relative_to(expected_root)
+            assert reader(Path(actual_root) / rel) == e.read_bytes(), f"{rel} differs"
+
+
+@pytest.fixture
+def hub(tmp_path):
+    root = tmp_path / "hubroot"
+    (root / "buckets" / "test").mkdir(parents=True)
+    h = Hub(str(root)).start()
+    try:
+        yield h, root
+    finally:
+        h.stop()
+
+
+def add_bucket(root, name, scenario_dir):
+    dst = root / "buckets" / "test" / name
+    shutil.copytree(Path(scenario_dir) / "bucket", dst, copy_function=shutil.copy2)
+    return f"hf://buckets/test/{name}", dst
+
+
+def hf_env(h, cache, token=None):
+    env = dict(os.environ, HF_ENDPOINT=h.endpoint, DWSFS_CACHE_DIR=str(cache))
+    env.pop("HF_TOKEN", None)
+    env["HF_HOME"] = str(cache) + "-hfhome"  # no stray token file
+    if token:
+        env["HF_TOKEN"] = token
+    return env
+
+
+def ctl(*args, env, check=True, timeout=120):
+    p = subprocess.run([DWSCTL, *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
+    if check and p.returncode:
+        raise AssertionError(f"dwsctl {args}: {p.returncode}\n{p.stderr}")
+    return p
+
+
+@pytest.fixture(autouse=True)
+def _need_binaries():
+    if not (os.access(DWSFS, os.X_OK) and os.access(DWSCTL, os.X_OK)):
+        pytest.skip("dwsfs/dwsctl not built")
+
+
+# ---------------------------------------------------------------- byte-exact
+
+def test_extract_hf_every_step_with_model_repo_base(hub, scenarios, tmp_path):
+    """v3gap: its external base (F32/F16/I64 tensors) served as a Hub model
+    repo, base=hf://NS/REPO@REV; every step byte-exact."""
+    h, root = hub
+    sdir, info = scenarios["v3gap"]
+    uri, _ = add_bucket(root, "v3gap", sdir)
+    shutil.copytree(sdir / "base", root / "models" / "acme" / "base-model" / "main", copy_function=shutil.copy2)
+    env = hf_env(h, tmp_path / "cache")
+    for step in info["steps"]:
+        out = tmp_path / f"out{step}"
+        ctl("extract", uri, out, "--step", step, "--base", "hf://acme/base-model@main", env=env)
+        assert dwsref.diff_folders(out, sdir / "expected" / str(step)) is None, step
+    assert h.stats()["cdn_auth_seen"] == 0
+
+
+def test_mount_hf_read_and_mmap(hub, scenarios, tmp_path):
+    h, root = hub
+    sdir, info = scenarios["v1"]
+    uri, _ = add_bucket(root, "v1", sdir)
+    env = hf_env(h, tmp_path / "cache")
+    with Mount(uri, tmp_path / "mnt", ["poll=1"], env=env) as m:
+        same_tree(m.mnt, sdir / "expected" / str(info["latest"]))
+        same_tree(m.mnt, sdir / "expected" / str(info["latest"]), read_mmap)
+        for step in info["steps"][::3]:
+            same_tree(m.mnt / "steps" / f"{step:06d}", sdir / "expected" / str(step), read_mmap)
+        st = m.status()
+        assert st["step"] == info["latest"] and st["bucket"] == uri
+        assert st["api_calls"] > 0 and st["cdn_requests"] > 0 and st["last_error"] is None
+
+
+# ---------------------------------------------------------------- laziness
+
+def big_anchor_bucket(dst, tensors=8, mib=4):
+    """One complete BF16 anchor of `tensors` tensors of `mib` MiB each."""
+    rng = __import__("numpy").random.default_rng(7)
+    names = [f"model.layers.{i}.mlp.weight" for i in range(tensors)]
+    n = mib * 1024 * 1024 // 2
+    data = {k: ("BF16", [n], rng.integers(0, 65535, n, dtype="uint16").tobytes()) for k in names}
+    meta = {"format": "sparse_weight_patch", "version": "1", "sparse": "False", "model_version": "1",
+            "total_elements": str(n * tensors)}
+    (dst / "anchors").mkdir(parents=True)
+    (dst / "anchors" / "step_000001.safetensors").write_bytes(dwsgen.safetensors_bytes(data, meta))
+    return names, n * 2
+
+
+def test_one_tensor_fetches_about_its_bytes(hub, tmp_path):
+    h, root = hub
+    dst = root / "buckets" / "test" / "big"
+    names, tbytes = big_anchor_bucket(dst)
+    env = hf_env(h, tmp_path / "cache")
+    with Mount("hf://buckets/test/big", tmp_path / "mnt", ["poll=60", "block_size=1048576"], env=env) as m:
+        f = m.mnt / "model.safetensors"
+        header, _, start = dwsref.parse(read_all(dst / "anchors" / "step_000001.safetensors"), "anchor")
+        before = h.stats()["cdn_bytes"]
+        e = header[names[3]]["data_offsets"]
+        with open(f, "rb") as fh:
+            fh.seek(start + e[0])
+            got = fh.read(e[1] - e[0])
+        want = read_all(dst / "anchors" / "step_000001.safetensors")[start + e[0]:start + e[1]]
+        assert got == want
+        fetched = h.stats()["cdn_bytes"] - before
+        shard = os.path.getsize(f)
+        # the tensor plus at most a block on each side; not the shard
+        assert fetched <= tbytes + 2 * (1 << 20), (fetched, tbytes)
+        assert fetched < shard / 3
+
+
+def test_new_step_fetches_about_the_delta(hub, scenarios, tmp_path):
+    """Taking a new step costs <= 1.05x the delta file's bytes."""
+    h, root = hub
+    sdir, info = scenarios["gaps"]
+    dst = root / "buckets" / "test" / "live"
+    steps = info["steps"]
+    env = hf_env(h, tmp_path / "cache")
+    # the oracle's checkpoints published as consecutive steps 1, 2, 3, 4
+    ctl("publish", "-", sdir / "expected" / str(steps[0]), dst, "--step", 1, "--format", "anchor", env=env)
+    with Mount("hf://buckets/test/live", tmp_path / "mnt", ["poll=1", "swap_idle=0.1"], env=env) as m:
+        prev = steps[0]
+        for n, s in enumerate(steps[1:4], start=2):
+            before = h.stats()["cdn_bytes"]
+            p = ctl("publish", sdir / "expected" / str(prev), sdir / "expected" / str(s), dst, "--step", n, env=env)
+            delta = os.path.getsize(p.stdout.split(":")[0])
+            wait_until(lambda: m.status()["step"] == n, 15, f"step {n} at the root")
+            fetched = h.stats()["cdn_bytes"] - before
+            assert fetched <= 1.05 * delta, (n, fetched, delta)
+            prev = s
+        # and the served bytes are right
+        got = dwsref.parse(read_all(m.mnt / "model.safetensors"), "m")
+        out = tmp_path / "x"
+        ctl("extract", "hf://buckets/test/live", out, env=env)
+        assert read_all(m.mnt / "model.safetensors") == read_all(out / "model.safetensors")
+        assert got is not None
+
+
+# ---------------------------------------------------------------- faults
+
+FAULTS = [
+    {"kind": "status", "status": 503, "count": 3},
+    {"kind": "status", "status": 500, "count": 2},
+    {"kind": "429", "reset": 1, "retry_after": 1, "count": 2},
+    {"kind": "stall", "seconds": 30, "after": 1000, "count": 1},
+    {"kind": "truncate", "after": 1000, "count": 2},
+    {"kind": "reset", "count": 2},
+]
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=[f"{f['kind']}-{f.get('status', '')}" for f in FAULTS])
+@pytest.mark.parametrize("cls", ["cdn", "resolve"])
+def test_faults_survived_with_correct_bytes(hub, scenarios, tmp_path, fault, cls):
+    h, root = hub
+    sdir, info = scenarios["v1"]
+    uri, _ = add_bucket(root, "v1", sdir)
+    env = hf_env(h, tmp_path / "cache")
+    with Mount(uri, tmp_path / "mnt", ["poll=60", "stall_timeout=1", "block_size=65536"], env=env) as m:
+        h.set_faults(dict(fault, **{"class": cls}))
+        t0 = time.monotonic()
+        same_tree(m.mnt / "steps" / "000004", sdir / "expected" / "4")
+        assert time.monotonic() - t0 < 30
+        assert h.stats()["faults_fired"] >= 1
+
+
+def test_unreachable_source_is_a_clean_eio_within_the_deadline(hub, scenarios, tmp_path):
+    h, root = hub
+    sdir, info = scenarios["v1"]
+    uri, _ = add_bucket(root, "v1", sdir)
+    env = hf_env(h, tmp_path / "cache")
+    with Mount(uri, tmp_path / "mnt", ["poll=60", "read_timeout=3", "stall_timeout=1", "block_size=65536"],
+               env=env) as m:
+        f = m.mnt / "model-00001-of-00002.safetensors"
+        h.set_faults({"class": "cdn", "kind": "status", "status": 503, "count": 100000})
+        h.set_faults({"class": "resolve", "kind": "status", "status": 503, "count": 100000})
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as e:
+            read_all(f)
+        took = time.monotonic() - t0
+        assert e.value.errno == 5 and took < 15, (e.value, took)
+        h.clear_faults()
+        assert read_all(f) == (sdir / "expected" / str(info["latest"]) / f.name).read_bytes()
+        assert "failed" in m.log()
+
+
+def test_stalled_cdn_never_hangs_other_readers(hub, scenarios, tmp_path):
+    """A stall on one object: its read is retried after the stall timeout,
+    and a read of another file is served meanwhile."""
+    h, root = hub
+    sdir, info = scenarios["v1"]
+    uri, _ = add_bucket(root, "v1", sdir)
+    env = hf_env(h, tmp_path / "cache")
+    exp = sdir / "expected" / str(info["latest"])
+    with Mount(uri, tmp_path / "mnt", ["poll=60", "stall_timeout=2", "block_size=65536"], env=env) as m:
+        h.set_faults({"class": "cdn", "kind": "stall", "seconds": 60, "count": 1,
+                      "match": "model-00001-of-00002"})
+        res = {}
+        t = threading.Thread(target=lambda: res.update(a=read_all(m.mnt / "model-00001-of-00002.safetensors")))
+        t.start()
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        assert read_all(m.mnt / "model-00002-of-00002.safetensors") == (exp / "model-00002-of-00002.safetensors").read_bytes()
+        assert time.monotonic() - t0 < 2
+        t.join(30)
+        assert not t.is_alive() and res["a"] == (exp / "model-00001-of-00002.safetensors").read_bytes()
+
+
+def test_skipped_step_number_found_by_the_info_probe(hub, scenarios, tmp_path):
+    """A step number with nothing changed uploads nothing: the HEAD of the next
+    name misses, and the bucket-info probe finds the step after it."""
+    h, root = hub
+    sdir, info = scenarios["gaps"]
+    dst = root / "buckets" / "test" / "live"
+    steps = info["steps"]
+    env = hf_env(h, tmp_path / "cache")
+    ctl("publish", "-", sdir / "expected" / str(steps[0]), dst, "--step", 1, "--format", "anchor", env=env)
+    with Mount("hf://buckets/test/live", tmp_path / "mnt", ["poll=1", "info_poll=2", "swap_idle=0.1"], env=env) as m:
+        ctl("publish", sdir / "expected" / str(steps[0]), sdir / "expected" / str(steps[1]), dst, "--step", 3, env=env)
+        wait_until(lambda: m.status()["step"] == 3, 20, "step 3 after the skipped step 2")
+
+
+def test_poller_backs_off_and_recovers(hub, scenarios, tmp_path):
+    h, root = hub
+    sdir, info = scenarios["gaps"]
+    dst = root / "buckets" / "test" / "live"
+    steps = info["steps"]
+    env = hf_env(h, tmp_path / "cache")
+    ctl("publish", "-", sdir / "expected" / str(steps[0]), dst, "--step", steps[0], "--format", "anchor", env=env)
+    with Mount("hf://buckets/test/live", tmp_path / "mnt", ["poll=1", "swap_idle=0.1", "read_timeout=2"],
+               env=env) as m:
+        h.set_faults({"class": "resolve", "kind": "status", "status": 502, "count": 100000})
+        ctl("publish", sdir / "expected" / str(steps[0]), sdir / "expected" / str(steps[1]), dst, "--step", steps[1],
+            env=env)
+        wait_until(lambda: m.status()["last_error"], 20, "the poll error in status")
+        assert m.status()["step"] == steps[0]
+        h.clear_faults()
+        wait_until(lambda: m.status()["step"] == steps[1], 30, "recovery")
+
+
+# ---------------------------------------------------------------- auth
+
+def test_token_sent_to_hub_never_to_cdn_nor_log(tmp_path, scenarios):
+    sdir, info = scenarios["v1"]
+    root = tmp_path / "hubroot"
+    (root / "buckets" / "test").mkdir(parents=True)
+    add_bucket(root, "v1", sdir)
+    with Hub(str(root), token=TOKEN).start() as h:
+        # no token: a clean one-line failure before anything is mounted
+        env = hf_env(h, tmp_path / "cache")
+        (tmp_path / "m0").mkdir()
+        p = subprocess.run([DWSFS, "-f", "hf://buckets/test/v1", str(tmp_path / "m0")], env=env, capture_output=True,
+                           text=True, timeout=60)
+        assert p.returncode != 0 and "401" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        # the token from a file named by HF_TOKEN_PATH
+        tok = tmp_path / "tok"
+        tok.write_text(TOKEN + "\n")
+        env = dict(env, HF_TOKEN_PATH=str(tok))
+        with Mount("hf://buckets/test/v1", tmp_path / "mnt", ["poll=1"], env=env) as m:
+            same_tree(m.mnt, sdir / "expected" / str(info["latest"]))
+        log = (tmp_path / "mnt.log").read_text()
+        assert "mounted hf://buckets/test/v1" in log
+        s = h.stats()
+        assert s["cdn"] > 0 and s["cdn_auth_seen"] == 0
+        # a failing request's message names the object, never the token
+        env2 = hf_env(h, tmp_path / "cache2", token="hf_wrong_token_xyz")
+        p = ctl("ls", "hf://buckets/test/v1", env=env2, check=False)
+        assert p.returncode != 0 and "401" in p.stderr and "hf_wrong_token_xyz" not in p.stderr
+        assert TOKEN not in log
+
+
+# ---------------------------------------------------------------- cache
+
+def test_cache_cap_holds_and_blocks_are_checked(hub, tmp_path):
+    h, root = hub
+    dst = root / "buckets" / "test" / "big"
+    names, tbytes = big_anchor_bucket(dst, tensors=8, mib=2)
+    cache = tmp_path / "cache"
+    env = hf_env(h, cache)
+    want = read_all(dst / "anchors" / "step_000001.safetensors")
+    opts = ["poll=60", "block_size=1048576", "cache_size=4M", f"cache_dir={cache}"]
+
+    def cache_bytes():
+        return sum(p.stat().st_size for p in (cache / "blocks").rglob("*.blk"))
+
+    with Mount("hf://buckets/test/big", tmp_path / "mnt", opts, env=env) as m:
+        f = m.mnt / "model.safetensors"
+        assert read_all(f) == want  # 16 MiB through a 4 MiB cache
+        assert cache_bytes() <= 4 * 1024 * 1024 + 4096
+        assert read_all(f) == want
+        assert cache_bytes() <= 4 * 1024 * 1024 + 4096
+    # corrupt every cached block on disk: the next mount detects it and refetches
+    blocks = list((cache / "blocks").rglob("*.blk"))
+    assert blocks
+    for b in blocks:
+        raw = bytearray(b.read_bytes())
+        raw[-1] ^= 0xFF
+        b.write_bytes(bytes(raw))
+    (cache / "tmp" / "leftover.partial").write_bytes(b"half a block")
+    # a roomier cap this time, so the bad blocks are read rather than evicted
+    opts = ["poll=60", "block_size=1048576", "cache_size=64M", f"cache_dir={cache}"]
+    with Mount("hf://buckets/test/big", tmp_path / "mnt", opts, env=env) as m:
+        with open(m.mnt / "model.safetensors", "rb") as fh:  # the tail first: the blocks still cached
+            fh.seek(len(want) - (1 << 20))
+            assert fh.read() == want[-(1 << 20):]
+        assert read_all(m.mnt / "model.safetensors") == want
+        assert "bad on disk" in m.log()
+    assert not (cache / "tmp" / "leftover.partial").exists()
+
+
+def test_cache_reused_across_remounts_and_keyed_by_content(hub, scenarios, tmp_path):
+    h, root = hub
+    sdir, info = scenarios["v1"]
+    uri, dst = add_bucket(root, "v1", sdir)
+    cache = tmp_path / "cache"
+    env = hf_env(h, cache)
+    exp = sdir / "expected" / str(info["latest"])
+    with Mount(uri, tmp_path / "mnt", ["poll=60", f"cache_dir={cache}"], env=env) as m:
+        same_tree(m.mnt, exp)
+    h.reset_stats()
+    with Mount(uri, tmp_path / "mnt", ["poll=60", f"cache_dir={cache}"], env=env) as m:
+        same_tree(m.mnt, exp)
+    assert h.stats()["cdn_bytes"] < 100 * 1024, h.stats()["cdn_bytes"]
+    # rewrite the last delta with other content of the same name: never stale
+    last = max(dst.glob("deltas/*"))
+    shutil.copy2(sdir / "bucket" / "deltas" / "step_000011.safetensors", last)
+    # step 11's delta as step 12: a delta relative to 11 applied to 11 again
+    out = tmp_path / "after"
+    ctl("extract", uri, out, "--step", info["latest"], env=env)
+    assert read_all(out / "model-00001-of-00002.safetensors") == (sdir / "expected" / "11" /
+                                                                   "model-00001-of-00002.safetensors").read_bytes()
+
+
+# ---------------------------------------------------------------- s3
+
+@pytest.fixture
+def s3(tmp_path):
+    if not os.access(S3RVER, os.X_OK):
+        if os.environ.get("DWSFS_REQUIRE_S3") == "1":
+            pytest.fail(f"s3rver not installed at {S3RVER}")
+        pytest.skip(f"s3rver not installed at {S3RVER}")
+    port = 20000 + os.getpid() % 20000
+    data = tmp_path / "s3data"
+    data.mkdir()
+    p = subprocess.Popen([S3RVER, "-d", str(data), "-a", "127.0.0.1", "-p", str(port), "--configure-bucket", "grpo",
+                          "--silent"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ep = f"http://127.0.0.1:{port}"
+    try:
+        def up():
+            r = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", ep], capture_output=True,
+                               text=True, timeout=5)
+            return r.stdout.strip() not in ("", "000")
+        wait_until(up, 30, "s3rver")
+        yield ep
+    finally:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def s3_put_tree(ep, src, prefix):
+    for dirpath, _, files in os.walk(src):
+        for name in files:
+            f = Path(dirpath) / name
+            key = f"{prefix}/{f.relative_to(src)}"
+            subprocess.run(["curl", "-s", "-f", "--aws-sigv4", "aws:amz:us-east-1:s3", "-u", "S3RVER:S3RVER",
+                            "-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD", "-T", str(f), f"{ep}/grpo/{key}"],
+                           check=True, timeout=60)
+
+
+def s3_env(ep, cache):
+    return dict(os.environ, AWS_ENDPOINT_URL=ep, AWS_ACCESS_KEY_ID="S3RVER", AWS_SECRET_ACCESS_KEY="S3RVER",
+                AWS_REGION="us-east-1", DWSFS_CACHE_DIR=str(cache))
+
+
+def test_s3_extract_and_mount(s3, scenarios, tmp_path):
+    sdir, info = scenarios["v1"]
+    s3_put_tree(s3, sdir / "bucket", "run1")
+    env = s3_env(s3, tmp_path / "cache")
+    for step in info["steps"][::4] + [info["latest"]]:
+        out = tmp_path / f"out{step}"
+        ctl("extract", "s3://grpo/run1", out, "--step", step, env=env)
+        assert dwsref.diff_folders(out, sdir / "expected" / str(step)) is None, step
+    with Mount("s3://grpo/run1", tmp_path / "mnt", ["poll=1"], env=env) as m:
+        same_tree(m.mnt, sdir / "expected" / str(info["latest"]), read_mmap)
+        assert m.status()["s3_requests"] > 0
+    # s3rver checks the access key (not the signature): a wrong one is a 403
+    bad = dict(env, AWS_ACCESS_KEY_ID="NOBODY", AWS_SECRET_ACCESS_KEY="not-the-secret-xyz",
+               DWSFS_CACHE_DIR=str(tmp_path / "cache-bad"))
+    p = ctl("ls", "s3://grpo/run1", env=bad, check=False)
+    assert p.returncode != 0 and "403" in p.stderr and "not-the-secret-xyz" not in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
