@@ -353,7 +353,7 @@ static int apply_dense(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 		}
 		dws_blob_unref(s->src[slot].blob);
 		s->src[slot] = (dws_src){dws_blob_ref(b), dws_st_data_start(st) + t->begin, t->dtype};
-		dws_patch_unref(s->patch[slot]);
+		dws_patchset_unref(s->patch[slot]);
 		s->patch[slot] = NULL;
 		s->trained[slot] = is_float(t->dtype);
 	}
@@ -422,9 +422,15 @@ static int apply_sparse(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 		size_t slot = ps[i].slot;
 		if (!ps[i].count)
 			continue;
-		dws_patch *m = dws_patch_merge(s->patch[slot], ps[i].idx, ps[i].val, ps[i].count);
-		dws_patch_unref(s->patch[slot]);
-		s->patch[slot] = m;
+		/* the decoded indices become the run; the values are copied out of
+		 * the file buffer, which goes away */
+		uint16_t *val = dws_xmalloc(ps[i].count * sizeof(uint16_t));
+		memcpy(val, ps[i].val, ps[i].count * sizeof(uint16_t));
+		dws_patch *run = dws_patch_new_owned(ps[i].idx, val, (uint32_t)ps[i].count);
+		ps[i].idx = NULL;
+		dws_patchset *next = dws_patchset_add(s->patch[slot], run);
+		dws_patchset_unref(s->patch[slot]);
+		s->patch[slot] = next;
 		s->trained[slot] = 1;
 	}
 out:

@@ -219,8 +219,8 @@ int dws_delta_decode(const dws_st_file *st, const unsigned char *data,
 				      what, (int)stem, t->name);
 			goto out;
 		}
-		if (numel > (uint64_t)UINT32_MAX + 1) {
-			rc = dws_fail(err, DWS_EUNSUP, "%s: tensor '%.*s' has %llu elements; patches support at most 2^32", what, (int)stem,
+		if (numel > (uint64_t)UINT32_MAX) {
+			rc = dws_fail(err, DWS_EUNSUP, "%s: tensor '%.*s' has %llu elements; patches support fewer than 2^32", what, (int)stem,
 				      t->name, (unsigned long long)numel);
 			goto out;
 		}

@@ -62,6 +62,132 @@ dws_patch *dws_patch_merge(const dws_patch *old, const uint32_t *idx,
 	return p;
 }
 
+dws_patch *dws_patch_new_owned(uint32_t *idx, uint16_t *val, uint32_t n)
+{
+	dws_patch *p = dws_xcalloc(1, sizeof(*p));
+	atomic_init(&p->refs, 1);
+	p->n = n;
+	p->idx = idx;
+	p->val = val;
+	return p;
+}
+
+/* k-way merge with a binary heap of run heads ordered by (index, newer
+ * first): the first entry popped for an index is the newest; older ones for
+ * the same index are dropped. One pass over every entry. */
+dws_patch *dws_patch_compact(dws_patch *const *runs, uint32_t k)
+{
+	uint64_t total = 0;
+	for (uint32_t r = 0; r < k; r++)
+		total += runs[r]->n;
+	uint32_t *idx = dws_xmalloc((total ? total : 1) * sizeof(uint32_t));
+	uint16_t *val = dws_xmalloc((total ? total : 1) * sizeof(uint16_t));
+	uint32_t *heap = dws_xmalloc((k ? k : 1) * sizeof(uint32_t)); /* run numbers */
+	uint32_t *pos = dws_xcalloc(k ? k : 1, sizeof(uint32_t));
+	uint32_t hn = 0;
+#define KEY_LESS(a, b) (runs[a]->idx[pos[a]] < runs[b]->idx[pos[b]] || \
+			(runs[a]->idx[pos[a]] == runs[b]->idx[pos[b]] && (a) > (b)))
+	for (uint32_t r = 0; r < k; r++) {
+		if (!runs[r]->n)
+			continue;
+		uint32_t i = hn++;
+		heap[i] = r;
+		while (i && KEY_LESS(heap[i], heap[(i - 1) / 2])) {
+			uint32_t t = heap[i];
+			heap[i] = heap[(i - 1) / 2];
+			heap[(i - 1) / 2] = t;
+			i = (i - 1) / 2;
+		}
+	}
+	uint64_t out = 0;
+	while (hn) {
+		uint32_t r = heap[0];
+		uint32_t e = runs[r]->idx[pos[r]];
+		if (!out || idx[out - 1] != e) {
+			idx[out] = e;
+			val[out++] = runs[r]->val[pos[r]];
+		}
+		if (++pos[r] == runs[r]->n)
+			heap[0] = heap[--hn];
+		for (uint32_t i = 0;;) { /* sift down */
+			uint32_t l = 2 * i + 1, m = i;
+			if (l < hn && KEY_LESS(heap[l], heap[m]))
+				m = l;
+			if (l + 1 < hn && KEY_LESS(heap[l + 1], heap[m]))
+				m = l + 1;
+			if (m == i)
+				break;
+			uint32_t t = heap[i];
+			heap[i] = heap[m];
+			heap[m] = t;
+			i = m;
+		}
+	}
+#undef KEY_LESS
+	free(heap);
+	free(pos);
+	idx = dws_xrealloc(idx, (out ? out : 1) * sizeof(uint32_t));
+	val = dws_xrealloc(val, (out ? out : 1) * sizeof(uint16_t));
+	return dws_patch_new_owned(idx, val, (uint32_t)out);
+}
+
+dws_patchset *dws_patchset_add(const dws_patchset *old, dws_patch *run)
+{
+	uint32_t n = old ? old->nruns : 0;
+	dws_patchset *ps = dws_xcalloc(1, sizeof(*ps) + (n + 1) * sizeof(dws_patch *));
+	atomic_init(&ps->refs, 1);
+	for (uint32_t i = 0; i < n; i++) {
+		ps->runs[i] = old->runs[i];
+		atomic_fetch_add(&ps->runs[i]->refs, 1);
+	}
+	ps->runs[n] = run;
+	ps->nruns = n + 1;
+	if (ps->nruns > DWS_MAX_RUNS) {
+		dws_patch *one = dws_patch_compact(ps->runs, ps->nruns);
+		for (uint32_t i = 0; i < ps->nruns; i++)
+			dws_patch_unref(ps->runs[i]);
+		ps->runs[0] = one;
+		ps->nruns = 1;
+	}
+	for (uint32_t i = 0; i < ps->nruns; i++)
+		ps->entries += ps->runs[i]->n;
+	return ps;
+}
+
+void dws_patchset_unref(dws_patchset *ps)
+{
+	if (!ps || atomic_fetch_sub(&ps->refs, 1) != 1)
+		return;
+	for (uint32_t i = 0; i < ps->nruns; i++)
+		dws_patch_unref(ps->runs[i]);
+	free(ps);
+}
+
+/* First entry of run p with index >= e. */
+static uint32_t run_lower_bound(const dws_patch *p, uint64_t e)
+{
+	uint32_t lo = 0, hi = p->n;
+	while (lo < hi) {
+		uint32_t mid = lo + (hi - lo) / 2;
+		if (p->idx[mid] < e)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return lo;
+}
+
+void dws_patchset_apply_bf16(const dws_patchset *ps, uint64_t e0, uint64_t cnt,
+			     uint16_t *dst)
+{
+	uint64_t e1 = e0 + cnt;
+	for (uint32_t r = 0; ps && r < ps->nruns; r++) {
+		const dws_patch *p = ps->runs[r];
+		for (uint32_t k = run_lower_bound(p, e0); k < p->n && p->idx[k] < e1; k++)
+			dst[p->idx[k] - e0] = p->val[k];
+	}
+}
+
 /* ---- layout ---- */
 
 void dws_layout_unref(dws_layout *l)
@@ -105,7 +231,7 @@ void dws_step_unref(dws_step *s)
 		return;
 	for (size_t i = 0; i < s->layout->nslots; i++) {
 		dws_blob_unref(s->src[i].blob);
-		dws_patch_unref(s->patch[i]);
+		dws_patchset_unref(s->patch[i]);
 	}
 	dws_layout_unref(s->layout);
 	free(s->src);
@@ -125,7 +251,7 @@ uint64_t dws_step_patch_entries(const dws_step *s)
 	uint64_t n = 0;
 	for (size_t i = 0; i < s->layout->nslots; i++)
 		if (s->patch[i])
-			n += s->patch[i]->n;
+			n += s->patch[i]->entries;
 	return n;
 }
 
@@ -209,24 +335,21 @@ static int produce(dws_step *s, size_t slot, uint64_t e0, uint64_t cnt,
 		}
 	}
 	dws_blob_readahead_limit(UINT64_MAX);
-	const dws_patch *p = s->patch[slot];
-	if (!p || !cnt)
+	const dws_patchset *ps = s->patch[slot];
+	if (!ps || !cnt)
 		return DWS_OK;
-	/* first entry >= e0 */
-	uint32_t lo = 0, hi = p->n;
-	while (lo < hi) {
-		uint32_t mid = lo + (hi - lo) / 2;
-		if (p->idx[mid] < e0)
-			lo = mid + 1;
-		else
-			hi = mid;
+	if (sl->dtype == DWS_DT_BF16) {
+		/* dst may be unaligned for u16 stores only in theory: tensors start
+		 * at even offsets of the data section in every file we serve */
+		if (((uintptr_t)dst & 1) == 0) {
+			dws_patchset_apply_bf16(ps, e0, cnt, (uint16_t *)(void *)dst);
+			return DWS_OK;
+		}
 	}
 	uint64_t e1 = e0 + cnt;
-	if (sl->dtype == DWS_DT_BF16) {
-		for (uint32_t k = lo; k < p->n && p->idx[k] < e1; k++)
-			memcpy(dst + 2 * (p->idx[k] - e0), &p->val[k], 2);
-	} else {
-		for (uint32_t k = lo; k < p->n && p->idx[k] < e1; k++)
+	for (uint32_t r = 0; r < ps->nruns; r++) {
+		const dws_patch *p = ps->runs[r];
+		for (uint32_t k = run_lower_bound(p, e0); k < p->n && p->idx[k] < e1; k++)
 			put_bf16(dst, p->idx[k] - e0, sl->dtype, p->val[k]);
 	}
 	return DWS_OK;
@@ -341,9 +464,8 @@ int dws_step_state_digest(dws_step *s, uint64_t *out, dws_error *err)
 		uint64_t ne = sl->numel;
 		XXH3_64bits_update(st, &ne, 8);
 		const dws_src *src = &s->src[order[k]];
-		const dws_patch *p = s->patch[order[k]];
+		const dws_patchset *ps = s->patch[order[k]];
 		size_t ssz = dws_dtype_size(src->dtype);
-		uint32_t pk = 0;
 		for (uint64_t e = 0; e < sl->numel && !rc; e += CH) {
 			uint64_t cnt = sl->numel - e < CH ? sl->numel - e : CH;
 			rc = dws_blob_read(src->blob, src->off + e * ssz, buf, cnt * ssz, err);
@@ -362,8 +484,7 @@ int dws_step_state_digest(dws_step *s, uint64_t *out, dws_error *err)
 					bf[i] = dws_f32_to_bf16(f);
 				}
 			}
-			for (; p && pk < p->n && p->idx[pk] < e + cnt; pk++)
-				bf[p->idx[pk] - e] = p->val[pk];
+			dws_patchset_apply_bf16(ps, e, cnt, bf);
 			XXH3_64bits_update(st, bf, cnt * 2);
 		}
 	}

@@ -16,7 +16,31 @@ typedef struct dws_patch {
 
 dws_patch *dws_patch_merge(const dws_patch *old, const uint32_t *idx,
 			   const unsigned char *val, uint64_t m);
+/* A run over arrays the run takes ownership of (free()d with it). */
+dws_patch *dws_patch_new_owned(uint32_t *idx, uint16_t *val, uint32_t n);
 void dws_patch_unref(dws_patch *p);
+
+/* A tensor's patch: sorted runs, oldest first; where runs overlap the newest
+ * wins, which is what applying them in order gives. A delta appends its run
+ * (no rewrite of what came before); past DWS_MAX_RUNS the runs are compacted
+ * into one by a single k-way merge, so a read never looks at more than
+ * DWS_MAX_RUNS runs. Immutable and shared between steps. */
+#define DWS_MAX_RUNS 32
+typedef struct dws_patchset {
+	atomic_long refs;
+	uint32_t nruns;
+	uint64_t entries;
+	dws_patch *runs[];
+} dws_patchset;
+
+/* old + run (the reference to run is taken). */
+dws_patchset *dws_patchset_add(const dws_patchset *old, dws_patch *run);
+void dws_patchset_unref(dws_patchset *ps);
+/* One run equal to applying runs[0..k) in order. */
+dws_patch *dws_patch_compact(dws_patch *const *runs, uint32_t k);
+/* Apply the set to BF16 values of elements [e0, e0+cnt) held in dst. */
+void dws_patchset_apply_bf16(const dws_patchset *ps, uint64_t e0, uint64_t cnt,
+			     uint16_t *dst);
 
 /* Where an output tensor's bytes come from, before patching. */
 typedef struct dws_src {
@@ -76,7 +100,7 @@ struct dws_step {
 	size_t chain;
 	dws_layout *layout;
 	dws_src *src;        /* per slot */
-	dws_patch **patch;   /* per slot, NULL: unpatched */
+	dws_patchset **patch; /* per slot, NULL: unpatched */
 	uint8_t *trained;    /* per slot: the trainer's files provide it */
 };
 

@@ -37,12 +37,22 @@ class MountError(AssertionError):
     pass
 
 
+def _unescape(field):
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mounts_at(path):
+    """The lines of /proc/self/mountinfo whose mount point is `path` (stacked
+    mounts give several)."""
+    path = os.path.abspath(str(path))
+    with open("/proc/self/mountinfo") as f:
+        return [ln for ln in f if _unescape(ln.split()[4]) == path]
+
+
 def ismount(path):
-    """os.path.ismount, but a dead daemon's mount (ENOTCONN) counts as a mount."""
-    try:
-        return os.path.ismount(path)
-    except OSError as e:
-        return e.errno == errno.ENOTCONN
+    """Whether anything is mounted on path, a dead daemon's mount (ENOTCONN,
+    which os.path.ismount calls no mount) included."""
+    return bool(mounts_at(path))
 
 
 def is_stale(path):
@@ -167,7 +177,8 @@ def mounted(bucket, mnt, *opts, env=None, allowed_errors=(), expect_returncode=0
     'runtime error', 'ERROR', ' failed: ', ' refused: ') that matches none of
     the regexes in `allowed_errors`."""
     mnt = str(mnt)
-    os.makedirs(mnt, exist_ok=True)
+    if not os.path.lexists(mnt) and not ismount(mnt):
+        os.makedirs(mnt)
     mount_timeout = mount_timeout or MOUNT_TIMEOUT
     exit_timeout = exit_timeout or EXIT_TIMEOUT
     fd, logpath = tempfile.mkstemp(prefix="dwsfs-", suffix=".log")
@@ -207,10 +218,11 @@ def mounted(bucket, mnt, *opts, env=None, allowed_errors=(), expect_returncode=0
         os.unlink(logpath)
         if body_failed:
             print(f"--- daemon log ({' '.join(proc.args)}) ---\n{text}")
-        for _ in range(3):  # stacked mounts (a stale one under ours) included
+        if ismount(mnt):
+            problems.append(f"{mnt} is still mounted after the daemon exited:\n" + "".join(mounts_at(mnt)))
+        for _ in range(5):  # stacked mounts (a stale one under ours) included
             if not ismount(mnt):
                 break
-            problems.append(f"{mnt} is still mounted after the daemon exited")
             unmount(mnt)
         if problems and not body_failed:
             raise MountError("; ".join(problems) + f"\n--- daemon log ---\n{text}")

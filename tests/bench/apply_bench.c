@@ -7,7 +7,7 @@
  * N times (default 3), times two figures:
  *
  *   decode_merge: for each delta in order, dws_st_parse + dws_delta_decode
- *     (resolving names to the anchor's tensors) and dws_patch_merge of each
+ *     (resolving names to the anchor's tensors) and dws_patchset_add of each
  *     param into that tensor's patch, as the step builder does. Rate: changed
  *     elements of the chain (sum over deltas) per second.
  *   scatter: the final merged patches applied to a dense BF16 buffer per
@@ -85,7 +85,7 @@ static void die(const char *what, const dws_error *err)
 /* One timed pass of decode + merge over the chain; fills patch[] (one per
  * tensor, NULL when untouched) and returns the chain's changed elements. */
 static uint64_t decode_merge(const delta_file *df, size_t nd, resolver *r,
-			     dws_patch **patch, uint64_t *written)
+			     dws_patchset **patch, uint64_t *written)
 {
 	uint64_t elems = 0;
 	for (size_t d = 0; d < nd; d++) {
@@ -107,10 +107,15 @@ static uint64_t decode_merge(const delta_file *df, size_t nd, resolver *r,
 			elems += ps[i].count;
 			if (!patch)
 				continue; /* decode only */
-			dws_patch *m = dws_patch_merge(patch[ps[i].slot], ps[i].idx, ps[i].val, ps[i].count);
-			dws_patch_unref(patch[ps[i].slot]);
+			/* as the step builder does: the decoded run is appended */
+			uint16_t *val = dws_xmalloc(ps[i].count * sizeof(uint16_t));
+			memcpy(val, ps[i].val, ps[i].count * sizeof(uint16_t));
+			dws_patch *run = dws_patch_new_owned(ps[i].idx, val, (uint32_t)ps[i].count);
+			ps[i].idx = NULL;
+			dws_patchset *m = dws_patchset_add(patch[ps[i].slot], run);
+			dws_patchset_unref(patch[ps[i].slot]);
 			patch[ps[i].slot] = m;
-			*written += m->n;
+			*written += ps[i].count;
 		}
 		dws_delta_free(ps, np);
 		dws_st_free(st);
@@ -209,11 +214,11 @@ int main(int argc, char **argv)
 	}
 
 	/* one untimed warm-up pass (allocator, page faults of the patch arrays) */
-	dws_patch **patch = dws_xcalloc(nt, sizeof(*patch));
+	dws_patchset **patch = dws_xcalloc(nt, sizeof(*patch));
 	uint64_t written = 0;
 	decode_merge(df, nd, &r, patch, &written);
 	for (size_t i = 0; i < nt; i++) {
-		dws_patch_unref(patch[i]);
+		dws_patchset_unref(patch[i]);
 		patch[i] = NULL;
 	}
 
@@ -239,24 +244,20 @@ int main(int argc, char **argv)
 		stime += (double)(ru1.ru_stime.tv_sec - ru0.ru_stime.tv_sec) + 1e-6 * (double)(ru1.ru_stime.tv_usec - ru0.ru_stime.tv_usec);
 		merged = 0;
 		for (size_t i = 0; i < nt; i++) {
-			const dws_patch *p = patch[i];
+			const dws_patchset *p = patch[i];
 			if (!p)
 				continue;
-			uint16_t *dst = dense[i];
-			const uint32_t *idx = p->idx;
-			const uint16_t *val = p->val;
-			for (uint32_t k = 0; k < p->n; k++)
-				dst[idx[k]] = val[k];
-			merged += p->n;
+			dws_patchset_apply_bf16(p, 0, tr[i].numel, dense[i]);
+			merged += p->entries;
 		}
 		double t2 = now();
 		t_dm[rep] = t1 - t0;
 		t_sc[rep] = t2 - t1;
 		/* untimed: keep the stores observable, free the patches */
 		for (size_t i = 0; i < nt; i++) {
-			if (patch[i] && patch[i]->n)
-				sum += dense[i][patch[i]->idx[patch[i]->n / 2]];
-			dws_patch_unref(patch[i]);
+			if (patch[i] && patch[i]->runs[0]->n)
+				sum += dense[i][patch[i]->runs[0]->idx[patch[i]->runs[0]->n / 2]];
+			dws_patchset_unref(patch[i]);
 			patch[i] = NULL;
 		}
 	}

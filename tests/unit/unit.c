@@ -218,6 +218,56 @@ static void test_patch_merge(void)
 	dws_patch_unref(e);
 }
 
+/* Runs appended per delta, compacted past DWS_MAX_RUNS: applying the set
+ * equals replaying every delta in order, before and after compaction. */
+static void test_patchset(void)
+{
+	enum { N = 4000, ROUNDS = DWS_MAX_RUNS * 2 + 5 };
+	static int32_t naive[N];
+	static uint16_t got[N];
+	for (int i = 0; i < N; i++)
+		naive[i] = -1;
+	dws_patchset *ps = NULL;
+	int bad = 0;
+	bool compacted = false;
+	for (int round = 0; round < ROUNDS; round++) {
+		uint32_t *idx = dws_xmalloc(N * sizeof(uint32_t));
+		uint16_t *val = dws_xmalloc(N * sizeof(uint16_t));
+		uint32_t m = 0;
+		for (uint32_t i = 0; i < N; i++)
+			if (rnd() % 23 == 0) {
+				idx[m] = i;
+				val[m++] = (uint16_t)rnd();
+				naive[i] = val[m - 1];
+			}
+		dws_patchset *next = dws_patchset_add(ps, dws_patch_new_owned(idx, val, m));
+		dws_patchset_unref(ps);
+		ps = next;
+		compacted |= ps->nruns == 1 && round > 0;
+		if (ps->nruns > DWS_MAX_RUNS)
+			bad++;
+		for (uint32_t i = 0; i < N; i++)
+			got[i] = 0xdead & 0xffff;
+		dws_patchset_apply_bf16(ps, 0, N, got);
+		for (uint32_t i = 0; i < N; i++)
+			if (naive[i] >= 0 && got[i] != (uint16_t)naive[i])
+				bad++;
+		/* a window in the middle sees the same values */
+		dws_patchset_apply_bf16(ps, 1000, 500, got + 1000);
+		for (uint32_t i = 1000; i < 1500; i++)
+			if (naive[i] >= 0 && got[i] != (uint16_t)naive[i])
+				bad++;
+	}
+	CHECK(bad == 0, "patch set equals naive replay (%d bad)", bad);
+	CHECK(compacted, "compaction happened past %d runs", DWS_MAX_RUNS);
+	const dws_patch *one = ps->runs[0];
+	for (uint32_t i = 1; i < one->n; i++)
+		if (one->idx[i] <= one->idx[i - 1])
+			bad++;
+	CHECK(bad == 0, "compacted run strictly ascending");
+	dws_patchset_unref(ps);
+}
+
 /* ---- delta decoding ---- */
 
 static int resolve_any(void *ctx, const char *name, size_t *slot, uint64_t *numel)
@@ -332,6 +382,7 @@ int main(void)
 	test_names();
 	test_safetensors();
 	test_patch_merge();
+	test_patchset();
 	test_gap_delta();
 	test_catalog();
 	printf("%d passed, %d failed\n", passed, failed);
