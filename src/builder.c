@@ -30,7 +30,26 @@ struct dws_builder {
 	uint32_t *seen;            /* per slot: stamp of the file that last named it */
 	size_t nseen;
 	uint32_t stamp;
+	unsigned char *scratch;    /* a delta file's bytes, reused from one to the next */
+	size_t scratch_cap;
 };
+
+/* The whole blob in bl->scratch (grown as needed; its pages stay faulted in
+ * from one delta to the next). */
+static int read_into_scratch(dws_builder *bl, dws_blob *b, size_t *len, dws_error *err)
+{
+	uint64_t size = dws_blob_size(b);
+	if (size > bl->o.max_delta_bytes || size > SIZE_MAX)
+		return dws_fail(err, DWS_EFORMAT, "%s: %llu bytes is more than the %llu byte limit for a delta", dws_blob_name(b),
+				(unsigned long long)size, (unsigned long long)bl->o.max_delta_bytes);
+	if (size > bl->scratch_cap) {
+		free(bl->scratch);
+		bl->scratch_cap = (size_t)size;
+		bl->scratch = dws_xmalloc(bl->scratch_cap);
+	}
+	*len = (size_t)size;
+	return dws_blob_read(b, 0, bl->scratch, (size_t)size, err);
+}
 
 #define DEFAULT_MAX_DELTA (64ULL << 30)
 
@@ -367,7 +386,7 @@ static int apply_sparse(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 			dws_error *err)
 {
 	dws_blob *raw = NULL;
-	void *data = NULL;
+	unsigned char *data = NULL;
 	size_t len = 0;
 	dws_st_file *st = NULL;
 	dws_delta_param *ps = NULL;
@@ -380,13 +399,14 @@ static int apply_sparse(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 		dws_blob *z = NULL;
 		rc = dws_blob_zstd(raw, bl->o.tmpdir, bl->o.max_delta_bytes, &z, err);
 		if (!rc)
-			rc = dws_blob_slurp(z, bl->o.max_delta_bytes, &data, &len, err);
+			rc = read_into_scratch(bl, z, &len, err);
 		dws_blob_unref(z);
 	} else {
-		rc = dws_blob_slurp(raw, bl->o.max_delta_bytes, &data, &len, err);
+		rc = read_into_scratch(bl, raw, &len, err);
 	}
 	if (rc)
 		goto out;
+	data = bl->scratch;
 	rc = dws_st_parse(data, len, len, what, &st, NULL, err);
 	if (rc)
 		goto out;
@@ -394,7 +414,7 @@ static int apply_sparse(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 	if (bl->o.verify && want) {
 		uint64_t ds = dws_st_data_start(st);
 		char got[17];
-		snprintf(got, sizeof(got), "%016llx", (unsigned long long)XXH3_64bits((char *)data + ds, len - ds));
+		snprintf(got, sizeof(got), "%016llx", (unsigned long long)XXH3_64bits(data + ds, len - ds));
 		if (strcmp(got, want) != 0) {
 			rc = dws_fail(err, DWS_EVERIFY, "%s: checksum mismatch: payload xxh3 is %s, the producer wrote %.32s", what, got, want);
 			goto out;
@@ -404,7 +424,7 @@ static int apply_sparse(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 	bl->stamp++;
 	struct resolve_ctx ctx = {bl, s, what, err, false};
 	uint64_t ds = dws_st_data_start(st);
-	rc = dws_delta_decode(st, (unsigned char *)data + ds, len - ds, f->variant, what, resolve, &ctx, &ps, &np, err);
+	rc = dws_delta_decode(st, data + ds, len - ds, f->variant, what, resolve, &ctx, &ps, &np, err);
 	if (rc)
 		goto out;
 	if (ctx.dup) {
@@ -436,7 +456,6 @@ static int apply_sparse(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 out:
 	dws_delta_free(ps, np);
 	dws_st_free(st);
-	free(data);
 	free(what);
 	dws_blob_unref(raw);
 	return rc;
@@ -622,6 +641,7 @@ void dws_builder_free(dws_builder *bl)
 	free(bl->maps);
 	free(bl->blobs);
 	free(bl->seen);
+	free(bl->scratch);
 	free(bl->base_prefix);
 	dws_bucket_close(bl->base_bucket);
 	free(bl);

@@ -58,33 +58,44 @@ static int decode_idx(dws_delta_param *p, const dws_st_tensor *ti,
 	p->idx = malloc((n ? n : 1) * sizeof(uint32_t));
 	if (!p->idx)
 		return dws_fail(err, DWS_ENOMEM, "%s: no memory for %llu indices of '%.*s'", what, (unsigned long long)n, p->name_len, p->name);
-	int64_t prev = -1;
-	for (uint64_t k = 0; k < n; k++) {
-		int64_t cur;
-		if (!gaps) {
-			int32_t v;
-			memcpy(&v, src + 4 * k, 4);
-			if (v <= prev)
-				return dws_fail(err, DWS_EFORMAT, "%s: indices of '%.*s' are not ascending (%lld after %lld at position %llu)", what,
-						p->name_len, p->name, (long long)v, (long long)prev, (unsigned long long)k);
-			cur = v;
-		} else {
-			uint32_t g;
-			if (ti->dtype == DWS_DT_U16) {
+	if (gaps) {
+		/* idx[k] = idx[k-1] + g[k] + 1 is strictly ascending by construction;
+		 * it fits 64 bits (n < 2^32 gaps of < 2^32 each), so checking the last
+		 * index against numel checks them all */
+		uint64_t cur = UINT64_MAX; /* idx[-1] = -1 */
+		if (ti->dtype == DWS_DT_U16) {
+			for (uint64_t k = 0; k < n; k++) {
 				uint16_t h;
 				memcpy(&h, src + 2 * k, 2);
-				g = h;
-			} else {
-				memcpy(&g, src + 4 * k, 4);
+				cur += (uint64_t)h + 1;
+				p->idx[k] = (uint32_t)cur;
 			}
-			cur = prev + (int64_t)g + 1; /* cannot overflow: prev < 2^32 */
+		} else {
+			for (uint64_t k = 0; k < n; k++) {
+				uint32_t g;
+				memcpy(&g, src + 4 * k, 4);
+				cur += (uint64_t)g + 1;
+				p->idx[k] = (uint32_t)cur;
+			}
 		}
-		if ((uint64_t)cur >= numel)
-			return dws_fail(err, DWS_EFORMAT, "%s: index %lld of '%.*s' is out of range (the tensor has %llu elements)", what,
-					(long long)cur, p->name_len, p->name, (unsigned long long)numel);
-		p->idx[k] = (uint32_t)cur;
-		prev = cur;
+		if (n && cur >= numel)
+			return dws_fail(err, DWS_EFORMAT, "%s: index %llu of '%.*s' is out of range (the tensor has %llu elements)", what,
+					(unsigned long long)cur, p->name_len, p->name, (unsigned long long)numel);
+		return DWS_OK;
 	}
+	int64_t prev = -1;
+	for (uint64_t k = 0; k < n; k++) {
+		int32_t v;
+		memcpy(&v, src + 4 * k, 4);
+		if (v <= prev)
+			return dws_fail(err, DWS_EFORMAT, "%s: indices of '%.*s' are not ascending (%lld after %lld at position %llu)", what,
+					p->name_len, p->name, (long long)v, (long long)prev, (unsigned long long)k);
+		prev = v;
+		p->idx[k] = (uint32_t)v;
+	}
+	if (n && (uint64_t)prev >= numel)
+		return dws_fail(err, DWS_EFORMAT, "%s: index %lld of '%.*s' is out of range (the tensor has %llu elements)", what,
+				(long long)prev, p->name_len, p->name, (unsigned long long)numel);
 	return DWS_OK;
 }
 

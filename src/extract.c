@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -31,23 +32,6 @@ static int mkdirs_for(int dirfd, const char *path, dws_error *err)
 	return rc;
 }
 
-static int write_all(int fd, const void *buf, size_t n, const char *what,
-		     dws_error *err)
-{
-	const char *p = buf;
-	while (n) {
-		ssize_t w = write(fd, p, n);
-		if (w < 0) {
-			if (errno == EINTR)
-				continue;
-			return dws_fail(err, DWS_EIO, "%s: write: %s", what, strerror(errno));
-		}
-		p += w;
-		n -= (size_t)w;
-	}
-	return DWS_OK;
-}
-
 static int remove_tree(int dirfd, const char *name)
 {
 	int fd = openat(dirfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
@@ -64,6 +48,62 @@ static int remove_tree(int dirfd, const char *name)
 			remove_tree(fd, de->d_name);
 	closedir(d);
 	return unlinkat(dirfd, name, AT_REMOVEDIR);
+}
+
+struct job {
+	dws_step *s;
+	const dws_progress *pr;
+	int *fds;
+	size_t nf;
+	pthread_mutex_t lock; /* the cursor, progress and the first error */
+	size_t file;
+	uint64_t off, done, total;
+	dws_error err;
+};
+
+static void *worker(void *arg)
+{
+	struct job *j = arg;
+	char *buf = dws_xmalloc(EXTRACT_BUF);
+	for (;;) {
+		pthread_mutex_lock(&j->lock);
+		while (j->file < j->nf && j->off >= dws_step_file(j->s, j->file)->size) {
+			j->file++;
+			j->off = 0;
+		}
+		if (j->err.code || j->file >= j->nf) {
+			pthread_mutex_unlock(&j->lock);
+			break;
+		}
+		size_t fi = j->file;
+		uint64_t off = j->off, size = dws_step_file(j->s, fi)->size;
+		size_t n = size - off < EXTRACT_BUF ? (size_t)(size - off) : EXTRACT_BUF;
+		j->off += n;
+		pthread_mutex_unlock(&j->lock);
+
+		dws_error e = {0};
+		const char *path = dws_step_file(j->s, fi)->path;
+		int64_t got = dws_step_read(j->s, fi, off, buf, n, &e);
+		int rc = got < 0 ? (int)got : got != (int64_t)n ? dws_fail(&e, DWS_EIO, "%s: ended early at %llu", path, (unsigned long long)off) : DWS_OK;
+		for (size_t w = 0; !rc && w < n;) {
+			ssize_t r = pwrite(j->fds[fi], buf + w, n - w, (off_t)(off + w));
+			if (r < 0 && errno == EINTR)
+				continue;
+			if (r <= 0)
+				rc = dws_fail(&e, DWS_EIO, "%s: write: %s", path, strerror(errno));
+			else
+				w += (size_t)r;
+		}
+		pthread_mutex_lock(&j->lock);
+		if (rc && !j->err.code)
+			j->err = e;
+		j->done += n;
+		if (!rc && j->pr && j->pr->fn)
+			j->pr->fn(j->pr->ctx, path, j->done, j->total);
+		pthread_mutex_unlock(&j->lock);
+	}
+	free(buf);
+	return NULL;
 }
 
 int dws_extract(dws_step *s, const char *outdir, const dws_progress *pr,
@@ -99,36 +139,42 @@ int dws_extract(dws_step *s, const char *outdir, const dws_progress *pr,
 		goto done;
 	}
 	int tfd = openat(pfd, tmpname, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	uint64_t total = 0, done = 0;
-	for (size_t i = 0; i < dws_step_file_count(s); i++)
-		total += dws_step_file(s, i)->size;
-	char *buf = dws_xmalloc(EXTRACT_BUF);
-	for (size_t i = 0; i < dws_step_file_count(s) && !rc && tfd >= 0; i++) {
+	size_t nf = dws_step_file_count(s);
+	struct job j = {.s = s, .pr = pr, .fds = dws_xcalloc(nf ? nf : 1, sizeof(int)), .nf = nf};
+	pthread_mutex_init(&j.lock, NULL);
+	for (size_t i = 0; i < nf; i++)
+		j.fds[i] = -1;
+	for (size_t i = 0; i < nf && tfd >= 0 && !rc; i++) {
 		const dws_file_info *fi = dws_step_file(s, i);
+		j.total += fi->size;
 		rc = mkdirs_for(tfd, fi->path, err);
 		if (rc)
 			break;
-		int fd = openat(tfd, fi->path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-		if (fd < 0) {
+		j.fds[i] = openat(tfd, fi->path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+		if (j.fds[i] < 0)
 			rc = dws_fail(err, DWS_EIO, "%s/%s: cannot create: %s", outdir, fi->path, strerror(errno));
-			break;
-		}
-		for (uint64_t off = 0; off < fi->size && !rc;) {
-			int64_t n = dws_step_read(s, i, off, buf, EXTRACT_BUF, err);
-			if (n <= 0) {
-				rc = n < 0 ? (int)n : dws_fail(err, DWS_EIO, "%s: ended early at %llu", fi->path, (unsigned long long)off);
-				break;
-			}
-			rc = write_all(fd, buf, (size_t)n, fi->path, err);
-			off += (uint64_t)n;
-			done += (uint64_t)n;
-			if (pr && pr->fn)
-				pr->fn(pr->ctx, fi->path, done, total);
-		}
-		if (close(fd) != 0 && !rc)
-			rc = dws_fail(err, DWS_EIO, "%s: close: %s", fi->path, strerror(errno));
 	}
-	free(buf);
+	if (!rc && tfd >= 0) {
+		/* workers take 1 MiB pieces in file order: one produces while the
+		 * other's write is in the kernel */
+		long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+		unsigned nt = cpus < 2 ? 1 : cpus > 4 ? 4 : (unsigned)cpus;
+		pthread_t th[4];
+		unsigned started = 0;
+		for (unsigned t = 1; t < nt; t++)
+			if (pthread_create(&th[started], NULL, worker, &j) == 0)
+				started++;
+		worker(&j);
+		for (unsigned t = 0; t < started; t++)
+			pthread_join(th[t], NULL);
+		if (j.err.code)
+			rc = dws_fail(err, j.err.code, "%s", j.err.msg);
+	}
+	for (size_t i = 0; i < nf; i++)
+		if (j.fds[i] >= 0 && close(j.fds[i]) != 0 && !rc)
+			rc = dws_fail(err, DWS_EIO, "%s: close: %s", dws_step_file(s, i)->path, strerror(errno));
+	free(j.fds);
+	pthread_mutex_destroy(&j.lock);
 	if (tfd >= 0)
 		close(tfd);
 	else if (!rc)
