@@ -21,6 +21,7 @@
 #include <string.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -213,13 +214,16 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 			return reply_entry(req, f, INO_STEPS, IMMUTABLE_TIMEOUT);
 		if (!strcmp(name, ".dwsfs"))
 			return reply_entry(req, f, INO_META, IMMUTABLE_TIMEOUT);
-		dws_step *s = dws_mount_root(f->m);
+		/* root names are never cached by the kernel: every open of a
+		 * root file looks it up, so a loader cannot open one shard through
+		 * a stale entry of the old step and the next one in the new step */
+		dws_step *s = dws_mount_root_lookup(f->m);
 		uint32_t n = dws_step_node_lookup(s, 0, name);
 		fuse_ino_t ino = mk_ino(true, dws_step_id(s), n);
 		dws_step_unref(s);
 		if (n == DWS_NODE_NONE)
 			return (void)fuse_reply_err(req, ENOENT);
-		return reply_entry(req, f, ino, f->name_timeout);
+		return reply_entry(req, f, ino, 0);
 	}
 	if (parent == INO_STEPS) {
 		uint64_t step;
@@ -652,10 +656,12 @@ static bool parse_size(const char *s, uint64_t *out)
 	return true;
 }
 
+/* statfs always reaches the FUSE connection (stat may be answered from
+ * cached attributes): ENOTCONN means the daemon behind the mount is gone. */
 static bool mounted_stale(const char *mp)
 {
-	struct stat st;
-	return stat(mp, &st) != 0 && errno == ENOTCONN;
+	struct statvfs sv;
+	return statvfs(mp, &sv) != 0 && errno == ENOTCONN;
 }
 
 /* A daemon killed with -9 leaves "Transport endpoint is not connected":

@@ -248,6 +248,15 @@ dws_step *dws_mount_root(dws_mount *m)
 	return s;
 }
 
+dws_step *dws_mount_root_lookup(dws_mount *m)
+{
+	pthread_mutex_lock(&m->lock);
+	dws_step *s = dws_step_ref(m->root);
+	m->root_activity = now_ms();
+	pthread_mutex_unlock(&m->lock);
+	return s;
+}
+
 void dws_mount_root_opened(dws_mount *m)
 {
 	pthread_mutex_lock(&m->lock);
@@ -289,7 +298,7 @@ static int verify_state(dws_mount *m, dws_step *s, dws_error *err)
 
 /* Build and verify the newest step newer than `after` that works. Steps that
  * failed before are skipped. Returns NULL if none. */
-static dws_step *build_newest(dws_mount *m, uint64_t after, bool have_root, dws_error *last)
+static dws_step *build_newest(dws_mount *m, uint64_t after, bool have_root, dws_error *last, bool quiet)
 {
 	pthread_mutex_lock(&m->lock);
 	size_t n = m->ntable;
@@ -313,7 +322,8 @@ static dws_step *build_newest(dws_mount *m, uint64_t after, bool have_root, dws_
 			rc = verify_state(m, s, &err);
 		if (rc) {
 			dws_step_unref(s);
-			dws_log("step %llu refused: %s", (unsigned long long)t[i].step, err.msg);
+			if (!quiet) /* at start-up the caller reports one line */
+				dws_log("step %llu refused: %s", (unsigned long long)t[i].step, err.msg);
 			pthread_mutex_lock(&m->lock);
 			m->failed = dws_xrealloc(m->failed, (m->nfailed + 1) * sizeof(*m->failed));
 			m->failed[m->nfailed++] = t[i].id;
@@ -476,7 +486,7 @@ static void poll_once(dws_mount *m)
 	pthread_mutex_unlock(&m->build_lock);
 	dws_catalog_free(old);
 
-	dws_step *s = build_newest(m, root_step, true, NULL);
+	dws_step *s = build_newest(m, root_step, true, NULL, false);
 	if (!s)
 		return;
 	pthread_mutex_lock(&m->lock);
@@ -666,7 +676,7 @@ int dws_mount_open(const dws_mount_opts *o, dws_mount **out, dws_error *err)
 	}
 	set_catalog_locked(m, c);
 	dws_error first = {0};
-	m->root = build_newest(m, 0, false, &first);
+	m->root = build_newest(m, 0, false, &first, true);
 	if (!m->root) {
 		rc = dws_fail(err, first.code ? first.code : DWS_EFORMAT, "no step of %s can be served: %s", m->bucket_uri,
 			      first.code ? first.msg : "none builds");

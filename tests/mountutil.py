@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -133,6 +134,33 @@ def unexpected_lines(text, allowed_errors=()):
     return [ln for ln in text.splitlines() if BAD_LINE.search(ln) and not any(p.search(ln) for p in pats)]
 
 
+def _live(path, timeout=2.0):
+    """statfs(path) answered (never cached by the kernel, unlike stat): the
+    mount on path has a daemon behind it. Bounded: a hang counts as no."""
+    box = []
+
+    def probe():
+        try:
+            os.statvfs(path)
+            box.append(True)
+        except OSError:
+            box.append(False)
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(box and box[0])
+
+
+def _mounted_anew(mnt, before):
+    """A mount appeared on mnt since `before` (its mountinfo lines). With a
+    dead mount there before, the new one may reuse its id and device number,
+    so there the test is that the top mount answers."""
+    now = set(mounts_at(mnt))
+    if not now:
+        return False
+    return not before or _live(mnt)
+
+
 class Mount:
     def __init__(self, proc, mnt, logpath):
         self.proc, self.mnt, self.logpath = proc, str(mnt), logpath
@@ -181,6 +209,7 @@ def mounted(bucket, mnt, *opts, env=None, allowed_errors=(), expect_returncode=0
         os.makedirs(mnt)
     mount_timeout = mount_timeout or MOUNT_TIMEOUT
     exit_timeout = exit_timeout or EXIT_TIMEOUT
+    before = set(mounts_at(mnt))   # e.g. a dead daemon's mount, which dwsfs must clean
     fd, logpath = tempfile.mkstemp(prefix="dwsfs-", suffix=".log")
     log = os.fdopen(fd, "w")
     proc = subprocess.Popen(daemon_cmd(bucket, mnt, opts), stdin=subprocess.DEVNULL, stdout=log,
@@ -190,7 +219,7 @@ def mounted(bucket, mnt, *opts, env=None, allowed_errors=(), expect_returncode=0
     body_failed = False
     try:
         deadline = time.monotonic() + mount_timeout
-        while not os.path.ismount(mnt):
+        while not _mounted_anew(mnt, before):
             if proc.poll() is not None:
                 raise MountError(f"dwsfs exited with {proc.returncode} before mounting {mnt}:\n{m.log()}")
             if time.monotonic() > deadline:

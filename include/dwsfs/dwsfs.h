@@ -384,6 +384,9 @@ int dws_mount_start(dws_mount *m, dws_error *err); /* the sync thread */
 void dws_mount_close(dws_mount *m);
 /* The step the root serves (a new reference). */
 dws_step *dws_mount_root(dws_mount *m);
+/* The same, for a lookup of a root entry: counts as root use, under the lock
+ * that decides a swap, so a loader's lookups either defer a swap or see it. */
+dws_step *dws_mount_root_lookup(dws_mount *m);
 /* Root view use: an open of a root file, and its release. The root swaps only
  * after swap_idle ms without an open handle or an open. */
 void dws_mount_root_opened(dws_mount *m);
