@@ -64,6 +64,7 @@ struct dws_mount {
 	bool discovered;
 	dws_object *found;  /* objects found by HEAD since the last listing */
 	size_t nfound;
+	unsigned failures;  /* polls failed in a row: the next waits longer */
 };
 
 static int64_t now_ms(void)
@@ -431,6 +432,25 @@ static bool poll_remote(dws_mount *m, bool *relist, dws_error *err)
 	return found_any;
 }
 
+static void poll_failed(dws_mount *m, const dws_error *err)
+{
+	dws_log("poll failed: %s", err->msg);
+	pthread_mutex_lock(&m->lock);
+	snprintf(m->last_error, sizeof(m->last_error), "%s", err->msg);
+	m->last_poll_wall = (int64_t)time(NULL);
+	pthread_mutex_unlock(&m->lock);
+	m->failures++;
+}
+
+/* After n failed polls in a row the next waits poll * 2^n, at most 60 s. */
+static int64_t poll_delay(const dws_mount *m)
+{
+	uint64_t cap = m->o.poll_ms > 60000 ? m->o.poll_ms : 60000, d = m->o.poll_ms;
+	for (unsigned i = 0; i < m->failures && d < cap; i++)
+		d *= 2;
+	return (int64_t)(d < cap ? d : cap);
+}
+
 static void poll_once(dws_mount *m)
 {
 	dws_error err = {0};
@@ -440,11 +460,7 @@ static void poll_once(dws_mount *m)
 	if (m->remote) {
 		bool changed = poll_remote(m, &relist, &err);
 		if (err.code) {
-			dws_log("poll failed: %s", err.msg);
-			pthread_mutex_lock(&m->lock);
-			snprintf(m->last_error, sizeof(m->last_error), "%s", err.msg);
-			m->last_poll_wall = (int64_t)time(NULL);
-			pthread_mutex_unlock(&m->lock);
+			poll_failed(m, &err);
 			if (!changed)
 				return;
 			memset(&err, 0, sizeof(err));
@@ -453,6 +469,9 @@ static void poll_once(dws_mount *m)
 			pthread_mutex_lock(&m->lock);
 			m->last_poll_wall = (int64_t)time(NULL);
 			pthread_mutex_unlock(&m->lock);
+			if (m->failures)
+				dws_log("poll recovered after %u failures", m->failures);
+			m->failures = 0;
 			return;
 		}
 		co.reuse_listing = !relist;
@@ -470,11 +489,12 @@ static void poll_once(dws_mount *m)
 	m->last_poll_wall = (int64_t)time(NULL);
 	pthread_mutex_unlock(&m->lock);
 	if (rc) {
-		dws_log("poll failed: %s", err.msg);
-		pthread_mutex_lock(&m->lock);
-		snprintf(m->last_error, sizeof(m->last_error), "%s", err.msg);
-		pthread_mutex_unlock(&m->lock);
+		poll_failed(m, &err);
 		return;
+	}
+	if (m->failures) {
+		dws_log("poll recovered after %u failures", m->failures);
+		m->failures = 0;
 	}
 	pthread_mutex_lock(&m->build_lock);
 	pthread_mutex_lock(&m->lock);
@@ -509,7 +529,7 @@ static void *sync_main(void *arg)
 			pthread_mutex_unlock(&m->lock);
 			poll_once(m);
 			pthread_mutex_lock(&m->lock);
-			next_poll = now_ms() + m->o.poll_ms;
+			next_poll = now_ms() + poll_delay(m);
 			continue;
 		}
 		int64_t wake = next_poll;

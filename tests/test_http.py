@@ -500,3 +500,28 @@ def test_s3_extract_and_mount(s3, scenarios, tmp_path):
     p = ctl("ls", "s3://grpo/run1", env=bad, check=False)
     assert p.returncode != 0 and "403" in p.stderr and "not-the-secret-xyz" not in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- quotas
+
+def test_polling_budget(hub, scenarios, tmp_path):
+    """An idle mount polls with one resolver HEAD a poll and one API call an
+    info_poll, nothing else: the README's calls-per-minute figures. Measured
+    here with short intervals (1 s, 4 s) and scaled by the test."""
+    h, root = hub
+    sdir, info = scenarios["v1"]
+    uri, _ = add_bucket(root, "v1", sdir)
+    env = hf_env(h, tmp_path / "cache")
+    with Mount(uri, tmp_path / "mnt", ["poll=1", "info_poll=4"], env=env) as m:
+        time.sleep(1.5)  # start-up done
+        h.reset_stats()
+        t0 = time.monotonic()
+        time.sleep(12)
+        s = h.stats()
+        took = time.monotonic() - t0
+        assert m.status()["step"] == info["latest"]
+    polls, infos = took / 1.0, took / 4.0
+    assert s["resolve"] <= polls + 1, s   # one HEAD of the next delta name a poll
+    assert s["head"] == s["resolve"], s   # and nothing else goes to the resolver
+    assert s["api"] <= infos + 1, s       # one bucket-info probe an info_poll
+    assert s["cdn"] == 0, s               # an idle mount downloads nothing
