@@ -615,7 +615,7 @@ static void usage(const char *prog)
 	       "BUCKET: a local folder, hf://buckets/NS/NAME[/PREFIX] or s3://BUCKET[/PREFIX].\n"
 	       "dwsfs options:\n"
 	       "    -o base=SRC            base model folder (default: the bucket's base/)\n"
-	       "    -o poll=SECONDS        how often to look for new steps (default 1; remote 5)\n"
+	       "    -o poll=SECONDS        how often to look for new steps (default 1; remote 6)\n"
 	       "    -o info_poll=SECONDS   remote: bucket-info probe for anything else (default 60)\n"
 	       "    -o swap_idle=SECONDS   swap the root after it was idle this long (default 1)\n"
 	       "    -o swap_max_delay=SECONDS  swap anyway this long after a step is ready (default 30)\n"

@@ -19,7 +19,19 @@
 #define MAX_PAGES 100000
 #define MAX_LIST_OBJECTS (10u * 1000 * 1000)
 
+/* Resolved CDN URLs per object, shared by every blob of the bucket: an
+ * object costs one resolver call per CDN_URL_TTL_MS whoever reads it. */
+#define CDN_CACHE 256
+struct cdn_entry {
+	char *key;      /* object key + identity */
+	char *url;
+	int64_t until;
+};
+
 struct hf {
+	pthread_mutex_t cdn_lock;
+	struct cdn_entry cdn[CDN_CACHE];
+	unsigned cdn_next;
 	dws_http *http;
 	dws_cache *cache;
 	char *endpoint;
@@ -34,10 +46,41 @@ struct hf_obj {
 	char *key;           /* relative to the bucket prefix */
 	char *xet;           /* expected X-Xet-Hash, "" unknown */
 	char *what;
-	pthread_mutex_t lock;
-	char *cdn;           /* remembered redirect target */
-	int64_t cdn_until;
+	char *cdn_key;       /* key of the shared CDN URL cache */
 };
+
+static char *cdn_get(struct hf *h, const char *key)
+{
+	char *url = NULL;
+	pthread_mutex_lock(&h->cdn_lock);
+	for (unsigned i = 0; i < CDN_CACHE; i++)
+		if (h->cdn[i].key && !strcmp(h->cdn[i].key, key) && dws_now_ms() < h->cdn[i].until)
+			url = dws_xstrdup(h->cdn[i].url);
+	pthread_mutex_unlock(&h->cdn_lock);
+	return url;
+}
+
+/* url NULL: forget the key (an expired or stale redirect) */
+static void cdn_put(struct hf *h, const char *key, const char *url)
+{
+	pthread_mutex_lock(&h->cdn_lock);
+	struct cdn_entry *e = NULL;
+	for (unsigned i = 0; i < CDN_CACHE && !e; i++)
+		if (h->cdn[i].key && !strcmp(h->cdn[i].key, key))
+			e = &h->cdn[i];
+	if (!e && url) {
+		e = &h->cdn[h->cdn_next];
+		h->cdn_next = (h->cdn_next + 1) % CDN_CACHE;
+	}
+	if (e) {
+		free(e->key);
+		free(e->url);
+		e->key = url ? dws_xstrdup(key) : NULL;
+		e->url = url ? dws_xstrdup(url) : NULL;
+		e->until = dws_now_ms() + CDN_URL_TTL_MS;
+	}
+	pthread_mutex_unlock(&h->cdn_lock);
+}
 
 dws_cache *dws_bucket_cache(dws_bucket *b)
 {
@@ -214,9 +257,7 @@ static int hf_fetch(void *ctx, uint64_t off, size_t len, void *dst, dws_error *e
 	struct hf_obj *o = ctx;
 	struct hf *h = o->hf;
 	for (int tries = 0; tries < 2; tries++) {
-		pthread_mutex_lock(&o->lock);
-		char *cdn = o->cdn && dws_now_ms() < o->cdn_until ? dws_xstrdup(o->cdn) : NULL;
-		pthread_mutex_unlock(&o->lock);
+		char *cdn = cdn_get(h, o->cdn_key);
 		if (!cdn) {
 			/* resolve once; remember where it sends us */
 			char *url = resolve_url(h, o->key);
@@ -232,11 +273,7 @@ static int hf_fetch(void *ctx, uint64_t off, size_t len, void *dst, dws_error *e
 			free(url);
 			if (rc)
 				return rc;
-			pthread_mutex_lock(&o->lock);
-			free(o->cdn);
-			o->cdn = dws_xstrdup(cdn);
-			o->cdn_until = dws_now_ms() + CDN_URL_TTL_MS;
-			pthread_mutex_unlock(&o->lock);
+			cdn_put(h, o->cdn_key, cdn);
 		}
 		dws_http_req rq = {.url = cdn, .cls = DWS_HTTP_CDN, .range_off = off, .range_len = len, .dst = dst, .what = o->what};
 		dws_http_resp rs;
@@ -248,10 +285,7 @@ static int hf_fetch(void *ctx, uint64_t off, size_t len, void *dst, dws_error *e
 			return DWS_OK;
 		if (rc == DWS_ENOENT && tries == 0) {
 			/* an expired or stale redirect: resolve again once */
-			pthread_mutex_lock(&o->lock);
-			free(o->cdn);
-			o->cdn = NULL;
-			pthread_mutex_unlock(&o->lock);
+			cdn_put(h, o->cdn_key, NULL);
 			continue;
 		}
 		if (err && !err->code)
@@ -267,8 +301,7 @@ static void hf_obj_free(void *ctx)
 	free(o->key);
 	free(o->xet);
 	free(o->what);
-	free(o->cdn);
-	pthread_mutex_destroy(&o->lock);
+	free(o->cdn_key);
 	free(o);
 }
 
@@ -282,7 +315,7 @@ static int hf_open_blob(dws_bucket *b, const dws_object *obj, dws_blob **out,
 	o->key = dws_xstrdup(obj->key);
 	o->xet = dws_xstrdup(strncmp(obj->ident, "xet:", 4) == 0 ? obj->ident + 4 : "");
 	o->what = dws_xasprintf("%s/%s", b->uri, obj->key);
-	pthread_mutex_init(&o->lock, NULL);
+	o->cdn_key = dws_xasprintf("%s\n%s", obj->key, obj->ident);
 	char *ident = dws_xasprintf("%s|%s", b->uri, obj->ident);
 	*out = dws_remote_blob(h->cache, o->what, ident, obj->size, hf_fetch, o, hf_obj_free);
 	(*out)->counted = false; /* the cache counts what it fetched */
@@ -343,6 +376,11 @@ static void hf_close(dws_bucket *b)
 	struct hf *h = b->priv;
 	dws_http_free(h->http);
 	dws_cache_release(h->cache);
+	for (unsigned i = 0; i < CDN_CACHE; i++) {
+		free(h->cdn[i].key);
+		free(h->cdn[i].url);
+	}
+	pthread_mutex_destroy(&h->cdn_lock);
 	free(h->endpoint);
 	free(h->ns);
 	free(h->name);
@@ -401,6 +439,7 @@ int dws_bucket_hf_open(const char *uri, const dws_bucket_opts *bo, dws_bucket **
 	if (!ep || !*ep)
 		ep = "https://huggingface.co";
 	struct hf *h = dws_xcalloc(1, sizeof(*h));
+	pthread_mutex_init(&h->cdn_lock, NULL);
 	h->endpoint = dws_xstrdup(ep);
 	size_t el = strlen(h->endpoint);
 	while (el && h->endpoint[el - 1] == '/')

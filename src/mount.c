@@ -675,7 +675,7 @@ int dws_mount_open(const dws_mount_opts *o, dws_mount **out, dws_error *err)
 	if (!rc) {
 		m->remote = dws_bucket_is_remote(m->bucket);
 		if (!o->poll_ms && m->remote)
-			m->o.poll_ms = 5000;
+			m->o.poll_ms = 6000; /* see the README's quota arithmetic */
 		/* a state checksum reads the whole model: remote, that is a full
 		 * download per step, so it is opt-in there */
 		if (!o->verify_set && m->remote)

@@ -361,7 +361,7 @@ typedef struct dws_mount_opts {
 	const char *base;
 	const dws_prefix_map *maps;
 	size_t nmaps;
-	unsigned poll_ms;           /* default 1000; remote buckets 5000 */
+	unsigned poll_ms;           /* default 1000; remote buckets 6000 */
 	unsigned info_poll_ms;      /* remote: bucket-info probe; default 60000 */
 	unsigned relist_ms;         /* remote: full listing at least; default 600000 */
 	unsigned swap_idle_ms;      /* default 1000 */
