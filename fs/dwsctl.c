@@ -176,8 +176,10 @@ static int cmd_ls(int argc, char **argv)
 		return bad_usage("ls takes one BUCKET");
 	struct session s;
 	dws_error err = {0};
-	if (session_open(&s, argv[optind], NULL, &err))
+	if (session_open(&s, argv[optind], NULL, &err)) {
+		session_close(&s);
 		return die(&err);
+	}
 	printf("%-8s %-7s %-8s %-13s %12s %12s %s\n", "STEP", "KIND", "STATE", "ENCODING", "CHANGED", "BYTES", "UPLOADED");
 	for (size_t i = 0; i < dws_catalog_count(s.cat); i++)
 		ls_line(dws_catalog_at(s.cat, i), "");

@@ -15,6 +15,7 @@
 #include <fcntl.h>
 #include <fuse_lowlevel.h>
 #include <limits.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -58,8 +59,13 @@ struct opts {
 	int show_help;
 };
 
+struct handle;
+
 struct fs {
 	dws_mount *m;
+	pthread_mutex_t handles_lock;
+	struct handle *handles; /* every open handle: freed at shutdown if the
+				 * kernel never sent their release */
 	struct fuse_session *se;
 	time_t started;
 	double name_timeout; /* root and steps/ names can be re-bound */
@@ -70,6 +76,7 @@ struct fs {
 enum handle_kind { H_FILE, H_STATUS, H_DIR };
 
 struct handle {
+	struct handle *prev, *next;
 	enum handle_kind kind;
 	dws_step *step;
 	size_t file;
@@ -79,6 +86,51 @@ struct handle {
 };
 
 static struct fs *fs_of(fuse_req_t req) { return fuse_req_userdata(req); }
+
+static struct handle *handle_new(struct fs *f, enum handle_kind kind)
+{
+	struct handle *h = calloc(1, sizeof(*h));
+	if (!h)
+		abort();
+	h->kind = kind;
+	pthread_mutex_lock(&f->handles_lock);
+	h->next = f->handles;
+	if (f->handles)
+		f->handles->prev = h;
+	f->handles = h;
+	pthread_mutex_unlock(&f->handles_lock);
+	return h;
+}
+
+static void handle_free(struct fs *f, struct handle *h)
+{
+	pthread_mutex_lock(&f->handles_lock);
+	if (h->prev)
+		h->prev->next = h->next;
+	else
+		f->handles = h->next;
+	if (h->next)
+		h->next->prev = h->prev;
+	pthread_mutex_unlock(&f->handles_lock);
+	if (h->root_view && f->m)
+		dws_mount_root_released(f->m);
+	dws_step_unref(h->step);
+	free(h->buf);
+	free(h);
+}
+
+/* Reply with a private copy: once the kernel has the bytes the caller may
+ * close and its release free the handle on another worker while this
+ * thread is still inside the reply. */
+static void reply_copy(fuse_req_t req, const char *p, size_t n)
+{
+	char *c = malloc(n ? n : 1);
+	if (!c)
+		return (void)fuse_reply_err(req, ENOMEM);
+	memcpy(c, p, n);
+	fuse_reply_buf(req, c, n);
+	free(c);
+}
 
 static fuse_ino_t mk_ino(bool root_view, uint64_t id, uint32_t node)
 {
@@ -340,16 +392,14 @@ static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 		free(b.p);
 		return (void)fuse_reply_err(req, ENOENT);
 	}
-	struct handle *h = calloc(1, sizeof(*h));
-	if (!h)
-		abort();
-	h->kind = H_DIR;
+	struct handle *h = handle_new(f, H_DIR);
 	h->buf = b.p;
 	h->len = b.len;
 	fi->fh = (uintptr_t)h;
 	fi->cache_readdir = ino != INO_ROOT && ino != INO_STEPS;
 	fi->keep_cache = fi->cache_readdir;
-	fuse_reply_open(req, fi);
+	if (fuse_reply_open(req, fi) == -ENOENT) /* interrupted: no release will come */
+		handle_free(f, h);
 }
 
 static void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
@@ -371,15 +421,13 @@ static void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, s
 			break;
 		end += reclen;
 	}
-	fuse_reply_buf(req, h->buf + off, end - (size_t)off);
+	reply_copy(req, h->buf + off, end - (size_t)off);
 }
 
 static void op_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
 	(void)ino;
-	struct handle *h = (struct handle *)(uintptr_t)fi->fh;
-	free(h->buf);
-	free(h);
+	handle_free(fs_of(req), (struct handle *)(uintptr_t)fi->fh);
 	fuse_reply_err(req, 0);
 }
 
@@ -390,33 +438,29 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 	struct fs *f = fs_of(req);
 	if ((fi->flags & O_ACCMODE) != O_RDONLY)
 		return (void)fuse_reply_err(req, EROFS);
-	struct handle *h = calloc(1, sizeof(*h));
-	if (!h)
-		abort();
 	if (ino == INO_STATUS) {
-		h->kind = H_STATUS;
+		struct handle *h = handle_new(f, H_STATUS);
 		h->buf = dws_mount_status_json(f->m);
 		h->len = strlen(h->buf);
 		fi->direct_io = 1;
 		fi->fh = (uintptr_t)h;
-		return (void)fuse_reply_open(req, fi);
+		if (fuse_reply_open(req, fi) == -ENOENT)
+			handle_free(f, h);
+		return;
 	}
-	if (!is_step_ino(ino)) {
-		free(h);
+	if (!is_step_ino(ino))
 		return (void)fuse_reply_err(req, ino <= INO_META ? EISDIR : ENOENT);
-	}
-	int e = step_of(f, ino, &h->step);
-	if (e) {
-		free(h);
+	dws_step *s;
+	int e = step_of(f, ino, &s);
+	if (e)
 		return (void)fuse_reply_err(req, e);
-	}
-	const dws_node *n = dws_step_node(h->step, ino_node(ino));
+	const dws_node *n = dws_step_node(s, ino_node(ino));
 	if (n->file < 0) {
-		dws_step_unref(h->step);
-		free(h);
+		dws_step_unref(s);
 		return (void)fuse_reply_err(req, EISDIR);
 	}
-	h->kind = H_FILE;
+	struct handle *h = handle_new(f, H_FILE);
+	h->step = s;
 	h->file = (size_t)n->file;
 	h->root_view = ino_root_view(ino);
 	if (h->root_view)
@@ -424,12 +468,8 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 	fi->fh = (uintptr_t)h;
 	fi->keep_cache = 1; /* the inode's bytes never change */
 	fi->noflush = 1;
-	if (fuse_reply_open(req, fi) == -ENOENT) { /* interrupted: no release will come */
-		if (h->root_view)
-			dws_mount_root_released(f->m);
-		dws_step_unref(h->step);
-		free(h);
-	}
+	if (fuse_reply_open(req, fi) == -ENOENT) /* interrupted: no release will come */
+		handle_free(f, h);
 }
 
 static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
@@ -440,7 +480,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
 		if ((size_t)off >= h->len)
 			return (void)fuse_reply_buf(req, NULL, 0);
 		size_t n = h->len - (size_t)off < size ? h->len - (size_t)off : size;
-		return (void)fuse_reply_buf(req, h->buf + off, n);
+		return reply_copy(req, h->buf + off, n);
 	}
 	char *buf = malloc(size ? size : 1);
 	if (!buf)
@@ -460,13 +500,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
 static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
 	(void)ino;
-	struct fs *f = fs_of(req);
-	struct handle *h = (struct handle *)(uintptr_t)fi->fh;
-	if (h->root_view)
-		dws_mount_root_released(f->m);
-	dws_step_unref(h->step);
-	free(h->buf);
-	free(h);
+	handle_free(fs_of(req), (struct handle *)(uintptr_t)fi->fh);
 	fuse_reply_err(req, 0);
 }
 
@@ -687,7 +721,8 @@ int main(int argc, char *argv[])
 	struct fuse_args args = FUSE_ARGS_INIT(argc, argv);
 	struct opts o = {.swap_idle = -1, .swap_max_delay = -1};
 	struct fuse_cmdline_opts co = {0};
-	struct fs f = {.started = time(NULL), .name_timeout = 1.0, .uid = getuid(), .gid = getgid()};
+	struct fs f = {.started = time(NULL), .name_timeout = 1.0, .uid = getuid(), .gid = getgid(),
+		       .handles_lock = PTHREAD_MUTEX_INITIALIZER};
 	dws_mount *m = NULL;
 	struct fuse_session *se = NULL;
 	struct fuse_loop_config *lc = NULL;
@@ -794,9 +829,13 @@ int main(int argc, char *argv[])
 	}
 	/* a signal ends the loop with its number: a clean shutdown */
 	ret = ret < 0 ? 1 : 0;
+	/* handles whose release never came (lazy unmount with open files,
+	 * a signal before the kernel's asynchronous releases) */
+	f.m = NULL;
+	while (f.handles)
+		handle_free(&f, f.handles);
 	dws_mount_close(m); /* stop the sync thread before the session goes */
 	m = NULL;
-	f.m = NULL;
 	dws_log("unmounted %s", co.mountpoint);
 out_unmount:
 	f.se = NULL;
