@@ -609,7 +609,10 @@ int dws_builder_new(dws_catalog *c, const dws_build_opts *opts,
 	bl->o.base = NULL; /* not kept: the caller's string */
 	int rc = DWS_OK;
 	if (opts && opts->base) {
-		rc = dws_bucket_open_opts(opts->base, opts->bucket_opts, &bl->base_bucket, err);
+		dws_error be = {0};
+		rc = dws_bucket_open_opts(opts->base, opts->bucket_opts, &bl->base_bucket, &be);
+		if (rc) /* "the base model", not "the bucket" */
+			dws_fail(err, rc, "base model %s", be.msg);
 		bl->base_prefix = dws_xstrdup("");
 	} else if (dws_catalog_has_base(c)) {
 		bl->base_prefix = dws_xstrdup("base");

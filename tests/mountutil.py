@@ -24,9 +24,19 @@ REPO = Path(__file__).resolve().parent.parent
 DWSFS = os.environ.get("DWSFS", str(REPO / "build" / "dwsfs"))
 DWSCTL = os.environ.get("DWSCTL", str(REPO / "build" / "dwsctl"))
 
+
+def _is_asan(path):
+    try:
+        with open(path, "rb") as f:
+            return b"__asan_init" in f.read()
+    except OSError:
+        return False
+
+
+ASAN = _is_asan(DWSFS)
 # Deadlines only matter when something is wrong; scale them for slow builds
 # (ASan/UBSan is ~3x slower) without making a passing run any slower.
-SLOW = float(os.environ.get("DWSFS_TEST_SLOW", "3" if "asan" in DWSFS else "1"))
+SLOW = float(os.environ.get("DWSFS_TEST_SLOW", "3" if ASAN else "1"))
 MOUNT_TIMEOUT = 10.0 * SLOW
 EXIT_TIMEOUT = 10.0 * SLOW
 
