@@ -143,7 +143,7 @@ int dws_bucket_local_open(const char *path, dws_bucket **out, dws_error *err)
 {
 	int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (fd < 0)
-		return dws_fail(err, errno == ENOENT ? DWS_ENOENT : DWS_EIO, "%s: cannot open bucket folder: %s", path, strerror(errno));
+		return dws_fail(err, errno == ENOENT ? DWS_ENOENT : DWS_EIO, "%s: cannot open the folder: %s", path, strerror(errno));
 	dws_bucket *b = dws_xcalloc(1, sizeof(*b));
 	struct local *l = dws_xcalloc(1, sizeof(*l));
 	l->dirfd = fd;
