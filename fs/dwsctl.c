@@ -113,8 +113,8 @@ static void session_close(struct session *s)
 	dws_bucket_close(s->bucket);
 }
 
-static int session_open(struct session *s, const char *uri, struct build_args *a,
-			dws_error *err)
+static int session_open_build(struct session *s, const char *uri, struct build_args *a,
+			      bool build, dws_error *err)
 {
 	memset(s, 0, sizeof(*s));
 	int rc = dws_bucket_open(uri, &s->bucket, err);
@@ -135,9 +135,15 @@ static int session_open(struct session *s, const char *uri, struct build_args *a
 	}
 	dws_build_opts bo = {.base = a->base, .maps = a->maps, .nmaps = a->nmaps, .verify = a->verify};
 	rc = dws_builder_new(s->cat, &bo, &s->bl, err);
-	if (!rc)
+	if (!rc && build)
 		rc = dws_builder_build(s->bl, a->step, &s->step, err);
 	return rc;
+}
+
+static int session_open(struct session *s, const char *uri, struct build_args *a,
+			dws_error *err)
+{
+	return session_open_build(s, uri, a, true, err);
 }
 
 /* ---- ls ---- */
@@ -228,13 +234,13 @@ static int cmd_extract(int argc, char **argv)
 		return bad_usage("extract takes BUCKET OUTDIR");
 	struct session s;
 	dws_error err = {0};
-	if (session_open(&s, argv[optind], &a, &err)) {
+	if (session_open_build(&s, argv[optind], &a, false, &err)) {
 		session_close(&s);
 		return die(&err);
 	}
 	struct progress p = {0};
 	dws_progress pr = {show_progress, &p};
-	int rc = dws_extract(s.step, argv[optind + 1], isatty(2) ? &pr : NULL, &err);
+	int rc = dws_extract_step(s.bl, a.step, argv[optind + 1], isatty(2) ? &pr : NULL, &err);
 	if (p.shown)
 		fputc('\n', stderr);
 	session_close(&s);

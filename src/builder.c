@@ -444,7 +444,7 @@ static int apply_sparse(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 			continue;
 		/* the decoded indices become the run; the values are copied out of
 		 * the file buffer, which goes away */
-		uint16_t *val = dws_xmalloc(ps[i].count * sizeof(uint16_t));
+		uint16_t *val = dws_big_alloc(ps[i].count * sizeof(uint16_t));
 		memcpy(val, ps[i].val, ps[i].count * sizeof(uint16_t));
 		dws_patch *run = dws_patch_new_owned(ps[i].idx, val, (uint32_t)ps[i].count);
 		ps[i].idx = NULL;
@@ -580,6 +580,8 @@ int dws_builder_build(dws_builder *bl, uint64_t step, dws_step **out,
 	*out = s;
 	return DWS_OK;
 }
+
+dws_catalog *dws_builder_catalog(dws_builder *bl) { return bl->cat; }
 
 void dws_builder_set_catalog(dws_builder *bl, dws_catalog *c)
 {

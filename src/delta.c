@@ -55,7 +55,7 @@ static int decode_idx(dws_delta_param *p, const dws_st_tensor *ti,
 {
 	const unsigned char *src = data + ti->begin;
 	uint64_t n = p->count;
-	p->idx = malloc((n ? n : 1) * sizeof(uint32_t));
+	p->idx = dws_big_alloc((n ? n : 1) * sizeof(uint32_t));
 	if (!p->idx)
 		return dws_fail(err, DWS_ENOMEM, "%s: no memory for %llu indices of '%.*s'", what, (unsigned long long)n, p->name_len, p->name);
 	if (gaps) {

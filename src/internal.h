@@ -31,6 +31,10 @@ void *dws_xmalloc(size_t n);
 void *dws_xcalloc(size_t n, size_t m);
 void *dws_xrealloc(void *p, size_t n);
 char *dws_xstrdup(const char *s);
+/* For large arrays (patch runs): 2 MiB aligned and marked for transparent
+ * huge pages, so filling hundreds of MB costs hundreds of faults, not 10^5.
+ * Freed with free(). */
+void *dws_big_alloc(size_t n);
 char *dws_xasprintf(const char *fmt, ...) DWS_PRINTF(1, 2);
 
 /* Parse a decimal u64 string strictly (no sign, no spaces, no overflow). */

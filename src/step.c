@@ -80,8 +80,8 @@ dws_patch *dws_patch_compact(dws_patch *const *runs, uint32_t k)
 	uint64_t total = 0;
 	for (uint32_t r = 0; r < k; r++)
 		total += runs[r]->n;
-	uint32_t *idx = dws_xmalloc((total ? total : 1) * sizeof(uint32_t));
-	uint16_t *val = dws_xmalloc((total ? total : 1) * sizeof(uint16_t));
+	uint32_t *idx = dws_big_alloc((total ? total : 1) * sizeof(uint32_t));
+	uint16_t *val = dws_big_alloc((total ? total : 1) * sizeof(uint16_t));
 	uint32_t *heap = dws_xmalloc((k ? k : 1) * sizeof(uint32_t)); /* run numbers */
 	uint32_t *pos = dws_xcalloc(k ? k : 1, sizeof(uint32_t));
 	uint32_t hn = 0;

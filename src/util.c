@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <stdlib.h>
+#include <sys/mman.h>
 #include <string.h>
 #include <xxhash.h>
 
@@ -65,6 +66,18 @@ void *dws_xrealloc(void *p, size_t n)
 	p = realloc(p, n ? n : 1);
 	if (!p)
 		oom();
+	return p;
+}
+
+void *dws_big_alloc(size_t n)
+{
+	enum { HUGE = 2u << 20 };
+	if (n < 2 * HUGE)
+		return dws_xmalloc(n);
+	void *p = NULL;
+	if (posix_memalign(&p, HUGE, n) != 0)
+		oom();
+	madvise(p, n & ~(size_t)(HUGE - 1), MADV_HUGEPAGE); /* a hint: failure is fine */
 	return p;
 }
 

@@ -275,6 +275,8 @@ void dws_builder_free(dws_builder *bl);
  * follows it in the same chain. Returns a new reference. */
 int dws_builder_build(dws_builder *bl, uint64_t step, dws_step **out,
 		      dws_error *err);
+/* The catalog the builder reads. */
+dws_catalog *dws_builder_catalog(dws_builder *bl);
 /* Switch to a newer catalog of the same bucket (the caller keeps ownership of
  * both; the old one may be freed after this returns). */
 void dws_builder_set_catalog(dws_builder *bl, dws_catalog *c);
@@ -325,6 +327,13 @@ typedef struct dws_progress {
  * into place at the end. outdir must not exist (or be an empty folder). */
 int dws_extract(dws_step *s, const char *outdir, const dws_progress *pr,
 		dws_error *err);
+
+/* Build step N with bl and extract it, overlapping: while the chain is decoded
+ * on one core, the anchor's bytes are copied into the output in the kernel
+ * (copy_file_range) on another; then only what the chain changed is written,
+ * in place. Same result as dws_builder_build + dws_extract. */
+int dws_extract_step(dws_builder *bl, uint64_t step, const char *outdir,
+		     const dws_progress *pr, dws_error *err);
 
 typedef enum dws_pub_format {
 	DWS_PUB_GAP_DELTA = 0, DWS_PUB_RAW, DWS_PUB_V1, DWS_PUB_ANCHOR
