@@ -6,6 +6,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 int dws_bucket_open_opts(const char *uri, const dws_bucket_opts *o,
 			 dws_bucket **out, dws_error *err)
@@ -95,4 +96,32 @@ void dws_objects_sort(dws_object *v, size_t n)
 {
 	if (n)
 		qsort(v, n, sizeof(*v), cmp_key);
+}
+
+dws_object *dws_objvec_push(dws_objvec *ov, size_t max)
+{
+	if (ov->n >= max)
+		return NULL;
+	if (ov->n == ov->cap) {
+		ov->cap = ov->cap ? ov->cap * 2 : 256;
+		ov->v = dws_xrealloc(ov->v, ov->cap * sizeof(*ov->v));
+	}
+	dws_object *o = &ov->v[ov->n++];
+	memset(o, 0, sizeof(*o));
+	return o;
+}
+
+int64_t dws_parse_time_ns(const char *s)
+{
+	struct tm tm = {0};
+	const char *p = s ? strptime(s, "%Y-%m-%dT%H:%M:%S", &tm) : NULL;
+	if (!p)
+		return 0;
+	int64_t ns = 0;
+	if (*p == '.') {
+		int64_t scale = 100000000;
+		for (p++; *p >= '0' && *p <= '9'; p++, scale /= 10)
+			ns += (*p - '0') * scale;
+	}
+	return (int64_t)timegm(&tm) * 1000000000 + ns;
 }

@@ -33,4 +33,15 @@ int dws_bucket_s3_open(const char *uri, const dws_bucket_opts *o, dws_bucket **o
 struct dws_cache *dws_bucket_cache(dws_bucket *b);
 void dws_objects_sort(dws_object *v, size_t n);
 
+/* A growing list of listed objects, capped. */
+typedef struct dws_objvec {
+	dws_object *v;
+	size_t n, cap;
+} dws_objvec;
+/* A zeroed new slot, or NULL past max objects. */
+dws_object *dws_objvec_push(dws_objvec *ov, size_t max);
+
+/* "2024-05-01T12:00:00.123Z" -> ns since the epoch; 0 if it does not parse. */
+int64_t dws_parse_time_ns(const char *s);
+
 #endif

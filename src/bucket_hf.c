@@ -109,22 +109,6 @@ static char *resolve_url(struct hf *h, const char *key)
 	return url;
 }
 
-/* "2024-05-01T12:00:00.123Z" -> ns since the epoch; 0 if it does not parse */
-static int64_t parse_time(const char *s)
-{
-	struct tm tm = {0};
-	const char *p = s ? strptime(s, "%Y-%m-%dT%H:%M:%S", &tm) : NULL;
-	if (!p)
-		return 0;
-	int64_t ns = 0;
-	if (*p == '.') {
-		int64_t scale = 100000000;
-		for (p++; *p >= '0' && *p <= '9'; p++, scale /= 10)
-			ns += (*p - '0') * scale;
-	}
-	return (int64_t)timegm(&tm) * 1000000000 + ns;
-}
-
 static bool is_hex64(const char *s)
 {
 	if (!s || strlen(s) != 64)
@@ -137,12 +121,7 @@ static bool is_hex64(const char *s)
 
 /* ---- listing ---- */
 
-struct objvec {
-	dws_object *v;
-	size_t n, cap;
-};
-
-static int parse_page(dws_bucket *b, const char *body, const char *want, struct objvec *ov,
+static int parse_page(dws_bucket *b, const char *body, const char *want, dws_objvec *ov,
 		      dws_error *err)
 {
 	struct hf *h = b->priv;
@@ -177,21 +156,16 @@ static int parse_page(dws_bucket *b, const char *body, const char *want, struct 
 			rc = dws_fail(err, DWS_EFORMAT, "%s: listing entry '%s' has no valid size", b->uri, path);
 			break;
 		}
-		if (ov->n >= MAX_LIST_OBJECTS) {
+		dws_object *o = dws_objvec_push(ov, MAX_LIST_OBJECTS);
+		if (!o) {
 			rc = dws_fail(err, DWS_EFORMAT, "%s: more than %u objects", b->uri, MAX_LIST_OBJECTS);
 			break;
 		}
-		if (ov->n == ov->cap) {
-			ov->cap = ov->cap ? ov->cap * 2 : 256;
-			ov->v = dws_xrealloc(ov->v, ov->cap * sizeof(*ov->v));
-		}
-		dws_object *o = &ov->v[ov->n++];
-		memset(o, 0, sizeof(*o));
 		o->key = dws_xstrdup(key);
 		o->size = (uint64_t)json_integer_value(size);
 		const char *up = json_string_value(json_object_get(e, "uploadedAt"));
 		const char *mt = json_string_value(json_object_get(e, "mtime"));
-		o->mtime_ns = parse_time(up ? up : mt);
+		o->mtime_ns = dws_parse_time_ns(up ? up : mt);
 		const char *xet = json_string_value(json_object_get(e, "xetHash"));
 		if (!xet)
 			xet = json_string_value(json_object_get(json_object_get(e, "lfs"), "oid"));
@@ -208,7 +182,7 @@ static int hf_list(dws_bucket *b, const char *prefix, dws_object **out, size_t *
 		   dws_error *err)
 {
 	struct hf *h = b->priv;
-	struct objvec ov = {0};
+	dws_objvec ov = {0};
 	char *want = join_prefix(h->prefix, prefix);
 	size_t wl = strlen(want);
 	while (wl && want[wl - 1] == '/')

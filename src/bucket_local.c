@@ -16,12 +16,7 @@ struct local {
 	int dirfd;
 };
 
-struct objvec {
-	dws_object *v;
-	size_t n, cap;
-};
-
-static int walk(int dirfd, const char *rel, struct objvec *ov, int depth,
+static int walk(int dirfd, const char *rel, dws_objvec *ov, int depth,
 		const char *root, dws_error *err)
 {
 	if (depth > LOCAL_MAX_DEPTH)
@@ -56,17 +51,12 @@ static int walk(int dirfd, const char *rel, struct objvec *ov, int depth,
 			free(key);
 			continue;
 		}
-		if (ov->n >= LOCAL_MAX_OBJECTS) {
+		dws_object *o = dws_objvec_push(ov, LOCAL_MAX_OBJECTS);
+		if (!o) {
 			free(key);
 			rc = dws_fail(err, DWS_EFORMAT, "%s: more than %u objects", root, LOCAL_MAX_OBJECTS);
 			break;
 		}
-		if (ov->n == ov->cap) {
-			ov->cap = ov->cap ? ov->cap * 2 : 64;
-			ov->v = dws_xrealloc(ov->v, ov->cap * sizeof(*ov->v));
-		}
-		dws_object *o = &ov->v[ov->n++];
-		memset(o, 0, sizeof(*o));
 		o->key = key;
 		o->size = (uint64_t)st.st_size;
 		o->mtime_ns = (int64_t)st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec;
@@ -81,7 +71,7 @@ static int local_list(dws_bucket *b, const char *prefix, dws_object **out,
 		      size_t *n, dws_error *err)
 {
 	struct local *l = b->priv;
-	struct objvec ov = {0};
+	dws_objvec ov = {0};
 	char *rel = dws_xstrdup(prefix);
 	size_t rl = strlen(rel);
 	while (rl && rel[rl - 1] == '/')

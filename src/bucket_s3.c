@@ -38,28 +38,12 @@ static char *object_url(struct s3 *s, const char *key)
 	return url;
 }
 
-static int64_t parse_time(const char *s)
-{
-	struct tm tm = {0};
-	const char *p = strptime(s, "%Y-%m-%dT%H:%M:%S", &tm);
-	if (!p)
-		return 0;
-	int64_t ns = 0;
-	if (*p == '.') {
-		int64_t scale = 100000000;
-		for (p++; *p >= '0' && *p <= '9'; p++, scale /= 10)
-			ns += (*p - '0') * scale;
-	}
-	return (int64_t)timegm(&tm) * 1000000000 + ns;
-}
-
 /* ---- ListObjectsV2 ---- */
 
 struct list_state {
 	dws_bucket *b;
 	const char *want;       /* full prefix with a trailing '/' ("" for all) */
-	dws_object *v;
-	size_t n, cap;
+	dws_objvec ov;
 	char text[2048];
 	size_t tl;
 	bool in_contents, truncated, too_long;
@@ -133,19 +117,14 @@ static void XMLCALL on_end(void *ud, const XML_Char *name)
 			st->err = DWS_EFORMAT;
 			return;
 		}
-		if (st->n >= MAX_LIST_OBJECTS) {
+		dws_object *o = dws_objvec_push(&st->ov, MAX_LIST_OBJECTS);
+		if (!o) {
 			st->err = DWS_EFORMAT;
 			return;
 		}
-		if (st->n == st->cap) {
-			st->cap = st->cap ? st->cap * 2 : 256;
-			st->v = dws_xrealloc(st->v, st->cap * sizeof(*st->v));
-		}
-		dws_object *o = &st->v[st->n++];
-		memset(o, 0, sizeof(*o));
 		o->key = dws_xstrdup(key);
 		o->size = size;
-		o->mtime_ns = parse_time(st->modified);
+		o->mtime_ns = dws_parse_time_ns(st->modified);
 		snprintf(o->ident, sizeof(o->ident), "etag:%.80s:%llu", st->etag, (unsigned long long)size);
 	}
 	st->tl = 0;
@@ -205,12 +184,12 @@ static int s3_list(dws_bucket *b, const char *prefix, dws_object **out, size_t *
 	free(token);
 	free(want);
 	if (rc) {
-		dws_objects_free(st.v, st.n);
+		dws_objects_free(st.ov.v, st.ov.n);
 		return rc;
 	}
-	dws_objects_sort(st.v, st.n);
-	*out = st.v;
-	*n = st.n;
+	dws_objects_sort(st.ov.v, st.ov.n);
+	*out = st.ov.v;
+	*n = st.ov.n;
 	return DWS_OK;
 }
 

@@ -175,9 +175,9 @@ ex_rate = [nbytes / (times[r]["extract_ns"] / 1e9) for r in R]
 cp_rate = [nbytes / (times[r]["cp_ns"] / 1e9) for r in R]
 row(f"`dwsctl extract --step {step}` throughput vs `cp -r --reflink=never` (bytes/s)", ex_rate, cp_rate, "B/s", 0.7)
 np_rate = [float(numpy[r]["numpy_apply_elems_per_s"]) for r in R]
-row("apply: decode + merge (dws_st_parse + dws_delta_decode + dws_patch_merge), chain changed elems/s vs numpy `flat[idx] = values`",
+row("apply: decode + merge (dws_st_parse + dws_delta_decode + dws_patchset_add), chain changed elems/s vs numpy `flat[idx] = values`",
     [float(apply[r]["apply_decode_merge_elems_per_s"]) for r in R], np_rate, "elem/s", 3)
-row("apply (diagnostic): decode only (dws_st_parse + dws_delta_decode, no merge), chain elems/s vs numpy",
+row("apply (diagnostic): decode only (dws_st_parse + dws_delta_decode, no append), chain elems/s vs numpy",
     [float(apply[r]["apply_decode_only_elems_per_s"]) for r in R], np_rate, "elem/s", None)
 row("apply: scatter of the merged patches into dense BF16 (`dst[idx[k]] = val[k]`), merged entries/s vs numpy",
     [float(apply[r]["apply_scatter_elems_per_s"]) for r in R], np_rate, "elem/s", None)
@@ -202,13 +202,13 @@ med = lambda k, src=apply: statistics.median(float(src[r][k]) for r in R)
 lines.append("## Where the time goes")
 lines.append("")
 lines.append(f"- decode+merge: {med('apply_decode_merge_seconds'):.3f} s per chain (median), of which decode alone "
-             f"{med('apply_decode_only_seconds'):.3f} s; the rest is `dws_patch_merge`, which rewrites the whole accumulated "
-             f"patch of a tensor for every delta: {int(a1['apply_merge_entries_written']):,} entries written for "
+             f"{med('apply_decode_only_seconds'):.3f} s; the rest is appending each decoded run to its tensor's patch "
+             f"(`dws_patchset_add`; runs are compacted past 32): {int(a1['apply_merge_entries_written']):,} entries written for "
              f"{int(a1['apply_chain_elems']):,} changed elements ({float(a1['apply_merge_write_amplification']):.1f}x), "
              f"into fresh allocations ({med('apply_decode_merge_minflt_per_rep'):,.0f} page faults, "
              f"{med('apply_decode_merge_user_seconds_per_rep'):.2f} s user + {med('apply_decode_merge_sys_seconds_per_rep'):.2f} s sys per chain)")
 ex_s = statistics.median(times[r]["extract_ns"] / 1e9 for r in R)
-lines.append(f"- extract: {ex_s:.2f} s wall (median) = catalog + the same decode+merge + read, patch and write of "
+lines.append(f"- extract: {ex_s:.2f} s wall (median) = catalog + the same decode+append, overlapped with a kernel copy of the anchor, then patching in place; "
              f"{nbytes:,} bytes; cp: {statistics.median(times[r]['cp_ns'] / 1e9 for r in R):.2f} s. "
              f"CPU per run (median): extract {statistics.median(times[r]['extract_user'] for r in R):.2f} s user + "
              f"{statistics.median(times[r]['extract_sys'] for r in R):.2f} s sys, "
