@@ -161,12 +161,25 @@ def _live(path, timeout=2.0):
     return bool(box and box[0])
 
 
+def _served_by_fuse(mnt):
+    """The path resolves to a FUSE mount (its device is a fuse.* line of
+    mountinfo), not to the bare folder under a mount that just went away."""
+    try:
+        st = os.stat(mnt)
+    except OSError:
+        return False
+    dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    return any(ln.split()[2] == dev and " - fuse" in ln for ln in mounts_at(mnt))
+
+
 def _mounted_anew(mnt, before):
     """A mount appeared on mnt since `before` (its mountinfo lines). With a
     dead mount there before, the new one may reuse its id and device number,
-    so there the test is that the top mount answers."""
+    so there the test is that the top mount answers; and in every case the
+    path must lead into a FUSE mount (between a stale mount's detach and the
+    new mount it leads to the bare folder)."""
     now = set(mounts_at(mnt))
-    if not now:
+    if not now or not _served_by_fuse(mnt):
         return False
     return not before or _live(mnt)
 
