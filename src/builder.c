@@ -391,6 +391,7 @@ static int apply_sparse(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 	dws_st_file *st = NULL;
 	dws_delta_param *ps = NULL;
 	size_t np = 0;
+	dws_arena *arena = NULL;
 	int rc = dws_bucket_open_blob(dws_catalog_bucket(bl->cat), &f->obj, &raw, err);
 	if (rc)
 		return rc;
@@ -424,7 +425,13 @@ static int apply_sparse(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 	bl->stamp++;
 	struct resolve_ctx ctx = {bl, s, what, err, false};
 	uint64_t ds = dws_st_data_start(st);
-	rc = dws_delta_decode(st, data + ds, len - ds, f->variant, what, resolve, &ctx, &ps, &np, err);
+	/* one allocation for every run of this file: indices, then values (the
+	 * count is bounded by the file's size, which the parser checked) */
+	uint64_t total = f->variant == DWS_VAR_NVCOMP ? 0 : dws_delta_value_count(st, f->variant);
+	arena = dws_arena_new((size_t)total * (sizeof(uint32_t) + sizeof(uint16_t)));
+	uint32_t *idx_pool = arena->mem;
+	uint16_t *val_pool = (uint16_t *)(void *)(idx_pool + total);
+	rc = dws_delta_decode_pool(st, data + ds, len - ds, f->variant, what, resolve, &ctx, idx_pool, &ps, &np, err);
 	if (rc)
 		goto out;
 	if (ctx.dup) {
@@ -438,22 +445,25 @@ static int apply_sparse(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 			goto out;
 		}
 	}
+	uint64_t at = 0;
 	for (size_t i = 0; i < np; i++) {
 		size_t slot = ps[i].slot;
+		uint64_t first = at;
+		at += ps[i].count; /* the pool holds params in decode order */
 		if (!ps[i].count)
 			continue;
 		/* the decoded indices become the run; the values are copied out of
-		 * the file buffer, which goes away */
-		uint16_t *val = dws_big_alloc(ps[i].count * sizeof(uint16_t));
+		 * the file buffer, which goes away, next to them in the arena */
+		uint16_t *val = val_pool + first;
 		memcpy(val, ps[i].val, ps[i].count * sizeof(uint16_t));
-		dws_patch *run = dws_patch_new_owned(ps[i].idx, val, (uint32_t)ps[i].count);
-		ps[i].idx = NULL;
+		dws_patch *run = dws_patch_new_in(arena, ps[i].idx, val, (uint32_t)ps[i].count);
 		dws_patchset *next = dws_patchset_add(s->patch[slot], run);
 		dws_patchset_unref(s->patch[slot]);
 		s->patch[slot] = next;
 		s->trained[slot] = 1;
 	}
 out:
+	dws_arena_unref(arena); /* the runs keep their own references */
 	dws_delta_free(ps, np);
 	dws_st_free(st);
 	free(what);

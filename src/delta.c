@@ -15,7 +15,8 @@ void dws_delta_free(dws_delta_param *p, size_t n)
 	if (!p)
 		return;
 	for (size_t i = 0; i < n; i++)
-		free(p[i].idx);
+		if (!p[i].pooled)
+			free(p[i].idx);
 	free(p);
 }
 
@@ -51,11 +52,12 @@ static int check_1d(const dws_st_tensor *t, dws_dtype want, const char *what,
 /* Fill p->idx from an index tensor: absolute I32 offsets or U16/U32 gaps. */
 static int decode_idx(dws_delta_param *p, const dws_st_tensor *ti,
 		      const unsigned char *data, uint64_t numel, bool gaps,
-		      const char *what, dws_error *err)
+		      uint32_t *pool, const char *what, dws_error *err)
 {
 	const unsigned char *src = data + ti->begin;
 	uint64_t n = p->count;
-	p->idx = dws_big_alloc((n ? n : 1) * sizeof(uint32_t));
+	p->pooled = pool != NULL;
+	p->idx = pool ? pool : dws_big_alloc((n ? n : 1) * sizeof(uint32_t));
 	if (!p->idx)
 		return dws_fail(err, DWS_ENOMEM, "%s: no memory for %llu indices of '%.*s'", what, (unsigned long long)n, p->name_len, p->name);
 	if (gaps) {
@@ -114,11 +116,34 @@ static int expect_count(const dws_st_file *st, const char *key, uint64_t got,
 	return DWS_OK;
 }
 
+uint64_t dws_delta_value_count(const dws_st_file *st, dws_variant v)
+{
+	const char *vsuf = v == DWS_VAR_V1 ? ".values" : ".val";
+	size_t vl = strlen(vsuf);
+	uint64_t total = 0;
+	for (size_t i = 0; i < dws_st_count(st); i++) {
+		const dws_st_tensor *t = dws_st_at(st, i);
+		size_t nl = strlen(t->name);
+		if (nl > vl && strcmp(t->name + nl - vl, vsuf) == 0)
+			total += t->numel;
+	}
+	return total;
+}
+
 int dws_delta_decode(const dws_st_file *st, const unsigned char *data,
 		     uint64_t data_len, dws_variant v, const char *what,
 		     dws_resolve_fn resolve, void *ctx, dws_delta_param **out,
 		     size_t *nout, dws_error *err)
 {
+	return dws_delta_decode_pool(st, data, data_len, v, what, resolve, ctx, NULL, out, nout, err);
+}
+
+int dws_delta_decode_pool(const dws_st_file *st, const unsigned char *data,
+			  uint64_t data_len, dws_variant v, const char *what,
+			  dws_resolve_fn resolve, void *ctx, uint32_t *pool,
+			  dws_delta_param **out, size_t *nout, dws_error *err)
+{
+	uint64_t pool_used = 0;
 	(void)data_len; /* the parser already bounded every tensor by it */
 	size_t nt = dws_st_count(st);
 	dws_delta_param *ps = dws_xcalloc(nt, sizeof(*ps));
@@ -240,7 +265,8 @@ int dws_delta_decode(const dws_st_file *st, const unsigned char *data,
 		p->count = t->numel;
 		p->val = data + t->begin;
 		np++;
-		rc = decode_idx(p, ti, data, numel, gaps, what, err);
+		rc = decode_idx(p, ti, data, numel, gaps, pool ? pool + pool_used : NULL, what, err);
+		pool_used += p->count;
 		if (rc)
 			goto out;
 	}

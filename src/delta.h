@@ -9,7 +9,8 @@ typedef struct dws_delta_param {
 	int name_len;               /* length of the parameter name within it */
 	size_t slot;                /* what the resolver returned */
 	uint64_t count;
-	uint32_t *idx;              /* strictly ascending, < numel; owned */
+	uint32_t *idx;              /* strictly ascending, < numel; owned unless pooled */
+	bool pooled;                /* idx lies in the caller's pool */
 	const unsigned char *val;   /* count BF16 values, little endian, unaligned */
 } dws_delta_param;
 
@@ -23,6 +24,14 @@ int dws_delta_decode(const dws_st_file *st, const unsigned char *data,
 		     uint64_t data_len, dws_variant v, const char *what,
 		     dws_resolve_fn resolve, void *ctx, dws_delta_param **out,
 		     size_t *n, dws_error *err);
+/* The same, with every param's indices placed in pool (room for the file's
+ * total value count, dws_delta_value_count) instead of allocated one by one. */
+int dws_delta_decode_pool(const dws_st_file *st, const unsigned char *data,
+			  uint64_t data_len, dws_variant v, const char *what,
+			  dws_resolve_fn resolve, void *ctx, uint32_t *pool,
+			  dws_delta_param **out, size_t *n, dws_error *err);
+/* Elements in the file's value tensors (bounded by its size). */
+uint64_t dws_delta_value_count(const dws_st_file *st, dws_variant v);
 void dws_delta_free(dws_delta_param *p, size_t n);
 
 #endif

@@ -9,13 +9,45 @@
 
 /* ---- patches ---- */
 
+dws_arena *dws_arena_new(size_t bytes)
+{
+	dws_arena *a = dws_xcalloc(1, sizeof(*a));
+	atomic_init(&a->refs, 1);
+	a->mem = dws_big_alloc(bytes ? bytes : 1);
+	return a;
+}
+
+void dws_arena_unref(dws_arena *a)
+{
+	if (!a || atomic_fetch_sub(&a->refs, 1) != 1)
+		return;
+	free(a->mem);
+	free(a);
+}
+
 void dws_patch_unref(dws_patch *p)
 {
 	if (!p || atomic_fetch_sub(&p->refs, 1) != 1)
 		return;
-	free(p->idx);
-	free(p->val);
+	if (p->arena) {
+		dws_arena_unref(p->arena);
+	} else {
+		free(p->idx);
+		free(p->val);
+	}
 	free(p);
+}
+
+dws_patch *dws_patch_new_in(dws_arena *a, uint32_t *idx, uint16_t *val, uint32_t n)
+{
+	dws_patch *p = dws_xcalloc(1, sizeof(*p));
+	atomic_init(&p->refs, 1);
+	p->n = n;
+	p->idx = idx;
+	p->val = val;
+	p->arena = a;
+	atomic_fetch_add(&a->refs, 1);
+	return p;
 }
 
 /* Merge m new entries (sorted, values as unaligned little-endian BF16) into

@@ -7,17 +7,30 @@
 /* A merged patch: the elements of one tensor that differ from its source, as
  * sorted indices with BF16 values (newest wins). Immutable once built and
  * shared between steps (copy-on-write per tensor). */
+/* Memory shared by the runs of one delta file: one allocation, freed with
+ * the last run that uses it. */
+typedef struct dws_arena {
+	atomic_long refs;
+	void *mem;
+} dws_arena;
+
+dws_arena *dws_arena_new(size_t bytes);
+void dws_arena_unref(dws_arena *a);
+
 typedef struct dws_patch {
 	atomic_long refs;
 	uint32_t n;
 	uint32_t *idx;
 	uint16_t *val;
+	dws_arena *arena; /* idx and val lie in it; NULL: owned */
 } dws_patch;
 
 dws_patch *dws_patch_merge(const dws_patch *old, const uint32_t *idx,
 			   const unsigned char *val, uint64_t m);
 /* A run over arrays the run takes ownership of (free()d with it). */
 dws_patch *dws_patch_new_owned(uint32_t *idx, uint16_t *val, uint32_t n);
+/* A run over arrays inside an arena (a reference to it is taken). */
+dws_patch *dws_patch_new_in(dws_arena *a, uint32_t *idx, uint16_t *val, uint32_t n);
 void dws_patch_unref(dws_patch *p);
 
 /* A tensor's patch: sorted runs, oldest first; where runs overlap the newest
