@@ -98,25 +98,34 @@ static uint64_t decode_merge(const delta_file *df, size_t nd, resolver *r,
 		dws_delta_param *ps = NULL;
 		size_t np = 0;
 		uint64_t ds = dws_st_data_start(st);
-		rc = dws_delta_decode(st, df[d].data + ds, df[d].len - ds, df[d].variant, df[d].what, resolve, r, &ps, &np, &err);
+		/* as the step builder does: one arena per file for its runs */
+		uint64_t total = dws_delta_value_count(st, df[d].variant);
+		dws_arena *arena = patch ? dws_arena_new((size_t)total * 6) : NULL;
+		uint32_t *idx_pool = arena ? arena->mem : NULL;
+		uint16_t *val_pool = arena ? (uint16_t *)(void *)(idx_pool + total) : NULL;
+		rc = dws_delta_decode_pool(st, df[d].data + ds, df[d].len - ds, df[d].variant, df[d].what, resolve, r, idx_pool,
+					   &ps, &np, &err);
 		if (rc)
 			die(df[d].what, &err);
+		uint64_t at = 0;
 		for (size_t i = 0; i < np; i++) {
+			uint64_t first = at;
+			at += ps[i].count;
 			if (!ps[i].count)
 				continue;
 			elems += ps[i].count;
 			if (!patch)
 				continue; /* decode only */
-			/* as the step builder does: the decoded run is appended */
-			uint16_t *val = dws_xmalloc(ps[i].count * sizeof(uint16_t));
+			/* the decoded run is appended, its values beside its indices */
+			uint16_t *val = val_pool + first;
 			memcpy(val, ps[i].val, ps[i].count * sizeof(uint16_t));
-			dws_patch *run = dws_patch_new_owned(ps[i].idx, val, (uint32_t)ps[i].count);
-			ps[i].idx = NULL;
+			dws_patch *run = dws_patch_new_in(arena, ps[i].idx, val, (uint32_t)ps[i].count);
 			dws_patchset *m = dws_patchset_add(patch[ps[i].slot], run);
 			dws_patchset_unref(patch[ps[i].slot]);
 			patch[ps[i].slot] = m;
 			*written += ps[i].count;
 		}
+		dws_arena_unref(arena);
 		dws_delta_free(ps, np);
 		dws_st_free(st);
 	}

@@ -1,0 +1,307 @@
+#!/usr/bin/python3
+"""Helpers of tests/bench/run_http_bench.sh (not a test).
+
+    http_report.py conc NGINX_LOG        in-flight profile of the byte requests of one
+                                         timed run, from nginx's access log (format
+                                         `bench` of run_http_bench.sh), as key=value
+    http_report.py fuse PERF_SCRIPT DEV  FUSE_READ sizes and outstanding READs of
+                                         connection DEV, from `perf script` output of the
+                                         fuse:fuse_request_send/end tracepoints
+    http_report.py report WORK MD        the markdown report from WORK/rounds.txt,
+                                         WORK/info.txt, WORK/commands.md, WORK/diag/
+"""
+import collections
+import os
+import re
+import statistics
+import sys
+
+
+def kv_line(line):
+    return dict(x.split("=", 1) for x in line.split() if "=" in x)
+
+
+def kv_file(path):
+    out = {}
+    if os.path.exists(path):
+        for line in open(path, encoding="utf-8", errors="replace"):
+            line = line.rstrip("\n")
+            if "=" in line and not line.startswith("#"):
+                k, v = line.split("=", 1)
+                out[k.strip()] = v
+    return out
+
+
+# ---- nginx access log: how many byte requests were in flight, over time ----
+
+def conc(path):
+    """nginx `bench` format: msec connection request_time status bytes "range" "ua".
+    A request's interval is [msec - request_time, msec] (1 ms resolution)."""
+    iv, small = [], 0
+    for line in open(path, encoding="utf-8", errors="replace"):
+        f = line.split()
+        if len(f) < 5:
+            continue
+        end, rt, n = float(f[0]), float(f[2]), int(f[4])
+        if n < 65536:               # index pages, HEADs, the safetensors header
+            small += 1
+            continue
+        iv.append((end - rt, end, n, f[1]))
+    if not iv:
+        return {"reqs": 0, "small_reqs": small}
+    t0 = min(s for s, _, _, _ in iv)
+    t1 = max(e for _, e, _, _ in iv)
+    ev = sorted([(s, 1) for s, _, _, _ in iv] + [(e, -1) for _, e, _, _ in iv])
+    cur, last, at = 0, t0, collections.Counter()
+    peak = 0
+    for t, d in ev:
+        at[cur] += t - last
+        last = t
+        cur += d
+        peak = max(peak, cur)
+    span = max(t1 - t0, 1e-9)
+    mean = sum(k * v for k, v in at.items()) / span
+    return {"reqs": len(iv), "small_reqs": small, "conns": len({c for *_, c in iv}),
+            "req_mb": round(statistics.mean(n for _, _, n, _ in iv) / 1e6, 3),
+            "req_ms": round(1000 * statistics.mean(e - s for s, e, _, _ in iv), 1),
+            "span_s": round(span, 3), "inflight_mean": round(mean, 2), "inflight_max": peak,
+            "idle_frac": round(at[0] / span, 3), "one_frac": round(at[1] / span, 3)}
+
+
+# ---- perf tracepoints: FUSE READ sizes and how many were outstanding ----
+
+def fuse(path, dev):
+    sends, sizes, hist = {}, collections.Counter(), collections.Counter()
+    outstanding = peak = 0
+    for line in open(path, encoding="utf-8", errors="replace"):
+        m = re.search(r"fuse_request_send: connection (\d+) req (\d+) opcode (\d+)", line)
+        if m:
+            if m.group(1) == dev and m.group(3) == "15":          # FUSE_READ
+                sends[m.group(2)] = True
+                outstanding += 1
+                peak = max(peak, outstanding)
+                hist[outstanding] += 1
+            continue
+        m = re.search(r"fuse_request_end: connection (\d+) req (\d+) len (\d+)", line)
+        if m and m.group(1) == dev and sends.pop(m.group(2), None):
+            outstanding -= 1
+            sizes[int(m.group(3)) - 16] += 1                       # minus fuse_out_header
+    total = sum(sizes.values())
+    common = sizes.most_common(1)[0] if sizes else (0, 0)
+    return {"fuse_reads": total, "fuse_read_size_common": common[0],
+            "fuse_read_size_common_frac": round(common[1] / total, 3) if total else 0,
+            "fuse_reads_outstanding_max": peak,
+            "fuse_reads_outstanding_hist": ",".join(f"{k}:{v}" for k, v in sorted(hist.items()))}
+
+
+# ---- the report ----
+
+NAMES = {
+    "curl": "`curl --parallel --parallel-max {par}` over {blk} ranges to /dev/null",
+    "curlfile": "the same curl writing each range to a file beside the dwsfs cache",
+    "dwsfs_cat": "dwsfs `cat`",
+    "dwsfs_dd": "dwsfs `dd bs=1M`",
+    "dwsfs_par4": "dwsfs, 4 `dd bs=1M` readers on quarters",
+    "dwsfs_warm": "dwsfs `cat` with the block cache already filled (remount)",
+    "dwsfs_1t": "dwsfs `cat` of a one-tensor model of the same size",
+    "httpdirfs": "httpdirfs `--cache` `cat`",
+    "rclone": "rclone mount `cat`",
+    "dwsfs_head": "dwsfs `head -c {prefix}`",
+    "httpdirfs_nc_head": "httpdirfs (no `--cache`) `head -c {prefix}`",
+}
+
+
+def fmt_mb(x):
+    return f"{x:,.0f}" if x >= 10 else f"{x:.2f}"
+
+
+def report(work, md):
+    info = kv_file(os.path.join(work, "info.txt"))
+    runs = collections.defaultdict(dict)          # client -> round -> fields
+    for line in open(os.path.join(work, "rounds.txt")):
+        f = kv_line(line)
+        if f:
+            runs[f["client"]][int(f["round"])] = f
+    rounds = int(info["rounds"])
+    par, blk = info["par"], f"{int(info['block']) >> 20} MiB"
+    prefix = f"{int(info['prefix_bytes']) >> 20} MiB" if int(info["prefix_bytes"]) >= 1 << 20 else info["prefix_bytes"] + " B"
+    name = {k: v.format(par=par, blk=blk, prefix=prefix) for k, v in NAMES.items()}
+
+    def rate(client, r):
+        f = runs[client].get(r)
+        if not f:
+            return None
+        return int(f["bytes"]) / (int(f["ns"]) / 1e9) / 1e6
+
+    rows, notes = [], []
+
+    def row(figure, ours, ref, target, tgt_text=None):
+        """ratio ours/ref per round (both measured in that round)."""
+        pairs = [(rate(ours, r), rate(ref, r)) for r in range(1, rounds + 1)]
+        pairs = [(a, b) for a, b in pairs if a and b]
+        if not pairs:
+            skipped = ours if ours not in runs else ref
+            rows.append((figure, "—", "—", f"skipped ({name.get(skipped, skipped)} not run)", tgt_text or "—", "—"))
+            return None
+        ratios = [a / b for a, b in pairs]
+        med = statistics.median(ratios)
+        if target is None:
+            met = "—"
+        else:
+            met = "yes" if med >= target else f"**no** ({med / target:.2f} of target)"
+        rows.append((figure, fmt_mb(statistics.median(a for a, _ in pairs)), fmt_mb(statistics.median(b for _, b in pairs)),
+                     f"{med:.2f}x ({min(ratios):.2f}–{max(ratios):.2f})",
+                     tgt_text or ("—" if target is None else f">= {target}x"), met))
+        return med
+
+    mb = int(info["size"]) / 1e6
+    row(f"cold read of the {mb:,.0f} MB model: {name['dwsfs_cat']} vs {name['curl']}", "dwsfs_cat", "curl", 0.8)
+    row(f"cold read: {name['dwsfs_dd']} vs the same curl", "dwsfs_dd", "curl", 0.8)
+    row(f"cold read: {name['dwsfs_cat']} vs {name['httpdirfs']} of the same file from the same nginx", "dwsfs_cat", "httpdirfs", 2)
+    row(f"cold read: {name['dwsfs_cat']} vs {name['rclone']} (`:http:`, `--vfs-cache-mode off`) of the same file", "dwsfs_cat", "rclone", 2)
+    row(f"diagnostic: {name['dwsfs_par4']} vs the same curl", "dwsfs_par4", "curl", None)
+    row(f"diagnostic: {name['dwsfs_warm']}: no network, the FUSE path alone, vs the same curl", "dwsfs_warm", "curl", None)
+    row(f"diagnostic: {name['dwsfs_1t']} (readahead not cut at tensor ends) vs the same curl", "dwsfs_1t", "curl", None)
+    row(f"diagnostic: first {prefix}: {name['dwsfs_head']} vs {name['httpdirfs_nc_head']}", "dwsfs_head", "httpdirfs_nc_head", None)
+
+    other = []
+
+    def orow(client, ref="curl"):
+        pairs = [(rate(client, r), rate(ref, r)) for r in range(1, rounds + 1)]
+        pairs = [(a, b) for a, b in pairs if a and b]
+        if not pairs:
+            return
+        ratios = [a / b for a, b in pairs]
+        other.append((name[client], fmt_mb(statistics.median(a for a, _ in pairs)),
+                      f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}–{max(ratios):.2f})"))
+
+    for c in ("curlfile", "httpdirfs", "rclone"):
+        orow(c)
+
+    L = []
+    smoke = info.get("smoke") == "1"
+    L.append("# dwsfs HTTP read benchmark" + (" (SMOKE configuration)" if smoke else ""))
+    L.append("")
+    L.append("Produced by `tests/bench/run_http_bench.sh`" + (" with `SMOKE=1`" if smoke else "") +
+             f". Every figure is a ratio of two runs measured side by side in the same round; ratio = median over "
+             f"{rounds} round(s) (min–max across rounds); MB/s (10^6 bytes) are medians, for orientation only: "
+             "the machine is shared and noisy. The order of the clients rotates every round.")
+    L.append("")
+    L.append("| figure | dwsfs MB/s | reference MB/s | ratio median (min–max) | target | met? |")
+    L.append("|---|---|---|---|---|---|")
+    for r_ in rows:
+        L.append("| " + " | ".join(r_) + " |")
+    L.append("")
+    if other:
+        L.append("Other clients against the same curl reference (same rounds):")
+        L.append("")
+        L.append("| client | MB/s | ratio to curl, median (min–max) |")
+        L.append("|---|---|---|")
+        for o in other:
+            L.append("| " + " | ".join(o) + " |")
+        L.append("")
+    skipped = [s for s in info.get("skipped", "").split(";") if s]
+    if skipped:
+        L.append("Skipped: " + "; ".join(skipped) + ".")
+        L.append("")
+
+    # where the time goes
+    L.append("## Where the time goes (medians over rounds)")
+    L.append("")
+    L.append("Byte requests seen by nginx during each timed read (its access log: end time and `$request_time`): "
+             "how many were in flight on average, the share of the read during which none was, and the request size. "
+             "Client CPU = the client process (daemon for the mounts, curl itself), user+sys seconds per GB read; "
+             "machine busy = share of both cores busy during the read (every process, other sessions' too).")
+    L.append("")
+    L.append("| client | MB/s | requests | MB/request | ms/request | in flight (mean / max) | time with 0 in flight | time with 1 | client CPU s/GB | machine busy | mount s |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def med(client, key, cast=float):
+        vals = [cast(f[key]) for f in runs[client].values() if key in f and f[key] not in ("", "None")]
+        return statistics.median(vals) if vals else None
+
+    for c in ("curl", "curlfile", "dwsfs_cat", "dwsfs_dd", "dwsfs_par4", "dwsfs_warm", "dwsfs_1t", "httpdirfs", "rclone",
+              "dwsfs_head", "httpdirfs_nc_head"):
+        if c not in runs:
+            continue
+        rates = [rate(c, r) for r in runs[c]]
+        cpu = [float(f["cpu_s"]) / (int(f["bytes"]) / 1e9) for f in runs[c].values() if f.get("cpu_s")]
+        m = lambda k: med(c, k)
+        fm = lambda v, p=2: "—" if v is None else f"{v:.{p}f}"
+        pct = lambda v: "—" if v is None else f"{100 * v:.0f}%"
+        ms = m("mount_ms")
+        L.append(f"| {name[c]} | {fmt_mb(statistics.median(rates))} | {fm(m('reqs'), 0)} | {fm(m('req_mb'))} | {fm(m('req_ms'), 1)} | "
+                 f"{fm(m('inflight_mean'))} / {fm(m('inflight_max'), 0)} | {pct(m('idle_frac'))} | "
+                 f"{pct(m('one_frac'))} | {fm(statistics.median(cpu) if cpu else None)} | {pct(m('machine_busy'))} | "
+                 f"{fm(None if ms is None else ms / 1000)} |")
+    L.append("")
+    if "dwsfs_cat" in runs:
+        f1 = runs["dwsfs_cat"][min(runs["dwsfs_cat"])]
+        if "cdn_requests" in f1:
+            L.append(f"dwsfs `.dwsfs/status` after a cat (round {min(runs['dwsfs_cat'])}): cdn_requests={f1['cdn_requests']}, "
+                     f"bytes_fetched={int(f1['bytes_fetched']):,}, cache_misses={f1.get('cache_misses')}, cache_hits={f1.get('cache_hits')}.")
+            L.append("")
+
+    diag = os.path.join(work, "diag")
+    if os.path.isdir(diag):
+        L.append("## Diagnostics (one extra untimed-for-the-table read each, after the rounds)")
+        L.append("")
+        for c in ("dwsfs_cat", "rclone"):
+            d = kv_file(os.path.join(diag, f"fuse.{c}.txt"))
+            if d:
+                L.append(f"- {name[c]}: kernel FUSE connection max_background={d.get('max_background')}, "
+                         f"congestion_threshold={d.get('congestion_threshold')}; {d.get('fuse_reads')} FUSE_READ requests, "
+                         f"{float(d.get('fuse_read_size_common_frac', 0)) * 100:.0f}% of them {int(d.get('fuse_read_size_common', 0)) // 1024} KiB; "
+                         f"at most {d.get('fuse_reads_outstanding_max')} outstanding (outstanding count at each send: "
+                         f"{d.get('fuse_reads_outstanding_hist')}) — perf tracepoints fuse:fuse_request_send/end")
+        prof = os.path.join(diag, "perf.dwsfs.txt")
+        if os.path.exists(prof):
+            L.append("- `perf record -g -p <dwsfs>` during a cold `cat` (self time, top symbols, all dwsfs threads):")
+            L.append("")
+            L.append("```")
+            L.extend(open(prof).read().rstrip().splitlines())
+            L.append("```")
+        L.append("")
+
+    L.append("## Configuration and exact commands")
+    L.append("")
+    L.extend(open(os.path.join(work, "commands.md")).read().rstrip().splitlines())
+    L.append("")
+    L.append("## Machine")
+    L.append("")
+    for k in ("nproc", "cpu", "mem", "kernel", "vm", "build", "dwsfs", "curl", "nginx", "httpdirfs", "rclone", "libfuse", "perf"):
+        if info.get(k):
+            L.append(f"- {k}: {info[k]}")
+    L.append("")
+    L.append("## Raw per round")
+    L.append("")
+    L.append("| round | order | " + " | ".join(c for c in NAMES if c in runs) + " |")
+    L.append("|---|---|" + "---|" * sum(1 for c in NAMES if c in runs))
+    for r in range(1, rounds + 1):
+        cells = []
+        for c in NAMES:
+            if c not in runs:
+                continue
+            f = runs[c].get(r)
+            cells.append("—" if not f else f"{int(f['ns']) / 1e9:.3f} s, {fmt_mb(rate(c, r))} MB/s")
+        L.append(f"| {r} | {info.get(f'order{r}', '')} | " + " | ".join(cells) + " |")
+    L.append("")
+    text = "\n".join(L)
+    with open(md, "w") as fh:
+        fh.write(text)
+    print(text)
+
+
+def main(argv):
+    if len(argv) >= 2 and argv[0] == "conc":
+        print(" ".join(f"{k}={v}" for k, v in conc(argv[1]).items()))
+    elif len(argv) >= 3 and argv[0] == "fuse":
+        print("\n".join(f"{k}={v}" for k, v in fuse(argv[1], argv[2]).items()))
+    elif len(argv) >= 3 and argv[0] == "report":
+        report(argv[1], argv[2])
+    else:
+        sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
