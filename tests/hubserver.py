@@ -18,11 +18,18 @@ files while the server runs):
 Command line:
 
     hubserver.py --root DIR [--port 0] [--cdn-host 127.0.0.2] [--cdn-port 0]
-                 [--token TOKEN] [--page-size N] [--ready-file FILE]
+                 [--cdn-url BASE] [--token TOKEN] [--page-size N] [--ready-file FILE]
                  [--max-seconds 3600] [--exit-with-parent] [--verbose]
 
 prints {"endpoint": "http://127.0.0.1:PORT", "cdn": "http://127.0.0.2:PORT2"} on one
-line when listening (and writes it to --ready-file). In process:
+line when listening (and writes it to --ready-file).
+
+--cdn-url BASE (Hub(..., cdn_url=BASE)): the resolver's 302 points to
+BASE/<path of the object under DIR> (e.g. BASE/buckets/<ns>/<name>/<key>), URL-quoted,
+instead of this server's own CDN: for benchmarks where another server (nginx on
+127.0.0.2 serving DIR) delivers the bytes. BASE is an http(s) URL on a loopback host.
+The own CDN still runs; requests to BASE are neither counted nor faulted here.
+In process:
 
     hub = Hub(root, token=None, page_size=1000).start()
     ... hub.endpoint, hub.cdn, hub.stats(), hub.reset_stats(),
@@ -708,14 +715,26 @@ def _loopback(host):
     return host
 
 
+def _loopback_url(url):
+    """An http(s) URL whose host is an IPv4 loopback address or localhost, without
+    its trailing slash."""
+    u = urllib.parse.urlsplit(str(url))
+    if u.scheme not in ("http", "https") or not u.hostname or u.query or u.fragment:
+        raise ValueError(f"cdn_url must be an http(s) URL without query, not {url!r}")
+    if u.hostname != "localhost":
+        _loopback(u.hostname)
+    return str(url).rstrip("/")
+
+
 class Hub:
     """The loopback Hub: a main server (API + resolver) and a CDN server."""
 
     def __init__(self, root, port=0, cdn_host="127.0.0.2", cdn_port=0, token=None,
-                 page_size=1000, host="127.0.0.1", verbose=False):
+                 page_size=1000, host="127.0.0.1", verbose=False, cdn_url=None):
         self.root = os.path.abspath(str(root))
         self.host = _loopback(host)
         self.cdn_host = _loopback(cdn_host)
+        self.cdn_url = _loopback_url(cdn_url) if cdn_url else None
         self.port = int(port)
         self.cdn_port = int(cdn_port)
         self.token = token or None
@@ -921,6 +940,8 @@ class Hub:
         return hmac.new(self._secret, msg, hashlib.sha256).hexdigest()[:32]
 
     def _cdn_url(self, rel, h):
+        if self.cdn_url:
+            return f"{self.cdn_url}/{urllib.parse.quote(rel, safe='/')}"
         return (f"{self.cdn}/blob/{urllib.parse.quote(rel, safe='/')}"
                 f"?xh={h}&sig={self._sign(rel, h)}")
 
@@ -1076,6 +1097,8 @@ def main(argv=None):
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--cdn-host", default="127.0.0.2")
     ap.add_argument("--cdn-port", type=int, default=0)
+    ap.add_argument("--cdn-url", default=None,
+                    help="resolve redirects to CDN_URL/<path under --root> instead of the own CDN")
     ap.add_argument("--token", default=None)
     ap.add_argument("--page-size", type=int, default=1000)
     ap.add_argument("--ready-file", default=None)
@@ -1087,7 +1110,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     hub = Hub(args.root, port=args.port, cdn_host=args.cdn_host, cdn_port=args.cdn_port,
-              token=args.token, page_size=args.page_size, verbose=args.verbose)
+              token=args.token, page_size=args.page_size, verbose=args.verbose,
+              cdn_url=args.cdn_url)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: done.set())
     signal.signal(signal.SIGINT, lambda *a: done.set())

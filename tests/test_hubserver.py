@@ -481,6 +481,44 @@ def test_keep_alive(hub):
     conn.close()
 
 
+def test_cdn_url_redirects_elsewhere(root, tmp_path):
+    """--cdn-url: the resolver sends clients to BASE/<path under root> (another
+    server, e.g. nginx serving root); the headers stay; the own CDN is not used."""
+    with hubserver.Hub(root, cdn_url="http://127.0.0.2:9/files/") as h:
+        key = "we#ird ?%/sp ace.bin"
+        url = f"{h.endpoint}/buckets/user/run/resolve/{Q(key)}"
+        for method in ("GET", "HEAD"):
+            st, hd, _ = call(url, method=method)
+            assert st == 302
+            assert hd["location"] == "http://127.0.0.2:9/files/buckets/user/run/" + Q(key)
+            assert hd["x-xet-hash"] == sha(b"0123456789") and hd["x-linked-size"] == "10"
+        st, hd, _ = call(f"{h.endpoint}/org/base/resolve/main/sub/w.safetensors")
+        assert st == 302 and hd["location"] == "http://127.0.0.2:9/files/models/org/base/main/sub/w.safetensors"
+        assert h.stats()["resolve"] == 3 and h.stats()["cdn"] == 0
+    with hubserver.Hub(root) as h:                              # default unchanged
+        loc = call(f"{h.endpoint}/buckets/user/run/resolve/a/b")[1]["location"]
+        assert loc.startswith(h.cdn + "/blob/")
+    for bad in ("http://192.0.2.1/", "ftp://127.0.0.2/", "http://127.0.0.2/?q=1", "127.0.0.2"):
+        with pytest.raises(ValueError):
+            hubserver.Hub(root, cdn_url=bad)
+    ready = tmp_path / "ready.json"                             # the command line
+    p = subprocess.Popen([sys.executable, str(Path(hubserver.__file__)), "--root", str(root),
+                          "--cdn-url", "http://127.0.0.2:9", "--ready-file", str(ready)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        info = json.loads(p.stdout.readline())
+        loc = call(info["endpoint"] + "/buckets/user/run/resolve/a/b")[1]["location"]
+        assert loc == "http://127.0.0.2:9/buckets/user/run/a/b"
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=5) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=5)
+        p.stdout.close()
+        p.stderr.close()
+
+
 def test_loopback_only(tmp_path):
     with pytest.raises(ValueError):
         hubserver.Hub(tmp_path, host="0.0.0.0")

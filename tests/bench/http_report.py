@@ -117,143 +117,123 @@ def fmt_mb(x):
 
 def report(work, md):
     info = kv_file(os.path.join(work, "info.txt"))
-    runs = collections.defaultdict(dict)          # client -> round -> fields
+    by_client = collections.defaultdict(list)     # client -> [fields of each run]
+    pairs = collections.defaultdict(dict)         # pair id -> round -> client -> fields
     for line in open(os.path.join(work, "rounds.txt")):
         f = kv_line(line)
         if f:
-            runs[f["client"]][int(f["round"])] = f
+            by_client[f["client"]].append(f)
+            pairs[f.get("pair", "")].setdefault(int(f["round"]), {})[f["client"]] = f
     rounds = int(info["rounds"])
     par, blk = info["par"], f"{int(info['block']) >> 20} MiB"
-    prefix = f"{int(info['prefix_bytes']) >> 20} MiB" if int(info["prefix_bytes"]) >= 1 << 20 else info["prefix_bytes"] + " B"
+    pb = int(info["prefix_bytes"])
+    prefix = f"{pb >> 20} MiB" if pb >= 1 << 20 else f"{pb} B"
     name = {k: v.format(par=par, blk=blk, prefix=prefix) for k, v in NAMES.items()}
 
-    def rate(client, r):
-        f = runs[client].get(r)
-        if not f:
-            return None
+    def rate(f):
         return int(f["bytes"]) / (int(f["ns"]) / 1e9) / 1e6
 
-    rows, notes = [], []
+    def pair_rates(pid, ours, ref):
+        return [(rate(d[ours]), rate(d[ref])) for _, d in sorted(pairs.get(pid, {}).items()) if ours in d and ref in d]
 
-    def row(figure, ours, ref, target, tgt_text=None):
-        """ratio ours/ref per round (both measured in that round)."""
-        pairs = [(rate(ours, r), rate(ref, r)) for r in range(1, rounds + 1)]
-        pairs = [(a, b) for a, b in pairs if a and b]
-        if not pairs:
-            skipped = ours if ours not in runs else ref
-            rows.append((figure, "—", "—", f"skipped ({name.get(skipped, skipped)} not run)", tgt_text or "—", "—"))
-            return None
-        ratios = [a / b for a, b in pairs]
+    rows = []
+
+    def row(figure, pid, ours, ref, target):
+        """ratio ours/ref of the two adjacent runs of pair pid, per round."""
+        pr = pair_rates(pid, ours, ref)
+        tgt = "—" if target is None else f">= {target}x"
+        if not pr:
+            rows.append((figure, "—", "—", "skipped (see the note below)", tgt, "—"))
+            return
+        ratios = [x / y for x, y in pr]
         med = statistics.median(ratios)
-        if target is None:
-            met = "—"
-        else:
-            met = "yes" if med >= target else f"**no** ({med / target:.2f} of target)"
-        rows.append((figure, fmt_mb(statistics.median(a for a, _ in pairs)), fmt_mb(statistics.median(b for _, b in pairs)),
-                     f"{med:.2f}x ({min(ratios):.2f}–{max(ratios):.2f})",
-                     tgt_text or ("—" if target is None else f">= {target}x"), met))
-        return med
+        met = "—" if target is None else ("yes" if med >= target else f"**no** ({med / target:.2f} of target)")
+        rows.append((figure, fmt_mb(statistics.median(x for x, _ in pr)), fmt_mb(statistics.median(y for _, y in pr)),
+                     f"{med:.2f}x ({min(ratios):.2f}–{max(ratios):.2f})", tgt, met))
 
     mb = int(info["size"]) / 1e6
-    row(f"cold read of the {mb:,.0f} MB model: {name['dwsfs_cat']} vs {name['curl']}", "dwsfs_cat", "curl", 0.8)
-    row(f"cold read: {name['dwsfs_dd']} vs the same curl", "dwsfs_dd", "curl", 0.8)
-    row(f"cold read: {name['dwsfs_cat']} vs {name['httpdirfs']} of the same file from the same nginx", "dwsfs_cat", "httpdirfs", 2)
-    row(f"cold read: {name['dwsfs_cat']} vs {name['rclone']} (`:http:`, `--vfs-cache-mode off`) of the same file", "dwsfs_cat", "rclone", 2)
-    row(f"diagnostic: {name['dwsfs_par4']} vs the same curl", "dwsfs_par4", "curl", None)
-    row(f"diagnostic: {name['dwsfs_warm']}: no network, the FUSE path alone, vs the same curl", "dwsfs_warm", "curl", None)
-    row(f"diagnostic: {name['dwsfs_1t']} (readahead not cut at tensor ends) vs the same curl", "dwsfs_1t", "curl", None)
-    row(f"diagnostic: first {prefix}: {name['dwsfs_head']} vs {name['httpdirfs_nc_head']}", "dwsfs_head", "httpdirfs_nc_head", None)
-
-    other = []
-
-    def orow(client, ref="curl"):
-        pairs = [(rate(client, r), rate(ref, r)) for r in range(1, rounds + 1)]
-        pairs = [(a, b) for a, b in pairs if a and b]
-        if not pairs:
-            return
-        ratios = [a / b for a, b in pairs]
-        other.append((name[client], fmt_mb(statistics.median(a for a, _ in pairs)),
-                      f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}–{max(ratios):.2f})"))
-
-    for c in ("curlfile", "httpdirfs", "rclone"):
-        orow(c)
+    row(f"cold read of the {mb:,.0f} MB model: {name['dwsfs_cat']} vs {name['curl']}", "cat_curl", "dwsfs_cat", "curl", 0.8)
+    row(f"cold read: {name['dwsfs_dd']} vs the same curl", "dd_curl", "dwsfs_dd", "curl", 0.8)
+    row(f"cold read: {name['dwsfs_cat']} vs {name['httpdirfs']} of the same file from the same nginx",
+        "cat_httpdirfs", "dwsfs_cat", "httpdirfs", 2)
+    row(f"cold read: {name['dwsfs_cat']} vs {name['rclone']} (`:http:`, `--vfs-cache-mode off`) of the same file",
+        "cat_rclone", "dwsfs_cat", "rclone", 2)
+    row(f"diagnostic: {name['dwsfs_par4']} vs the same curl", "par4_curl", "dwsfs_par4", "curl", None)
+    row(f"diagnostic: {name['dwsfs_warm']}: no network, the FUSE path alone, vs the same curl", "warm_curl", "dwsfs_warm", "curl", None)
+    row(f"diagnostic: {name['dwsfs_1t']} (readahead not cut at tensor ends) vs the same curl", "1t_curl", "dwsfs_1t", "curl", None)
+    row(f"diagnostic (not dwsfs): {name['curlfile']} vs the same curl to /dev/null", "curlfile_curl", "curlfile", "curl", None)
+    row(f"diagnostic: first {prefix}: {name['dwsfs_head']} vs {name['httpdirfs_nc_head']}",
+        "head_httpdirfs_nc", "dwsfs_head", "httpdirfs_nc_head", None)
 
     L = []
     smoke = info.get("smoke") == "1"
     L.append("# dwsfs HTTP read benchmark" + (" (SMOKE configuration)" if smoke else ""))
     L.append("")
     L.append("Produced by `tests/bench/run_http_bench.sh`" + (" with `SMOKE=1`" if smoke else "") +
-             f". Every figure is a ratio of two runs measured side by side in the same round; ratio = median over "
-             f"{rounds} round(s) (min–max across rounds); MB/s (10^6 bytes) are medians, for orientation only: "
-             "the machine is shared and noisy. The order of the clients rotates every round.")
+             ". Every figure is the ratio of two reads run back to back in the same round (a pair; the order within a pair "
+             f"alternates, the order of the pairs rotates); ratio = median over {rounds} round(s) (min–max across rounds); "
+             "MB/s (10^6 bytes) are the medians of each side, for orientation only: the machine is shared and noisy.")
     L.append("")
     L.append("| figure | dwsfs MB/s | reference MB/s | ratio median (min–max) | target | met? |")
     L.append("|---|---|---|---|---|---|")
     for r_ in rows:
         L.append("| " + " | ".join(r_) + " |")
     L.append("")
-    if other:
-        L.append("Other clients against the same curl reference (same rounds):")
-        L.append("")
-        L.append("| client | MB/s | ratio to curl, median (min–max) |")
-        L.append("|---|---|---|")
-        for o in other:
-            L.append("| " + " | ".join(o) + " |")
-        L.append("")
-    skipped = [s for s in info.get("skipped", "").split(";") if s]
+    skipped = [s_ for s_ in info.get("skipped", "").split(";") if s_]
     if skipped:
         L.append("Skipped: " + "; ".join(skipped) + ".")
         L.append("")
 
-    # where the time goes
-    L.append("## Where the time goes (medians over rounds)")
+    L.append("## Where the time goes (medians over every run of each client)")
     L.append("")
     L.append("Byte requests seen by nginx during each timed read (its access log: end time and `$request_time`): "
              "how many were in flight on average, the share of the read during which none was, and the request size. "
              "Client CPU = the client process (daemon for the mounts, curl itself), user+sys seconds per GB read; "
              "machine busy = share of both cores busy during the read (every process, other sessions' too).")
     L.append("")
-    L.append("| client | MB/s | requests | MB/request | ms/request | in flight (mean / max) | time with 0 in flight | time with 1 | client CPU s/GB | machine busy | mount s |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|---|")
-
-    def med(client, key, cast=float):
-        vals = [cast(f[key]) for f in runs[client].values() if key in f and f[key] not in ("", "None")]
-        return statistics.median(vals) if vals else None
-
+    L.append("| client | runs | MB/s | requests | MB/request | ms/request | in flight (mean / max) | time with 0 in flight | "
+             "time with 1 | client CPU s/GB | machine busy | mount s |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for c in ("curl", "curlfile", "dwsfs_cat", "dwsfs_dd", "dwsfs_par4", "dwsfs_warm", "dwsfs_1t", "httpdirfs", "rclone",
               "dwsfs_head", "httpdirfs_nc_head"):
-        if c not in runs:
+        runs = by_client.get(c)
+        if not runs:
             continue
-        rates = [rate(c, r) for r in runs[c]]
-        cpu = [float(f["cpu_s"]) / (int(f["bytes"]) / 1e9) for f in runs[c].values() if f.get("cpu_s")]
-        m = lambda k: med(c, k)
+
+        def m(key):
+            vals = [float(f[key]) for f in runs if f.get(key) not in (None, "", "None")]
+            return statistics.median(vals) if vals else None
+
         fm = lambda v, p=2: "—" if v is None else f"{v:.{p}f}"
         pct = lambda v: "—" if v is None else f"{100 * v:.0f}%"
+        cpu = [float(f["cpu_s"]) / (int(f["bytes"]) / 1e9) for f in runs if f.get("cpu_s")]
         ms = m("mount_ms")
-        L.append(f"| {name[c]} | {fmt_mb(statistics.median(rates))} | {fm(m('reqs'), 0)} | {fm(m('req_mb'))} | {fm(m('req_ms'), 1)} | "
-                 f"{fm(m('inflight_mean'))} / {fm(m('inflight_max'), 0)} | {pct(m('idle_frac'))} | "
-                 f"{pct(m('one_frac'))} | {fm(statistics.median(cpu) if cpu else None)} | {pct(m('machine_busy'))} | "
-                 f"{fm(None if ms is None else ms / 1000)} |")
+        L.append(f"| {name[c]} | {len(runs)} | {fmt_mb(statistics.median(rate(f) for f in runs))} | {fm(m('reqs'), 0)} | "
+                 f"{fm(m('req_mb'))} | {fm(m('req_ms'), 1)} | {fm(m('inflight_mean'))} / {fm(m('inflight_max'), 0)} | "
+                 f"{pct(m('idle_frac'))} | {pct(m('one_frac'))} | {fm(statistics.median(cpu) if cpu else None)} | "
+                 f"{pct(m('machine_busy'))} | {fm(None if ms is None else ms / 1000)} |")
     L.append("")
-    if "dwsfs_cat" in runs:
-        f1 = runs["dwsfs_cat"][min(runs["dwsfs_cat"])]
+    if by_client.get("dwsfs_cat"):
+        f1 = by_client["dwsfs_cat"][0]
         if "cdn_requests" in f1:
-            L.append(f"dwsfs `.dwsfs/status` after a cat (round {min(runs['dwsfs_cat'])}): cdn_requests={f1['cdn_requests']}, "
-                     f"bytes_fetched={int(f1['bytes_fetched']):,}, cache_misses={f1.get('cache_misses')}, cache_hits={f1.get('cache_hits')}.")
+            L.append(f"dwsfs `.dwsfs/status` after its first timed cat: cdn_requests={f1['cdn_requests']}, "
+                     f"bytes_fetched={int(f1['bytes_fetched']):,}, cache_misses={f1.get('cache_misses')}, "
+                     f"cache_hits={f1.get('cache_hits')}.")
             L.append("")
 
     diag = os.path.join(work, "diag")
     if os.path.isdir(diag):
-        L.append("## Diagnostics (one extra untimed-for-the-table read each, after the rounds)")
+        L.append("## Diagnostics (one more cold read each, after the rounds)")
         L.append("")
         for c in ("dwsfs_cat", "rclone"):
             d = kv_file(os.path.join(diag, f"fuse.{c}.txt"))
             if d:
                 L.append(f"- {name[c]}: kernel FUSE connection max_background={d.get('max_background')}, "
                          f"congestion_threshold={d.get('congestion_threshold')}; {d.get('fuse_reads')} FUSE_READ requests, "
-                         f"{float(d.get('fuse_read_size_common_frac', 0)) * 100:.0f}% of them {int(d.get('fuse_read_size_common', 0)) // 1024} KiB; "
-                         f"at most {d.get('fuse_reads_outstanding_max')} outstanding (outstanding count at each send: "
-                         f"{d.get('fuse_reads_outstanding_hist')}) — perf tracepoints fuse:fuse_request_send/end")
+                         f"{float(d.get('fuse_read_size_common_frac', 0)) * 100:.0f}% of them "
+                         f"{int(d.get('fuse_read_size_common', 0)) // 1024} KiB; at most {d.get('fuse_reads_outstanding_max')} "
+                         f"outstanding (READs outstanding at each send, count: {d.get('fuse_reads_outstanding_hist')}) "
+                         "— perf tracepoints fuse:fuse_request_send/end")
         prof = os.path.join(diag, "perf.dwsfs.txt")
         if os.path.exists(prof):
             L.append("- `perf record -g -p <dwsfs>` during a cold `cat` (self time, top symbols, all dwsfs threads):")
@@ -275,16 +255,18 @@ def report(work, md):
     L.append("")
     L.append("## Raw per round")
     L.append("")
-    L.append("| round | order | " + " | ".join(c for c in NAMES if c in runs) + " |")
-    L.append("|---|---|" + "---|" * sum(1 for c in NAMES if c in runs))
+    L.append("| round | pair | first | second | ratio (ours / reference) |")
+    L.append("|---|---|---|---|---|")
     for r in range(1, rounds + 1):
-        cells = []
-        for c in NAMES:
-            if c not in runs:
+        for item in info.get(f"order{r}", "").split():
+            a, b, pid = item.split(",")
+            d = pairs.get(pid, {}).get(r, {})
+            if a not in d or b not in d:
                 continue
-            f = runs[c].get(r)
-            cells.append("—" if not f else f"{int(f['ns']) / 1e9:.3f} s, {fmt_mb(rate(c, r))} MB/s")
-        L.append(f"| {r} | {info.get(f'order{r}', '')} | " + " | ".join(cells) + " |")
+            cell = lambda c: f"{c} {int(d[c]['ns']) / 1e9:.3f} s, {fmt_mb(rate(d[c]))} MB/s"
+            ours = next((x for x in (a, b) if x.startswith("dwsfs") or x == "curlfile"), a)
+            ref = b if ours == a else a
+            L.append(f"| {r} | {pid} | {cell(a)} | {cell(b)} | {rate(d[ours]) / rate(d[ref]):.2f} |")
     L.append("")
     text = "\n".join(L)
     with open(md, "w") as fh:

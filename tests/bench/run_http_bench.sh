@@ -11,8 +11,9 @@
 # One server delivers the bytes to every client: nginx on 127.0.0.2 serving the
 # Hub's folder (autoindex on: httpdirfs and rclone need an index page), and
 # tests/hubserver.py --cdn-url makes the Hub's resolver redirect there, so dwsfs
-# lists through the Hub API and reads from that same nginx. Each round, in an
-# order that rotates, every client reads the whole file once, cold:
+# lists through the Hub API and reads from that same nginx. Each round, every
+# figure's two reads run back to back (a pair; the pairs' order rotates by round,
+# the order within a pair alternates), each reading the whole file once, cold:
 #   curl     --parallel --parallel-max PAR over BLOCK-sized ranges, to /dev/null
 #            (dwsfs fetches BLOCK blocks with 4 prefetch threads + the reader)
 #   curlfile the same, each range into a file beside the dwsfs cache (diagnostic)
@@ -71,7 +72,7 @@ if [ ! -e /dev/fuse ] || ! have fusermount3; then
 fi
 HAVE_CURL=1 HAVE_NGINX=1 HAVE_HTTPDIRFS=1 HAVE_RCLONE=1 HAVE_PERF=1
 have curl || { HAVE_CURL=0; SKIPPED+=("curl (package curl not installed): no curl figures"); }
-have nginx || { HAVE_NGINX=0; SKIPPED+=("nginx (package nginx not installed): the Hub's own Python CDN serves curl and dwsfs; httpdirfs and rclone need an index page and are skipped"); }
+have nginx || { HAVE_NGINX=0; SKIPPED+=("nginx (package nginx not installed): the Hub's own Python CDN serves curl and dwsfs, and httpdirfs and rclone (they need an index page) are skipped"); }
 have httpdirfs || { HAVE_HTTPDIRFS=0; SKIPPED+=("httpdirfs (package httpdirfs not installed)"); }
 have rclone || { HAVE_RCLONE=0; SKIPPED+=("rclone (package rclone not installed)"); }
 [ "$HAVE_NGINX" = 1 ] || HAVE_HTTPDIRFS=0 HAVE_RCLONE=0
@@ -97,7 +98,7 @@ mkdir -p "$ROOT/bench-results/tmp"
 WORK=$(mktemp -d "$ROOT/bench-results/tmp/http-read.XXXXXX")
 MNT=$WORK/mnt
 mkdir -p "$MNT" "$WORK/logs" "$WORK/nginx/tmp"
-NGX_PID= HUB_PID= CLIENT_PID= FUSECTL_MOUNTED=0
+NGX_PID= HUB_PID= CLIENT_PID= PERF_PID= FUSECTL_MOUNTED=0
 
 unmount_mnt() {
 	if grep -q " $MNT " /proc/mounts 2>/dev/null; then
@@ -118,6 +119,7 @@ stop_pid() { # PID [signal]: signal it, wait up to 10 s, then SIGKILL; always re
 }
 cleanup() {
 	set +e
+	stop_pid "$PERF_PID" INT
 	unmount_mnt
 	stop_pid "$CLIENT_PID"
 	stop_pid "$HUB_PID"
@@ -332,23 +334,23 @@ fi
 
 # ---- one timed run: appends its key=value line to rounds.txt (and LINE)
 # (not in a subshell: the EXIT trap must know CLIENT_PID)
-run_one() { # CLIENT ROUND
-	local c=$1 r=$2 t0 t1 bytes cpu="" mount_ms="" extra="" st q src=$SRC c0 c1
+run_one() { # CLIENT ROUND PAIR
+	local c=$1 r=$2 id=$3 t0 t1 bytes cpu="" mount_ms="" extra="" st q src=$SRC c0 c1
 	fresh_dirs
 	case $c in
 	dwsfs_1t)
-		mount_client dwsfs "$c.$r" "$NAME1" "$SIZE1"
+		mount_client dwsfs "$c.$r.$id" "$NAME1" "$SIZE1"
 		mount_ms=$MOUNT_MS src=$SRC1 ;;
 	dwsfs_warm) # fill the block cache, then read through a new mount
-		mount_client dwsfs "$c.$r"
+		mount_client dwsfs "$c.$r.$id"
 		cat "$FILE" >/dev/null
 		umount_client
-		mount_client dwsfs "$c.$r"
+		mount_client dwsfs "$c.$r.$id"
 		mount_ms=$MOUNT_MS ;;
 	dwsfs_* | httpdirfs | httpdirfs_nc_head | rclone)
 		local kind=${c%%_*}
 		[ "$c" = httpdirfs_nc_head ] && kind=httpdirfs_nc
-		mount_client "$kind" "$c.$r"
+		mount_client "$kind" "$c.$r.$id"
 		mount_ms=$MOUNT_MS ;;
 	esac
 	[ "$c" = curlfile ] && mkdir -p "$PARTS"
@@ -396,36 +398,50 @@ run_one() { # CLIENT ROUND
 		fi
 		umount_client
 	fi
-	cp "$NGX_LOG" "$WORK/logs/nginx.$c.$r.log" 2>/dev/null || true
-	[ "$HAVE_NGINX" = 1 ] && extra="$extra $("$PY" tests/bench/http_report.py conc "$WORK/logs/nginx.$c.$r.log")"
-	LINE="round=$r client=$c ns=$((t1 - t0)) bytes=$bytes cpu_s=$cpu mount_ms=$mount_ms$extra"
+	cp "$NGX_LOG" "$WORK/logs/nginx.$c.$r.$id.log" 2>/dev/null || true
+	[ "$HAVE_NGINX" = 1 ] && extra="$extra $("$PY" tests/bench/http_report.py conc "$WORK/logs/nginx.$c.$r.$id.log")"
+	LINE="round=$r client=$c ns=$((t1 - t0)) bytes=$bytes cpu_s=$cpu mount_ms=$mount_ms pair=$id$extra"
 	echo "$LINE" >>"$WORK/rounds.txt"
 }
 
-CLIENTS=()
-[ "$HAVE_CURL" = 1 ] && CLIENTS+=(curl)
-CLIENTS+=(dwsfs_cat)
-[ "$HAVE_HTTPDIRFS" = 1 ] && CLIENTS+=(httpdirfs)
-[ "$HAVE_RCLONE" = 1 ] && CLIENTS+=(rclone)
-CLIENTS+=(dwsfs_dd)
-[ "$HAVE_CURL" = 1 ] && CLIENTS+=(curlfile)
-CLIENTS+=(dwsfs_par4 dwsfs_warm dwsfs_1t dwsfs_head)
-[ "$HAVE_HTTPDIRFS" = 1 ] && CLIENTS+=(httpdirfs_nc_head)
+# Pairs "OURS:REFERENCE:ID": the two runs of a pair are adjacent (their order
+# alternates by round), the pairs of a round in an order rotating by round, so a
+# burst of load from elsewhere hits one pair, not a whole figure.
+PAIRS=()
+if [ "$HAVE_CURL" = 1 ]; then
+	PAIRS+=(dwsfs_cat:curl:cat_curl dwsfs_dd:curl:dd_curl)
+fi
+[ "$HAVE_HTTPDIRFS" = 1 ] && PAIRS+=(dwsfs_cat:httpdirfs:cat_httpdirfs)
+[ "$HAVE_RCLONE" = 1 ] && PAIRS+=(dwsfs_cat:rclone:cat_rclone)
+if [ "$HAVE_CURL" = 1 ]; then
+	PAIRS+=(dwsfs_par4:curl:par4_curl dwsfs_warm:curl:warm_curl dwsfs_1t:curl:1t_curl curlfile:curl:curlfile_curl)
+fi
+[ "$HAVE_HTTPDIRFS" = 1 ] && PAIRS+=(dwsfs_head:httpdirfs_nc_head:head_httpdirfs_nc)
+if [ ${#PAIRS[@]} = 0 ]; then
+	log "no reference client can run here (see the notes above)"
+	exit 1
+fi
 
 : >"$WORK/rounds.txt"
 : >"$WORK/info.txt"
 t_start=$(date +%s)
-n=${#CLIENTS[@]}
+n=${#PAIRS[@]}
 for r in $(seq 1 "$ROUNDS"); do
 	order=()
-	for k in $(seq 0 $((n - 1))); do order+=("${CLIENTS[$(((k + r - 1) % n))]}"); done
-	echo "order$r=${order[*]}" >>"$WORK/info.txt"
-	for c in "${order[@]}"; do
-		run_one "$c" "$r"
-		ns=$(sed -n 's/.* ns=\([0-9]*\).*/\1/p' <<<"$LINE")
-		by=$(sed -n 's/.* bytes=\([0-9]*\).*/\1/p' <<<"$LINE")
-		log "round $r: $c $((ns / 1000000)) ms, $((by * 1000 / (ns + 1))) MB/s"
+	for k in $(seq 0 $((n - 1))); do order+=("${PAIRS[$(((k + r - 1) % n))]}"); done
+	done_order=
+	for p in "${order[@]}"; do
+		IFS=: read -r a b id <<<"$p"
+		((r % 2)) || { t=$a a=$b b=$t; }
+		done_order="$done_order $a,$b,$id"
+		for c in "$a" "$b"; do
+			run_one "$c" "$r" "$id"
+			ns=$(sed -n 's/.* ns=\([0-9]*\).*/\1/p' <<<"$LINE")
+			by=$(sed -n 's/.* bytes=\([0-9]*\).*/\1/p' <<<"$LINE")
+			log "round $r, $id: $c $((ns / 1000000)) ms, $((by * 1000 / (ns + 1))) MB/s"
+		done
 	done
+	echo "order$r=${done_order# }" >>"$WORK/info.txt"
 done
 fresh_dirs
 
@@ -459,8 +475,8 @@ if [ "$DIAG" = 1 ] && [ "$HAVE_PERF" = 1 ]; then
 	PERF_PID=$!
 	sleep 0.3
 	cat "$FILE" >/dev/null
-	kill -INT "$PERF_PID" 2>/dev/null
-	wait "$PERF_PID" 2>/dev/null || true
+	stop_pid "$PERF_PID" INT
+	PERF_PID=
 	umount_client
 	perf report -i "$WORK/diag/cpu.data" --no-children --sort sym --stdio -g none --percent-limit 1.5 2>/dev/null |
 		grep -E '^ +[0-9.]+%' | head -14 >"$WORK/diag/perf.dwsfs.txt" || true
@@ -493,7 +509,7 @@ cat >"$WORK/commands.md" <<EOF
 - rclone: \`rclone mount :http: MNT --http-url http://127.0.0.2:PORT/buckets/$NS/$NAME/anchors/ --read-only --vfs-cache-mode off\` (chunked reads: defaults \`--vfs-read-chunk-size 128M\`, doubling), \`cat MNT/step_000001.safetensors >/dev/null\`
 - diagnostics of dwsfs: \`dwsfs_warm\` = mount, \`cat\` (fills the fresh block cache), unmount, mount again on the same cache_dir, timed \`cat\` (no network: the FUSE path alone); \`dwsfs_1t\` = \`tests/bench/http_onetensor.py BUCKET2 --bytes $SIZE\`: the same byte count in one tensor of $((SIZE1 / 2048)) x 1024 BF16 (readahead is not cut at tensor ends), mounted and read like the model
 - timed: the read only (\`date +%s%N\` around it); mount time reported apart; client CPU = /proc/PID/stat utime+stime of the daemon just before unmount (curl: \`/usr/bin/time\`; includes the mount's own work); machine busy = 1 - (idle+iowait)/total of /proc/stat's cpu line over the read (all processes, other sessions' included)
-- rounds: $ROUNDS, clients in an order rotating by one each round (see Raw per round)
+- rounds: $ROUNDS; each figure's two runs adjacent (a pair), their order alternating by round; the pairs of a round in an order rotating by one each round (see Raw per round)
 EOF
 {
 	echo "rounds=$ROUNDS"
