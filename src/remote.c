@@ -79,6 +79,8 @@ struct remote {
 	uint64_t last_end;
 	uint64_t last_limit;    /* readahead limit of the last read: its tensor */
 	unsigned window;
+	unsigned crossed;       /* tensor boundaries crossed by contiguous reads */
+	uint64_t run_start;     /* where the current contiguous run began */
 };
 
 static int64_t mono_ms(void)
@@ -486,10 +488,22 @@ static int remote_read(dws_blob *b, uint64_t off, void *buf, size_t len, dws_err
 
 	pthread_mutex_lock(&r->lock);
 	bool seq = off == r->last_end || (r->last_end > bs && off / bs == (r->last_end - 1) / bs);
-	/* a read of another tensor starts a new window: the kernel's own
-	 * readahead past a tensor's end is no reason to fetch the next one */
-	if (ra_limit != r->last_limit)
-		seq = false;
+	/* Readahead stays inside the tensor being read, so reading one tensor
+	 * costs about its bytes, until a contiguous run has crossed two tensor
+	 * boundaries and is long (page-aligned kernel reads straddle the ends of
+	 * even a single tensor): then this is a scan of the file (a loader's
+	 * cat, or safetensors touching every tensor in order), and the window
+	 * runs on across tensors. A jump elsewhere starts over. */
+	if (!seq) {
+		r->crossed = 0;
+		r->run_start = off;
+	} else if (ra_limit != r->last_limit && r->crossed < 2) {
+		r->crossed++;
+	}
+	uint64_t scan_len = 4 * bs > (32u << 20) ? 4 * bs : (32u << 20);
+	bool scan = r->crossed >= 2 && off + len - r->run_start >= scan_len;
+	if (ra_limit != r->last_limit && !scan)
+		seq = false; /* a new tensor, not yet a scan: a new window */
 	r->last_limit = ra_limit;
 	if (seq)
 		r->window = r->window ? (r->window * 2 > c->o.max_window ? c->o.max_window : r->window * 2) : 1;
@@ -503,7 +517,7 @@ static int remote_read(dws_blob *b, uint64_t off, void *buf, size_t len, dws_err
 	 * several transfers run at once */
 	if (last > first)
 		prefetch(b, first + 1, (unsigned)(last - first));
-	if (window && ra_limit != UINT64_MAX) {
+	if (window && ra_limit != UINT64_MAX && !scan) {
 		uint64_t lim_blk = ra_limit ? (ra_limit - 1) / bs : 0; /* last block worth having */
 		window = lim_blk > last ? (unsigned)(lim_blk - last < window ? lim_blk - last : window) : 0;
 	}
