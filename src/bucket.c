@@ -125,3 +125,22 @@ int64_t dws_parse_time_ns(const char *s)
 	}
 	return (int64_t)timegm(&tm) * 1000000000 + ns;
 }
+
+int dws_bucket_remote_wrap(const struct dws_bucket_ops *ops, void *priv, const char *uri,
+			   const dws_bucket_opts *bo, struct dws_http *http, int rc,
+			   dws_bucket **out, dws_error *err)
+{
+	dws_bucket *b = dws_xcalloc(1, sizeof(*b));
+	b->ops = ops;
+	b->priv = priv;
+	b->uri = dws_xstrdup(uri);
+	b->http = http;
+	if (!rc)
+		rc = dws_cache_acquire(bo, &b->cache, err);
+	if (rc) {
+		ops->close(b);
+		return rc;
+	}
+	*out = b;
+	return DWS_OK;
+}

@@ -30,7 +30,12 @@ int dws_bucket_hf_open(const char *uri, const dws_bucket_opts *o, dws_bucket **o
 		       dws_error *err);
 int dws_bucket_s3_open(const char *uri, const dws_bucket_opts *o, dws_bucket **out,
 		       dws_error *err);
-struct dws_cache *dws_bucket_cache(dws_bucket *b);
+/* The end of a remote backend's open: the dws_bucket around priv, with the
+ * shared block cache for bo. If rc (or the cache) failed, ops->close undoes
+ * everything and rc is returned. */
+int dws_bucket_remote_wrap(const struct dws_bucket_ops *ops, void *priv, const char *uri,
+			   const dws_bucket_opts *bo, struct dws_http *http, int rc,
+			   dws_bucket **out, dws_error *err);
 void dws_objects_sort(dws_object *v, size_t n);
 
 /* A growing list of listed objects, capped. */

@@ -33,7 +33,6 @@ struct hf {
 	struct cdn_entry cdn[CDN_CACHE];
 	unsigned cdn_next;
 	dws_http *http;
-	dws_cache *cache;
 	char *endpoint;
 	char *ns, *name;     /* bucket, or model repo */
 	char *prefix;        /* inside the bucket, "" for none */
@@ -80,11 +79,6 @@ static void cdn_put(struct hf *h, const char *key, const char *url)
 		e->until = dws_now_ms() + CDN_URL_TTL_MS;
 	}
 	pthread_mutex_unlock(&h->cdn_lock);
-}
-
-dws_cache *dws_bucket_cache(dws_bucket *b)
-{
-	return b->cache;
 }
 
 /* ---- URLs ---- */
@@ -291,7 +285,7 @@ static int hf_open_blob(dws_bucket *b, const dws_object *obj, dws_blob **out,
 	o->what = dws_xasprintf("%s/%s", b->uri, obj->key);
 	o->cdn_key = dws_xasprintf("%s\n%s", obj->key, obj->ident);
 	char *ident = dws_xasprintf("%s|%s", b->uri, obj->ident);
-	*out = dws_remote_blob(h->cache, o->what, ident, obj->size, hf_fetch, o, hf_obj_free);
+	*out = dws_remote_blob(b->cache, o->what, ident, obj->size, hf_fetch, o, hf_obj_free);
 	(*out)->counted = false; /* the cache counts what it fetched */
 	free(ident);
 	return DWS_OK;
@@ -349,7 +343,7 @@ static void hf_close(dws_bucket *b)
 {
 	struct hf *h = b->priv;
 	dws_http_free(h->http);
-	dws_cache_release(h->cache);
+	dws_cache_release(b->cache);
 	for (unsigned i = 0; i < CDN_CACHE; i++) {
 		free(h->cdn[i].key);
 		free(h->cdn[i].url);
@@ -433,18 +427,5 @@ int dws_bucket_hf_open(const char *uri, const dws_bucket_opts *bo, dws_bucket **
 		explicit_bzero(token, strlen(token));
 		free(token);
 	}
-	if (!rc)
-		rc = dws_cache_acquire(bo, &h->cache, err);
-	dws_bucket *b = dws_xcalloc(1, sizeof(*b));
-	b->ops = &hf_ops;
-	b->priv = h;
-	b->uri = dws_xstrdup(uri);
-	b->cache = h->cache;
-	b->http = h->http;
-	if (rc) {
-		hf_close(b);
-		return rc;
-	}
-	*out = b;
-	return DWS_OK;
+	return dws_bucket_remote_wrap(&hf_ops, h, uri, bo, h->http, rc, out, err);
 }

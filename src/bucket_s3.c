@@ -17,7 +17,6 @@
 
 struct s3 {
 	dws_http *http;
-	dws_cache *cache;
 	char *endpoint, *bucket, *prefix;
 };
 
@@ -231,7 +230,7 @@ static int s3_open_blob(dws_bucket *b, const dws_object *obj, dws_blob **out,
 	const char *colon = strrchr(e, ':');
 	o->etag = colon ? dws_xasprintf("%.*s", (int)(colon - e), e) : dws_xstrdup("");
 	char *ident = dws_xasprintf("%s|%s", b->uri, obj->ident);
-	*out = dws_remote_blob(s->cache, o->what, ident, obj->size, s3_fetch, o, s3_obj_free);
+	*out = dws_remote_blob(b->cache, o->what, ident, obj->size, s3_fetch, o, s3_obj_free);
 	free(ident);
 	return DWS_OK;
 }
@@ -259,7 +258,7 @@ static void s3_close(dws_bucket *b)
 {
 	struct s3 *s = b->priv;
 	dws_http_free(s->http);
-	dws_cache_release(s->cache);
+	dws_cache_release(b->cache);
 	free(s->endpoint);
 	free(s->bucket);
 	free(s->prefix);
@@ -324,18 +323,5 @@ int dws_bucket_s3_open(const char *uri, const dws_bucket_opts *o, dws_bucket **o
 	free(sigv4);
 	explicit_bzero(userpwd, strlen(userpwd));
 	free(userpwd);
-	if (!rc)
-		rc = dws_cache_acquire(o, &s->cache, err);
-	dws_bucket *b = dws_xcalloc(1, sizeof(*b));
-	b->ops = &s3_ops;
-	b->priv = s;
-	b->uri = dws_xstrdup(uri);
-	b->cache = s->cache;
-	b->http = s->http;
-	if (rc) {
-		s3_close(b);
-		return rc;
-	}
-	*out = b;
-	return DWS_OK;
+	return dws_bucket_remote_wrap(&s3_ops, s, uri, o, s->http, rc, out, err);
 }
