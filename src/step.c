@@ -50,50 +50,6 @@ dws_patch *dws_patch_new_in(dws_arena *a, uint32_t *idx, uint16_t *val, uint32_t
 	return p;
 }
 
-/* Merge m new entries (sorted, values as unaligned little-endian BF16) into
- * old. Equal indices take the new value. */
-dws_patch *dws_patch_merge(const dws_patch *old, const uint32_t *idx,
-			   const unsigned char *val, uint64_t m)
-{
-	uint32_t n = old ? old->n : 0;
-	uint64_t i = 0, j = 0, total = 0;
-	while (i < n && j < m) {
-		uint32_t a = old->idx[i], b = idx[j];
-		i += a <= b;
-		j += b <= a;
-		total++;
-	}
-	total += (n - i) + (m - j);
-	dws_patch *p = dws_xcalloc(1, sizeof(*p));
-	atomic_init(&p->refs, 1);
-	p->n = (uint32_t)total; /* <= numel <= 2^32 was checked by the decoder */
-	p->idx = dws_xmalloc(total * sizeof(uint32_t));
-	p->val = dws_xmalloc(total * sizeof(uint16_t));
-	i = j = 0;
-	uint64_t k = 0;
-	while (i < n && j < m) {
-		uint32_t a = old->idx[i], b = idx[j];
-		if (a < b) {
-			p->idx[k] = a;
-			p->val[k++] = old->val[i++];
-		} else {
-			p->idx[k] = b;
-			memcpy(&p->val[k++], val + 2 * j++, 2);
-			i += a == b;
-		}
-	}
-	if (i < n) {
-		memcpy(p->idx + k, old->idx + i, (n - i) * sizeof(uint32_t));
-		memcpy(p->val + k, old->val + i, (n - i) * sizeof(uint16_t));
-		k += n - i;
-	}
-	if (j < m) {
-		memcpy(p->idx + k, idx + j, (m - j) * sizeof(uint32_t));
-		memcpy(p->val + k, val + 2 * j, (m - j) * sizeof(uint16_t));
-	}
-	return p;
-}
-
 dws_patch *dws_patch_new_owned(uint32_t *idx, uint16_t *val, uint32_t n)
 {
 	dws_patch *p = dws_xcalloc(1, sizeof(*p));

@@ -25,8 +25,6 @@ typedef struct dws_patch {
 	dws_arena *arena; /* idx and val lie in it; NULL: owned */
 } dws_patch;
 
-dws_patch *dws_patch_merge(const dws_patch *old, const uint32_t *idx,
-			   const unsigned char *val, uint64_t m);
 /* A run over arrays the run takes ownership of (free()d with it). */
 dws_patch *dws_patch_new_owned(uint32_t *idx, uint16_t *val, uint32_t n);
 /* A run over arrays inside an arena (a reference to it is taken). */

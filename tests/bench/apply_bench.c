@@ -15,7 +15,7 @@
  *     patch entries per second (and also chain elements per second).
  *
  * Diagnostics (where the decode+merge time goes): the same pass without the
- * merge (decode only), the entries dws_patch_merge writes in total (its
+ * merge (decode only), the entries appended to patch runs in total (its
  * output sizes: the accumulated patch is rewritten by every delta), and the
  * page faults and user/system CPU of the decode+merge passes.
  *

@@ -176,48 +176,6 @@ static uint32_t rnd(void)
 	return rng;
 }
 
-static void test_patch_merge(void)
-{
-	enum { N = 5000 };
-	static int32_t naive[N];
-	for (int i = 0; i < N; i++)
-		naive[i] = -1;
-	dws_patch *p = NULL;
-	int bad = 0;
-	for (int round = 0; round < 50; round++) {
-		uint32_t idx[N];
-		uint16_t val[N];
-		uint64_t m = 0;
-		for (uint32_t i = 0; i < N; i++)
-			if (rnd() % 37 == 0) {
-				idx[m] = i;
-				val[m++] = (uint16_t)rnd();
-			}
-		dws_patch *q = dws_patch_merge(p, idx, (const unsigned char *)val, m);
-		dws_patch_unref(p);
-		p = q;
-		for (uint64_t k = 0; k < m; k++)
-			naive[idx[k]] = val[k];
-	}
-	uint32_t k = 0;
-	for (uint32_t i = 0; i < N; i++) {
-		if (naive[i] < 0)
-			continue;
-		if (k >= p->n || p->idx[k] != i || p->val[k] != (uint16_t)naive[i])
-			bad++;
-		k++;
-	}
-	CHECK(bad == 0 && k == p->n, "merged patch equals naive replay (%d bad, %u vs %u entries)", bad, k, p->n);
-	for (uint32_t i = 1; i < p->n; i++)
-		if (p->idx[i] <= p->idx[i - 1])
-			bad++;
-	CHECK(bad == 0, "merged indices strictly ascending");
-	dws_patch_unref(p);
-	dws_patch *e = dws_patch_merge(NULL, NULL, NULL, 0);
-	CHECK(e->n == 0, "empty merge");
-	dws_patch_unref(e);
-}
-
 /* Runs appended per delta, compacted past DWS_MAX_RUNS: applying the set
  * equals replaying every delta in order, before and after compaction. */
 static void test_patchset(void)
@@ -381,7 +339,6 @@ int main(void)
 	test_dtypes();
 	test_names();
 	test_safetensors();
-	test_patch_merge();
 	test_patchset();
 	test_gap_delta();
 	test_catalog();
