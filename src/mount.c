@@ -46,6 +46,8 @@ struct dws_mount {
 	size_t ntable;
 	dws_step *root, *ready;
 	int64_t ready_since;
+	int64_t last_build_ms;   /* build + verify of the newest step built */
+	int64_t root_since_ns;   /* CLOCK_REALTIME when the root took its step */
 	struct cached_step *cache;
 	size_t ncache;
 	int root_open;
@@ -66,6 +68,13 @@ struct dws_mount {
 	size_t nfound;
 	unsigned failures;  /* polls failed in a row: the next waits longer */
 };
+
+static int64_t wall_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
 
 static int64_t now_ms(void)
 {
@@ -337,6 +346,9 @@ static dws_step *build_newest(dws_mount *m, uint64_t after, bool have_root, dws_
 		dws_log("step %llu ready: anchor %llu, %zu files since, %llu patched elements, built in %lld ms",
 			(unsigned long long)t[i].step, (unsigned long long)dws_step_anchor(s), dws_step_chain_length(s),
 			(unsigned long long)dws_step_patch_entries(s), (long long)(now_ms() - t0));
+		pthread_mutex_lock(&m->lock);
+		m->last_build_ms = now_ms() - t0;
+		pthread_mutex_unlock(&m->lock);
 		got = s;
 	}
 	free(t);
@@ -541,6 +553,7 @@ static void *sync_main(void *arg)
 				m->root = m->ready;
 				m->ready = NULL;
 				m->swaps++;
+				m->root_since_ns = wall_ns();
 				m->last_error[0] = 0;
 				uint64_t n = dws_step_number(m->root);
 				dws_step *nr = dws_step_ref(m->root);
@@ -605,6 +618,8 @@ char *dws_mount_status_json(dws_mount *m)
 	json_object_set_new(j, "pending_step", m->ready ? json_integer((json_int_t)dws_step_number(m->ready)) : json_null());
 	json_object_set_new(j, "steps", json_integer((json_int_t)m->ntable));
 	json_object_set_new(j, "swaps", json_integer((json_int_t)m->swaps));
+	json_object_set_new(j, "root_since_ns", json_integer((json_int_t)m->root_since_ns));
+	json_object_set_new(j, "last_build_ms", json_integer((json_int_t)m->last_build_ms));
 	json_object_set_new(j, "root_open_handles", json_integer(m->root_open));
 	json_object_set_new(j, "patched_elements", json_integer((json_int_t)dws_step_patch_entries(m->root)));
 	if (m->remote) {
@@ -697,6 +712,7 @@ int dws_mount_open(const dws_mount_opts *o, dws_mount **out, dws_error *err)
 	set_catalog_locked(m, c);
 	dws_error first = {0};
 	m->root = build_newest(m, 0, false, &first, true);
+	m->root_since_ns = wall_ns();
 	if (!m->root) {
 		rc = dws_fail(err, first.code ? first.code : DWS_EFORMAT, "no step of %s can be served: %s", m->bucket_uri,
 			      first.code ? first.msg : "none builds");
