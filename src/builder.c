@@ -10,6 +10,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <xxhash.h>
 
 struct cached_blob {
@@ -588,6 +589,132 @@ int dws_builder_build(dws_builder *bl, uint64_t step, dws_step **out,
 	dws_step_unref(bl->prev);
 	bl->prev = dws_step_ref(s);
 	*out = s;
+	return DWS_OK;
+}
+
+/* ---- a chain left undecoded (streaming extract) ---- */
+
+void dws_lazy_chain_free(dws_lazy_chain *c)
+{
+	if (!c)
+		return;
+	for (size_t i = 0; i < c->nfiles; i++) {
+		dws_lazy_file *f = &c->files[i];
+		dws_delta_free(f->ps, f->np);
+		dws_st_free(f->st);
+		if (f->mapped)
+			munmap(f->data, f->len);
+		else
+			free(f->data);
+		free(f->what);
+	}
+	free(c->files);
+	dws_step_unref(c->first);
+	free(c);
+}
+
+/* A sparse file of the chain in memory (mapped when it is a local file),
+ * checked as apply_sparse checks it, its indices left as they are. */
+static int lazy_file(dws_builder *bl, dws_step *s, const dws_stepfile *f,
+		     dws_lazy_file *lf, dws_error *err)
+{
+	dws_blob *raw = NULL, *b = NULL;
+	int rc = dws_bucket_open_blob(dws_catalog_bucket(bl->cat), &f->obj, &raw, err);
+	if (rc)
+		return rc;
+	lf->what = dws_xstrdup(dws_blob_name(raw));
+	if (f->compressed) {
+		rc = dws_blob_zstd(raw, bl->o.tmpdir, bl->o.max_delta_bytes, &b, err);
+		dws_blob_unref(raw);
+		if (rc)
+			return rc;
+	} else {
+		b = raw;
+	}
+	uint64_t size = dws_blob_size(b);
+	if (size > bl->o.max_delta_bytes || size > SIZE_MAX)
+		rc = dws_fail(err, DWS_EFORMAT, "%s: %llu bytes is more than the %llu byte limit for a delta", lf->what,
+			      (unsigned long long)size, (unsigned long long)bl->o.max_delta_bytes);
+	if (!rc && b->fd >= 0 && size) {
+		void *m = mmap(NULL, (size_t)size, PROT_READ, MAP_PRIVATE, b->fd, 0);
+		if (m != MAP_FAILED) {
+			lf->data = m;
+			lf->len = (size_t)size;
+			lf->mapped = true;
+			if (b->counted)
+				dws_stats_add_fetched(size);
+		}
+	}
+	if (!rc && !lf->data)
+		rc = dws_blob_slurp(b, bl->o.max_delta_bytes, &lf->data, &lf->len, err);
+	dws_blob_unref(b);
+	if (rc)
+		return rc;
+	const unsigned char *data = lf->data;
+	rc = dws_st_parse(data, lf->len, lf->len, lf->what, &lf->st, NULL, err);
+	if (rc)
+		return rc;
+	uint64_t ds = dws_st_data_start(lf->st);
+	const char *want = dws_st_meta_get(lf->st, "dwsfs.payload_xxh3");
+	if (bl->o.verify && want) {
+		char got[17];
+		snprintf(got, sizeof(got), "%016llx", (unsigned long long)XXH3_64bits(data + ds, lf->len - ds));
+		if (strcmp(got, want) != 0)
+			return dws_fail(err, DWS_EVERIFY, "%s: checksum mismatch: payload xxh3 is %s, the producer wrote %.32s", lf->what, got, want);
+	}
+	ensure_seen(bl, s->layout->nslots);
+	bl->stamp++;
+	struct resolve_ctx ctx = {bl, s, lf->what, err, false};
+	rc = dws_delta_scan(lf->st, data + ds, lf->len - ds, f->variant, lf->what, resolve, &ctx, &lf->ps, &lf->np, err);
+	if (rc)
+		return rc;
+	if (ctx.dup)
+		return dws_fail(err, DWS_EFORMAT, "%s: two parameters map onto one tensor", lf->what);
+	for (size_t i = 0; i < lf->np; i++) {
+		const dws_slot *sl = &s->layout->slots[lf->ps[i].slot];
+		if (!is_float(sl->dtype))
+			return dws_fail(err, DWS_EUNSUP, "%s: cannot patch '%s': the model stores it as %s", lf->what, sl->name, dws_dtype_name(sl->dtype));
+	}
+	return DWS_OK;
+}
+
+int dws_builder_lazy_chain(dws_builder *bl, uint64_t step, dws_lazy_chain **out,
+			   dws_error *err)
+{
+	*out = NULL;
+	const dws_catalog *c = bl->cat;
+	const dws_stepfile *target = dws_catalog_find(c, step);
+	const dws_stepfile *a = dws_catalog_anchor_for(c, step);
+	if (!target || target->error[0] || !a || a->step == step)
+		return DWS_OK;
+	for (size_t i = 0; i < dws_catalog_count(c); i++) {
+		const dws_stepfile *f = dws_catalog_at(c, i);
+		if (f->step > a->step && f->step <= step && (f->error[0] || f->variant == DWS_VAR_DENSE))
+			return DWS_OK;
+	}
+	dws_lazy_chain *lc = dws_xcalloc(1, sizeof(*lc));
+	int rc = dws_builder_build(bl, a->step, &lc->first, err);
+	uint64_t at = a->step;
+	for (size_t i = 0; !rc && i < dws_catalog_count(c); i++) {
+		const dws_stepfile *f = dws_catalog_at(c, i);
+		if (f->step <= a->step)
+			continue;
+		if (f->step > step)
+			break;
+		lc->files = dws_xrealloc(lc->files, (lc->nfiles + 1) * sizeof(*lc->files));
+		dws_lazy_file *lf = &lc->files[lc->nfiles++];
+		memset(lf, 0, sizeof(*lf));
+		rc = lazy_file(bl, lc->first, f, lf, err);
+		if (!rc && bl->o.verify && f->parent_step >= 0 && (uint64_t)f->parent_step != at)
+			rc = dws_fail(err, DWS_EVERIFY, "%s/%s: chain broken: its parent is step %lld but the previous step in the bucket is %llu (a step is missing)",
+				      dws_bucket_uri(dws_catalog_bucket(c)), f->obj.key, (long long)f->parent_step, (unsigned long long)at);
+		at = f->step;
+	}
+	if (rc) {
+		dws_lazy_chain_free(lc);
+		return rc;
+	}
+	*out = lc;
 	return DWS_OK;
 }
 

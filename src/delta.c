@@ -138,10 +138,33 @@ int dws_delta_decode(const dws_st_file *st, const unsigned char *data,
 	return dws_delta_decode_pool(st, data, data_len, v, what, resolve, ctx, NULL, out, nout, err);
 }
 
+static int delta_walk(const dws_st_file *st, const unsigned char *data,
+		      uint64_t data_len, dws_variant v, const char *what,
+		      dws_resolve_fn resolve, void *ctx, uint32_t *pool, bool scan,
+		      dws_delta_param **out, size_t *nout, dws_error *err);
+
 int dws_delta_decode_pool(const dws_st_file *st, const unsigned char *data,
 			  uint64_t data_len, dws_variant v, const char *what,
 			  dws_resolve_fn resolve, void *ctx, uint32_t *pool,
 			  dws_delta_param **out, size_t *nout, dws_error *err)
+{
+	return delta_walk(st, data, data_len, v, what, resolve, ctx, pool, false, out, nout, err);
+}
+
+int dws_delta_scan(const dws_st_file *st, const unsigned char *data,
+		   uint64_t data_len, dws_variant v, const char *what,
+		   dws_resolve_fn resolve, void *ctx, dws_delta_param **out,
+		   size_t *nout, dws_error *err)
+{
+	return delta_walk(st, data, data_len, v, what, resolve, ctx, NULL, true, out, nout, err);
+}
+
+/* Every check of the format except the index values themselves; unless
+ * scanning, the indices are decoded (and checked) too. */
+static int delta_walk(const dws_st_file *st, const unsigned char *data,
+		      uint64_t data_len, dws_variant v, const char *what,
+		      dws_resolve_fn resolve, void *ctx, uint32_t *pool, bool scan,
+		      dws_delta_param **out, size_t *nout, dws_error *err)
 {
 	uint64_t pool_used = 0;
 	(void)data_len; /* the parser already bounded every tensor by it */
@@ -264,7 +287,11 @@ int dws_delta_decode_pool(const dws_st_file *st, const unsigned char *data,
 		p->name_len = (int)stem;
 		p->count = t->numel;
 		p->val = data + t->begin;
+		p->idx_raw = data + ti->begin;
+		p->idx_kind = !gaps ? DWS_IDX_I32 : ti->dtype == DWS_DT_U16 ? DWS_IDX_GAP16 : DWS_IDX_GAP32;
 		np++;
+		if (scan)
+			continue;
 		rc = decode_idx(p, ti, data, numel, gaps, pool ? pool + pool_used : NULL, what, err);
 		pool_used += p->count;
 		if (rc)

@@ -12,7 +12,12 @@ typedef struct dws_delta_param {
 	uint32_t *idx;              /* strictly ascending, < numel; owned unless pooled */
 	bool pooled;                /* idx lies in the caller's pool */
 	const unsigned char *val;   /* count BF16 values, little endian, unaligned */
+	const unsigned char *idx_raw; /* the index tensor's data, as in the file */
+	int idx_kind;               /* DWS_IDX_* */
 } dws_delta_param;
+
+/* How a param's index tensor is encoded. */
+enum { DWS_IDX_I32, DWS_IDX_GAP16, DWS_IDX_GAP32 };
 
 /* Maps a trainer parameter name to the output tensor it patches: returns 0 and
  * fills slot and numel, or -1 if the model has no such tensor. */
@@ -30,6 +35,13 @@ int dws_delta_decode_pool(const dws_st_file *st, const unsigned char *data,
 			  uint64_t data_len, dws_variant v, const char *what,
 			  dws_resolve_fn resolve, void *ctx, uint32_t *pool,
 			  dws_delta_param **out, size_t *n, dws_error *err);
+/* Every check of dws_delta_decode except the index values: idx stays NULL,
+ * idx_raw and idx_kind say where they are. Whoever applies them must check
+ * each index (ascending, inside the tensor) as decode_idx does. */
+int dws_delta_scan(const dws_st_file *st, const unsigned char *data,
+		   uint64_t data_len, dws_variant v, const char *what,
+		   dws_resolve_fn resolve, void *ctx, dws_delta_param **out,
+		   size_t *n, dws_error *err);
 /* Elements in the file's value tensors (bounded by its size). */
 uint64_t dws_delta_value_count(const dws_st_file *st, dws_variant v);
 void dws_delta_free(dws_delta_param *p, size_t n);

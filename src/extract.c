@@ -3,7 +3,6 @@
  * a failure removes it. */
 #include "step.h"
 
-#include <sys/mman.h>
 
 #include <dirent.h>
 #include <errno.h>
@@ -186,44 +185,110 @@ static int write_pieces(struct job *j, const dws_progress *pr, uint64_t total, d
 	return rc;
 }
 
+/* ---- the output folder: a hidden sibling renamed into place at the end ---- */
+
+struct outdir {
+	char *o1, *o2, *tmpname;
+	const char *parent, *base;
+	int pfd, tfd;
+	int *fds;
+	size_t nf;
+};
+
+/* Create the temp folder and every file of step s in it (empty). */
+static int outdir_open(struct outdir *o, const char *outdir, const dws_step *s,
+		       dws_error *err)
+{
+	memset(o, 0, sizeof(*o));
+	o->pfd = o->tfd = -1;
+	int rc = check_outdir(outdir, err);
+	if (rc)
+		return rc;
+	o->o1 = dws_xstrdup(outdir);
+	o->o2 = dws_xstrdup(outdir);
+	o->parent = dirname(o->o1);
+	o->base = basename(o->o2);
+	o->tmpname = dws_xasprintf(".%s.dwsfs-tmp.%ld", o->base, (long)getpid());
+	o->nf = dws_step_file_count(s);
+	o->fds = dws_xcalloc(o->nf ? o->nf : 1, sizeof(int));
+	for (size_t i = 0; i < o->nf; i++)
+		o->fds[i] = -1;
+	o->pfd = open(o->parent, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (o->pfd < 0)
+		return dws_fail(err, DWS_EIO, "%s: cannot open the parent folder: %s", o->parent, strerror(errno));
+	if (mkdirat(o->pfd, o->tmpname, 0755) != 0) {
+		rc = dws_fail(err, DWS_EIO, "%s/%s: cannot create: %s", o->parent, o->tmpname, strerror(errno));
+		close(o->pfd);
+		o->pfd = -1; /* not ours to remove */
+		return rc;
+	}
+	o->tfd = openat(o->pfd, o->tmpname, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (o->tfd < 0)
+		return dws_fail(err, DWS_EIO, "%s/%s: cannot open: %s", o->parent, o->tmpname, strerror(errno));
+	for (size_t i = 0; i < o->nf; i++) {
+		const dws_file_info *fi = dws_step_file(s, i);
+		rc = mkdirs_for(o->tfd, fi->path, err);
+		if (rc)
+			return rc;
+		o->fds[i] = openat(o->tfd, fi->path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+		if (o->fds[i] < 0)
+			return dws_fail(err, DWS_EIO, "%s/%s: cannot create: %s", outdir, fi->path, strerror(errno));
+	}
+	return DWS_OK;
+}
+
+/* Close everything; on success move the folder into place, else remove it. */
+static int outdir_close(struct outdir *o, const dws_step *s, const char *outdir,
+			int rc, dws_error *err)
+{
+	for (size_t i = 0; i < o->nf; i++)
+		if (o->fds[i] >= 0 && close(o->fds[i]) != 0 && !rc)
+			rc = dws_fail(err, DWS_EIO, "%s: close: %s", dws_step_file(s, i)->path, strerror(errno));
+	if (o->tfd >= 0)
+		close(o->tfd);
+	if (o->pfd >= 0) {
+		if (!rc && renameat(o->pfd, o->tmpname, o->pfd, o->base) != 0)
+			rc = dws_fail(err, DWS_EIO, "%s: cannot move the finished folder into place: %s", outdir, strerror(errno));
+		if (rc)
+			remove_tree(o->pfd, o->tmpname);
+		close(o->pfd);
+	}
+	free(o->fds);
+	free(o->tmpname);
+	free(o->o1);
+	free(o->o2);
+	return rc;
+}
+
+static int pwrite_all(int fd, const void *buf, size_t n, uint64_t off,
+		      const char *path, dws_error *err)
+{
+	const char *p = buf;
+	while (n) {
+		ssize_t r = pwrite(fd, p, n, (off_t)off);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0)
+			return dws_fail(err, DWS_EIO, "%s: write: %s", path, r < 0 ? strerror(errno) : "no progress");
+		p += r;
+		n -= (size_t)r;
+		off += (uint64_t)r;
+	}
+	return DWS_OK;
+}
+
 int dws_extract(dws_step *s, const char *outdir, const dws_progress *pr,
 		dws_error *err)
 {
-	int crc = check_outdir(outdir, err);
-	if (crc)
-		return crc;
-	char *o1 = dws_xstrdup(outdir), *o2 = dws_xstrdup(outdir);
-	char *parent = dirname(o1), *base = basename(o2);
-	char *tmpname = dws_xasprintf(".%s.dwsfs-tmp.%ld", base, (long)getpid());
-	int rc = DWS_OK;
-	int pfd = open(parent, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (pfd < 0) {
-		rc = dws_fail(err, DWS_EIO, "%s: cannot open the parent folder: %s", parent, strerror(errno));
-		goto done;
-	}
-	if (mkdirat(pfd, tmpname, 0755) != 0) {
-		rc = dws_fail(err, DWS_EIO, "%s/%s: cannot create: %s", parent, tmpname, strerror(errno));
-		goto done;
-	}
-	int tfd = openat(pfd, tmpname, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	size_t nf = dws_step_file_count(s);
-	struct job j = {.s = s, .fds = dws_xcalloc(nf ? nf : 1, sizeof(int)), .nf = nf};
+	struct outdir o;
+	int rc = outdir_open(&o, outdir, s, err);
+	struct job j = {.s = s, .fds = o.fds, .nf = o.nf};
 	uint64_t total = 0;
-	pthread_mutex_init(&j.lock, NULL);
-	pthread_cond_init(&j.cond, NULL);
-	for (size_t i = 0; i < nf; i++)
-		j.fds[i] = -1;
-	for (size_t i = 0; i < nf && tfd >= 0 && !rc; i++) {
-		const dws_file_info *fi = dws_step_file(s, i);
-		total += fi->size;
-		rc = mkdirs_for(tfd, fi->path, err);
-		if (rc)
-			break;
-		j.fds[i] = openat(tfd, fi->path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-		if (j.fds[i] < 0)
-			rc = dws_fail(err, DWS_EIO, "%s/%s: cannot create: %s", outdir, fi->path, strerror(errno));
-	}
-	if (!rc && tfd >= 0) {
+	for (size_t i = 0; i < o.nf; i++)
+		total += dws_step_file(s, i)->size;
+	if (!rc) {
+		pthread_mutex_init(&j.lock, NULL);
+		pthread_cond_init(&j.cond, NULL);
 		for (int k = 0; k < RING; k++)
 			j.ring[k].buf = dws_xmalloc(EXTRACT_BUF);
 		pthread_t th;
@@ -239,281 +304,408 @@ int dws_extract(dws_step *s, const char *outdir, const dws_progress *pr,
 		}
 		for (int k = 0; k < RING; k++)
 			free(j.ring[k].buf);
+		pthread_cond_destroy(&j.cond);
+		pthread_mutex_destroy(&j.lock);
 	}
-	for (size_t i = 0; i < nf; i++)
-		if (j.fds[i] >= 0 && close(j.fds[i]) != 0 && !rc)
-			rc = dws_fail(err, DWS_EIO, "%s: close: %s", dws_step_file(s, i)->path, strerror(errno));
-	free(j.fds);
-	pthread_cond_destroy(&j.cond);
-	pthread_mutex_destroy(&j.lock);
-	if (tfd >= 0)
-		close(tfd);
-	else if (!rc)
-		rc = dws_fail(err, DWS_EIO, "%s/%s: cannot open: %s", parent, tmpname, strerror(errno));
-	if (!rc && renameat(pfd, tmpname, pfd, base) != 0)
-		rc = dws_fail(err, DWS_EIO, "%s: cannot move the finished folder into place: %s", outdir, strerror(errno));
-	if (rc)
-		remove_tree(pfd, tmpname);
-done:
-	if (pfd >= 0)
-		close(pfd);
-	free(tmpname);
-	free(o1);
-	free(o2);
-	return rc;
+	return outdir_close(&o, s, outdir, rc, err);
 }
 
-/* ---- overlapped extract ---- */
+/* ---- streaming extract ----
+ *
+ * A step N = anchor + sparse deltas is written without building its patch
+ * index: each tensor is read from the anchor window by window, every delta's
+ * param for that tensor is applied to the window in chain order (newest wins)
+ * straight from the file's encoded indices, and the window is written out.
+ * The indices are checked as they are applied (ascending, inside the tensor),
+ * exactly as decoding checks them; a bad one fails the extract and removes
+ * the output. Tensors are shared among threads, largest first. */
 
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23
-#endif
+enum { STREAM_WIN = 256 * 1024 }; /* bytes patched while they sit in L2 */
 
-struct ofile {
-	int fd;
-	uint64_t size;
-	bool *copied;   /* per extent: its bytes are in the file already */
-	char *map;
+struct srun {
+	const dws_delta_param *p;
+	const char *what;
 };
 
-struct overlap {
-	dws_step *first;     /* the anchor step: sources, no patches */
-	struct ofile *of;
-	size_t nf;
-	dws_step *final;
-	pthread_mutex_t lock;
-	size_t file, ext;    /* patch pass cursor */
+struct scur {
+	uint64_t pos;   /* next entry */
+	uint64_t last;  /* the index of entry pos-1; UINT64_MAX before the first */
+};
+
+struct sitem {
+	size_t file, ext;
+	uint64_t len;
+};
+
+/* A patched window waiting to be written. Buffered writes to one file take
+ * its inode lock, so only one thread writes at a time: a thread that finds
+ * the writer's lock free writes every queued window, the others go on
+ * reading and patching. */
+struct wbuf {
+	unsigned char *buf;
+	size_t n;
+	uint64_t off;
+	size_t file;
+	struct wbuf *next;
+};
+
+struct stream {
+	dws_step *first;
+	const dws_layout *L;
+	const int *fds;
+	struct srun *runs;   /* grouped by slot, chain order within a slot */
+	size_t *slot_run;    /* per slot + 1: where its runs start */
+	struct sitem *items;
+	size_t nitems;
+	atomic_size_t next;
+	atomic_bool failed;
+	uint64_t done, total;   /* under wlock */
+	const dws_progress *pr;
+	pthread_mutex_t lock;   /* err, the queue and the free list */
+	pthread_mutex_t wlock;  /* held while writing */
+	struct wbuf *free, *head, **tail;
+	struct wbuf *bufs;
 	dws_error err;
 };
 
-/* The file an extent's bytes come from unchanged, or -1. */
-static int copy_source(const dws_step *s, const dws_out_file *f, const dws_extent *x, uint64_t *off)
+static void stream_fail(struct stream *S, const dws_error *e)
 {
-	if (x->slot < 0) {
-		*off = x->off;
-		return f->blob->fd;
-	}
-	const dws_src *src = &s->src[x->slot];
-	if (src->blob->fd < 0 || src->dtype != s->layout->slots[x->slot].dtype || s->patch[x->slot])
-		return -1;
-	*off = src->off;
-	return src->blob->fd;
+	pthread_mutex_lock(&S->lock);
+	if (!S->err.code)
+		S->err = *e;
+	pthread_mutex_unlock(&S->lock);
+	atomic_store(&S->failed, true);
 }
 
-/* Phase 1 (a thread): every extent of the anchor step that is a plain copy of
- * a local file goes through the kernel. Failures only mean "not copied". */
-static void *copy_main(void *arg)
+/* With wlock held: write every queued window. */
+static void stream_drain(struct stream *S)
 {
-	struct overlap *o = arg;
-	const dws_layout *L = o->first->layout;
-	for (size_t fi = 0; fi < o->nf; fi++) {
-		const dws_out_file *f = &L->files[fi];
-		for (size_t k = 0; k < f->next; k++) {
-			const dws_extent *x = &f->ext[k];
-			uint64_t soff;
-			int sfd = copy_source(o->first, f, x, &soff);
-			if (sfd < 0)
-				continue;
-			loff_t in = (loff_t)soff, out = (loff_t)x->off;
-			uint64_t left = x->len;
-			while (left) {
-				ssize_t r = copy_file_range(sfd, &in, o->of[fi].fd, &out, left, 0);
-				if (r < 0 && errno == EINTR)
-					continue;
-				if (r <= 0)
+	for (;;) {
+		pthread_mutex_lock(&S->lock);
+		struct wbuf *w = S->head;
+		if (w) {
+			S->head = w->next;
+			if (!S->head)
+				S->tail = &S->head;
+		}
+		pthread_mutex_unlock(&S->lock);
+		if (!w)
+			return;
+		dws_error e = {0};
+		if (!atomic_load(&S->failed)) {
+			const char *path = S->L->files[w->file].info.path;
+			if (pwrite_all(S->fds[w->file], w->buf, w->n, w->off, path, &e))
+				stream_fail(S, &e);
+			S->done += w->n;
+			if (S->pr && S->pr->fn)
+				S->pr->fn(S->pr->ctx, path, S->done, S->total);
+		}
+		pthread_mutex_lock(&S->lock);
+		w->next = S->free;
+		S->free = w;
+		pthread_mutex_unlock(&S->lock);
+	}
+}
+
+/* A free buffer; when none is, this thread writes the queue first. */
+static struct wbuf *stream_get(struct stream *S)
+{
+	for (;;) {
+		pthread_mutex_lock(&S->lock);
+		struct wbuf *w = S->free;
+		if (w)
+			S->free = w->next;
+		pthread_mutex_unlock(&S->lock);
+		if (w)
+			return w;
+		pthread_mutex_lock(&S->wlock);
+		stream_drain(S);
+		pthread_mutex_unlock(&S->wlock);
+	}
+}
+
+static void stream_put(struct stream *S, struct wbuf *w)
+{
+	w->next = NULL;
+	pthread_mutex_lock(&S->lock);
+	*S->tail = w;
+	S->tail = &w->next;
+	pthread_mutex_unlock(&S->lock);
+	if (pthread_mutex_trylock(&S->wlock) == 0) {
+		stream_drain(S);
+		pthread_mutex_unlock(&S->wlock);
+	}
+}
+
+/* The index of entry k of a param, or false if it breaks the order. */
+static inline bool entry_index(const dws_delta_param *p, uint64_t k, uint64_t last,
+			       uint64_t *out)
+{
+	const unsigned char *ix = p->idx_raw;
+	switch (p->idx_kind) {
+	case DWS_IDX_GAP16: {
+		uint16_t g;
+		memcpy(&g, ix + 2 * k, 2);
+		*out = last + g + 1; /* last = UINT64_MAX before the first: wraps to g */
+		return true;
+	}
+	case DWS_IDX_GAP32: {
+		uint32_t g;
+		memcpy(&g, ix + 4 * k, 4);
+		*out = last + g + 1;
+		return true;
+	}
+	default: {
+		int32_t v;
+		memcpy(&v, ix + 4 * k, 4);
+		if ((int64_t)v <= (int64_t)last) /* (int64_t)UINT64_MAX is -1 */
+			return false;
+		*out = (uint64_t)v;
+		return true;
+	}
+	}
+}
+
+static int order_error(const struct srun *r, const struct scur *c, dws_error *err)
+{
+	int32_t v;
+	memcpy(&v, r->p->idx_raw + 4 * c->pos, 4);
+	return dws_fail(err, DWS_EFORMAT, "%s: indices of '%.*s' are not ascending (%lld after %lld at position %llu)", r->what,
+			r->p->name_len, r->p->name, (long long)v, (long long)(int64_t)c->last, (unsigned long long)c->pos);
+}
+
+/* Apply the entries of run r with index in [w0, w1) to buf, which holds
+ * elements [w0, w1) of the tensor in dtype out. */
+static int apply_window(const struct srun *r, struct scur *c, uint64_t w0, uint64_t w1,
+			unsigned char *buf, dws_dtype out, dws_error *err)
+{
+	const dws_delta_param *p = r->p;
+	uint64_t pos = c->pos, last = c->last, n = p->count, ix;
+	const unsigned char *val = p->val;
+	if (out == DWS_DT_BF16 && ((uintptr_t)buf & 1) == 0) {
+		uint16_t *d = (uint16_t *)(void *)buf;
+		if (p->idx_kind == DWS_IDX_GAP16) {
+			/* the common case, kept tight */
+			const unsigned char *g = p->idx_raw;
+			for (; pos < n; pos++) {
+				uint16_t h, v;
+				memcpy(&h, g + 2 * pos, 2);
+				ix = last + h + 1;
+				if (ix >= w1)
 					break;
-				left -= (uint64_t)r;
+				memcpy(&v, val + 2 * pos, 2);
+				d[ix - w0] = v;
+				last = ix;
 			}
-			o->of[fi].copied[k] = left == 0;
+		} else {
+			for (; pos < n; pos++) {
+				if (!entry_index(p, pos, last, &ix)) {
+					*c = (struct scur){pos, last};
+					return order_error(r, c, err);
+				}
+				if (ix >= w1)
+					break;
+				memcpy(&d[ix - w0], val + 2 * pos, 2);
+				last = ix;
+			}
+		}
+	} else {
+		size_t osz = dws_dtype_size(out);
+		for (; pos < n; pos++) {
+			if (!entry_index(p, pos, last, &ix)) {
+				*c = (struct scur){pos, last};
+				return order_error(r, c, err);
+			}
+			if (ix >= w1)
+				break;
+			uint16_t v;
+			memcpy(&v, val + 2 * pos, 2);
+			unsigned char *e = buf + (ix - w0) * osz;
+			if (out == DWS_DT_F32) {
+				uint32_t u = (uint32_t)v << 16;
+				memcpy(e, &u, 4);
+			} else if (out == DWS_DT_F16) {
+				uint16_t h = dws_bf16_to_f16(v);
+				memcpy(e, &h, 2);
+			} else {
+				memcpy(e, &v, 2);
+			}
+			last = ix;
+		}
+	}
+	*c = (struct scur){pos, last};
+	return DWS_OK;
+}
+
+/* Entries left once the whole tensor is written lie past its end. */
+static int check_consumed(const struct srun *r, const struct scur *c, uint64_t numel,
+			  dws_error *err)
+{
+	if (c->pos >= r->p->count)
+		return DWS_OK;
+	uint64_t ix;
+	if (!entry_index(r->p, c->pos, c->last, &ix))
+		return order_error(r, c, err);
+	return dws_fail(err, DWS_EFORMAT, "%s: index %llu of '%.*s' is out of range (the tensor has %llu elements)", r->what,
+			(unsigned long long)ix, r->p->name_len, r->p->name, (unsigned long long)numel);
+}
+
+static int stream_item(struct stream *S, const struct sitem *it, dws_error *err)
+{
+	const dws_out_file *f = &S->L->files[it->file];
+	const dws_extent *x = &f->ext[it->ext];
+	const dws_slot *sl = x->slot >= 0 ? &S->L->slots[x->slot] : NULL;
+	size_t r0 = sl ? S->slot_run[x->slot] : 0, nr = sl ? S->slot_run[x->slot + 1] - r0 : 0;
+	size_t osz = sl ? dws_dtype_size(sl->dtype) : 1;
+	struct scur *cur = nr ? dws_xcalloc(nr, sizeof(*cur)) : NULL;
+	for (size_t r = 0; r < nr; r++)
+		cur[r].last = UINT64_MAX;
+	uint64_t win = STREAM_WIN - STREAM_WIN % osz;
+	int rc = DWS_OK;
+	for (uint64_t at = 0; !rc && at < x->len && !atomic_load(&S->failed); at += win) {
+		size_t n = (size_t)(x->len - at < win ? x->len - at : win);
+		struct wbuf *w = stream_get(S);
+		int64_t got = dws_step_read(S->first, it->file, x->off + at, w->buf, n, err);
+		if (got != (int64_t)n)
+			rc = got < 0 ? (int)got : dws_fail(err, DWS_EIO, "%s: ended early at %llu", f->info.path, (unsigned long long)(x->off + at));
+		uint64_t w0 = at / osz, w1 = w0 + n / osz;
+		for (size_t r = 0; !rc && r < nr; r++)
+			rc = apply_window(&S->runs[r0 + r], &cur[r], w0, w1, w->buf, sl->dtype, err);
+		*w = (struct wbuf){w->buf, rc ? 0 : n, x->off + at, it->file, NULL};
+		stream_put(S, w);
+	}
+	for (size_t r = 0; !rc && r < nr && !atomic_load(&S->failed); r++)
+		rc = check_consumed(&S->runs[r0 + r], &cur[r], sl->numel, err);
+	free(cur);
+	return rc;
+}
+
+static void *stream_main(void *arg)
+{
+	struct stream *S = arg;
+	for (;;) {
+		size_t i = atomic_fetch_add(&S->next, 1);
+		if (i >= S->nitems || atomic_load(&S->failed))
+			break;
+		dws_error e = {0};
+		if (stream_item(S, &S->items[i], &e)) {
+			stream_fail(S, &e);
+			break;
 		}
 	}
 	return NULL;
 }
 
-static bool same_src(const dws_src *a, const dws_src *b)
+static int cmp_item(const void *a, const void *b)
 {
-	return a->blob == b->blob && a->off == b->off && a->dtype == b->dtype;
+	const struct sitem *x = a, *y = b;
+	return x->len < y->len ? 1 : x->len > y->len ? -1 : 0;
 }
 
-/* Phase 3 (two threads): extents the chain changed, written in place. */
-static void *patch_main(void *arg)
+static int stream_extract(dws_lazy_chain *lc, const char *outdir, const dws_progress *pr,
+			  dws_error *err)
 {
-	struct overlap *o = arg;
-	const dws_layout *L = o->final->layout;
-	for (;;) {
-		pthread_mutex_lock(&o->lock);
-		while (o->file < o->nf && o->ext >= L->files[o->file].next) {
-			o->file++;
-			o->ext = 0;
+	dws_step *first = lc->first;
+	const dws_layout *L = first->layout;
+	struct stream S = {.first = first, .L = L, .pr = pr};
+	/* runs grouped by slot (a counting sort that keeps chain order) */
+	S.slot_run = dws_xcalloc(L->nslots + 1, sizeof(size_t));
+	size_t total_runs = 0;
+	for (size_t i = 0; i < lc->nfiles; i++)
+		for (size_t k = 0; k < lc->files[i].np; k++) {
+			S.slot_run[lc->files[i].ps[k].slot + 1]++;
+			total_runs++;
 		}
-		if (o->err.code || o->file >= o->nf) {
-			pthread_mutex_unlock(&o->lock);
-			return NULL;
-		}
-		size_t fi = o->file, k = o->ext++;
-		pthread_mutex_unlock(&o->lock);
-
-		const dws_extent *x = &L->files[fi].ext[k];
-		char *dst = o->of[fi].map + x->off;
-		int rc = DWS_OK;
-		dws_error e = {0};
-		bool copied = o->of[fi].copied[k];
-		if (copied && x->slot >= 0 && !same_src(&o->first->src[x->slot], &o->final->src[x->slot]))
-			copied = false; /* a dense overlay replaced the tensor */
-		if (!copied) {
-			int64_t got = dws_step_read(o->final, fi, x->off, dst, (size_t)x->len, &e);
-			if (got != (int64_t)x->len)
-				rc = got < 0 ? (int)got : dws_fail(&e, DWS_EIO, "%s: short read", L->files[fi].info.path);
-		} else if (x->slot >= 0 && o->final->patch[x->slot]) {
-			const dws_slot *sl = &L->slots[x->slot];
-			const dws_patchset *ps = o->final->patch[x->slot];
-			if (sl->dtype == DWS_DT_BF16 && ((uintptr_t)dst & 1) == 0) {
-				/* window by window, every run in order: each window is
-				 * written while it sits in the cache, not once per run */
-				uint16_t *d = (uint16_t *)(void *)dst;
-				uint32_t cur[DWS_MAX_RUNS + 1] = {0};
-				enum { WIN = 128 * 1024 };
-				for (uint64_t w = 0; w < sl->numel; w += WIN) {
-					uint64_t end = w + WIN;
-					for (uint32_t r = 0; r < ps->nruns; r++) {
-						const dws_patch *p = ps->runs[r];
-						uint32_t i = cur[r];
-						for (; i < p->n && p->idx[i] < end; i++)
-							d[p->idx[i]] = p->val[i];
-						cur[r] = i;
-					}
-				}
-			} else {
-				/* the same conversions as the read path, element by element */
-				size_t osz = dws_dtype_size(sl->dtype);
-				for (uint32_t r = 0; r < ps->nruns; r++)
-					for (uint32_t i = 0; i < ps->runs[r]->n; i++) {
-						uint64_t el = ps->runs[r]->idx[i];
-						if (dws_step_read(o->final, fi, x->off + el * osz, dst + el * osz, osz, &e) != (int64_t)osz) {
-							rc = e.code ? e.code : DWS_EIO;
-							break;
-						}
-					}
+	for (size_t s = 0; s < L->nslots; s++)
+		S.slot_run[s + 1] += S.slot_run[s];
+	size_t *fill = dws_xcalloc(L->nslots + 1, sizeof(size_t));
+	memcpy(fill, S.slot_run, L->nslots * sizeof(size_t));
+	S.runs = dws_xcalloc(total_runs ? total_runs : 1, sizeof(*S.runs));
+	int rc = DWS_OK;
+	for (size_t i = 0; i < lc->nfiles; i++)
+		for (size_t k = 0; k < lc->files[i].np; k++) {
+			const dws_delta_param *p = &lc->files[i].ps[k];
+			S.runs[fill[p->slot]++] = (struct srun){p, lc->files[i].what};
+			/* a tensor with no bytes has no extent to check its runs */
+			if (!rc && L->slots[p->slot].numel == 0 && p->count) {
+				struct scur c = {0, UINT64_MAX};
+				rc = check_consumed(&S.runs[fill[p->slot] - 1], &c, 0, err);
 			}
 		}
-		if (rc) {
-			pthread_mutex_lock(&o->lock);
-			if (!o->err.code)
-				o->err = e;
-			pthread_mutex_unlock(&o->lock);
+	free(fill);
+	for (size_t fi = 0; fi < L->nfiles; fi++) {
+		S.total += L->files[fi].info.size;
+		for (size_t k = 0; k < L->files[fi].next; k++) {
+			S.items = dws_xrealloc(S.items, (S.nitems + 1) * sizeof(*S.items));
+			S.items[S.nitems++] = (struct sitem){fi, k, L->files[fi].ext[k].len};
 		}
 	}
+	qsort(S.items, S.nitems, sizeof(*S.items), cmp_item);
+	struct outdir o;
+	if (!rc)
+		rc = outdir_open(&o, outdir, first, err);
+	else
+		memset(&o, 0, sizeof(o)), o.pfd = o.tfd = -1;
+	if (!rc) {
+		S.fds = o.fds;
+		pthread_mutex_init(&S.lock, NULL);
+		pthread_mutex_init(&S.wlock, NULL);
+		long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+		size_t nth = ncpu < 1 ? 1 : ncpu > 8 ? 8 : (size_t)ncpu;
+		size_t nbuf = 4 * nth;
+		S.bufs = dws_xcalloc(nbuf, sizeof(*S.bufs));
+		S.tail = &S.head;
+		for (size_t b = 0; b < nbuf; b++) {
+			S.bufs[b].buf = dws_xmalloc(STREAM_WIN);
+			S.bufs[b].next = S.free;
+			S.free = &S.bufs[b];
+		}
+		pthread_t th[8];
+		size_t started = 0;
+		for (size_t t = 1; t < nth; t++) {
+			if (pthread_create(&th[t], NULL, stream_main, &S) != 0)
+				break;
+			started = t;
+		}
+		stream_main(&S);
+		for (size_t t = 1; t <= started; t++)
+			pthread_join(th[t], NULL);
+		stream_drain(&S); /* what the last trylocks missed */
+		if (S.err.code)
+			rc = dws_fail(err, S.err.code, "%s", S.err.msg);
+		for (size_t b = 0; b < nbuf; b++)
+			free(S.bufs[b].buf);
+		free(S.bufs);
+		pthread_mutex_destroy(&S.wlock);
+		pthread_mutex_destroy(&S.lock);
+	}
+	rc = outdir_close(&o, first, outdir, rc, err);
+	free(S.items);
+	free(S.runs);
+	free(S.slot_run);
+	return rc;
 }
 
 int dws_extract_step(dws_builder *bl, uint64_t step, const char *outdir,
 		     const dws_progress *pr, dws_error *err)
 {
-	const dws_stepfile *a = dws_catalog_anchor_for(dws_builder_catalog(bl), step);
-	dws_step *first = NULL, *final = NULL;
-	int rc;
-	if (!a || a->step == step) {
-		/* nothing to overlap: the anchor itself, or a base-only chain */
-		rc = dws_builder_build(bl, step, &final, err);
-		if (!rc)
-			rc = dws_extract(final, outdir, pr, err);
-		dws_step_unref(final);
+	int rc = check_outdir(outdir, err);
+	if (rc)
+		return rc;
+	dws_lazy_chain *lc = NULL;
+	rc = dws_builder_lazy_chain(bl, step, &lc, err);
+	if (rc)
+		return rc;
+	if (lc) {
+		rc = stream_extract(lc, outdir, pr, err);
+		dws_lazy_chain_free(lc);
 		return rc;
 	}
-	rc = check_outdir(outdir, err);
+	/* an anchor, a base-only chain or one with dense files: build the step */
+	dws_step *s = NULL;
+	rc = dws_builder_build(bl, step, &s, err);
 	if (!rc)
-		rc = dws_builder_build(bl, a->step, &first, err);
-	if (rc)
-		return rc;
-	char *o1 = dws_xstrdup(outdir), *o2 = dws_xstrdup(outdir);
-	char *parent = dirname(o1), *base = basename(o2);
-	char *tmpname = dws_xasprintf(".%s.dwsfs-tmp.%ld", base, (long)getpid());
-	const dws_layout *L = first->layout;
-	struct overlap o = {.first = first, .nf = L->nfiles, .of = dws_xcalloc(L->nfiles ? L->nfiles : 1, sizeof(struct ofile))};
-	pthread_mutex_init(&o.lock, NULL);
-	for (size_t i = 0; i < o.nf; i++)
-		o.of[i].fd = -1;
-	int tfd = -1, pfd = open(parent, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (pfd < 0 || mkdirat(pfd, tmpname, 0755) != 0 || (tfd = openat(pfd, tmpname, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0) {
-		rc = dws_fail(err, DWS_EIO, "%s: cannot create a folder beside it: %s", outdir, strerror(errno));
-		goto out;
-	}
-	for (size_t i = 0; i < o.nf && !rc; i++) {
-		const dws_out_file *f = &L->files[i];
-		rc = mkdirs_for(tfd, f->info.path, err);
-		if (rc)
-			break;
-		o.of[i].fd = openat(tfd, f->info.path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-		o.of[i].size = f->info.size;
-		o.of[i].copied = dws_xcalloc(f->next ? f->next : 1, sizeof(bool));
-		if (o.of[i].fd < 0 || ftruncate(o.of[i].fd, (off_t)f->info.size) != 0)
-			rc = dws_fail(err, DWS_EIO, "%s/%s: cannot create: %s", outdir, f->info.path, strerror(errno));
-	}
-	if (rc)
-		goto out;
-	if (pr && pr->fn)
-		pr->fn(pr->ctx, "copying the anchor while decoding the chain", 0, 2);
-	pthread_t th;
-	bool threaded = pthread_create(&th, NULL, copy_main, &o) == 0;
-	if (!threaded)
-		copy_main(&o);
-	rc = dws_builder_build(bl, step, &final, err);
-	if (threaded)
-		pthread_join(th, NULL);
-	if (rc)
-		goto out;
-	if (final->layout != first->layout) {
-		rc = dws_fail(err, DWS_EINVAL, "step %llu: layout changed within a chain", (unsigned long long)step);
-		goto out;
-	}
-	if (pr && pr->fn)
-		pr->fn(pr->ctx, "writing what the chain changed", 1, 2);
-	for (size_t i = 0; i < o.nf && !rc; i++) {
-		if (!o.of[i].size)
-			continue;
-		o.of[i].map = mmap(NULL, o.of[i].size, PROT_READ | PROT_WRITE, MAP_SHARED, o.of[i].fd, 0);
-		if (o.of[i].map == MAP_FAILED) {
-			o.of[i].map = NULL;
-			rc = dws_fail(err, DWS_EIO, "%s: mmap: %s", L->files[i].info.path, strerror(errno));
-			break;
-		}
-		madvise(o.of[i].map, o.of[i].size, MADV_POPULATE_WRITE); /* bulk faults; a hint */
-	}
-	if (!rc) {
-		o.final = final;
-		pthread_t pt;
-		bool two = pthread_create(&pt, NULL, patch_main, &o) == 0;
-		patch_main(&o);
-		if (two)
-			pthread_join(pt, NULL);
-		if (o.err.code)
-			rc = dws_fail(err, o.err.code, "%s", o.err.msg);
-	}
-	for (size_t i = 0; i < o.nf; i++)
-		if (o.of[i].map && munmap(o.of[i].map, o.of[i].size) != 0 && !rc)
-			rc = dws_fail(err, DWS_EIO, "%s: munmap: %s", L->files[i].info.path, strerror(errno));
-	if (pr && pr->fn && !rc)
-		pr->fn(pr->ctx, "done", 2, 2);
-out:
-	for (size_t i = 0; i < o.nf; i++) {
-		if (o.of[i].fd >= 0 && close(o.of[i].fd) != 0 && !rc)
-			rc = dws_fail(err, DWS_EIO, "%s: close: %s", L->files[i].info.path, strerror(errno));
-		free(o.of[i].copied);
-	}
-	free(o.of);
-	pthread_mutex_destroy(&o.lock);
-	if (tfd >= 0)
-		close(tfd);
-	if (pfd >= 0) {
-		if (!rc && renameat(pfd, tmpname, pfd, base) != 0)
-			rc = dws_fail(err, DWS_EIO, "%s: cannot move the finished folder into place: %s", outdir, strerror(errno));
-		if (rc)
-			remove_tree(pfd, tmpname);
-		close(pfd);
-	}
-	dws_step_unref(first);
-	dws_step_unref(final);
-	free(tmpname);
-	free(o1);
-	free(o2);
+		rc = dws_extract(s, outdir, pr, err);
+	dws_step_unref(s);
 	return rc;
 }

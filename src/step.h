@@ -2,6 +2,7 @@
 #ifndef DWSFS_STEP_H
 #define DWSFS_STEP_H
 
+#include "delta.h"
 #include "internal.h"
 
 /* A merged patch: the elements of one tensor that differ from its source, as
@@ -114,5 +115,31 @@ struct dws_step {
 	dws_patchset **patch; /* per slot, NULL: unpatched */
 	uint8_t *trained;    /* per slot: the trainer's files provide it */
 };
+
+/* The chain from an anchor to a step for a streaming extract: each sparse
+ * file held in memory, its params checked (dws_delta_scan) but not decoded,
+ * in chain order. */
+typedef struct dws_lazy_file {
+	char *what;
+	void *data;             /* the whole file */
+	size_t len;
+	bool mapped;            /* data is an mmap, else malloc */
+	dws_st_file *st;
+	dws_delta_param *ps;    /* point into data */
+	size_t np;
+} dws_lazy_file;
+
+typedef struct dws_lazy_chain {
+	dws_step *first;        /* the anchor step: sources, no patches */
+	dws_lazy_file *files;
+	size_t nfiles;
+} dws_lazy_chain;
+
+/* *out is left NULL (and DWS_OK returned) when the step is not an anchor's
+ * sparse chain: no anchor, the anchor itself, or a dense file in the chain;
+ * the caller then builds the step. */
+int dws_builder_lazy_chain(dws_builder *bl, uint64_t step, dws_lazy_chain **out,
+			   dws_error *err);
+void dws_lazy_chain_free(dws_lazy_chain *c);
 
 #endif

@@ -328,10 +328,11 @@ typedef struct dws_progress {
 int dws_extract(dws_step *s, const char *outdir, const dws_progress *pr,
 		dws_error *err);
 
-/* Build step N with bl and extract it, overlapping: while the chain is decoded
- * on one core, the anchor's bytes are copied into the output in the kernel
- * (copy_file_range) on another; then only what the chain changed is written,
- * in place. Same result as dws_builder_build + dws_extract. */
+/* Extract step N of bl's catalog. Same result as dws_builder_build +
+ * dws_extract; when N is an anchor plus sparse deltas it is streamed instead:
+ * the anchor is read window by window, the deltas' encoded indices applied
+ * to each window in chain order and checked as they go, on every core, with
+ * no patch index built. */
 int dws_extract_step(dws_builder *bl, uint64_t step, const char *outdir,
 		     const dws_progress *pr, dws_error *err);
 
