@@ -35,7 +35,13 @@
 #
 # Environment: KEEP=1 keeps the work dir; BUILD (build/), PARAMS, ROUNDS, PAR (4),
 # BLOCK (8388608), PREFIX_MB, DROP (1), VERIFY (1), DIAG (perf diagnostics: 1, 0
-# with SMOKE), MD override the configuration. A client whose package is missing
+# with SMOKE), MD override the configuration. For tests/bench/run:
+# MODEL_BUCKET=DIR serves that bucket's anchors/ and base/ (hard links; a
+# `make_model.py --base` bucket, MODEL_TXT its output, default DIR/../model.txt)
+# instead of generating one: with a base/ the mount shows its shards, which dwsfs
+# reads (`cat` of them all; the other clients read the anchor, the same tensor
+# bytes); PAIRS_ONLY="cat_curl ..." runs only those pairs (default with a base:
+# cat_curl cat_httpdirfs cat_rclone); RAW_OUT=DIR gets rounds.txt and info.txt. A client whose package is missing
 # (nginx, httpdirfs, rclone, curl) is skipped with a note; without nginx the Hub's
 # own Python CDN serves curl and dwsfs. Exit status is non-zero only when
 # something fails, never for a missed target. Every mount, daemon and server
@@ -144,11 +150,33 @@ fi
 HUB=$WORK/hub
 BUCKET=$HUB/buckets/$NS/$NAME
 KEY=anchors/step_000001.safetensors
-log "generating: make_model.py --params $PARAMS --deltas 0"
-"$PY" tests/bench/make_model.py "$BUCKET" --params "$PARAMS" --deltas 0 >"$WORK/model.txt"
+if [ -n "${MODEL_BUCKET:-}" ]; then
+	log "serving $MODEL_BUCKET (anchors/, base/: hard links)"
+	mkdir -p "$BUCKET"
+	for d in anchors base; do
+		[ -d "$MODEL_BUCKET/$d" ] && cp -al "$MODEL_BUCKET/$d" "$BUCKET/$d"
+	done
+	cp "${MODEL_TXT:-$(dirname "$MODEL_BUCKET")/model.txt}" "$WORK/model.txt"
+else
+	log "generating: make_model.py --params $PARAMS --deltas 0"
+	"$PY" tests/bench/make_model.py "$BUCKET" --params "$PARAMS" --deltas 0 >"$WORK/model.txt"
+fi
 SRC=$BUCKET/$KEY
 SIZE=$(stat -c %s "$SRC")
 log "model: $SIZE bytes ($SRC)"
+# what dwsfs shows and reads: the base's shards (with a base/), else model.safetensors
+DWS_NAMES=() DWS_SRCS=()
+if [ -d "$BUCKET/base" ]; then
+	for f in "$BUCKET"/base/*.safetensors; do
+		DWS_NAMES+=("$(basename "$f")")
+		DWS_SRCS+=("$f")
+	done
+else
+	DWS_NAMES=(model.safetensors) DWS_SRCS=("$SRC")
+fi
+DWS_SIZE=$(stat -c %s "${DWS_SRCS[@]}" | awk '{s += $1} END {printf "%d", s}')
+[ ${#DWS_NAMES[@]} = 1 ] || PAIRS_ONLY=${PAIRS_ONLY:-cat_curl cat_httpdirfs cat_rclone}
+[ ${#DWS_NAMES[@]} = 1 ] || log "dwsfs reads ${#DWS_NAMES[@]} shards, $DWS_SIZE bytes: ${DWS_NAMES[*]}"
 NAME1=onetensor
 "$PY" tests/bench/http_onetensor.py "$HUB/buckets/$NS/$NAME1" --bytes "$SIZE" >/dev/null
 SRC1=$HUB/buckets/$NS/$NAME1/$KEY
@@ -247,10 +275,13 @@ cpu_of() { # PID -> user+sys seconds of the process so far
 	awk -v t="$CLK_TCK" '{ sub(/^.*\) /, ""); printf "%.3f", ($12 + $13) / t }' "/proc/$1/stat" 2>/dev/null || echo ""
 }
 ms_now() { echo $(($(date +%s%N) / 1000000)); }
-cold() { # [FILE]: the served file out of the page cache (and no dirty pages of earlier runs)
+cold() { # [FILE]: the served file (and the base shards) out of the page cache (and no dirty pages of earlier runs)
+	local f
 	sync
 	if [ "$DROP" = 1 ]; then
-		dd if="${1:-$SRC}" iflag=nocache count=0 status=none
+		for f in "${1:-$SRC}" "${DWS_SRCS[@]}"; do
+			dd if="$f" iflag=nocache count=0 status=none
+		done
 	fi
 }
 cpu_snap() { awk '/^cpu / {print $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9, $5 + $6; exit}' /proc/stat; }
@@ -260,8 +291,8 @@ fresh_dirs() {
 	mkdir -p "$CACHE" "$WORK/cachefs/hdcache"
 }
 
-mount_client() { # KIND TAG [BUCKET NAME [SIZE]]: mount on $MNT, set CLIENT_PID, MOUNT_MS and FILE
-	local kind=$1 tag=$2 name=${3:-$NAME} size=${4:-$SIZE} t0 i
+mount_client() { # KIND TAG [BUCKET NAME [SIZE]]: mount on $MNT, set CLIENT_PID, MOUNT_MS, FILE and FILES (what a whole read reads)
+	local kind=$1 tag=$2 name=${3:-$NAME} size=${4:-$SIZE} t0 i n
 	t0=$(ms_now)
 	case $kind in
 	dwsfs)
@@ -279,6 +310,12 @@ mount_client() { # KIND TAG [BUCKET NAME [SIZE]]: mount on $MNT, set CLIENT_PID,
 			--config "$WORK/rclone.conf" >"$WORK/logs/rclone.$tag.log" 2>&1 &
 		CLIENT_PID=$! FILE=$MNT/step_000001.safetensors ;;
 	esac
+	FILES=("$FILE")
+	if [ "$kind" = dwsfs ] && [ "$name" = "$NAME" ]; then
+		FILES=()
+		for n in "${DWS_NAMES[@]}"; do FILES+=("$MNT/$n"); done
+		FILE=${FILES[0]} size=$DWS_SIZE
+	fi
 	for i in $(seq 600); do
 		if ! kill -0 "$CLIENT_PID" 2>/dev/null; then
 			tail -5 "$WORK/logs/$kind.$tag.log" >&2
@@ -289,7 +326,8 @@ mount_client() { # KIND TAG [BUCKET NAME [SIZE]]: mount on $MNT, set CLIENT_PID,
 		sleep 0.05
 	done
 	[ -e "$FILE" ] || { log "$kind: $FILE did not appear within 30 s"; exit 1; }
-	[ "$(stat -c %s "$FILE")" = "$size" ] || { log "$kind: $FILE is $(stat -c %s "$FILE") bytes, not $size"; exit 1; }
+	n=$(stat -c %s "${FILES[@]}" | awk '{s += $1} END {printf "%d", s}')
+	[ "$n" = "$size" ] || { log "$kind: ${FILES[*]} is $n bytes, not $size"; exit 1; }
 	MOUNT_MS=$(($(ms_now) - t0))
 }
 umount_client() {
@@ -318,11 +356,19 @@ if [ "$VERIFY" = 1 ]; then
 		httpdirfs | httpdirfs_nc) [ "$HAVE_HTTPDIRFS" = 1 ] || continue ;;
 		rclone) [ "$HAVE_RCLONE" = 1 ] || continue ;;
 		esac
+		case $kind in # only the clients of the pairs that will run
+		httpdirfs_nc) [[ " ${PAIRS_ONLY:-head_httpdirfs_nc} " == *" head_httpdirfs_nc "* ]] || continue ;;
+		httpdirfs) [[ " ${PAIRS_ONLY:-cat_httpdirfs} " == *" cat_httpdirfs "* ]] || continue ;;
+		rclone) [[ " ${PAIRS_ONLY:-cat_rclone} " == *" cat_rclone "* ]] || continue ;;
+		esac
 		fresh_dirs
 		mount_client "$kind" verify
 		if [ "$kind" = httpdirfs_nc ]; then
 			cmp -n "$PREFIX_BYTES" "$FILE" "$SRC"
 			log "verify: $kind first $PREFIX_BYTES bytes == source"
+		elif [ "$kind" = dwsfs ]; then
+			for i in "${!FILES[@]}"; do cmp "${FILES[$i]}" "${DWS_SRCS[$i]}"; done
+			log "verify: $kind == source (${#FILES[@]} file(s), $DWS_SIZE bytes)"
 		else
 			cmp "$FILE" "$SRC"
 			log "verify: $kind == source ($SIZE bytes)"
@@ -343,7 +389,7 @@ run_one() { # CLIENT ROUND PAIR
 		mount_ms=$MOUNT_MS src=$SRC1 ;;
 	dwsfs_warm) # fill the block cache, then read through a new mount
 		mount_client dwsfs "$c.$r.$id"
-		cat "$FILE" >/dev/null
+		cat "${FILES[@]}" >/dev/null
 		umount_client
 		mount_client dwsfs "$c.$r.$id"
 		mount_ms=$MOUNT_MS ;;
@@ -364,7 +410,7 @@ run_one() { # CLIENT ROUND PAIR
 	curlfile)
 		/usr/bin/time -o "$WORK/time" -f "%U %S" "${CURL[@]}" -K "$WORK/ranges-files.cfg" >"$WORK/curl.out" ;;
 	dwsfs_cat | dwsfs_warm | dwsfs_1t | httpdirfs | rclone)
-		cat "$FILE" >/dev/null ;;
+		cat "${FILES[@]}" >/dev/null ;;
 	dwsfs_dd)
 		dd if="$FILE" of=/dev/null bs=1M status=none ;;
 	dwsfs_par4)
@@ -387,6 +433,7 @@ run_one() { # CLIENT ROUND PAIR
 		cpu=$(awk '{printf "%.3f", $1 + $2}' "$WORK/time") ;;
 	*_head) bytes=$PREFIX_BYTES ;;
 	dwsfs_1t) bytes=$SIZE1 ;;
+	dwsfs_*) bytes=$DWS_SIZE ;;
 	*) bytes=$SIZE ;;
 	esac
 	[ "$bytes" -gt 0 ] || { log "$c read no bytes"; exit 1; }
@@ -417,6 +464,20 @@ if [ "$HAVE_CURL" = 1 ]; then
 	PAIRS+=(dwsfs_par4:curl:par4_curl dwsfs_warm:curl:warm_curl dwsfs_1t:curl:1t_curl curlfile:curl:curlfile_curl)
 fi
 [ "$HAVE_HTTPDIRFS" = 1 ] && PAIRS+=(dwsfs_head:httpdirfs_nc_head:head_httpdirfs_nc)
+if [ -n "${PAIRS_ONLY:-}" ]; then
+	kept=()
+	for p in "${PAIRS[@]}"; do
+		case " $PAIRS_ONLY " in *" ${p##*:} "*) kept+=("$p") ;; esac
+	done
+	PAIRS=(${kept[@]+"${kept[@]}"})
+	if [ ${#DWS_NAMES[@]} != 1 ]; then
+		for p in ${PAIRS[@]+"${PAIRS[@]}"}; do
+			case ${p%%:*} in dwsfs_dd | dwsfs_par4 | dwsfs_head)
+				log "pair ${p##*:} reads one file: not with a sharded base"; exit 1 ;;
+			esac
+		done
+	fi
+fi
 if [ ${#PAIRS[@]} = 0 ]; then
 	log "no reference client can run here (see the notes above)"
 	exit 1
@@ -539,3 +600,7 @@ EOF
 mkdir -p "$(dirname "$MD")"
 "$PY" tests/bench/http_report.py report "$WORK" "$MD"
 log "wrote $MD"
+if [ -n "${RAW_OUT:-}" ]; then
+	mkdir -p "$RAW_OUT"
+	cp "$WORK/rounds.txt" "$WORK/info.txt" "$RAW_OUT/"
+fi
