@@ -208,7 +208,7 @@ lines.append(f"- decode+merge: {med('apply_decode_merge_seconds'):.3f} s per cha
              f"into fresh allocations ({med('apply_decode_merge_minflt_per_rep'):,.0f} page faults, "
              f"{med('apply_decode_merge_user_seconds_per_rep'):.2f} s user + {med('apply_decode_merge_sys_seconds_per_rep'):.2f} s sys per chain)")
 ex_s = statistics.median(times[r]["extract_ns"] / 1e9 for r in R)
-lines.append(f"- extract: {ex_s:.2f} s wall (median) = catalog + the same decode+append, overlapped with a kernel copy of the anchor, then patching in place; "
+lines.append(f"- extract: {ex_s:.2f} s wall (median) = catalog + a streaming pass on every core: anchor windows read, the deltas applied straight from their encoded indices (no patch index), written by one thread at a time; "
              f"{nbytes:,} bytes; cp: {statistics.median(times[r]['cp_ns'] / 1e9 for r in R):.2f} s. "
              f"CPU per run (median): extract {statistics.median(times[r]['extract_user'] for r in R):.2f} s user + "
              f"{statistics.median(times[r]['extract_sys'] for r in R):.2f} s sys, "
