@@ -2,9 +2,14 @@
  * under cache_dir/blocks, keyed by (content identity, block number), so a
  * rewritten object is never served from a stale block.
  *
+ * - A fetched block goes into a small in-memory hot set first: the readers
+ *   waiting for it are served from there at once, and the fetching thread
+ *   then writes it to disk with O_DIRECT (no page cache filled, no copy) off
+ *   the read path. Block buffers are pooled and page aligned, so a scan does
+ *   not fault fresh memory in for every block.
  * - A block is written to a temporary file and renamed into place: a kill -9
- *   mid-download leaves no block. Its header carries the data's XXH3-64, which
- *   is checked the first time the block is read in this process.
+ *   mid-download leaves no block. Its trailer carries the data's XXH3-64,
+ *   which is checked the first time the block is read in this process.
  * - One fetch per block however many readers want it (single flight); readers
  *   wait with a deadline.
  * - A hard byte cap and a free-space floor, LRU eviction; the index is rebuilt
@@ -25,8 +30,9 @@
 #include <unistd.h>
 #include <xxhash.h>
 
-#define BLK_MAGIC "DWSBLK1"
-#define HDR_SIZE 32
+#define BLK_MAGIC "DWSBLK2"
+#define HDR_SIZE 24 /* the trailer after the data: length, XXH3-64, magic */
+#define ALIGN 4096
 #define QUEUE_MAX 256
 
 struct entry {
@@ -45,6 +51,16 @@ struct flight {
 	struct flight *next;
 };
 
+/* A block held in memory: just fetched, or being written to disk. */
+struct hot {
+	char key[64];
+	unsigned char *buf;     /* a pool buffer */
+	uint64_t len;
+	int refs;               /* readers copying out, the writer */
+	uint64_t last_use;
+	struct hot *next;
+};
+
 struct job {
 	dws_blob *blob;
 	uint64_t block;
@@ -54,12 +70,17 @@ struct dws_cache {
 	dws_cache_opts o;
 	char *dir;
 	pthread_mutex_t lock;
-	pthread_cond_t cond;   /* flights finishing, jobs queued */
+	pthread_cond_t cond;   /* flights finishing */
+	pthread_cond_t jobs;   /* prefetch jobs queued, stop */
 	struct entry *e;
 	size_t n, cap_e;
 	dws_strmap index;      /* key -> entry index */
 	uint64_t total, clock;
 	struct flight *flights;
+	struct hot *hot;
+	unsigned nhot, hot_cap;
+	unsigned char **pool;  /* free block buffers */
+	unsigned npool, pool_cap;
 	struct job queue[QUEUE_MAX];
 	size_t qhead, qlen;
 	pthread_t *threads;
@@ -155,14 +176,19 @@ static void insert_locked(dws_cache *c, const char *key, uint64_t bytes, bool ve
 
 /* ---- files ---- */
 
-static int write_block(dws_cache *c, const char *key, const void *data, size_t len,
+/* buf holds len bytes of data and has room for the trailer and the
+ * alignment after them (a pool buffer). Written with O_DIRECT when the
+ * filesystem takes it: no page cache is filled, nothing is copied. */
+static int write_block(dws_cache *c, const char *key, unsigned char *buf, size_t len,
 		       dws_error *err)
 {
-	unsigned char hdr[HDR_SIZE] = {0};
-	memcpy(hdr, BLK_MAGIC, 8);
-	uint64_t l = len, h = XXH3_64bits(data, len);
-	memcpy(hdr + 8, &l, 8);
-	memcpy(hdr + 16, &h, 8);
+	unsigned char *tr = buf + len;
+	uint64_t l = len, h = XXH3_64bits(buf, len);
+	memcpy(tr, &l, 8);
+	memcpy(tr + 8, &h, 8);
+	memcpy(tr + 16, BLK_MAGIC, 8);
+	size_t total = len + HDR_SIZE, padded = (total + ALIGN - 1) / ALIGN * ALIGN;
+	memset(buf + total, 0, padded - total);
 	pthread_mutex_lock(&c->lock);
 	unsigned seq = ++c->tmp_seq;
 	pthread_mutex_unlock(&c->lock);
@@ -172,29 +198,36 @@ static int write_block(dws_cache *c, const char *key, const void *data, size_t l
 	mkdir(sub, 0700);
 	free(sub);
 	int rc = DWS_OK;
-	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	bool direct = true;
+	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_DIRECT, 0600);
+	if (fd < 0 && errno == EINVAL) {
+		direct = false;
+		fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	}
 	if (fd < 0) {
 		rc = dws_fail(err, DWS_EIO, "cache %s: %s", tmp, strerror(errno));
 	} else {
-		struct iovec {
-			const void *b;
-			size_t n;
-		} parts[2] = {{hdr, HDR_SIZE}, {data, len}};
-		for (int i = 0; i < 2 && !rc; i++) {
-			const char *p = parts[i].b;
-			size_t n = parts[i].n;
-			while (n) {
-				ssize_t w = write(fd, p, n);
-				if (w < 0 && errno == EINTR)
+		size_t n = direct ? padded : total, done = 0;
+		while (done < n) {
+			ssize_t w = write(fd, buf + done, n - done);
+			if (w < 0 && errno == EINTR)
+				continue;
+			if (w < 0 && errno == EINVAL && direct && done == 0) {
+				/* the filesystem refuses direct writes of this buffer */
+				direct = false;
+				n = total;
+				int fl = fcntl(fd, F_GETFL);
+				if (fl >= 0 && fcntl(fd, F_SETFL, fl & ~O_DIRECT) == 0)
 					continue;
-				if (w <= 0) {
-					rc = dws_fail(err, DWS_EIO, "cache %s: write: %s", tmp, strerror(errno));
-					break;
-				}
-				p += w;
-				n -= (size_t)w;
 			}
+			if (w <= 0) {
+				rc = dws_fail(err, DWS_EIO, "cache %s: write: %s", tmp, w < 0 ? strerror(errno) : "no progress");
+				break;
+			}
+			done += (size_t)w;
 		}
+		if (!rc && n != total && ftruncate(fd, (off_t)total) != 0)
+			rc = dws_fail(err, DWS_EIO, "cache %s: truncate: %s", tmp, strerror(errno));
 		if (close(fd) != 0 && !rc)
 			rc = dws_fail(err, DWS_EIO, "cache %s: close: %s", tmp, strerror(errno));
 		if (!rc && rename(tmp, dst) != 0)
@@ -217,18 +250,18 @@ static int read_block(dws_cache *c, const char *key, uint64_t want_len, uint64_t
 	free(p);
 	if (fd < 0)
 		return DWS_ENOENT;
-	unsigned char hdr[HDR_SIZE];
+	unsigned char tr[HDR_SIZE];
 	int rc = DWS_ENOENT;
 	uint64_t l, h;
-	if (pread(fd, hdr, HDR_SIZE, 0) != HDR_SIZE || memcmp(hdr, BLK_MAGIC, 8) != 0)
+	if (pread(fd, tr, HDR_SIZE, (off_t)want_len) != HDR_SIZE || memcmp(tr + 16, BLK_MAGIC, 8) != 0)
 		goto out;
-	memcpy(&l, hdr + 8, 8);
-	memcpy(&h, hdr + 16, 8);
+	memcpy(&l, tr, 8);
+	memcpy(&h, tr + 8, 8);
 	if (l != want_len || off + len > l)
 		goto out;
 	if (verify) {
 		char *all = dws_xmalloc(l ? l : 1);
-		ssize_t r = pread(fd, all, l, HDR_SIZE);
+		ssize_t r = pread(fd, all, l, 0);
 		bool ok = r == (ssize_t)l && XXH3_64bits(all, l) == h;
 		if (ok)
 			memcpy(buf, all + off, len);
@@ -237,7 +270,7 @@ static int read_block(dws_cache *c, const char *key, uint64_t want_len, uint64_t
 		goto out;
 	}
 	for (size_t done = 0; done < len;) {
-		ssize_t r = pread(fd, (char *)buf + done, len - done, (off_t)(HDR_SIZE + off + done));
+		ssize_t r = pread(fd, (char *)buf + done, len - done, (off_t)(off + done));
 		if (r < 0 && errno == EINTR)
 			continue;
 		if (r <= 0)
@@ -248,6 +281,69 @@ static int read_block(dws_cache *c, const char *key, uint64_t want_len, uint64_t
 out:
 	close(fd);
 	return rc;
+}
+
+/* ---- memory: pooled block buffers and the hot set (under lock) ---- */
+
+static unsigned char *buf_get_locked(dws_cache *c)
+{
+	if (c->npool)
+		return c->pool[--c->npool];
+	void *p = NULL;
+	if (posix_memalign(&p, ALIGN, (size_t)c->o.block_size + ALIGN) != 0) {
+		dws_log("out of memory for a %u byte block buffer", c->o.block_size);
+		abort();
+	}
+	return p;
+}
+
+static void buf_put_locked(dws_cache *c, unsigned char *b)
+{
+	if (c->npool < c->pool_cap)
+		c->pool[c->npool++] = b;
+	else
+		free(b);
+}
+
+static struct hot *hot_find_locked(dws_cache *c, const char *key)
+{
+	for (struct hot *h = c->hot; h; h = h->next)
+		if (!strcmp(h->key, key))
+			return h;
+	return NULL;
+}
+
+/* Room for one more: the least recently used blocks nobody is using go.
+ * (With every block in use the set grows past its cap for a moment.) */
+static void hot_trim_locked(dws_cache *c, unsigned keep)
+{
+	while (c->nhot > keep) {
+		struct hot **victim = NULL;
+		for (struct hot **pp = &c->hot; *pp; pp = &(*pp)->next)
+			if (!(*pp)->refs && (!victim || (*pp)->last_use < (*victim)->last_use))
+				victim = pp;
+		if (!victim)
+			return;
+		struct hot *h = *victim;
+		*victim = h->next;
+		buf_put_locked(c, h->buf);
+		free(h);
+		c->nhot--;
+	}
+}
+
+static struct hot *hot_add_locked(dws_cache *c, const char *key, unsigned char *buf, uint64_t len)
+{
+	hot_trim_locked(c, c->hot_cap ? c->hot_cap - 1 : 0);
+	struct hot *h = dws_xcalloc(1, sizeof(*h));
+	snprintf(h->key, sizeof(h->key), "%s", key);
+	h->buf = buf;
+	h->len = len;
+	h->last_use = ++c->clock;
+	h->next = c->hot;
+	c->hot = h;
+	c->nhot++;
+	return h;
 }
 
 /* ---- blocks ---- */
@@ -290,6 +386,22 @@ static int get_block(dws_blob *b, uint64_t blk, uint64_t off, void *buf, size_t 
 	for (;;) {
 		pthread_mutex_lock(&c->lock);
 		size_t i;
+		struct hot *h = hot_find_locked(c, key);
+		if (h) {
+			h->last_use = ++c->clock;
+			if (prefetch) {
+				pthread_mutex_unlock(&c->lock);
+				return DWS_OK;
+			}
+			c->hits++;
+			h->refs++;
+			pthread_mutex_unlock(&c->lock);
+			memcpy(buf, h->buf + off, len);
+			pthread_mutex_lock(&c->lock);
+			h->refs--;
+			pthread_mutex_unlock(&c->lock);
+			return DWS_OK;
+		}
 		if (dws_strmap_get(&c->index, key, &i)) {
 			c->e[i].last_use = ++c->clock;
 			bool verify = !c->e[i].verified;
@@ -360,24 +472,25 @@ static int get_block(dws_blob *b, uint64_t blk, uint64_t off, void *buf, size_t 
 			c->misses++;
 		pthread_mutex_unlock(&c->lock);
 
-		char *data = dws_xmalloc(blen ? blen : 1);
+		pthread_mutex_lock(&c->lock);
+		unsigned char *data = buf_get_locked(c);
+		pthread_mutex_unlock(&c->lock);
 		dws_error ferr = {0};
 		int rc = r->fetch(r->ctx, blk * c->o.block_size, (size_t)blen, data, &ferr);
-		if (!rc) {
-			pthread_mutex_lock(&c->lock);
-			evict_locked(c, blen + HDR_SIZE);
-			pthread_mutex_unlock(&c->lock);
-			rc = write_block(c, key, data, (size_t)blen, &ferr);
-			if (!rc && buf)
-				memcpy(buf, data + off, len);
-		} else {
+		if (rc)
 			dws_log("%s", ferr.msg);
-		}
-		free(data);
 		pthread_mutex_lock(&c->lock);
+		h = NULL;
 		if (!rc) {
-			insert_locked(c, key, blen + HDR_SIZE, true);
+			/* in memory for the waiters now; on disk in a moment */
+			h = hot_add_locked(c, key, data, blen);
+			h->refs++;
 			c->fetched += blen;
+			if (buf)
+				memcpy(buf, data + off, len);
+			evict_locked(c, blen + HDR_SIZE);
+		} else {
+			buf_put_locked(c, data);
 		}
 		flight_remove(c, f);
 		f->done = true;
@@ -388,6 +501,18 @@ static int get_block(dws_blob *b, uint64_t blk, uint64_t off, void *buf, size_t 
 		if (free_now) {
 			free(f->key);
 			free(f);
+		}
+		if (!rc) {
+			dws_error werr = {0};
+			int wrc = write_block(c, key, data, (size_t)blen, &werr);
+			if (wrc)
+				dws_log("%s (the block is served from memory, not kept)", werr.msg);
+			pthread_mutex_lock(&c->lock);
+			if (!wrc)
+				insert_locked(c, key, blen + HDR_SIZE, true);
+			h->refs--;
+			hot_trim_locked(c, c->hot_cap);
+			pthread_mutex_unlock(&c->lock);
 		}
 		if (rc && !prefetch) {
 			if (err && !err->code)
@@ -406,7 +531,7 @@ static void *prefetch_main(void *arg)
 	pthread_mutex_lock(&c->lock);
 	for (;;) {
 		while (!c->stop && !c->qlen)
-			pthread_cond_wait(&c->cond, &c->lock);
+			pthread_cond_wait(&c->jobs, &c->lock);
 		if (c->stop)
 			break;
 		struct job j = c->queue[c->qhead];
@@ -432,7 +557,7 @@ static void prefetch(dws_blob *b, uint64_t first, unsigned n)
 		char key[64];
 		size_t i;
 		snprintf(key, sizeof(key), "%s-%llu", r->ident_hash, (unsigned long long)(first + k));
-		if (dws_strmap_get(&c->index, key, &i) || flight_find(c, key))
+		if (dws_strmap_get(&c->index, key, &i) || flight_find(c, key) || hot_find_locked(c, key))
 			continue;
 		bool queued = false;
 		for (size_t q = 0; q < c->qlen; q++) {
@@ -445,7 +570,7 @@ static void prefetch(dws_blob *b, uint64_t first, unsigned n)
 		c->queue[(c->qhead + c->qlen) % QUEUE_MAX] = (struct job){dws_blob_ref(b), first + k};
 		c->qlen++;
 	}
-	pthread_cond_broadcast(&c->cond);
+	pthread_cond_broadcast(&c->jobs);
 	pthread_mutex_unlock(&c->lock);
 }
 
@@ -464,7 +589,7 @@ static bool block_cached(dws_cache *c, const struct remote *r, uint64_t blk)
 	size_t i;
 	snprintf(key, sizeof(key), "%s-%llu", r->ident_hash, (unsigned long long)blk);
 	pthread_mutex_lock(&c->lock);
-	bool hit = dws_strmap_get(&c->index, key, &i);
+	bool hit = dws_strmap_get(&c->index, key, &i) || hot_find_locked(c, key);
 	pthread_mutex_unlock(&c->lock);
 	return hit;
 }
@@ -654,6 +779,10 @@ int dws_cache_open(const dws_cache_opts *o, dws_cache **out, dws_error *err)
 		c->o.max_window = 8;
 	if (!c->o.wait_ms)
 		c->o.wait_ms = 60000;
+	/* the readahead window and a block per fetching thread fit in memory */
+	c->hot_cap = c->o.max_window > 2 ? c->o.max_window : 2;
+	c->pool_cap = c->hot_cap + c->o.prefetch_threads + 2;
+	c->pool = dws_xcalloc(c->pool_cap, sizeof(*c->pool));
 	c->dir = o->dir ? dws_xstrdup(o->dir) : default_dir();
 	char *b = dws_xasprintf("%s/blocks", c->dir), *t = dws_xasprintf("%s/tmp", c->dir);
 	bool ok = mkdir_p(c->dir) == 0 && mkdir_p(b) == 0 && mkdir_p(t) == 0;
@@ -662,6 +791,7 @@ int dws_cache_open(const dws_cache_opts *o, dws_cache **out, dws_error *err)
 	if (!ok) {
 		int rc = dws_fail(err, DWS_EIO, "cache folder %s: %s", c->dir, strerror(errno));
 		free(c->dir);
+		free(c->pool);
 		free(c);
 		return rc;
 	}
@@ -671,6 +801,7 @@ int dws_cache_open(const dws_cache_opts *o, dws_cache **out, dws_error *err)
 	pthread_condattr_init(&ca);
 	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
 	pthread_cond_init(&c->cond, &ca);
+	pthread_cond_init(&c->jobs, &ca);
 	pthread_condattr_destroy(&ca);
 	pthread_mutex_lock(&c->lock);
 	scan(c);
@@ -754,6 +885,7 @@ void dws_cache_close(dws_cache *c)
 	pthread_mutex_lock(&c->lock);
 	c->stop = true;
 	pthread_cond_broadcast(&c->cond);
+	pthread_cond_broadcast(&c->jobs);
 	pthread_mutex_unlock(&c->lock);
 	for (unsigned i = 0; i < c->nthreads; i++)
 		pthread_join(c->threads[i], NULL);
@@ -764,8 +896,18 @@ void dws_cache_close(dws_cache *c)
 	free(c->e);
 	dws_strmap_free(&c->index);
 	free(c->threads);
+	while (c->hot) {
+		struct hot *h = c->hot;
+		c->hot = h->next;
+		free(h->buf);
+		free(h);
+	}
+	for (unsigned i = 0; i < c->npool; i++)
+		free(c->pool[i]);
+	free(c->pool);
 	free(c->dir);
 	pthread_mutex_destroy(&c->lock);
 	pthread_cond_destroy(&c->cond);
+	pthread_cond_destroy(&c->jobs);
 	free(c);
 }
