@@ -29,6 +29,8 @@ BASE/<path of the object under DIR> (e.g. BASE/buckets/<ns>/<name>/<key>), URL-q
 instead of this server's own CDN: for benchmarks where another server (nginx on
 127.0.0.2 serving DIR) delivers the bytes. BASE is an http(s) URL on a loopback host.
 The own CDN still runs; requests to BASE are neither counted nor faulted here.
+Hub(..., tls=(CERTFILE, KEYFILE)): both servers speak https with that certificate
+(the endpoint and cdn URLs say https://); for the TLS verification tests.
 In process:
 
     hub = Hub(root, token=None, page_size=1000).start()
@@ -730,11 +732,12 @@ class Hub:
     """The loopback Hub: a main server (API + resolver) and a CDN server."""
 
     def __init__(self, root, port=0, cdn_host="127.0.0.2", cdn_port=0, token=None,
-                 page_size=1000, host="127.0.0.1", verbose=False, cdn_url=None):
+                 page_size=1000, host="127.0.0.1", verbose=False, cdn_url=None, tls=None):
         self.root = os.path.abspath(str(root))
         self.host = _loopback(host)
         self.cdn_host = _loopback(cdn_host)
         self.cdn_url = _loopback_url(cdn_url) if cdn_url else None
+        self.tls = tuple(tls) if tls else None  # (certfile, keyfile): both servers speak https
         self.port = int(port)
         self.cdn_port = int(cdn_port)
         self.token = token or None
@@ -767,8 +770,16 @@ class Hub:
             main.server_close()
             raise
         self._servers = [main, cdn]
-        self.endpoint = f"http://{self.host}:{main.server_address[1]}"
-        self.cdn = f"http://{self.cdn_host}:{cdn.server_address[1]}"
+        scheme = "http"
+        if self.tls:
+            import ssl
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*self.tls)
+            for srv in self._servers:  # a client that rejects the certificate fails in accept()
+                srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+            scheme = "https"
+        self.endpoint = f"{scheme}://{self.host}:{main.server_address[1]}"
+        self.cdn = f"{scheme}://{self.cdn_host}:{cdn.server_address[1]}"
         for srv in self._servers:
             t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
                                  name=f"hubserver-{srv.server_address[1]}", daemon=True)

@@ -525,3 +525,34 @@ def test_polling_budget(hub, scenarios, tmp_path):
     assert s["head"] == s["resolve"], s   # and nothing else goes to the resolver
     assert s["api"] <= infos + 1, s       # one bucket-info probe an info_poll
     assert s["cdn"] == 0, s               # an idle mount downloads nothing
+
+
+def test_tls_verified_and_ca_file(tmp_path, scenarios):
+    """Over https the certificate is always checked: a Hub whose CA is unknown is
+    refused at start-up with one line; with ca_file naming its CA it serves."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "1", "-subj", "/CN=dwsfs-test",
+                    "-addext", "subjectAltName=IP:127.0.0.1,IP:127.0.0.2"],
+                   check=True, capture_output=True, timeout=60)
+    root = tmp_path / "hubroot"
+    (root / "buckets" / "test").mkdir(parents=True)
+    sdir, info = scenarios["v1"]
+    uri, _ = add_bucket(root, "v1", sdir)
+    exp = sdir / "expected" / str(info["latest"])
+    with Hub(str(root), tls=(str(cert), str(key))).start() as h:
+        assert h.endpoint.startswith("https://") and h.cdn.startswith("https://")
+        env = hf_env(h, tmp_path / "cache")
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        t0 = time.monotonic()
+        p = subprocess.run([DWSFS, "-f", uri, str(mnt), "-o", "poll=60"], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode != 0
+        assert "certificate" in p.stderr.lower(), p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert time.monotonic() - t0 < 60
+        assert not os.path.ismount(mnt)
+        with Mount(uri, mnt, ["poll=60", f"ca_file={cert}"], env=env) as m:
+            same_tree(m.mnt, exp)
+            assert m.status()["cdn_requests"] > 0
