@@ -607,7 +607,9 @@ def write_report(a, res, raw):
     m = raw["machine"]
     L = [f"# Fleet benchmark: {a.mounts} mounts, one token, default polling (issue #4)", ""]
     in_tree = os.path.abspath(raw["binary"]["path"]).startswith(ROOT + os.sep)
-    L.append(f"`{' '.join(['tests/bench/run_fleet_bench.py'] + sys.argv[1:])}` on "
+    shown = [x for i, x in enumerate(sys.argv[1:]) if x != "--note" and not (i and sys.argv[i] == "--note")]
+    shown = [x for x in shown if not x.startswith("--note=")] + (["--note …"] if a.note else [])
+    L.append(f"`{' '.join(['tests/bench/run_fleet_bench.py'] + shown)}` on "
              f"{time.strftime('%Y-%m-%d %H:%M %Z')}, checkout at commit {raw['commit']}"
              + (" (src/ fs/ include/ had uncommitted changes, which an in-tree build may hold)" if raw["dirty_core"] and in_tree else "")
              + f"; daemon `{raw['binary']['path']}` built {raw['binary']['mtime']} "
