@@ -458,7 +458,7 @@ static int apply_sparse(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 		uint16_t *val = val_pool + first;
 		memcpy(val, ps[i].val, ps[i].count * sizeof(uint16_t));
 		dws_patch *run = dws_patch_new_in(arena, ps[i].idx, val, (uint32_t)ps[i].count);
-		dws_patchset *next = dws_patchset_add(s->patch[slot], run);
+		dws_patchset *next = dws_patchset_add(s->patch[slot], run, s->layout->slots[slot].numel);
 		dws_patchset_unref(s->patch[slot]);
 		s->patch[slot] = next;
 		s->trained[slot] = 1;
@@ -590,6 +590,108 @@ int dws_builder_build(dws_builder *bl, uint64_t step, dws_step **out,
 	bl->prev = dws_step_ref(s);
 	*out = s;
 	return DWS_OK;
+}
+
+/* ---- compaction off the build path ---- */
+
+struct cjob {
+	size_t slot;
+	uint32_t j, k;
+	dws_patch *merged;
+};
+
+struct dws_compaction {
+	dws_step *snap;
+	struct cjob *jobs;
+	size_t n;
+};
+
+dws_compaction *dws_compaction_plan(dws_step *s)
+{
+	if (!s)
+		return NULL;
+	dws_compaction *c = NULL;
+	for (size_t i = 0; i < s->layout->nslots; i++) {
+		uint32_t j, k;
+		if (!dws_patchset_pick(s->patch[i], s->layout->slots[i].numel, &j, &k))
+			continue;
+		if (!c) {
+			c = dws_xcalloc(1, sizeof(*c));
+			c->snap = dws_step_ref(s);
+		}
+		c->jobs = dws_xrealloc(c->jobs, (c->n + 1) * sizeof(*c->jobs));
+		c->jobs[c->n++] = (struct cjob){i, j, k, NULL};
+	}
+	return c;
+}
+
+void dws_compaction_run(dws_compaction *c, const atomic_bool *stop)
+{
+	for (size_t i = 0; i < c->n && !(stop && atomic_load(stop)); i++) {
+		struct cjob *jb = &c->jobs[i];
+		const dws_slot *sl = &c->snap->layout->slots[jb->slot];
+		/* merging from the oldest run: the source can be folded in */
+		const dws_src *src = jb->j == 0 && sl->dtype == DWS_DT_BF16 ? &c->snap->src[jb->slot] : NULL;
+		jb->merged = dws_patch_compact(c->snap->patch[jb->slot]->runs + jb->j, jb->k, sl->numel, src);
+	}
+}
+
+/* A copy of s with the merged runs spliced in wherever s still holds the
+ * runs they came from, or NULL if it holds none of them. */
+static dws_step *splice_step(const dws_step *s, const dws_compaction *c)
+{
+	if (s->layout != c->snap->layout)
+		return NULL;
+	dws_step *ns = NULL;
+	for (size_t i = 0; i < c->n; i++) {
+		const struct cjob *jb = &c->jobs[i];
+		const dws_patchset *was = c->snap->patch[jb->slot], *now = s->patch[jb->slot];
+		if (!jb->merged || !now || now->nruns < jb->j + jb->k)
+			continue;
+		bool same = true;
+		for (uint32_t r = jb->j; r < jb->j + jb->k && same; r++)
+			same = now->runs[r] == was->runs[r];
+		if (!same)
+			continue; /* rebuilt meanwhile */
+		if (!ns) {
+			ns = step_clone(s);
+			ns->id = s->id;
+		}
+		dws_patchset *np = dws_patchset_splice(now, jb->j, jb->k, jb->merged);
+		dws_patchset_unref(ns->patch[jb->slot]);
+		ns->patch[jb->slot] = np;
+	}
+	return ns;
+}
+
+void dws_compaction_apply(dws_builder *bl, dws_compaction *c, dws_step **merged,
+			  dws_step **newest)
+{
+	*merged = splice_step(c->snap, c);
+	*newest = NULL;
+	dws_step *cur = bl->prev;
+	if (!cur)
+		return;
+	dws_step *ns = cur == c->snap ? (*merged ? dws_step_ref(*merged) : NULL) : splice_step(cur, c);
+	if (!ns)
+		return;
+	dws_step_unref(bl->prev);
+	bl->prev = ns;
+	if (ns != *merged)
+		*newest = dws_step_ref(ns);
+}
+
+size_t dws_compaction_count(const dws_compaction *c) { return c->n; }
+
+void dws_compaction_free(dws_compaction *c)
+{
+	if (!c)
+		return;
+	for (size_t i = 0; i < c->n; i++)
+		dws_patch_unref(c->jobs[i].merged);
+	free(c->jobs);
+	dws_step_unref(c->snap);
+	free(c);
 }
 
 /* ---- a chain left undecoded (streaming extract) ---- */

@@ -10,6 +10,7 @@
  * Locks: build_lock serializes the builder (slow); lock guards the rest and is
  * never held while building or reading bytes. Order: build_lock, then lock. */
 #include "internal.h"
+#include "step.h"
 
 #include <errno.h>
 #include <jansson.h>
@@ -59,6 +60,11 @@ struct dws_mount {
 	uint64_t swaps, cache_hits, cache_misses;
 	bool stop, started;
 	pthread_t thread;
+	/* compaction of the builder's newest step, off the build path */
+	pthread_t compactor;
+	bool compactor_started, compact_wanted;
+	pthread_cond_t compact_cond;
+	atomic_bool stopping;
 	/* remote polling (sync thread only) */
 	bool remote, has_probe;
 	char info_token[256];
@@ -348,11 +354,95 @@ static dws_step *build_newest(dws_mount *m, uint64_t after, bool have_root, dws_
 			(unsigned long long)dws_step_patch_entries(s), (long long)(now_ms() - t0));
 		pthread_mutex_lock(&m->lock);
 		m->last_build_ms = now_ms() - t0;
+		m->compact_wanted = true;
+		pthread_cond_signal(&m->compact_cond);
 		pthread_mutex_unlock(&m->lock);
 		got = s;
 	}
 	free(t);
 	return got;
+}
+
+/* ---- compaction thread ----
+ *
+ * A delta appends one run of patches per tensor; runs are merged here, on
+ * their own thread, so a new step never waits for a merge and reads look at
+ * few runs whatever the chain length. The merged step has the same bytes and
+ * id as the one it replaces: the root and the step cache take it at once
+ * (handles keep the object they opened; both give the same bytes). */
+
+/* Put s in place of every held step with its id. */
+static void replace_equivalent(dws_mount *m, dws_step *s)
+{
+	dws_step *drop[3 + 64];
+	size_t nd = 0;
+	uint64_t id = dws_step_id(s);
+	pthread_mutex_lock(&m->lock);
+	if (m->root && dws_step_id(m->root) == id && m->root != s) {
+		drop[nd++] = m->root;
+		m->root = dws_step_ref(s);
+	}
+	if (m->ready && dws_step_id(m->ready) == id && m->ready != s) {
+		drop[nd++] = m->ready;
+		m->ready = dws_step_ref(s);
+	}
+	for (size_t i = 0; i < m->ncache && nd < DWS_ARRAY_LEN(drop); i++)
+		if (dws_step_id(m->cache[i].step) == id && m->cache[i].step != s) {
+			drop[nd++] = m->cache[i].step;
+			m->cache[i].step = dws_step_ref(s);
+		}
+	pthread_mutex_unlock(&m->lock);
+	for (size_t i = 0; i < nd; i++)
+		dws_step_unref(drop[i]);
+}
+
+static void *compact_main(void *arg)
+{
+	dws_mount *m = arg;
+	pthread_mutex_lock(&m->lock);
+	while (!m->stop) {
+		if (!m->compact_wanted) {
+			pthread_cond_wait(&m->compact_cond, &m->lock);
+			continue;
+		}
+		m->compact_wanted = false;
+		pthread_mutex_unlock(&m->lock);
+		/* a merge can make the next level worth merging: a few rounds */
+		for (int round = 0; round < 8 && !atomic_load(&m->stopping); round++) {
+			/* what is served next, else what is served */
+			pthread_mutex_lock(&m->lock);
+			dws_step *target = dws_step_ref(m->ready ? m->ready : m->root);
+			pthread_mutex_unlock(&m->lock);
+			dws_compaction *c = dws_compaction_plan(target);
+			dws_step_unref(target);
+			if (!c)
+				break;
+			int64_t t0 = now_ms();
+			dws_compaction_run(c, &m->stopping);
+			dws_step *ns = NULL, *newer = NULL;
+			if (!atomic_load(&m->stopping)) {
+				pthread_mutex_lock(&m->build_lock);
+				dws_compaction_apply(m->bl, c, &ns, &newer);
+				pthread_mutex_unlock(&m->build_lock);
+			}
+			size_t tensors = dws_compaction_count(c);
+			dws_compaction_free(c);
+			if (newer) {
+				replace_equivalent(m, newer);
+				dws_step_unref(newer);
+			}
+			if (!ns)
+				break;
+			dws_log("step %llu: merged the patch runs of %zu tensors in %lld ms (%llu patched elements)",
+				(unsigned long long)dws_step_number(ns), tensors, (long long)(now_ms() - t0),
+				(unsigned long long)dws_step_patch_entries(ns));
+			replace_equivalent(m, ns);
+			dws_step_unref(ns);
+		}
+		pthread_mutex_lock(&m->lock);
+	}
+	pthread_mutex_unlock(&m->lock);
+	return NULL;
 }
 
 /* ---- sync thread ---- */
@@ -683,6 +773,7 @@ int dws_mount_open(const dws_mount_opts *o, dws_mount **out, dws_error *err)
 	pthread_condattr_init(&ca);
 	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
 	pthread_cond_init(&m->cond, &ca);
+	pthread_cond_init(&m->compact_cond, NULL);
 	pthread_condattr_destroy(&ca);
 
 	dws_catalog *c = NULL;
@@ -737,6 +828,11 @@ int dws_mount_start(dws_mount *m, dws_error *err)
 	if (e)
 		return dws_fail(err, DWS_EIO, "cannot start the sync thread: %s", strerror(e));
 	m->started = true;
+	m->compactor_started = pthread_create(&m->compactor, NULL, compact_main, m) == 0;
+	pthread_mutex_lock(&m->lock);
+	m->compact_wanted = true; /* the first step may carry a long chain */
+	pthread_cond_signal(&m->compact_cond);
+	pthread_mutex_unlock(&m->lock);
 	return DWS_OK;
 }
 
@@ -745,11 +841,15 @@ void dws_mount_close(dws_mount *m)
 	if (!m)
 		return;
 	if (m->started) {
+		atomic_store(&m->stopping, true);
 		pthread_mutex_lock(&m->lock);
 		m->stop = true;
 		pthread_cond_signal(&m->cond);
+		pthread_cond_signal(&m->compact_cond);
 		pthread_mutex_unlock(&m->lock);
 		pthread_join(m->thread, NULL);
+		if (m->compactor_started)
+			pthread_join(m->compactor, NULL);
 	}
 	dws_step_unref(m->root);
 	dws_step_unref(m->ready);
@@ -775,5 +875,6 @@ void dws_mount_close(dws_mount *m)
 	pthread_mutex_destroy(&m->lock);
 	pthread_mutex_destroy(&m->build_lock);
 	pthread_cond_destroy(&m->cond);
+	pthread_cond_destroy(&m->compact_cond);
 	free(m);
 }

@@ -34,6 +34,7 @@ void dws_patch_unref(dws_patch *p)
 	} else {
 		free(p->idx);
 		free(p->val);
+		free(p->bits);
 	}
 	free(p);
 }
@@ -60,66 +61,261 @@ dws_patch *dws_patch_new_owned(uint32_t *idx, uint16_t *val, uint32_t n)
 	return p;
 }
 
-/* k-way merge with a binary heap of run heads ordered by (index, newer
- * first): the first entry popped for an index is the newest; older ones for
- * the same index are dropped. One pass over every entry. */
-dws_patch *dws_patch_compact(dws_patch *const *runs, uint32_t k)
+/* Two runs into one; where both hold an index the newer one's value wins.
+ * One sequential pass. */
+static dws_patch *merge2(const dws_patch *older, const dws_patch *newer)
 {
-	uint64_t total = 0;
-	for (uint32_t r = 0; r < k; r++)
-		total += runs[r]->n;
+	uint64_t total = (uint64_t)older->n + newer->n;
 	uint32_t *idx = dws_big_alloc((total ? total : 1) * sizeof(uint32_t));
 	uint16_t *val = dws_big_alloc((total ? total : 1) * sizeof(uint16_t));
-	uint32_t *heap = dws_xmalloc((k ? k : 1) * sizeof(uint32_t)); /* run numbers */
-	uint32_t *pos = dws_xcalloc(k ? k : 1, sizeof(uint32_t));
-	uint32_t hn = 0;
-#define KEY_LESS(a, b) (runs[a]->idx[pos[a]] < runs[b]->idx[pos[b]] || \
-			(runs[a]->idx[pos[a]] == runs[b]->idx[pos[b]] && (a) > (b)))
-	for (uint32_t r = 0; r < k; r++) {
-		if (!runs[r]->n)
-			continue;
-		uint32_t i = hn++;
-		heap[i] = r;
-		while (i && KEY_LESS(heap[i], heap[(i - 1) / 2])) {
-			uint32_t t = heap[i];
-			heap[i] = heap[(i - 1) / 2];
-			heap[(i - 1) / 2] = t;
-			i = (i - 1) / 2;
+	const uint32_t *ai = older->idx, *bi = newer->idx;
+	const uint16_t *av = older->val, *bv = newer->val;
+	uint32_t i = 0, j = 0, na = older->n, nb = newer->n;
+	uint64_t o = 0;
+	while (i < na && j < nb) {
+		uint32_t x = ai[i], y = bi[j];
+		if (x < y) {
+			idx[o] = x;
+			val[o++] = av[i++];
+		} else {
+			idx[o] = y;
+			val[o++] = bv[j++];
+			i += x == y;
 		}
 	}
-	uint64_t out = 0;
-	while (hn) {
-		uint32_t r = heap[0];
-		uint32_t e = runs[r]->idx[pos[r]];
-		if (!out || idx[out - 1] != e) {
-			idx[out] = e;
-			val[out++] = runs[r]->val[pos[r]];
-		}
-		if (++pos[r] == runs[r]->n)
-			heap[0] = heap[--hn];
-		for (uint32_t i = 0;;) { /* sift down */
-			uint32_t l = 2 * i + 1, m = i;
-			if (l < hn && KEY_LESS(heap[l], heap[m]))
-				m = l;
-			if (l + 1 < hn && KEY_LESS(heap[l + 1], heap[m]))
-				m = l + 1;
-			if (m == i)
-				break;
-			uint32_t t = heap[i];
-			heap[i] = heap[m];
-			heap[m] = t;
-			i = m;
-		}
+	memcpy(idx + o, ai + i, (size_t)(na - i) * sizeof(uint32_t));
+	memcpy(val + o, av + i, (size_t)(na - i) * sizeof(uint16_t));
+	o += na - i;
+	memcpy(idx + o, bi + j, (size_t)(nb - j) * sizeof(uint32_t));
+	memcpy(val + o, bv + j, (size_t)(nb - j) * sizeof(uint16_t));
+	o += nb - j;
+	if (o < total) { /* duplicates dropped: give the tail back */
+		idx = dws_xrealloc(idx, (o ? o : 1) * sizeof(uint32_t));
+		val = dws_xrealloc(val, (o ? o : 1) * sizeof(uint16_t));
 	}
-#undef KEY_LESS
-	free(heap);
-	free(pos);
-	idx = dws_xrealloc(idx, (out ? out : 1) * sizeof(uint32_t));
-	val = dws_xrealloc(val, (out ? out : 1) * sizeof(uint16_t));
-	return dws_patch_new_owned(idx, val, (uint32_t)out);
+	return dws_patch_new_owned(idx, val, (uint32_t)o);
 }
 
-dws_patchset *dws_patchset_add(const dws_patchset *old, dws_patch *run)
+/* ---- dense runs ---- */
+
+static bool use_simd = true;
+void dws_patch_simd(bool on) { use_simd = on; }
+
+/* lane masks: nibble -> four 16-bit lanes all ones where its bit is set */
+static const uint64_t lane4[16] = {
+	0x0000000000000000, 0x000000000000ffff, 0x00000000ffff0000, 0x00000000ffffffff,
+	0x0000ffff00000000, 0x0000ffff0000ffff, 0x0000ffffffff0000, 0x0000ffffffffffff,
+	0xffff000000000000, 0xffff00000000ffff, 0xffff0000ffff0000, 0xffff0000ffffffff,
+	0xffffffff00000000, 0xffffffff0000ffff, 0xffffffffffff0000, 0xffffffffffffffff,
+};
+
+/* d[k] = v[k] where bit k of m is set, k < n <= 64 (portable). */
+static void blend_portable(uint16_t *d, const uint16_t *v, uint64_t m, unsigned n)
+{
+	unsigned k = 0;
+	for (; k + 4 <= n; k += 4, m >>= 4) {
+		uint64_t mask = lane4[m & 15], x, y;
+		if (!mask)
+			continue;
+		memcpy(&x, d + k, 8);
+		memcpy(&y, v + k, 8);
+		x = (x & ~mask) | (y & mask);
+		memcpy(d + k, &x, 8);
+	}
+	for (; k < n; k++, m >>= 1)
+		if (m & 1)
+			d[k] = v[k];
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+__attribute__((target("avx512f,avx512bw")))
+static void blend_avx512(uint16_t *d, const uint16_t *v, uint64_t m, unsigned n)
+{
+	if (n < 64)
+		m &= (1ULL << n) - 1;
+	__m512i lo = _mm512_loadu_si512((const void *)v);
+	_mm512_mask_storeu_epi16(d, (__mmask32)(uint32_t)m, lo);
+	if (n > 32) {
+		__m512i hi = _mm512_loadu_si512((const void *)(v + 32));
+		_mm512_mask_storeu_epi16(d + 32, (__mmask32)(uint32_t)(m >> 32), hi);
+	}
+}
+static bool have_avx512(void)
+{
+	static int have = -1;
+	if (have < 0)
+		have = __builtin_cpu_supports("avx512bw") ? 1 : 0;
+	return have;
+}
+#define HAVE_AVX512_PATH 1
+#endif
+
+/* Apply dense run p to the BF16 values of elements [e0, e0+cnt) in dst. */
+static void dense_apply_bf16(const dws_patch *p, uint64_t e0, uint64_t cnt, uint16_t *dst)
+{
+	uint64_t e = e0, end = e0 + cnt;
+	if (end > p->numel)
+		end = p->numel;
+	if (p->full) {
+		if (end > e)
+			memcpy(dst, p->val + e, (size_t)(end - e) * sizeof(uint16_t));
+		return;
+	}
+#ifdef HAVE_AVX512_PATH
+	bool simd = use_simd && have_avx512();
+#endif
+	while (e < end) {
+		unsigned b = (unsigned)(e & 63);
+		unsigned n = 64 - b;
+		if (n > end - e)
+			n = (unsigned)(end - e);
+		uint64_t m = p->bits[e >> 6] >> b;
+		if (n < 64)
+			m &= (1ULL << n) - 1;
+		uint16_t *d = dst + (e - e0);
+		const uint16_t *v = p->val + e;
+		if (m == ~0ULL)
+			memcpy(d, v, 128);
+		else if (m) {
+#ifdef HAVE_AVX512_PATH
+			/* the masked load reads only v[0..n): never past the array */
+			if (simd && n == 64)
+				blend_avx512(d, v, m, n);
+			else
+#endif
+				blend_portable(d, v, m, n);
+		}
+		e += n;
+	}
+}
+
+/* Mark element e of dense run p as holding value x. */
+static inline void dense_set(dws_patch *p, uint32_t e, uint16_t x)
+{
+	p->bits[e >> 6] |= 1ULL << (e & 63);
+	p->val[e] = x;
+}
+
+static dws_patch *dense_new(uint64_t numel)
+{
+	dws_patch *p = dws_xcalloc(1, sizeof(*p));
+	atomic_init(&p->refs, 1);
+	p->numel = numel;
+	size_t words = (size_t)((numel + 63) / 64);
+	p->bits = dws_xcalloc(words ? words : 1, sizeof(uint64_t));
+	p->val = dws_big_alloc((numel ? numel : 1) * sizeof(uint16_t));
+	memset(p->val, 0, (size_t)numel * sizeof(uint16_t));
+	return p;
+}
+
+/* Fill the elements of dense run p that carry no entry from its BF16
+ * source and set every bit. False (p unchanged) if the source cannot be
+ * read. */
+static bool make_full(dws_patch *p, const dws_src *src)
+{
+	enum { CH = 64 * 1024 }; /* elements per read, a multiple of 64 */
+	uint16_t *buf = dws_xmalloc(CH * sizeof(uint16_t));
+	bool ok = true;
+	for (uint64_t e = 0; e < p->numel && ok; e += CH) {
+		uint64_t n = p->numel - e < CH ? p->numel - e : CH;
+		dws_error err = {0};
+		if (dws_blob_read(src->blob, src->off + e * 2, buf, (size_t)n * 2, &err) != DWS_OK) {
+			ok = false;
+			break;
+		}
+		/* the patched values over the source's, then the whole window back */
+		dense_apply_bf16(p, e, n, buf);
+		memcpy(p->val + e, buf, (size_t)n * 2);
+	}
+	free(buf);
+	if (!ok)
+		return false;
+	uint64_t words = (p->numel + 63) / 64;
+	memset(p->bits, 0xff, (size_t)words * sizeof(uint64_t));
+	if (p->numel % 64)
+		p->bits[words - 1] = (1ULL << (p->numel % 64)) - 1;
+	p->full = true;
+	return true;
+}
+
+/* runs[0..k) applied in order into one dense run. */
+static dws_patch *densify(dws_patch *const *runs, uint32_t k, uint64_t numel)
+{
+	dws_patch *out = dense_new(numel);
+	for (uint32_t r = 0; r < k; r++) {
+		const dws_patch *p = runs[r];
+		if (p->bits) {
+			uint64_t words = (numel + 63) / 64;
+			for (uint64_t w = 0; w < words; w++) {
+				uint64_t m = p->bits[w];
+				if (!m)
+					continue;
+				out->bits[w] |= m;
+				unsigned n = w * 64 + 64 <= numel ? 64 : (unsigned)(numel - w * 64);
+				if (m == ~0ULL)
+					memcpy(out->val + w * 64, p->val + w * 64, 128);
+				else
+					blend_portable(out->val + w * 64, p->val + w * 64, m, n);
+			}
+		} else {
+			for (uint32_t i = 0; i < p->n; i++)
+				dense_set(out, p->idx[i], p->val[i]);
+		}
+	}
+	uint64_t n = 0, words = (numel + 63) / 64;
+	for (uint64_t w = 0; w < words; w++)
+		n += (uint64_t)__builtin_popcountll(out->bits[w]);
+	/* entries of the chain: what a full run took over still counts */
+	for (uint32_t r = 0; r < k; r++)
+		if (runs[r]->full && runs[r]->n > n)
+			n = runs[r]->n;
+	out->n = (uint32_t)n;
+	return out;
+}
+
+/* Sparse runs pairwise, as a balanced tree: log2(k) sequential passes over
+ * the entries, each pair merged older-with-newer so the newest value wins. */
+static dws_patch *merge_sparse(dws_patch *const *runs, uint32_t k)
+{
+	if (k == 0)
+		return dws_patch_new_owned(dws_xmalloc(sizeof(uint32_t)), dws_xmalloc(sizeof(uint16_t)), 0);
+	if (k == 1) {
+		atomic_fetch_add(&runs[0]->refs, 1);
+		return runs[0];
+	}
+	uint32_t h = k / 2;
+	dws_patch *a = merge_sparse(runs, h), *b = merge_sparse(runs + h, k - h);
+	dws_patch *m = merge2(a, b);
+	dws_patch_unref(a);
+	dws_patch_unref(b);
+	return m;
+}
+
+dws_patch *dws_patch_compact(dws_patch *const *runs, uint32_t k, uint64_t numel,
+			     const dws_src *src)
+{
+	/* dense costs 2 bytes + 1 bit per element, sparse 6 bytes per entry:
+	 * dense once the entries (an upper bound: before duplicates go) pass a
+	 * third of the elements, or when a run already is */
+	uint64_t total = 0;
+	bool any_dense = false;
+	for (uint32_t r = 0; r < k; r++) {
+		total += runs[r]->n;
+		any_dense |= runs[r]->bits != NULL;
+	}
+	if (numel >= 4096 && (any_dense || total * 3 > numel)) {
+		dws_patch *d = densify(runs, k, numel);
+		for (uint32_t r = 0; r < k; r++)
+			d->full |= runs[r]->full; /* every bit set already */
+		if (!d->full && src && src->dtype == DWS_DT_BF16 && src->blob && src->blob->fd >= 0)
+			make_full(d, src);
+		return d;
+	}
+	return merge_sparse(runs, k);
+}
+
+dws_patchset *dws_patchset_add(const dws_patchset *old, dws_patch *run, uint64_t numel)
 {
 	uint32_t n = old ? old->nruns : 0;
 	dws_patchset *ps = dws_xcalloc(1, sizeof(*ps) + (n + 1) * sizeof(dws_patch *));
@@ -131,7 +327,7 @@ dws_patchset *dws_patchset_add(const dws_patchset *old, dws_patch *run)
 	ps->runs[n] = run;
 	ps->nruns = n + 1;
 	if (ps->nruns > DWS_MAX_RUNS) {
-		dws_patch *one = dws_patch_compact(ps->runs, ps->nruns);
+		dws_patch *one = dws_patch_compact(ps->runs, ps->nruns, numel, NULL);
 		for (uint32_t i = 0; i < ps->nruns; i++)
 			dws_patch_unref(ps->runs[i]);
 		ps->runs[0] = one;
@@ -140,6 +336,88 @@ dws_patchset *dws_patchset_add(const dws_patchset *old, dws_patch *run)
 	for (uint32_t i = 0; i < ps->nruns; i++)
 		ps->entries += ps->runs[i]->n;
 	return ps;
+}
+
+/* Size-tiered: merge the newest RUN_FANOUT runs once the oldest of them is
+ * no more than twice the newest, so runs grow by powers of RUN_FANOUT and a
+ * tensor carries O(log chain) of them; each entry is merged O(log chain)
+ * times in all. Far past that (steps arriving faster than compaction), the
+ * newest half is merged whatever the sizes.
+ *
+ * Density wins over tiers: once a third of the tensor's elements carry
+ * entries, all its runs become one dense run (smaller, and applied by masked
+ * stores instead of scattered ones); newer sparse runs fold into it once
+ * they hold 1/16 of the elements or number DENSE_FOLD. */
+enum { RUN_FANOUT = 4, RUN_MANY = 16, DENSE_FOLD = 8, DENSE_MIN = 4096 };
+
+static bool pick_tiered(const dws_patchset *ps, uint32_t from, uint32_t *j, uint32_t *k)
+{
+	uint32_t n = ps->nruns;
+	if (n - from < RUN_FANOUT)
+		return false;
+	if (n - from >= RUN_MANY) {
+		*k = (n - from) / 2;
+		*j = n - *k;
+		return true;
+	}
+	*j = n - RUN_FANOUT;
+	*k = RUN_FANOUT;
+	return (uint64_t)ps->runs[*j]->n <= 2 * (uint64_t)ps->runs[n - 1]->n + 64;
+}
+
+bool dws_patchset_pick(const dws_patchset *ps, uint64_t numel, uint32_t *j, uint32_t *k)
+{
+	if (!ps || ps->nruns == 0)
+		return false;
+	if (ps->nruns == 1) {
+		if (ps->runs[0]->bits || numel < DENSE_MIN || ps->entries * 3 <= numel)
+			return false;
+		*j = 0; /* one sparse run, dense enough */
+		*k = 1;
+		return true;
+	}
+	uint32_t n = ps->nruns;
+	if (numel >= DENSE_MIN) {
+		if (ps->runs[0]->bits) {
+			uint64_t newer = ps->entries - ps->runs[0]->n;
+			if (newer * 16 > numel || n > DENSE_FOLD) {
+				*j = 0;
+				*k = n;
+				return true;
+			}
+			return pick_tiered(ps, 1, j, k);
+		}
+		if (ps->entries * 3 > numel) {
+			*j = 0;
+			*k = n;
+			return true;
+		}
+	}
+	return pick_tiered(ps, 0, j, k);
+}
+
+dws_patchset *dws_patchset_splice(const dws_patchset *ps, uint32_t j, uint32_t k,
+				  dws_patch *merged)
+{
+	uint32_t n = ps->nruns - k + 1;
+	dws_patchset *out = dws_xcalloc(1, sizeof(*out) + n * sizeof(dws_patch *));
+	atomic_init(&out->refs, 1);
+	uint32_t o = 0;
+	for (uint32_t r = 0; r < ps->nruns; r++) {
+		if (r >= j && r < j + k) {
+			if (r == j) {
+				out->runs[o++] = merged;
+				atomic_fetch_add(&merged->refs, 1);
+			}
+			continue;
+		}
+		out->runs[o++] = ps->runs[r];
+		atomic_fetch_add(&ps->runs[r]->refs, 1);
+	}
+	out->nruns = o;
+	for (uint32_t r = 0; r < o; r++)
+		out->entries += out->runs[r]->n;
+	return out;
 }
 
 void dws_patchset_unref(dws_patchset *ps)
@@ -171,6 +449,10 @@ void dws_patchset_apply_bf16(const dws_patchset *ps, uint64_t e0, uint64_t cnt,
 	uint64_t e1 = e0 + cnt;
 	for (uint32_t r = 0; ps && r < ps->nruns; r++) {
 		const dws_patch *p = ps->runs[r];
+		if (p->bits) {
+			dense_apply_bf16(p, e0, cnt, dst);
+			continue;
+		}
 		for (uint32_t k = run_lower_bound(p, e0); k < p->n && p->idx[k] < e1; k++)
 			dst[p->idx[k] - e0] = p->val[k];
 	}
@@ -290,6 +572,12 @@ static int produce(dws_step *s, size_t slot, uint64_t e0, uint64_t cnt,
 	const dws_src *src = &s->src[slot];
 	size_t ssz = dws_dtype_size(src->dtype);
 	int rc;
+	const dws_patchset *full = s->patch[slot];
+	if (full && full->nruns && full->runs[0]->full && sl->dtype == DWS_DT_BF16 && ((uintptr_t)dst & 1) == 0) {
+		/* the whole tensor is in memory: no source read */
+		dws_patchset_apply_bf16(full, e0, cnt, (uint16_t *)(void *)dst);
+		return DWS_OK;
+	}
 	/* read ahead within this tensor only: one tensor costs about its bytes */
 	dws_blob_readahead_limit(src->off + sl->numel * ssz);
 	if (src->dtype == sl->dtype) {
@@ -337,6 +625,12 @@ static int produce(dws_step *s, size_t slot, uint64_t e0, uint64_t cnt,
 	uint64_t e1 = e0 + cnt;
 	for (uint32_t r = 0; r < ps->nruns; r++) {
 		const dws_patch *p = ps->runs[r];
+		if (p->bits) {
+			for (uint64_t e = e0; e < e1 && e < p->numel; e++)
+				if (p->bits[e >> 6] >> (e & 63) & 1)
+					put_bf16(dst, e - e0, sl->dtype, p->val[e]);
+			continue;
+		}
 		for (uint32_t k = run_lower_bound(p, e0); k < p->n && p->idx[k] < e1; k++)
 			put_bf16(dst, p->idx[k] - e0, sl->dtype, p->val[k]);
 	}

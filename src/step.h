@@ -18,11 +18,27 @@ typedef struct dws_arena {
 dws_arena *dws_arena_new(size_t bytes);
 void dws_arena_unref(dws_arena *a);
 
+/* Where an output tensor's bytes come from, before patching. */
+typedef struct dws_src {
+	dws_blob *blob;
+	uint64_t off;
+	dws_dtype dtype;
+} dws_src;
+
+/* A run is sparse (n sorted indices with their values) or, once a tensor is
+ * patched densely enough that 6 bytes per entry cost more than 2 bits and 2
+ * bytes per element, dense: a bitmap of the patched elements and a value
+ * slot per element (applied with masked stores). */
 typedef struct dws_patch {
 	atomic_long refs;
-	uint32_t n;
-	uint32_t *idx;
-	uint16_t *val;
+	uint32_t n;       /* entries: set bits when dense */
+	uint32_t *idx;    /* sparse: ascending; NULL when dense */
+	uint16_t *val;    /* sparse: per entry; dense: per element */
+	uint64_t *bits;   /* dense: numel bits */
+	uint64_t numel;   /* dense: the tensor's elements */
+	bool full;        /* dense with every bit set: val is the whole tensor
+			     (the source's values filled in), the source is
+			     not read at all; n still counts the entries */
 	dws_arena *arena; /* idx and val lie in it; NULL: owned */
 } dws_patch;
 
@@ -34,10 +50,12 @@ void dws_patch_unref(dws_patch *p);
 
 /* A tensor's patch: sorted runs, oldest first; where runs overlap the newest
  * wins, which is what applying them in order gives. A delta appends its run
- * (no rewrite of what came before); past DWS_MAX_RUNS the runs are compacted
- * into one by a single k-way merge, so a read never looks at more than
- * DWS_MAX_RUNS runs. Immutable and shared between steps. */
-#define DWS_MAX_RUNS 32
+ * (no rewrite of what came before). A mount merges runs on its compaction
+ * thread (dws_patchset_pick), off the build path; only past DWS_MAX_RUNS
+ * (a chain built with nobody merging, e.g. dwsctl verify of a very long
+ * chain) does appending merge them all at once. Immutable and shared
+ * between steps. */
+#define DWS_MAX_RUNS 128
 typedef struct dws_patchset {
 	atomic_long refs;
 	uint32_t nruns;
@@ -45,21 +63,27 @@ typedef struct dws_patchset {
 	dws_patch *runs[];
 } dws_patchset;
 
-/* old + run (the reference to run is taken). */
-dws_patchset *dws_patchset_add(const dws_patchset *old, dws_patch *run);
+/* old + run (the reference to run is taken); numel: the tensor's elements. */
+dws_patchset *dws_patchset_add(const dws_patchset *old, dws_patch *run, uint64_t numel);
 void dws_patchset_unref(dws_patchset *ps);
-/* One run equal to applying runs[0..k) in order. */
-dws_patch *dws_patch_compact(dws_patch *const *runs, uint32_t k);
+/* Background compaction: whether runs [j, j+k) of ps are worth merging now,
+ * and a copy of ps with them replaced by merged (a reference is taken). */
+bool dws_patchset_pick(const dws_patchset *ps, uint64_t numel, uint32_t *j, uint32_t *k);
+dws_patchset *dws_patchset_splice(const dws_patchset *ps, uint32_t j, uint32_t k,
+				  dws_patch *merged);
+/* One run equal to applying runs[0..k) in order to a tensor of numel
+ * elements: dense when that is smaller. With src (the tensor's BF16 source,
+ * a local file) and runs[0] the oldest run of the tensor, a dense result is
+ * made full: reads then copy it and never touch the source. */
+dws_patch *dws_patch_compact(dws_patch *const *runs, uint32_t k, uint64_t numel,
+			     const dws_src *src);
+/* Dense runs are applied with AVX-512 masked stores where the CPU has them;
+ * false forces the portable path (tests). */
+void dws_patch_simd(bool on);
 /* Apply the set to BF16 values of elements [e0, e0+cnt) held in dst. */
 void dws_patchset_apply_bf16(const dws_patchset *ps, uint64_t e0, uint64_t cnt,
 			     uint16_t *dst);
 
-/* Where an output tensor's bytes come from, before patching. */
-typedef struct dws_src {
-	dws_blob *blob;
-	uint64_t off;
-	dws_dtype dtype;
-} dws_src;
 
 /* One output tensor. */
 typedef struct dws_slot {
@@ -141,5 +165,20 @@ typedef struct dws_lazy_chain {
 int dws_builder_lazy_chain(dws_builder *bl, uint64_t step, dws_lazy_chain **out,
 			   dws_error *err);
 void dws_lazy_chain_free(dws_lazy_chain *c);
+
+/* Compaction off the build path. plan picks what to merge in step s (NULL:
+ * nothing); run
+ * merges without any lock (stops early when *stop turns true); under the
+ * build lock again, apply gives *merged, the planned step with the merged
+ * runs (same id and bytes, fewer runs), and splices them into the builder's
+ * newest step too when it still holds them: *newest is that step when it is
+ * another one (a step built meanwhile). Either may be NULL. */
+typedef struct dws_compaction dws_compaction;
+dws_compaction *dws_compaction_plan(dws_step *s);
+void dws_compaction_run(dws_compaction *c, const atomic_bool *stop);
+void dws_compaction_apply(dws_builder *bl, dws_compaction *c, dws_step **merged,
+			  dws_step **newest);
+size_t dws_compaction_count(const dws_compaction *c); /* tensors it merges */
+void dws_compaction_free(dws_compaction *c);
 
 #endif

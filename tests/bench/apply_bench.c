@@ -120,7 +120,7 @@ static uint64_t decode_merge(const delta_file *df, size_t nd, resolver *r,
 			uint16_t *val = val_pool + first;
 			memcpy(val, ps[i].val, ps[i].count * sizeof(uint16_t));
 			dws_patch *run = dws_patch_new_in(arena, ps[i].idx, val, (uint32_t)ps[i].count);
-			dws_patchset *m = dws_patchset_add(patch[ps[i].slot], run);
+			dws_patchset *m = dws_patchset_add(patch[ps[i].slot], run, r->t[ps[i].slot].numel);
 			dws_patchset_unref(patch[ps[i].slot]);
 			patch[ps[i].slot] = m;
 			*written += ps[i].count;

@@ -198,7 +198,7 @@ static void test_patchset(void)
 				val[m++] = (uint16_t)rnd();
 				naive[i] = val[m - 1];
 			}
-		dws_patchset *next = dws_patchset_add(ps, dws_patch_new_owned(idx, val, m));
+		dws_patchset *next = dws_patchset_add(ps, dws_patch_new_owned(idx, val, m), N);
 		dws_patchset_unref(ps);
 		ps = next;
 		compacted |= ps->nruns == 1 && round > 0;
@@ -218,6 +218,76 @@ static void test_patchset(void)
 	}
 	CHECK(bad == 0, "patch set equals naive replay (%d bad)", bad);
 	CHECK(compacted, "compaction happened past %d runs", DWS_MAX_RUNS);
+	dws_patchset_unref(ps);
+
+	/* background compaction: the tiered pick and the splice keep the same
+	 * values and few runs; dense enough, runs turn into bitmaps, applied by
+	 * masked stores or the portable path, at any window */
+	enum { D = 10007 };
+	static int32_t want[D];
+	static uint16_t out[D];
+	for (int i = 0; i < D; i++)
+		want[i] = -1;
+	ps = NULL;
+	uint32_t most = 0, merges = 0, dense = 0;
+	for (int round = 0; round < 100; round++) {
+		uint32_t *idx = dws_xmalloc(D * sizeof(uint32_t));
+		uint16_t *val = dws_xmalloc(D * sizeof(uint16_t));
+		uint32_t m = 0;
+		for (uint32_t i = 0; i < D; i++)
+			if (rnd() % 53 == 0) {
+				idx[m] = i;
+				val[m++] = (uint16_t)rnd();
+				want[i] = val[m - 1];
+			}
+		dws_patchset *next = dws_patchset_add(ps, dws_patch_new_owned(idx, val, m), D);
+		dws_patchset_unref(ps);
+		ps = next;
+		uint32_t j, k;
+		while (dws_patchset_pick(ps, D, &j, &k)) {
+			dws_patch *one = dws_patch_compact(ps->runs + j, k, D, NULL);
+			next = dws_patchset_splice(ps, j, k, one);
+			dws_patch_unref(one);
+			dws_patchset_unref(ps);
+			ps = next;
+			merges++;
+		}
+		if (ps->nruns > most)
+			most = ps->nruns;
+		for (uint32_t r = 0; r < ps->nruns; r++) {
+			dense += ps->runs[r]->bits != NULL;
+			if (!ps->runs[r]->bits)
+				for (uint32_t i = 1; i < ps->runs[r]->n; i++)
+					if (ps->runs[r]->idx[i] <= ps->runs[r]->idx[i - 1])
+						bad++;
+		}
+		for (int simd = 0; simd < 2; simd++) {
+			dws_patch_simd(simd);
+			uint64_t e0 = rnd() % 200, cnt = D - e0 - rnd() % 200;
+			for (uint32_t i = 0; i < D; i++)
+				out[i] = 0xdead & 0xffff;
+			dws_patchset_apply_bf16(ps, e0, cnt, out + e0);
+			for (uint64_t i = e0; i < e0 + cnt; i++)
+				if (out[i] != (want[i] >= 0 ? (uint16_t)want[i] : 0xdead))
+					bad++;
+			for (uint32_t i = 0; i < e0; i++)
+				if (out[i] != 0xdead)
+					bad++;
+		}
+	}
+	dws_patch_simd(true);
+	CHECK(bad == 0, "tiered compaction keeps the replayed values at any window, SIMD or not (%d bad)", bad);
+	CHECK(merges > 10 && most <= 12, "tiered compaction: %u merges, at most %u runs over 100 deltas", merges, most);
+	CHECK(dense > 0, "dense runs appeared (%u run-rounds)", dense);
+	/* a sparse run from the synchronous compaction above is checked below */
+	dws_patchset_unref(ps);
+	ps = NULL;
+	{
+		uint32_t *idx = dws_xmalloc(3 * sizeof(uint32_t));
+		uint16_t *val = dws_xmalloc(3 * sizeof(uint16_t));
+		idx[0] = 1, idx[1] = 5, idx[2] = 9, val[0] = val[1] = val[2] = 7;
+		ps = dws_patchset_add(NULL, dws_patch_new_owned(idx, val, 3), N);
+	}
 	const dws_patch *one = ps->runs[0];
 	for (uint32_t i = 1; i < one->n; i++)
 		if (one->idx[i] <= one->idx[i - 1])
@@ -334,12 +404,62 @@ static void test_catalog(void)
 	free(cmd);
 }
 
+/* A dense merge from the oldest run, given the tensor's local BF16 source,
+ * becomes full: the source folded in, reads never touch the source again,
+ * and newer runs still apply over it. */
+static void test_patch_full(void)
+{
+	enum { D = 9001 };
+	static uint16_t srcv[D], want[D], out[D];
+	for (int i = 0; i < D; i++)
+		want[i] = srcv[i] = (uint16_t)rnd();
+	char path[] = "/tmp/dwsfs-unit-full.XXXXXX";
+	int fd = mkstemp(path);
+	CHECK(fd >= 0 && write(fd, "pad!", 4) == 4 && write(fd, srcv, sizeof(srcv)) == (ssize_t)sizeof(srcv), "source file written");
+	unlink(path);
+	dws_blob *b = dws_blob_from_fd("full-src", fd, 4 + sizeof(srcv));
+	dws_src src = {b, 4, DWS_DT_BF16};
+	dws_patch *runs[3];
+	for (int r = 0; r < 3; r++) {
+		uint32_t *idx = dws_xmalloc(D * sizeof(uint32_t));
+		uint16_t *val = dws_xmalloc(D * sizeof(uint16_t));
+		uint32_t m = 0;
+		for (uint32_t i = 0; i < D; i++)
+			if (rnd() % 3 == 0) {
+				idx[m] = i;
+				val[m++] = want[i] = (uint16_t)rnd();
+			}
+		runs[r] = dws_patch_new_owned(idx, val, m);
+	}
+	dws_patch *full = dws_patch_compact(runs, 2, D, &src);
+	CHECK(full->full && full->bits, "a dense merge with a local source is full");
+	dws_patchset *ps = dws_patchset_add(NULL, full, D);
+	dws_patchset *ps2 = dws_patchset_add(ps, runs[2], D);
+	int bad = 0;
+	for (int simd = 0; simd < 2; simd++) {
+		dws_patch_simd(simd);
+		uint64_t e0 = rnd() % 100, cnt = D - e0 - rnd() % 100;
+		memset(out, 0, sizeof(out)); /* not the source: the run must hold it */
+		dws_patchset_apply_bf16(ps2, e0, cnt, out + e0);
+		for (uint64_t i = e0; i < e0 + cnt; i++)
+			bad += out[i] != want[i];
+	}
+	dws_patch_simd(true);
+	CHECK(bad == 0, "full run + a newer run read without the source equal source + every run (%d bad)", bad);
+	dws_patch_unref(runs[0]);
+	dws_patch_unref(runs[1]);
+	dws_patchset_unref(ps);
+	dws_patchset_unref(ps2);
+	dws_blob_unref(b);
+}
+
 int main(void)
 {
 	test_dtypes();
 	test_names();
 	test_safetensors();
 	test_patchset();
+	test_patch_full();
 	test_gap_delta();
 	test_catalog();
 	printf("%d passed, %d failed\n", passed, failed);
