@@ -28,7 +28,10 @@ struct cdn_entry {
 	int64_t until;
 };
 
+/* Shared by the bucket and every blob it opened (a prefetch may still fetch
+ * for a blob after the bucket closed): freed with the last reference. */
 struct hf {
+	atomic_long refs;
 	pthread_mutex_t cdn_lock;
 	struct cdn_entry cdn[CDN_CACHE];
 	unsigned cdn_next;
@@ -263,9 +266,12 @@ static int hf_fetch(void *ctx, uint64_t off, size_t len, void *dst, dws_error *e
 	return dws_fail(err, DWS_EIO, "%s: unreachable", o->what);
 }
 
+static void hf_unref(struct hf *h);
+
 static void hf_obj_free(void *ctx)
 {
 	struct hf_obj *o = ctx;
+	hf_unref(o->hf);
 	free(o->key);
 	free(o->xet);
 	free(o->what);
@@ -279,6 +285,7 @@ static int hf_open_blob(dws_bucket *b, const dws_object *obj, dws_blob **out,
 	(void)err;
 	struct hf *h = b->priv;
 	struct hf_obj *o = dws_xcalloc(1, sizeof(*o));
+	atomic_fetch_add(&h->refs, 1);
 	o->hf = h;
 	o->key = dws_xstrdup(obj->key);
 	o->xet = dws_xstrdup(strncmp(obj->ident, "xet:", 4) == 0 ? obj->ident + 4 : "");
@@ -334,16 +341,23 @@ static int hf_head(dws_bucket *b, const char *key, dws_object *out, dws_error *e
 			snprintf(out->ident, sizeof(out->ident), "xet:%s", rs.xet_hash);
 		else
 			snprintf(out->ident, sizeof(out->ident), "etag:%.80s:%llu", rs.etag, (unsigned long long)out->size);
+		if (rs.location) {
+			/* the redirect is where its bytes are: no second resolve to
+			 * fetch the object this HEAD found */
+			char *ck = dws_xasprintf("%s\n%s", key, out->ident);
+			cdn_put(h, ck, rs.location);
+			free(ck);
+		}
 	}
 	dws_http_resp_free(&rs);
 	return rc;
 }
 
-static void hf_close(dws_bucket *b)
+static void hf_unref(struct hf *h)
 {
-	struct hf *h = b->priv;
+	if (atomic_fetch_sub(&h->refs, 1) != 1)
+		return;
 	dws_http_free(h->http);
-	dws_cache_release(b->cache);
 	for (unsigned i = 0; i < CDN_CACHE; i++) {
 		free(h->cdn[i].key);
 		free(h->cdn[i].url);
@@ -355,6 +369,14 @@ static void hf_close(dws_bucket *b)
 	free(h->prefix);
 	free(h->revision);
 	free(h);
+}
+
+static void hf_close(dws_bucket *b)
+{
+	struct hf *h = b->priv;
+	dws_http_cancel(h->http); /* fetches still running end now */
+	dws_cache_release(b->cache);
+	hf_unref(h);
 	free(b->uri);
 	free(b);
 }
@@ -407,6 +429,7 @@ int dws_bucket_hf_open(const char *uri, const dws_bucket_opts *bo, dws_bucket **
 	if (!ep || !*ep)
 		ep = "https://huggingface.co";
 	struct hf *h = dws_xcalloc(1, sizeof(*h));
+	atomic_init(&h->refs, 1);
 	pthread_mutex_init(&h->cdn_lock, NULL);
 	h->endpoint = dws_xstrdup(ep);
 	size_t el = strlen(h->endpoint);

@@ -15,7 +15,9 @@
 #define MAX_PAGES 100000
 #define MAX_LIST_OBJECTS (10u * 1000 * 1000)
 
+/* Shared by the bucket and its blobs; freed with the last reference. */
 struct s3 {
+	atomic_long refs;
 	dws_http *http;
 	char *endpoint, *bucket, *prefix;
 };
@@ -207,9 +209,21 @@ static int s3_fetch(void *ctx, uint64_t off, size_t len, void *dst, dws_error *e
 	return rc;
 }
 
+static void s3_unref(struct s3 *s)
+{
+	if (atomic_fetch_sub(&s->refs, 1) != 1)
+		return;
+	dws_http_free(s->http);
+	free(s->endpoint);
+	free(s->bucket);
+	free(s->prefix);
+	free(s);
+}
+
 static void s3_obj_free(void *ctx)
 {
 	struct s3_obj *o = ctx;
+	s3_unref(o->s);
 	free(o->url);
 	free(o->etag);
 	free(o->what);
@@ -222,6 +236,7 @@ static int s3_open_blob(dws_bucket *b, const dws_object *obj, dws_blob **out,
 	(void)err;
 	struct s3 *s = b->priv;
 	struct s3_obj *o = dws_xcalloc(1, sizeof(*o));
+	atomic_fetch_add(&s->refs, 1);
 	o->s = s;
 	o->url = object_url(s, obj->key);
 	o->what = dws_xasprintf("%s/%s", b->uri, obj->key);
@@ -257,12 +272,9 @@ static int s3_head(dws_bucket *b, const char *key, dws_object *out, dws_error *e
 static void s3_close(dws_bucket *b)
 {
 	struct s3 *s = b->priv;
-	dws_http_free(s->http);
+	dws_http_cancel(s->http); /* fetches still running end now */
 	dws_cache_release(b->cache);
-	free(s->endpoint);
-	free(s->bucket);
-	free(s->prefix);
-	free(s);
+	s3_unref(s);
 	free(b->uri);
 	free(b);
 }
@@ -308,6 +320,7 @@ int dws_bucket_s3_open(const char *uri, const dws_bucket_opts *o, dws_bucket **o
 		return dws_fail(err, DWS_EINVAL, "%s: no credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or -o s3_key/s3_secret)", uri);
 	}
 	struct s3 *s = dws_xcalloc(1, sizeof(*s));
+	atomic_init(&s->refs, 1);
 	s->endpoint = ep ? dws_xstrdup(ep) : dws_xasprintf("https://s3.%s.amazonaws.com", region);
 	size_t el = strlen(s->endpoint);
 	while (el && s->endpoint[el - 1] == '/')

@@ -29,7 +29,16 @@ struct dws_http {
 	CURL *pool[POOL_MAX];
 	int npool;
 	atomic_ullong reqs[DWS_HTTP_NCLASS], bytes[DWS_HTTP_NCLASS];
+	atomic_bool cancelled;
 };
+
+void dws_http_cancel(dws_http *h) { atomic_store(&h->cancelled, true); }
+
+static int on_progress(void *ud, curl_off_t dt, curl_off_t dn, curl_off_t ut, curl_off_t un)
+{
+	(void)dt, (void)dn, (void)ut, (void)un;
+	return atomic_load(&((dws_http *)ud)->cancelled) ? 1 : 0;
+}
 
 static pthread_once_t global_once = PTHREAD_ONCE_INIT;
 static void global_init(void) { curl_global_init(CURL_GLOBAL_DEFAULT); }
@@ -340,6 +349,9 @@ static CURLcode attempt(dws_http *h, const dws_http_req *rq, const char *url,
 		curl_easy_setopt(c, CURLOPT_CAINFO, h->ca_file);
 	/* big bodies in fewer, larger recv() calls and callbacks */
 	curl_easy_setopt(c, CURLOPT_BUFFERSIZE, 256L * 1024);
+	curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);
+	curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, on_progress);
+	curl_easy_setopt(c, CURLOPT_XFERINFODATA, h);
 	curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_body);
 	curl_easy_setopt(c, CURLOPT_WRITEDATA, x);
 	curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, on_header);
@@ -444,6 +456,11 @@ int dws_http_do(dws_http *h, const dws_http_req *rq, dws_http_resp *rs,
 		rs->link_next[0] = rs->etag[0] = rs->xet_hash[0] = rs->error_code[0] = 0;
 		rs->linked_size = rs->content_length = 0;
 		rs->has_linked_size = rs->has_content_length = false;
+		if (atomic_load(&h->cancelled)) {
+			snprintf(why, sizeof(why), "shutting down");
+			rc = DWS_EIO;
+			break;
+		}
 		CURLcode cc = attempt(h, rq, url, deadline, &x, &redirect);
 		bool retry = false;
 		unsigned wait_ms = 0;
@@ -535,8 +552,13 @@ int dws_http_do(dws_http *h, const dws_http_req *rq, dws_http_resp *rs,
 			snprintf(why + strlen(why), sizeof(why) - strlen(why), "; deadline reached");
 			break;
 		}
-		struct timespec ts = {wait_ms / 1000, (long)(wait_ms % 1000) * 1000000};
-		nanosleep(&ts, NULL);
+		/* in slices: a shutdown does not wait for the backoff */
+		for (int64_t until = now + wait_ms; !atomic_load(&h->cancelled) && dws_now_ms() < until;) {
+			int64_t left = until - dws_now_ms();
+			int64_t slice = left < 50 ? (left > 0 ? left : 0) : 50;
+			struct timespec ts = {0, (long)slice * 1000000};
+			nanosleep(&ts, NULL);
+		}
 		/* retry from the original URL: a redirect target may have expired */
 		if (hops) {
 			free(url);

@@ -54,6 +54,9 @@ typedef struct dws_http_resp {
 
 int dws_http_new(const dws_http_opts *o, dws_http **out, dws_error *err);
 void dws_http_free(dws_http *h);
+/* From now on every transfer of h, running or to come, fails at once
+ * (shutting down: no retry, no wait). */
+void dws_http_cancel(dws_http *h);
 /* Perform with retries (408, 429, 5xx, resets, stalls, truncation) within
  * the deadline. A 2xx is DWS_OK; 404 is DWS_ENOENT; other finals DWS_EIO.
  * The token never goes to another host and never into a message. */

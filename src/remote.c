@@ -102,6 +102,7 @@ struct remote {
 	unsigned window;
 	unsigned crossed;       /* tensor boundaries crossed by contiguous reads */
 	uint64_t run_start;     /* where the current contiguous run began */
+	uint64_t tensor_start;  /* where it entered the current tensor */
 };
 
 static int64_t mono_ms(void)
@@ -612,7 +613,9 @@ static int remote_read(dws_blob *b, uint64_t off, void *buf, size_t len, dws_err
 	}
 
 	pthread_mutex_lock(&r->lock);
-	bool seq = off == r->last_end || (r->last_end > bs && off / bs == (r->last_end - 1) / bs);
+	/* sequential: at or near where the last read ended (the kernel's
+	 * readahead sends several requests at once; they arrive out of order) */
+	bool seq = r->last_end && off + bs >= r->last_end && off <= r->last_end + bs;
 	/* Readahead stays inside the tensor being read, so reading one tensor
 	 * costs about its bytes, until a contiguous run has crossed two tensor
 	 * boundaries and is long (page-aligned kernel reads straddle the ends of
@@ -622,8 +625,11 @@ static int remote_read(dws_blob *b, uint64_t off, void *buf, size_t len, dws_err
 	if (!seq) {
 		r->crossed = 0;
 		r->run_start = off;
-	} else if (ra_limit != r->last_limit && r->crossed < 2) {
-		r->crossed++;
+		r->tensor_start = off;
+	} else if (ra_limit != r->last_limit) {
+		r->tensor_start = off;
+		if (r->crossed < 2)
+			r->crossed++;
 	}
 	uint64_t scan_len = 4 * bs > (32u << 20) ? 4 * bs : (32u << 20);
 	bool scan = r->crossed >= 2 && off + len - r->run_start >= scan_len;
@@ -634,7 +640,7 @@ static int remote_read(dws_blob *b, uint64_t off, void *buf, size_t len, dws_err
 		r->window = r->window ? (r->window * 2 > c->o.max_window ? c->o.max_window : r->window * 2) : 1;
 	else
 		r->window = 0;
-	r->last_end = off + len;
+	r->last_end = seq && r->last_end > off + len ? r->last_end : off + len;
 	unsigned window = r->window;
 	pthread_mutex_unlock(&r->lock);
 
@@ -645,6 +651,13 @@ static int remote_read(dws_blob *b, uint64_t off, void *buf, size_t len, dws_err
 	if (window && ra_limit != UINT64_MAX && !scan) {
 		uint64_t lim_blk = ra_limit ? (ra_limit - 1) / bs : 0; /* last block worth having */
 		window = lim_blk > last ? (unsigned)(lim_blk - last < window ? lim_blk - last : window) : 0;
+		/* and no more ahead than this tensor has been read, less a block:
+		 * the kernel's own readahead running past a tensor's end does not
+		 * pull in the next one */
+		uint64_t read_blocks = (off + len - r->tensor_start) / bs;
+		uint64_t cap = read_blocks ? read_blocks - 1 : 0;
+		if (window > cap)
+			window = (unsigned)cap;
 	}
 	if (window)
 		prefetch(b, last + 1, window);
