@@ -22,6 +22,7 @@
 #include <string.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/statvfs.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -56,6 +57,7 @@ struct opts {
 	double swap_idle;
 	double swap_max_delay;
 	unsigned max_steps;
+	int read_ahead;
 	int show_help;
 };
 
@@ -472,6 +474,90 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 		handle_free(f, h);
 }
 
+/* The kernel reads ahead 128 KiB on a FUSE mount unless told otherwise:
+ * one request per 128 KiB. Once FUSE_INIT is through (a stat of the mount
+ * root waits for it), set the mount's bdi read_ahead_kb. Needs root; without
+ * it the default stays. */
+struct ra_arg {
+	char *mnt;
+	int kb;
+};
+
+static void *read_ahead_main(void *v)
+{
+	struct ra_arg *a = v;
+	struct stat st;
+	if (stat(a->mnt, &st) == 0) {
+		char path[96];
+		snprintf(path, sizeof(path), "/sys/class/bdi/%u:%u/read_ahead_kb", major(st.st_dev), minor(st.st_dev));
+		FILE *f = fopen(path, "w");
+		if (f) {
+			fprintf(f, "%d\n", a->kb);
+			if (fclose(f) != 0)
+				dws_log("read_ahead: %s: %s", path, strerror(errno));
+		}
+	}
+	free(a->mnt);
+	free(a);
+	return NULL;
+}
+
+static void set_read_ahead(const char *mnt, int kb)
+{
+	struct ra_arg *a = malloc(sizeof(*a));
+	pthread_t t;
+	if (!a || !(a->mnt = realpath(mnt, NULL))) {
+		free(a);
+		return;
+	}
+	a->kb = kb;
+	if (pthread_create(&t, NULL, read_ahead_main, a) != 0) {
+		free(a->mnt);
+		free(a);
+		return;
+	}
+	pthread_detach(t);
+}
+
+/* One read buffer per worker thread, kept for the thread's life (freed when
+ * it exits): a fresh buffer per read would fault its pages in every time. */
+struct rbuf {
+	char *p;
+	size_t cap;
+};
+static pthread_key_t rbuf_key;
+static pthread_once_t rbuf_once = PTHREAD_ONCE_INIT;
+
+static void rbuf_free(void *v)
+{
+	struct rbuf *b = v;
+	free(b->p);
+	free(b);
+}
+
+static void rbuf_init(void) { pthread_key_create(&rbuf_key, rbuf_free); }
+
+static char *read_buffer(size_t size)
+{
+	pthread_once(&rbuf_once, rbuf_init);
+	struct rbuf *b = pthread_getspecific(rbuf_key);
+	if (!b) {
+		b = calloc(1, sizeof(*b));
+		if (!b || pthread_setspecific(rbuf_key, b) != 0) {
+			free(b);
+			return NULL;
+		}
+	}
+	if (size > b->cap || !b->p) {
+		free(b->p);
+		b->cap = size ? size : 1;
+		b->p = malloc(b->cap);
+		if (!b->p)
+			b->cap = 0;
+	}
+	return b->p;
+}
+
 static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
 {
 	(void)ino;
@@ -482,7 +568,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
 		size_t n = h->len - (size_t)off < size ? h->len - (size_t)off : size;
 		return reply_copy(req, h->buf + off, n);
 	}
-	char *buf = malloc(size ? size : 1);
+	char *buf = read_buffer(size);
 	if (!buf)
 		return (void)fuse_reply_err(req, ENOMEM);
 	dws_error err = {0};
@@ -494,7 +580,6 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
 	} else {
 		fuse_reply_buf(req, buf, (size_t)n);
 	}
-	free(buf);
 }
 
 static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -620,6 +705,7 @@ static const struct fuse_opt opt_spec[] = {
 	OPT("swap_idle=%lf", swap_idle),
 	OPT("swap_max_delay=%lf", swap_max_delay),
 	OPT("max_steps=%u", max_steps),
+	OPT("read_ahead=%d", read_ahead),
 	OPT("ca_file=%s", ca_file),
 	OPT("read_timeout=%lf", read_timeout),
 	OPT("stall_timeout=%lf", stall_timeout),
@@ -657,6 +743,7 @@ static void usage(const char *prog)
 	       "    -o verify=MODE         none, payload or state (default state)\n"
 	       "    -o map_prefix=FROM=TO  trainer name prefix FROM is TO in the checkpoint\n"
 	       "    -o max_steps=N         step views kept in memory for steps/ (default 8)\n"
+	       "    -o read_ahead=KB       the kernel's readahead for this mount (default 1024; 0: leave it)\n"
 	       "    -o cache_dir=DIR       where decompressed anchors and fetched blocks go\n"
 	       "    -o cache_size=BYTES    byte cap of the block cache (K, M, G suffixes; default 16G)\n"
 	       "    -o read_timeout=SECONDS  a read not served by then fails with EIO (default 60)\n"
@@ -719,7 +806,7 @@ static void clean_stale_mount(const char *mp)
 int main(int argc, char *argv[])
 {
 	struct fuse_args args = FUSE_ARGS_INIT(argc, argv);
-	struct opts o = {.swap_idle = -1, .swap_max_delay = -1};
+	struct opts o = {.swap_idle = -1, .swap_max_delay = -1, .read_ahead = 1024};
 	struct fuse_cmdline_opts co = {0};
 	struct fs f = {.started = time(NULL), .name_timeout = 1.0, .uid = getuid(), .gid = getgid(),
 		       .handles_lock = PTHREAD_MUTEX_INITIALIZER};
@@ -815,6 +902,8 @@ int main(int argc, char *argv[])
 		fprintf(stderr, "dwsfs: %s\n", err.msg);
 		goto out_unmount;
 	}
+	if (o.read_ahead > 0)
+		set_read_ahead(co.mountpoint, o.read_ahead);
 	dws_step *r = dws_mount_root(m);
 	dws_log("mounted %s on %s: step %llu", o.bucket, co.mountpoint, (unsigned long long)dws_step_number(r));
 	dws_step_unref(r);
