@@ -2,10 +2,12 @@
  * read-only filesystem (low-level libfuse3 API) serving one file of N bytes
  * from memory, with dwsfs's FUSE settings (fs/dwsfs.c): the same init
  * (ASYNC_READ wanted, AUTO_INVAL_DATA off), keep_cache and noflush on open,
- * reads answered with fuse_reply_buf from a malloc'd buffer of the request's
- * size (dwsfs copies each read into such a buffer too), the multi-threaded
- * loop with up to 16 threads, "-osubtype=...,ro", and the same default
- * request sizes (neither sets max_read nor max_readahead).
+ * the multi-threaded loop with up to 16 threads, "-osubtype=...,ro", and the
+ * same request sizes: neither sets max_read nor max_readahead, and both set
+ * the mount's bdi read_ahead_kb to 1024 once FUSE_INIT is through (dwsfs's
+ * read_ahead default; MEMFS_READ_AHEAD_KB overrides, 0 leaves the kernel's).
+ * Reads are answered straight from memory (fuse_reply_buf on the data, no
+ * copy): the ceiling of a FUSE filesystem here.
  *
  *     memfs [-f] [FUSE options] BYTES MOUNTPOINT      # serves MOUNTPOINT/data
  *
@@ -15,6 +17,9 @@
 #define FUSE_USE_VERSION 312
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
+#include <sys/sysmacros.h>
+#include <pthread.h>
 #include <fuse_lowlevel.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -117,13 +122,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
 	if ((uint64_t)off >= data_len)
 		return (void)fuse_reply_buf(req, NULL, 0);
 	size_t n = data_len - (uint64_t)off < size ? (size_t)(data_len - (uint64_t)off) : size;
-	/* as dwsfs: the bytes are copied into a buffer of the request's size */
-	char *buf = malloc(size ? size : 1);
-	if (!buf)
-		return (void)fuse_reply_err(req, ENOMEM);
-	memcpy(buf, data + off, n);
-	fuse_reply_buf(req, buf, n);
-	free(buf);
+	fuse_reply_buf(req, data + off, n);
 }
 
 static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -150,6 +149,26 @@ static const struct fuse_lowlevel_ops ops = {
 	.release = op_release,
 	.statfs = op_statfs,
 };
+
+/* as fs/dwsfs.c: once a stat of the root has waited out FUSE_INIT */
+static void *read_ahead_main(void *v)
+{
+	char *mnt = v;
+	const char *env = getenv("MEMFS_READ_AHEAD_KB");
+	int kb = env ? atoi(env) : 1024;
+	struct stat st;
+	if (kb > 0 && stat(mnt, &st) == 0) {
+		char path[96];
+		snprintf(path, sizeof(path), "/sys/class/bdi/%u:%u/read_ahead_kb", major(st.st_dev), minor(st.st_dev));
+		FILE *f = fopen(path, "w");
+		if (f) {
+			fprintf(f, "%d\n", kb);
+			fclose(f);
+		}
+	}
+	free(mnt);
+	return NULL;
+}
 
 int main(int argc, char *argv[])
 {
@@ -207,6 +226,12 @@ int main(int argc, char *argv[])
 		goto out_signals;
 	if (fuse_daemonize(co.foreground) != 0)
 		goto out_unmount;
+	pthread_t rat;
+	char *mnt = realpath(co.mountpoint, NULL);
+	if (mnt && pthread_create(&rat, NULL, read_ahead_main, mnt) == 0)
+		pthread_detach(rat);
+	else
+		free(mnt);
 	if (co.singlethread) {
 		ret = fuse_session_loop(se);
 	} else {
