@@ -601,9 +601,9 @@ struct cjob {
 };
 
 struct dws_compaction {
-	dws_step *snap;
+	dws_step *snap;     /* the step the pending jobs' runs come from */
 	struct cjob *jobs;
-	size_t n;
+	size_t n, next;     /* jobs run so far */
 };
 
 dws_compaction *dws_compaction_plan(dws_step *s)
@@ -625,15 +625,18 @@ dws_compaction *dws_compaction_plan(dws_step *s)
 	return c;
 }
 
-void dws_compaction_run(dws_compaction *c, const atomic_bool *stop)
+bool dws_compaction_run(dws_compaction *c, uint64_t budget, const atomic_bool *stop)
 {
-	for (size_t i = 0; i < c->n && !(stop && atomic_load(stop)); i++) {
-		struct cjob *jb = &c->jobs[i];
+	uint64_t done = 0;
+	while (c->next < c->n && done < budget && !(stop && atomic_load(stop))) {
+		struct cjob *jb = &c->jobs[c->next++];
 		const dws_slot *sl = &c->snap->layout->slots[jb->slot];
 		/* merging from the oldest run: the source can be folded in */
 		const dws_src *src = jb->j == 0 && sl->dtype == DWS_DT_BF16 ? &c->snap->src[jb->slot] : NULL;
 		jb->merged = dws_patch_compact(c->snap->patch[jb->slot]->runs + jb->j, jb->k, sl->numel, src);
+		done += jb->merged->bits ? sl->numel * 2 : (uint64_t)jb->merged->n * 6;
 	}
+	return c->next < c->n;
 }
 
 /* A copy of s with the merged runs spliced in wherever s still holds the
@@ -670,15 +673,23 @@ void dws_compaction_apply(dws_builder *bl, dws_compaction *c, dws_step **merged,
 	*merged = splice_step(c->snap, c);
 	*newest = NULL;
 	dws_step *cur = bl->prev;
-	if (!cur)
-		return;
-	dws_step *ns = cur == c->snap ? (*merged ? dws_step_ref(*merged) : NULL) : splice_step(cur, c);
-	if (!ns)
-		return;
-	dws_step_unref(bl->prev);
-	bl->prev = ns;
-	if (ns != *merged)
-		*newest = dws_step_ref(ns);
+	dws_step *ns = !cur ? NULL : cur == c->snap ? (*merged ? dws_step_ref(*merged) : NULL) : splice_step(cur, c);
+	if (ns) {
+		dws_step_unref(bl->prev);
+		bl->prev = ns;
+		if (ns != *merged)
+			*newest = dws_step_ref(ns);
+	}
+	/* applied: the steps hold the merged runs now; what is left to run
+	 * takes its runs from the merged step (the same, for those tensors) */
+	for (size_t i = 0; i < c->n; i++) {
+		dws_patch_unref(c->jobs[i].merged);
+		c->jobs[i].merged = NULL;
+	}
+	if (*merged) {
+		dws_step_unref(c->snap);
+		c->snap = dws_step_ref(*merged);
+	}
 }
 
 size_t dws_compaction_count(const dws_compaction *c) { return c->n; }

@@ -62,7 +62,7 @@ struct dws_mount {
 	pthread_t thread;
 	/* compaction of the builder's newest step, off the build path */
 	pthread_t compactor;
-	bool compactor_started, compact_wanted;
+	bool compactor_started, compact_wanted, merging;
 	pthread_cond_t compact_cond;
 	atomic_bool stopping;
 	/* remote polling (sync thread only) */
@@ -406,8 +406,13 @@ static void *compact_main(void *arg)
 			continue;
 		}
 		m->compact_wanted = false;
+		m->merging = true;
 		pthread_mutex_unlock(&m->lock);
-		/* a merge can make the next level worth merging: a few rounds */
+		/* a merge can make the next level worth merging: a few rounds,
+		 * one log line for them all */
+		int64_t t_all = now_ms();
+		size_t merged_tensors = 0;
+		dws_step *done = NULL;
 		for (int round = 0; round < 8 && !atomic_load(&m->stopping); round++) {
 			/* what is served next, else what is served */
 			pthread_mutex_lock(&m->lock);
@@ -417,29 +422,42 @@ static void *compact_main(void *arg)
 			dws_step_unref(target);
 			if (!c)
 				break;
-			int64_t t0 = now_ms();
-			dws_compaction_run(c, &m->stopping);
-			dws_step *ns = NULL, *newer = NULL;
-			if (!atomic_load(&m->stopping)) {
+			dws_step *last = NULL;
+			bool more = true;
+			/* in slices, each put in place before the next: the runs it
+			 * replaced are freed as the merged ones come, not after all */
+			while (more && !atomic_load(&m->stopping)) {
+				more = dws_compaction_run(c, 64u << 20, &m->stopping);
+				if (atomic_load(&m->stopping))
+					break;
+				dws_step *ns = NULL, *newer = NULL;
 				pthread_mutex_lock(&m->build_lock);
 				dws_compaction_apply(m->bl, c, &ns, &newer);
 				pthread_mutex_unlock(&m->build_lock);
+				if (newer) {
+					replace_equivalent(m, newer);
+					dws_step_unref(newer);
+				}
+				if (ns) {
+					replace_equivalent(m, ns);
+					dws_step_unref(last);
+					last = ns;
+				}
 			}
-			size_t tensors = dws_compaction_count(c);
+			merged_tensors += dws_compaction_count(c);
 			dws_compaction_free(c);
-			if (newer) {
-				replace_equivalent(m, newer);
-				dws_step_unref(newer);
-			}
-			if (!ns)
+			if (!last)
 				break;
-			dws_log("step %llu: merged the patch runs of %zu tensors in %lld ms (%llu patched elements)",
-				(unsigned long long)dws_step_number(ns), tensors, (long long)(now_ms() - t0),
-				(unsigned long long)dws_step_patch_entries(ns));
-			replace_equivalent(m, ns);
-			dws_step_unref(ns);
+			dws_step_unref(done);
+			done = last;
 		}
+		if (done)
+			dws_log("step %llu: merged the patch runs of %zu tensors in %lld ms (%llu patched elements)",
+				(unsigned long long)dws_step_number(done), merged_tensors, (long long)(now_ms() - t_all),
+				(unsigned long long)dws_step_patch_entries(done));
+		dws_step_unref(done);
 		pthread_mutex_lock(&m->lock);
+		m->merging = m->compact_wanted; /* more to do at once, or idle */
 	}
 	pthread_mutex_unlock(&m->lock);
 	return NULL;
@@ -710,6 +728,7 @@ char *dws_mount_status_json(dws_mount *m)
 	json_object_set_new(j, "swaps", json_integer((json_int_t)m->swaps));
 	json_object_set_new(j, "root_since_ns", json_integer((json_int_t)m->root_since_ns));
 	json_object_set_new(j, "last_build_ms", json_integer((json_int_t)m->last_build_ms));
+	json_object_set_new(j, "merging", json_boolean(m->merging || m->compact_wanted));
 	json_object_set_new(j, "root_open_handles", json_integer(m->root_open));
 	json_object_set_new(j, "patched_elements", json_integer((json_int_t)dws_step_patch_entries(m->root)));
 	if (m->remote) {

@@ -3,6 +3,8 @@
 #include "step.h"
 
 #include <pthread.h>
+#include <sys/mman.h>
+#include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
 #include <xxhash.h>
@@ -25,11 +27,27 @@ void dws_arena_unref(dws_arena *a)
 	free(a);
 }
 
+static void release_pages(void *p, size_t n)
+{
+	long pg = sysconf(_SC_PAGESIZE);
+	uintptr_t a = ((uintptr_t)p + (uintptr_t)pg - 1) & ~((uintptr_t)pg - 1);
+	uintptr_t e = ((uintptr_t)p + n) & ~((uintptr_t)pg - 1);
+	if (pg > 0 && e > a)
+		madvise((void *)a, e - a, MADV_DONTNEED);
+}
+
 void dws_patch_unref(dws_patch *p)
 {
 	if (!p || atomic_fetch_sub(&p->refs, 1) != 1)
 		return;
 	if (p->arena) {
+		/* the arena lives on while other runs of its delta do: give this
+		 * run's whole pages back now (merged runs replace a delta's runs
+		 * one tensor at a time) */
+		if (atomic_load(&p->arena->refs) > 1) {
+			release_pages(p->idx, (size_t)p->n * sizeof(uint32_t));
+			release_pages(p->val, (size_t)p->n * sizeof(uint16_t));
+		}
 		dws_arena_unref(p->arena);
 	} else {
 		free(p->idx);

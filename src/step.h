@@ -167,15 +167,16 @@ int dws_builder_lazy_chain(dws_builder *bl, uint64_t step, dws_lazy_chain **out,
 void dws_lazy_chain_free(dws_lazy_chain *c);
 
 /* Compaction off the build path. plan picks what to merge in step s (NULL:
- * nothing); run
- * merges without any lock (stops early when *stop turns true); under the
- * build lock again, apply gives *merged, the planned step with the merged
- * runs (same id and bytes, fewer runs), and splices them into the builder's
- * newest step too when it still holds them: *newest is that step when it is
- * another one (a step built meanwhile). Either may be NULL. */
+ * nothing); run merges, without any lock, until about budget bytes of merged
+ * runs are made (stops early when *stop turns true) and says whether jobs
+ * remain; under the build lock, apply gives *merged, the planned step with
+ * every run merged so far (same id and bytes, fewer runs), and splices them
+ * into the builder's newest step too when it still holds them: *newest is
+ * that step when it is another one (built meanwhile). Either may be NULL.
+ * Run and apply in turns, so old runs go as new ones come. */
 typedef struct dws_compaction dws_compaction;
 dws_compaction *dws_compaction_plan(dws_step *s);
-void dws_compaction_run(dws_compaction *c, const atomic_bool *stop);
+bool dws_compaction_run(dws_compaction *c, uint64_t budget, const atomic_bool *stop);
 void dws_compaction_apply(dws_builder *bl, dws_compaction *c, dws_step **merged,
 			  dws_step **newest);
 size_t dws_compaction_count(const dws_compaction *c); /* tensors it merges */
