@@ -284,6 +284,45 @@ out:
 	return rc;
 }
 
+/* The whole block into data (a pool buffer: room for the trailer and the
+ * alignment), with O_DIRECT where the filesystem takes it; verify: check its
+ * XXH3. False if the file is gone, short or bad. */
+static bool load_block(dws_cache *c, const char *key, uint64_t want_len, unsigned char *data,
+		       bool verify)
+{
+	char *p = block_path(c, key);
+	int fd = open(p, O_RDONLY | O_CLOEXEC | O_DIRECT);
+	if (fd < 0 && errno == EINVAL)
+		fd = open(p, O_RDONLY | O_CLOEXEC);
+	free(p);
+	if (fd < 0)
+		return false;
+	size_t want = (size_t)want_len + HDR_SIZE, padded = (want + ALIGN - 1) / ALIGN * ALIGN, got = 0;
+	while (got < want) {
+		ssize_t r = pread(fd, data + got, padded - got, (off_t)got);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r < 0 && errno == EINVAL && got == 0) { /* no direct reads here */
+			int fl = fcntl(fd, F_GETFL);
+			if (fl >= 0 && fcntl(fd, F_SETFL, fl & ~O_DIRECT) == 0)
+				continue;
+		}
+		if (r <= 0)
+			break;
+		got += (size_t)r;
+	}
+	close(fd);
+	if (got < want)
+		return false;
+	const unsigned char *tr = data + want_len;
+	uint64_t l, h;
+	memcpy(&l, tr, 8);
+	memcpy(&h, tr + 8, 8);
+	if (memcmp(tr + 16, BLK_MAGIC, 8) != 0 || l != want_len)
+		return false;
+	return !verify || XXH3_64bits(data, want_len) == h;
+}
+
 /* ---- memory: pooled block buffers and the hot set (under lock) ---- */
 
 static unsigned char *buf_get_locked(dws_cache *c)
@@ -366,6 +405,8 @@ static void flight_remove(dws_cache *c, struct flight *f)
 		}
 }
 
+static bool time_left(int64_t deadline) { return mono_ms() < deadline; }
+
 static uint64_t block_len(const dws_blob *b, dws_cache *c, uint64_t blk)
 {
 	uint64_t off = blk * c->o.block_size;
@@ -376,7 +417,7 @@ static uint64_t block_len(const dws_blob *b, dws_cache *c, uint64_t blk)
 /* Bytes [off, off+len) of block blk of blob b into buf (buf may be NULL for a
  * prefetch). */
 static int get_block(dws_blob *b, uint64_t blk, uint64_t off, void *buf, size_t len,
-		     bool prefetch, dws_error *err)
+		     bool prefetch, bool whole, dws_error *err)
 {
 	struct remote *r = b->priv;
 	dws_cache *c = r->c;
@@ -403,14 +444,56 @@ static int get_block(dws_blob *b, uint64_t blk, uint64_t off, void *buf, size_t 
 			pthread_mutex_unlock(&c->lock);
 			return DWS_OK;
 		}
-		if (dws_strmap_get(&c->index, key, &i)) {
+		if (dws_strmap_get(&c->index, key, &i) && !flight_find(c, key)) {
 			c->e[i].last_use = ++c->clock;
 			bool verify = !c->e[i].verified;
 			if (!prefetch)
 				c->hits++;
-			pthread_mutex_unlock(&c->lock);
-			if (prefetch)
+			if (prefetch || whole) {
+				/* a scan: the whole block into the hot set with one
+				 * read, for this read and the ones that follow */
+				struct flight *lf = dws_xcalloc(1, sizeof(*lf));
+				lf->key = dws_xstrdup(key);
+				lf->next = c->flights;
+				c->flights = lf;
+				unsigned char *data = buf_get_locked(c);
+				pthread_mutex_unlock(&c->lock);
+				bool ok = load_block(c, key, blen, data, verify);
+				pthread_mutex_lock(&c->lock);
+				struct hot *lh = NULL;
+				if (ok) {
+					lh = hot_add_locked(c, key, data, blen);
+					lh->refs++;
+					if (dws_strmap_get(&c->index, key, &i))
+						c->e[i].verified = true;
+				} else {
+					buf_put_locked(c, data);
+					if (dws_strmap_get(&c->index, key, &i))
+						drop_locked(c, i);
+				}
+				flight_remove(c, lf);
+				lf->done = true;
+				lf->rc = ok ? DWS_OK : DWS_ENOENT; /* waiters look again */
+				bool free_now = lf->waiters == 0;
+				pthread_cond_broadcast(&c->cond);
+				pthread_mutex_unlock(&c->lock);
+				if (free_now) {
+					free(lf->key);
+					free(lf);
+				}
+				if (!ok) {
+					dws_log("cache: block %s of %s was bad on disk; fetching it again", key, b->name);
+					continue;
+				}
+				if (buf)
+					memcpy(buf, lh->buf + off, len);
+				pthread_mutex_lock(&c->lock);
+				lh->refs--;
+				hot_trim_locked(c, c->hot_cap);
+				pthread_mutex_unlock(&c->lock);
 				return DWS_OK;
+			}
+			pthread_mutex_unlock(&c->lock);
 			if (read_block(c, key, blen, off, buf, len, verify) == DWS_OK) {
 				if (verify) {
 					pthread_mutex_lock(&c->lock);
@@ -460,6 +543,8 @@ static int get_block(dws_blob *b, uint64_t blk, uint64_t off, void *buf, size_t 
 				return dws_fail(err, DWS_ETIMEDOUT, "%s: block %llu (bytes %llu+%llu) did not arrive within %u ms", b->name,
 						(unsigned long long)blk, (unsigned long long)(blk * c->o.block_size),
 						(unsigned long long)blen, c->o.wait_ms);
+			if (frc == DWS_ENOENT && time_left(deadline))
+				continue; /* a bad block on disk, or a 404: look again */
 			if (frc && frc != DWS_OK)
 				return dws_fail(err, frc, "%s: block %llu could not be fetched (see the log)", b->name, (unsigned long long)blk);
 			continue; /* now in the index */
@@ -540,7 +625,7 @@ static void *prefetch_main(void *arg)
 		c->qlen--;
 		pthread_mutex_unlock(&c->lock);
 		dws_error err = {0};
-		get_block(j.blob, j.block, 0, NULL, 0, true, &err);
+		get_block(j.blob, j.block, 0, NULL, 0, true, true, &err);
 		dws_blob_unref(j.blob);
 		pthread_mutex_lock(&c->lock);
 	}
@@ -558,7 +643,8 @@ static void prefetch(dws_blob *b, uint64_t first, unsigned n)
 		char key[64];
 		size_t i;
 		snprintf(key, sizeof(key), "%s-%llu", r->ident_hash, (unsigned long long)(first + k));
-		if (dws_strmap_get(&c->index, key, &i) || flight_find(c, key) || hot_find_locked(c, key))
+		(void)i; /* blocks on disk are loaded into memory ahead too */
+		if (flight_find(c, key) || hot_find_locked(c, key))
 			continue;
 		bool queued = false;
 		for (size_t q = 0; q < c->qlen; q++) {
@@ -667,7 +753,7 @@ static int remote_read(dws_blob *b, uint64_t off, void *buf, size_t len, dws_err
 		uint64_t bo = blk * bs;
 		uint64_t s = off > bo ? off - bo : 0;
 		uint64_t e = off + len < bo + bs ? off + len - bo : bs;
-		int rc = get_block(b, blk, s, dst, (size_t)(e - s), false, err);
+		int rc = get_block(b, blk, s, dst, (size_t)(e - s), false, window > 0 || scan, err);
 		if (rc)
 			return rc;
 		dst += e - s;
