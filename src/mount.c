@@ -15,6 +15,8 @@
 #include <errno.h>
 #include <jansson.h>
 #include <pthread.h>
+#include <sched.h>
+#include <sys/resource.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
@@ -399,6 +401,10 @@ static void replace_equivalent(dws_mount *m, dws_step *s)
 static void *compact_main(void *arg)
 {
 	dws_mount *m = arg;
+	/* background work: builds and reads go first on a busy machine */
+	struct sched_param sp = {0};
+	if (pthread_setschedparam(pthread_self(), SCHED_IDLE, &sp) != 0)
+		(void)setpriority(PRIO_PROCESS, (id_t)gettid(), 19);
 	pthread_mutex_lock(&m->lock);
 	while (!m->stop) {
 		if (!m->compact_wanted) {
