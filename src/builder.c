@@ -315,6 +315,16 @@ static int resolve(void *ctx, const char *name, size_t *slot, uint64_t *numel)
 	return 0;
 }
 
+/* The producer's payload checksum against h, the XXH3-64 of the data section. */
+static int payload_is(const char *want, uint64_t h, const char *what, dws_error *err)
+{
+	char got[17];
+	snprintf(got, sizeof(got), "%016llx", (unsigned long long)h);
+	if (strcmp(got, want) != 0)
+		return dws_fail(err, DWS_EVERIFY, "%s: checksum mismatch: payload xxh3 is %s, the producer wrote %.32s", what, got, want);
+	return DWS_OK;
+}
+
 static int check_payload(dws_builder *bl, dws_blob *b, const dws_st_file *st,
 			 const char *what, dws_error *err)
 {
@@ -323,12 +333,32 @@ static int check_payload(dws_builder *bl, dws_blob *b, const dws_st_file *st,
 		return DWS_OK;
 	uint64_t h, ds = dws_st_data_start(st);
 	int rc = dws_blob_xxh3(b, ds, dws_blob_size(b) - ds, &h, err);
-	if (rc)
-		return rc;
-	char got[17];
-	snprintf(got, sizeof(got), "%016llx", (unsigned long long)h);
-	if (strcmp(got, want) != 0)
-		return dws_fail(err, DWS_EVERIFY, "%s: checksum mismatch: payload xxh3 is %s, the producer wrote %.32s", what, got, want);
+	return rc ? rc : payload_is(want, h, what, err);
+}
+
+/* The same for a file held in memory. */
+static int check_payload_mem(dws_builder *bl, const dws_st_file *st, const unsigned char *data,
+			     size_t len, const char *what, dws_error *err)
+{
+	const char *want = dws_st_meta_get(st, "dwsfs.payload_xxh3");
+	if (!bl->o.verify || !want)
+		return DWS_OK;
+	uint64_t ds = dws_st_data_start(st);
+	return payload_is(want, XXH3_64bits(data + ds, len - ds), what, err);
+}
+
+/* What a sparse file's params may patch: one tensor each, a float one. */
+static int check_patchable(const dws_step *s, const dws_delta_param *ps, size_t np, bool dup,
+			   const char *what, dws_error *err)
+{
+	if (dup)
+		return dws_fail(err, DWS_EFORMAT, "%s: two parameters map onto one tensor", what);
+	for (size_t i = 0; i < np; i++) {
+		const dws_slot *sl = &s->layout->slots[ps[i].slot];
+		if (!is_float(sl->dtype))
+			return dws_fail(err, DWS_EUNSUP, "%s: cannot patch '%s': the model stores it as %s", what, sl->name,
+					dws_dtype_name(sl->dtype));
+	}
 	return DWS_OK;
 }
 
@@ -412,16 +442,9 @@ static int apply_sparse(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 	rc = dws_st_parse(data, len, len, what, &st, NULL, err);
 	if (rc)
 		goto out;
-	const char *want = dws_st_meta_get(st, "dwsfs.payload_xxh3");
-	if (bl->o.verify && want) {
-		uint64_t ds = dws_st_data_start(st);
-		char got[17];
-		snprintf(got, sizeof(got), "%016llx", (unsigned long long)XXH3_64bits(data + ds, len - ds));
-		if (strcmp(got, want) != 0) {
-			rc = dws_fail(err, DWS_EVERIFY, "%s: checksum mismatch: payload xxh3 is %s, the producer wrote %.32s", what, got, want);
-			goto out;
-		}
-	}
+	rc = check_payload_mem(bl, st, data, len, what, err);
+	if (rc)
+		goto out;
 	ensure_seen(bl, s->layout->nslots);
 	bl->stamp++;
 	struct resolve_ctx ctx = {bl, s, what, err, false};
@@ -433,19 +456,10 @@ static int apply_sparse(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 	uint32_t *idx_pool = arena->mem;
 	uint16_t *val_pool = (uint16_t *)(void *)(idx_pool + total);
 	rc = dws_delta_decode_pool(st, data + ds, len - ds, f->variant, what, resolve, &ctx, idx_pool, &ps, &np, err);
+	if (!rc)
+		rc = check_patchable(s, ps, np, ctx.dup, what, err);
 	if (rc)
 		goto out;
-	if (ctx.dup) {
-		rc = dws_fail(err, DWS_EFORMAT, "%s: two parameters map onto one tensor", what);
-		goto out;
-	}
-	for (size_t i = 0; i < np; i++) {
-		const dws_slot *sl = &s->layout->slots[ps[i].slot];
-		if (!is_float(sl->dtype)) {
-			rc = dws_fail(err, DWS_EUNSUP, "%s: cannot patch '%s': the model stores it as %s", what, sl->name, dws_dtype_name(sl->dtype));
-			goto out;
-		}
-	}
 	uint64_t at = 0;
 	for (size_t i = 0; i < np; i++) {
 		size_t slot = ps[i].slot;
@@ -767,28 +781,15 @@ static int lazy_file(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 	rc = dws_st_parse(data, lf->len, lf->len, lf->what, &lf->st, NULL, err);
 	if (rc)
 		return rc;
+	rc = check_payload_mem(bl, lf->st, data, lf->len, lf->what, err);
+	if (rc)
+		return rc;
 	uint64_t ds = dws_st_data_start(lf->st);
-	const char *want = dws_st_meta_get(lf->st, "dwsfs.payload_xxh3");
-	if (bl->o.verify && want) {
-		char got[17];
-		snprintf(got, sizeof(got), "%016llx", (unsigned long long)XXH3_64bits(data + ds, lf->len - ds));
-		if (strcmp(got, want) != 0)
-			return dws_fail(err, DWS_EVERIFY, "%s: checksum mismatch: payload xxh3 is %s, the producer wrote %.32s", lf->what, got, want);
-	}
 	ensure_seen(bl, s->layout->nslots);
 	bl->stamp++;
 	struct resolve_ctx ctx = {bl, s, lf->what, err, false};
 	rc = dws_delta_scan(lf->st, data + ds, lf->len - ds, f->variant, lf->what, resolve, &ctx, &lf->ps, &lf->np, err);
-	if (rc)
-		return rc;
-	if (ctx.dup)
-		return dws_fail(err, DWS_EFORMAT, "%s: two parameters map onto one tensor", lf->what);
-	for (size_t i = 0; i < lf->np; i++) {
-		const dws_slot *sl = &s->layout->slots[lf->ps[i].slot];
-		if (!is_float(sl->dtype))
-			return dws_fail(err, DWS_EUNSUP, "%s: cannot patch '%s': the model stores it as %s", lf->what, sl->name, dws_dtype_name(sl->dtype));
-	}
-	return DWS_OK;
+	return rc ? rc : check_patchable(s, lf->ps, lf->np, ctx.dup, lf->what, err);
 }
 
 int dws_builder_lazy_chain(dws_builder *bl, uint64_t step, dws_lazy_chain **out,
