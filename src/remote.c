@@ -241,6 +241,16 @@ static int write_block(dws_cache *c, const char *key, unsigned char *buf, size_t
 	return rc;
 }
 
+/* The trailer of a block of want_len bytes: true and its XXH3 in *h if it is
+ * whole and for that length. */
+static bool trailer_ok(const unsigned char *tr, uint64_t want_len, uint64_t *h)
+{
+	uint64_t l;
+	memcpy(&l, tr, 8);
+	memcpy(h, tr + 8, 8);
+	return memcmp(tr + 16, BLK_MAGIC, 8) == 0 && l == want_len;
+}
+
 /* Read [off, off+len) of a cached block. verify: check the whole block's
  * XXH3 first. Returns DWS_ENOENT if the file is gone or bad. */
 static int read_block(dws_cache *c, const char *key, uint64_t want_len, uint64_t off,
@@ -253,12 +263,8 @@ static int read_block(dws_cache *c, const char *key, uint64_t want_len, uint64_t
 		return DWS_ENOENT;
 	unsigned char tr[HDR_SIZE];
 	int rc = DWS_ENOENT;
-	uint64_t l, h;
-	if (pread(fd, tr, HDR_SIZE, (off_t)want_len) != HDR_SIZE || memcmp(tr + 16, BLK_MAGIC, 8) != 0)
-		goto out;
-	memcpy(&l, tr, 8);
-	memcpy(&h, tr + 8, 8);
-	if (l != want_len || off + len > l)
+	uint64_t l = want_len, h;
+	if (pread(fd, tr, HDR_SIZE, (off_t)want_len) != HDR_SIZE || !trailer_ok(tr, want_len, &h) || off + len > l)
 		goto out;
 	if (verify) {
 		char *all = dws_xmalloc(l ? l : 1);
@@ -309,13 +315,8 @@ static bool load_block(dws_cache *c, const char *key, uint64_t want_len, unsigne
 	close(fd);
 	if (got < want)
 		return false;
-	const unsigned char *tr = data + want_len;
-	uint64_t l, h;
-	memcpy(&l, tr, 8);
-	memcpy(&h, tr + 8, 8);
-	if (memcmp(tr + 16, BLK_MAGIC, 8) != 0 || l != want_len)
-		return false;
-	return !verify || XXH3_64bits(data, want_len) == h;
+	uint64_t h;
+	return trailer_ok(data + want_len, want_len, &h) && (!verify || XXH3_64bits(data, want_len) == h);
 }
 
 /* ---- memory: pooled block buffers and the hot set (under lock) ---- */
@@ -400,6 +401,32 @@ static void flight_remove(dws_cache *c, struct flight *f)
 		}
 }
 
+/* Under lock: this thread gets the block; others wait for it. */
+static struct flight *flight_start_locked(dws_cache *c, const char *key)
+{
+	struct flight *f = dws_xcalloc(1, sizeof(*f));
+	f->key = dws_xstrdup(key);
+	f->next = c->flights;
+	c->flights = f;
+	return f;
+}
+
+/* Under lock, which it releases: the flight is over with rc; its waiters
+ * wake (the last one frees it). */
+static void flight_end_unlock(dws_cache *c, struct flight *f, int rc)
+{
+	flight_remove(c, f);
+	f->done = true;
+	f->rc = rc;
+	bool free_now = f->waiters == 0;
+	pthread_cond_broadcast(&c->cond);
+	pthread_mutex_unlock(&c->lock);
+	if (free_now) {
+		free(f->key);
+		free(f);
+	}
+}
+
 static bool time_left(int64_t deadline) { return mono_ms() < deadline; }
 
 static uint64_t block_len(const dws_blob *b, dws_cache *c, uint64_t blk)
@@ -447,10 +474,7 @@ static int get_block(dws_blob *b, uint64_t blk, uint64_t off, void *buf, size_t 
 			if (prefetch || whole) {
 				/* a scan: the whole block into the hot set with one
 				 * read, for this read and the ones that follow */
-				struct flight *lf = dws_xcalloc(1, sizeof(*lf));
-				lf->key = dws_xstrdup(key);
-				lf->next = c->flights;
-				c->flights = lf;
+				struct flight *lf = flight_start_locked(c, key);
 				unsigned char *data = buf_get_locked(c);
 				pthread_mutex_unlock(&c->lock);
 				bool ok = load_block(c, key, blen, data, verify);
@@ -466,16 +490,7 @@ static int get_block(dws_blob *b, uint64_t blk, uint64_t off, void *buf, size_t 
 					if (dws_strmap_get(&c->index, key, &i))
 						drop_locked(c, i);
 				}
-				flight_remove(c, lf);
-				lf->done = true;
-				lf->rc = ok ? DWS_OK : DWS_ENOENT; /* waiters look again */
-				bool free_now = lf->waiters == 0;
-				pthread_cond_broadcast(&c->cond);
-				pthread_mutex_unlock(&c->lock);
-				if (free_now) {
-					free(lf->key);
-					free(lf);
-				}
+				flight_end_unlock(c, lf, ok ? DWS_OK : DWS_ENOENT); /* waiters look again */
 				if (!ok) {
 					dws_log("cache: block %s of %s was bad on disk; fetching it again", key, b->name);
 					continue;
@@ -545,10 +560,7 @@ static int get_block(dws_blob *b, uint64_t blk, uint64_t off, void *buf, size_t 
 			continue; /* now in the index */
 		}
 		/* this thread fetches */
-		f = dws_xcalloc(1, sizeof(*f));
-		f->key = dws_xstrdup(key);
-		f->next = c->flights;
-		c->flights = f;
+		f = flight_start_locked(c, key);
 		if (!prefetch)
 			c->misses++;
 		pthread_mutex_unlock(&c->lock);
@@ -573,16 +585,7 @@ static int get_block(dws_blob *b, uint64_t blk, uint64_t off, void *buf, size_t 
 		} else {
 			buf_put_locked(c, data);
 		}
-		flight_remove(c, f);
-		f->done = true;
-		f->rc = rc;
-		bool free_now = f->waiters == 0;
-		pthread_cond_broadcast(&c->cond);
-		pthread_mutex_unlock(&c->lock);
-		if (free_now) {
-			free(f->key);
-			free(f);
-		}
+		flight_end_unlock(c, f, rc);
 		if (!rc) {
 			dws_error werr = {0};
 			int wrc = write_block(c, key, data, (size_t)blen, &werr);
