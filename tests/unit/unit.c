@@ -176,6 +176,22 @@ static uint32_t rnd(void)
 	return rng;
 }
 
+/* A run over elements [0, n), each changed with odds 1 in one_in to a random
+ * value, which is also recorded in replay[]. */
+static dws_patch *random_run(uint32_t n, unsigned one_in, int32_t *replay)
+{
+	uint32_t *idx = dws_xmalloc(n * sizeof(uint32_t));
+	uint16_t *val = dws_xmalloc(n * sizeof(uint16_t));
+	uint32_t m = 0;
+	for (uint32_t i = 0; i < n; i++)
+		if (rnd() % one_in == 0) {
+			idx[m] = i;
+			val[m] = (uint16_t)rnd();
+			replay[i] = val[m++];
+		}
+	return dws_patch_new_owned(idx, val, m);
+}
+
 /* Runs appended per delta, compacted past DWS_MAX_RUNS: applying the set
  * equals replaying every delta in order, before and after compaction. */
 static void test_patchset(void)
@@ -189,16 +205,7 @@ static void test_patchset(void)
 	int bad = 0;
 	bool compacted = false;
 	for (int round = 0; round < ROUNDS; round++) {
-		uint32_t *idx = dws_xmalloc(N * sizeof(uint32_t));
-		uint16_t *val = dws_xmalloc(N * sizeof(uint16_t));
-		uint32_t m = 0;
-		for (uint32_t i = 0; i < N; i++)
-			if (rnd() % 23 == 0) {
-				idx[m] = i;
-				val[m++] = (uint16_t)rnd();
-				naive[i] = val[m - 1];
-			}
-		dws_patchset *next = dws_patchset_add(ps, dws_patch_new_owned(idx, val, m), N);
+		dws_patchset *next = dws_patchset_add(ps, random_run(N, 23, naive), N);
 		dws_patchset_unref(ps);
 		ps = next;
 		compacted |= ps->nruns == 1 && round > 0;
@@ -231,16 +238,7 @@ static void test_patchset(void)
 	ps = NULL;
 	uint32_t most = 0, merges = 0, dense = 0;
 	for (int round = 0; round < 100; round++) {
-		uint32_t *idx = dws_xmalloc(D * sizeof(uint32_t));
-		uint16_t *val = dws_xmalloc(D * sizeof(uint16_t));
-		uint32_t m = 0;
-		for (uint32_t i = 0; i < D; i++)
-			if (rnd() % 53 == 0) {
-				idx[m] = i;
-				val[m++] = (uint16_t)rnd();
-				want[i] = val[m - 1];
-			}
-		dws_patchset *next = dws_patchset_add(ps, dws_patch_new_owned(idx, val, m), D);
+		dws_patchset *next = dws_patchset_add(ps, random_run(D, 53, want), D);
 		dws_patchset_unref(ps);
 		ps = next;
 		uint32_t j, k;
@@ -410,7 +408,8 @@ static void test_catalog(void)
 static void test_patch_full(void)
 {
 	enum { D = 9001 };
-	static uint16_t srcv[D], want[D], out[D];
+	static uint16_t srcv[D], out[D];
+	static int32_t want[D];
 	for (int i = 0; i < D; i++)
 		want[i] = srcv[i] = (uint16_t)rnd();
 	char path[] = "/tmp/dwsfs-unit-full.XXXXXX";
@@ -420,17 +419,8 @@ static void test_patch_full(void)
 	dws_blob *b = dws_blob_from_fd("full-src", fd, 4 + sizeof(srcv));
 	dws_src src = {b, 4, DWS_DT_BF16};
 	dws_patch *runs[3];
-	for (int r = 0; r < 3; r++) {
-		uint32_t *idx = dws_xmalloc(D * sizeof(uint32_t));
-		uint16_t *val = dws_xmalloc(D * sizeof(uint16_t));
-		uint32_t m = 0;
-		for (uint32_t i = 0; i < D; i++)
-			if (rnd() % 3 == 0) {
-				idx[m] = i;
-				val[m++] = want[i] = (uint16_t)rnd();
-			}
-		runs[r] = dws_patch_new_owned(idx, val, m);
-	}
+	for (int r = 0; r < 3; r++)
+		runs[r] = random_run(D, 3, want);
 	dws_patch *full = dws_patch_compact(runs, 2, D, &src);
 	CHECK(full->full && full->bits, "a dense merge with a local source is full");
 	dws_patchset *ps = dws_patchset_add(NULL, full, D);
@@ -442,7 +432,7 @@ static void test_patch_full(void)
 		memset(out, 0, sizeof(out)); /* not the source: the run must hold it */
 		dws_patchset_apply_bf16(ps2, e0, cnt, out + e0);
 		for (uint64_t i = e0; i < e0 + cnt; i++)
-			bad += out[i] != want[i];
+			bad += out[i] != (uint16_t)want[i];
 	}
 	dws_patch_simd(true);
 	CHECK(bad == 0, "full run + a newer run read without the source equal source + every run (%d bad)", bad);
