@@ -376,10 +376,10 @@ static dws_step *build_newest(dws_mount *m, uint64_t after, bool have_root, dws_
 /* Put s in place of every held step with its id. */
 static void replace_equivalent(dws_mount *m, dws_step *s)
 {
-	dws_step *drop[3 + 64];
 	size_t nd = 0;
 	uint64_t id = dws_step_id(s);
 	pthread_mutex_lock(&m->lock);
+	dws_step **drop = dws_xcalloc(2 + m->ncache, sizeof(*drop));
 	if (m->root && dws_step_id(m->root) == id && m->root != s) {
 		drop[nd++] = m->root;
 		m->root = dws_step_ref(s);
@@ -388,7 +388,7 @@ static void replace_equivalent(dws_mount *m, dws_step *s)
 		drop[nd++] = m->ready;
 		m->ready = dws_step_ref(s);
 	}
-	for (size_t i = 0; i < m->ncache && nd < DWS_ARRAY_LEN(drop); i++)
+	for (size_t i = 0; i < m->ncache; i++)
 		if (dws_step_id(m->cache[i].step) == id && m->cache[i].step != s) {
 			drop[nd++] = m->cache[i].step;
 			m->cache[i].step = dws_step_ref(s);
@@ -396,6 +396,7 @@ static void replace_equivalent(dws_mount *m, dws_step *s)
 	pthread_mutex_unlock(&m->lock);
 	for (size_t i = 0; i < nd; i++)
 		dws_step_unref(drop[i]);
+	free(drop);
 }
 
 static void *compact_main(void *arg)
