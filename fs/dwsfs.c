@@ -916,7 +916,14 @@ int main(int argc, char *argv[])
 		ret = fuse_session_loop_mt(se, lc);
 		fuse_loop_cfg_destroy(lc);
 	}
-	/* a signal ends the loop with its number: a clean shutdown */
+	/* A signal ends the loop with its number: a clean shutdown. So does
+	 * ECONNABORTED: the kernel tearing the connection down after a lazy
+	 * unmount once the last open file closed, which it reports as either
+	 * ENODEV (libfuse's clean end) or this, depending on a race. */
+	if (ret == -ECONNABORTED) {
+		dws_log("the kernel closed the connection: unmounted");
+		ret = 0;
+	}
 	ret = ret < 0 ? 1 : 0;
 	/* handles whose release never came (lazy unmount with open files,
 	 * a signal before the kernel's asynchronous releases) */
