@@ -803,6 +803,63 @@ static void clean_stale_mount(const char *mp)
 		waitpid(pid, NULL, 0);
 }
 
+/* Going to the background the way a daemon with threads must: fork before
+ * anything starts a thread (the bucket's prefetch threads, libcurl's
+ * resolver), not after; fuse_daemonize() forks late, and a child keeps none
+ * of its parent's threads. The parent waits for the child to say the mount
+ * is up and exits 0, or exits 1 when the child died first (its one-line
+ * error went to the terminal, which the child keeps until then). Returns
+ * the write end of the pipe the child reports on, or -1. */
+static int daemon_start(void)
+{
+	int p[2];
+	if (pipe2(p, O_CLOEXEC) != 0) {
+		fprintf(stderr, "dwsfs: pipe: %s\n", strerror(errno));
+		return -1;
+	}
+	pid_t pid = fork();
+	if (pid < 0) {
+		fprintf(stderr, "dwsfs: fork: %s\n", strerror(errno));
+		close(p[0]);
+		close(p[1]);
+		return -1;
+	}
+	if (pid > 0) {
+		close(p[1]);
+		char c = 0;
+		ssize_t n;
+		do
+			n = read(p[0], &c, 1);
+		while (n < 0 && errno == EINTR);
+		_exit(n == 1 ? 0 : 1);
+	}
+	close(p[0]);
+	if (setsid() < 0)
+		fprintf(stderr, "dwsfs: setsid: %s\n", strerror(errno));
+	return p[1];
+}
+
+/* The child is mounted and serving: logs go to syslog, stdio to /dev/null,
+ * and the parent may exit. */
+static void daemon_ready(int fd)
+{
+	dws_log_to_syslog("dwsfs");
+	int nul = open("/dev/null", O_RDWR | O_CLOEXEC);
+	if (nul >= 0) {
+		dup2(nul, 0);
+		dup2(nul, 1);
+		dup2(nul, 2);
+		if (nul > 2)
+			close(nul);
+	}
+	char c = 1;
+	ssize_t n;
+	do
+		n = write(fd, &c, 1);
+	while (n < 0 && errno == EINTR);
+	close(fd);
+}
+
 int main(int argc, char *argv[])
 {
 	struct fuse_args args = FUSE_ARGS_INIT(argc, argv);
@@ -814,7 +871,7 @@ int main(int argc, char *argv[])
 	struct fuse_session *se = NULL;
 	struct fuse_loop_config *lc = NULL;
 	dws_error err = {0};
-	int ret = 1;
+	int ret = 1, ready_fd = -1;
 
 	if (fuse_opt_parse(&args, &o, opt_spec, opt_proc) != 0)
 		return 1;
@@ -848,6 +905,10 @@ int main(int argc, char *argv[])
 	dws_bucket_opts bo = {.cache_dir = o.cache_dir, .ca_file = o.ca_file, .block_size = o.block_size,
 			      .read_deadline_ms = o.read_timeout > 0 ? (unsigned)(o.read_timeout * 1000) : 0,
 			      .stall_timeout_ms = o.stall_timeout > 0 ? (unsigned)(o.stall_timeout * 1000) : 0};
+	if (o.block_size && (o.block_size < 4096 || o.block_size > (1u << 30) || o.block_size % 4096)) {
+		fprintf(stderr, "dwsfs: block_size is a multiple of 4096 from 4096 to 1 GiB, not %u\n", o.block_size);
+		goto out_args;
+	}
 	if (o.cache_size && !parse_size(o.cache_size, &bo.cache_size)) {
 		fprintf(stderr, "dwsfs: cache_size takes bytes (K, M, G suffixes), not '%s'\n", o.cache_size);
 		goto out_args;
@@ -873,6 +934,8 @@ int main(int argc, char *argv[])
 			goto out_args;
 		}
 	}
+	if (!co.foreground && (ready_fd = daemon_start()) < 0)
+		goto out_args;
 	clean_stale_mount(co.mountpoint);
 	if (dws_mount_open(&mo, &m, &err) != 0) {
 		fprintf(stderr, "dwsfs: %s\n", err.msg);
@@ -894,13 +957,15 @@ int main(int argc, char *argv[])
 	if (fuse_session_mount(se, co.mountpoint) != 0)
 		goto out_signals;
 	f.se = se;
-	if (!co.foreground)
-		dws_log_to_syslog("dwsfs");
-	if (fuse_daemonize(co.foreground) != 0)
-		goto out_unmount;
 	if (dws_mount_start(m, &err) != 0) {
 		fprintf(stderr, "dwsfs: %s\n", err.msg);
 		goto out_unmount;
+	}
+	if (chdir("/") != 0)
+		dws_log("chdir /: %s", strerror(errno));
+	if (ready_fd >= 0) {
+		daemon_ready(ready_fd);
+		ready_fd = -1;
 	}
 	if (o.read_ahead > 0)
 		set_read_ahead(co.mountpoint, o.read_ahead);

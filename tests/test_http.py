@@ -218,6 +218,56 @@ def test_one_tensor_fetches_about_its_bytes(hub, tmp_path):
         assert fetched < shard / 3
 
 
+def test_background_mount_serves_a_multi_block_file(hub, tmp_path):
+    """`dwsfs BUCKET MNT` without -f, as mount(8) and fstab run it: the
+    daemon forks before any thread starts, so its prefetch threads exist and
+    a read spanning many blocks is served (it hung for the read deadline,
+    then failed with EIO, when the fork came after the cache's threads).
+    A start-up error still reaches the terminal as one line, exit 1."""
+    h, root = hub
+    dst = root / "buckets" / "test" / "big"
+    # 400 tensors of 64 KiB: a header of ~40 KiB, which the start-up reads in
+    # two parts (its second read of block 0 queues block 1 for a prefetch)
+    rng = __import__("numpy").random.default_rng(3)
+    n = 32768
+    data = {f"model.layers.{i}.self_attn.o_proj.weight": ("BF16", [n], rng.integers(0, 65535, n, dtype="uint16").tobytes())
+            for i in range(400)}
+    meta = {"format": "sparse_weight_patch", "version": "1", "sparse": "False", "model_version": "1",
+            "total_elements": str(n * len(data))}
+    (dst / "anchors").mkdir(parents=True)
+    (dst / "anchors" / "step_000001.safetensors").write_bytes(dwsgen.safetensors_bytes(data, meta))
+    env = hf_env(h, tmp_path / "cache")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    bad = subprocess.run([DWSFS, "hf://buckets/test/missing", str(mnt)], capture_output=True, text=True,
+                         env=env, timeout=60)
+    assert bad.returncode == 1 and not os.path.ismount(mnt), bad
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dwsfs: ") and "missing" in lines[0], bad.stderr
+    tiny = subprocess.run([DWSFS, "hf://buckets/test/big", str(mnt), "-o", "block_size=100"], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert tiny.returncode == 1 and "block_size" in tiny.stderr and not os.path.ismount(mnt), tiny
+    # the start-up's 4 CDN requests slow (two header reads, blocks 0 and 1 at
+    # 0.5 s each): the prefetch of block 1 it queued is still running when a
+    # late fork would come
+    h.set_faults({"class": "cdn", "kind": "slow", "rate": 2 << 20, "count": 4})
+    p = subprocess.run([DWSFS, "hf://buckets/test/big", str(mnt), "-o", "block_size=1048576,read_timeout=20"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 0, p.stderr
+    try:
+        assert os.path.ismount(mnt)  # mounted when the command returns
+        t0 = time.monotonic()
+        got = subprocess.run(["cat", str(mnt / "model.safetensors")], capture_output=True, timeout=60).stdout
+        assert got == (dst / "anchors" / "step_000001.safetensors").read_bytes()
+        assert time.monotonic() - t0 < 15
+    finally:
+        pids = subprocess.run(["pgrep", "-f", f"hf://buckets/test/big {mnt}"], capture_output=True,
+                              text=True).stdout.split()
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, timeout=30)
+        wait_until(lambda: not any(os.path.exists(f"/proc/{x}") for x in pids), 20, "the daemon to exit")
+    assert pids
+
+
 def test_new_step_fetches_about_the_delta(hub, scenarios, tmp_path):
     """Taking a new step costs <= 1.05x the delta file's bytes."""
     h, root = hub
