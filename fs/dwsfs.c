@@ -572,14 +572,23 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
 	if (!buf)
 		return (void)fuse_reply_err(req, ENOMEM);
 	dws_error err = {0};
-	int64_t n = dws_step_read(h->step, h->file, (uint64_t)off, buf, size, &err);
+	/* unpatched bytes the block cache holds are sent from there: no copy */
+	struct iovec iov[32];
+	dws_pin pins[32];
+	size_t niov = sizeof(iov) / sizeof(iov[0]), npins = 0;
+	int64_t n = dws_step_read_iov(h->step, h->file, (uint64_t)off, buf, size, iov, &niov, pins, &npins, &err);
 	if (n < 0) {
 		dws_log("read %s [%lld, +%zu) of step %llu failed: %s", dws_step_file(h->step, h->file)->path, (long long)off, size,
 			(unsigned long long)dws_step_number(h->step), err.msg);
 		fuse_reply_err(req, EIO);
-	} else {
-		fuse_reply_buf(req, buf, (size_t)n);
+		return;
 	}
+	if (niov)
+		fuse_reply_iov(req, iov, (int)niov);
+	else
+		fuse_reply_buf(req, NULL, 0);
+	for (size_t k = 0; k < npins; k++)
+		dws_pin_release(&pins[k]);
 }
 
 static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)

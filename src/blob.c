@@ -35,6 +35,26 @@ int dws_blob_read(dws_blob *b, uint64_t off, void *buf, size_t len,
 	return b->ops->read(b, off, buf, len, err);
 }
 
+int dws_blob_read_ref(dws_blob *b, uint64_t off, void *buf, size_t len,
+		      const void **ref, dws_pin *pin, dws_error *err)
+{
+	*pin = (dws_pin){0};
+	*ref = buf;
+	if (!b->ops->read_ref || !len)
+		return dws_blob_read(b, off, buf, len, err);
+	uint64_t end;
+	if (!dws_add_ok(off, len, &end) || end > b->size)
+		return dws_blob_read(b, off, buf, len, err); /* its error */
+	return b->ops->read_ref(b, off, buf, len, ref, pin, err);
+}
+
+void dws_pin_release(dws_pin *p)
+{
+	if (p->release)
+		p->release(p->a, p->b);
+	*p = (dws_pin){0};
+}
+
 uint64_t dws_blob_size(const dws_blob *b) { return b->size; }
 const char *dws_blob_name(const dws_blob *b) { return b->name; }
 

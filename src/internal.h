@@ -68,6 +68,9 @@ int dws_blob_slurp(dws_blob *b, uint64_t cap, void **out, size_t *len,
 struct dws_blob_ops {
 	int (*read)(dws_blob *b, uint64_t off, void *buf, size_t len,
 		    dws_error *err);
+	/* optional: see dws_blob_read_ref */
+	int (*read_ref)(dws_blob *b, uint64_t off, void *buf, size_t len,
+			const void **ref, dws_pin *pin, dws_error *err);
 	void (*destroy)(dws_blob *b);
 };
 struct dws_blob {

@@ -34,6 +34,7 @@
 #define HDR_SIZE 24 /* the trailer after the data: length, XXH3-64, magic */
 #define ALIGN 4096
 #define QUEUE_MAX 256
+#define WRITES_MAX 4 /* blocks waiting for the disk writer; then fetchers write */
 
 struct entry {
 	char *key;          /* "<ident hash>-<block>" */
@@ -58,12 +59,17 @@ struct hot {
 	uint64_t len;
 	int refs;               /* readers copying out, the writer */
 	uint64_t last_use;
+	bool used;              /* a reader has had bytes of it */
 	struct hot *next;
 };
 
 struct job {
 	dws_blob *blob;
 	uint64_t block;
+};
+
+struct write_job {
+	struct hot *h; /* held (refs) until written */
 };
 
 struct dws_cache {
@@ -85,6 +91,11 @@ struct dws_cache {
 	size_t qhead, qlen;
 	pthread_t *threads;
 	unsigned nthreads;
+	pthread_cond_t writes; /* blocks to write, stop */
+	struct write_job wq[WRITES_MAX];
+	unsigned wq_head, wq_len;
+	pthread_t writer;
+	bool writer_started;
 	bool stop;
 	uint64_t hits, misses, fetched;
 	unsigned tmp_seq;
@@ -349,15 +360,22 @@ static struct hot *hot_find_locked(dws_cache *c, const char *key)
 	return NULL;
 }
 
-/* Room for one more: the least recently used blocks nobody is using go.
- * (With every block in use the set grows past its cap for a moment.) */
+/* Room for one more: the least recently used blocks nobody is using go,
+ * those a reader has had bytes of first. A block read ahead and not yet
+ * read stays: under plain LRU the block the reader just finished (touched
+ * last) outlived the ones fetched for it ahead of it, which then went to
+ * disk and came back with a read. (With every block in use the set grows
+ * past its cap for a moment.) */
 static void hot_trim_locked(dws_cache *c, unsigned keep)
 {
 	while (c->nhot > keep) {
 		struct hot **victim = NULL;
-		for (struct hot **pp = &c->hot; *pp; pp = &(*pp)->next)
-			if (!(*pp)->refs && (!victim || (*pp)->last_use < (*victim)->last_use))
+		for (struct hot **pp = &c->hot; *pp; pp = &(*pp)->next) {
+			struct hot *h = *pp, *v = victim ? *victim : NULL;
+			if (!h->refs && (!v || (h->used && !v->used) ||
+					 (h->used == v->used && h->last_use < v->last_use)))
 				victim = pp;
+		}
 		if (!victim)
 			return;
 		struct hot *h = *victim;
@@ -436,10 +454,44 @@ static uint64_t block_len(const dws_blob *b, dws_cache *c, uint64_t blk)
 	return n < c->o.block_size ? n : c->o.block_size;
 }
 
+static void store_block(dws_cache *c, struct hot *h);
+
+/* A reader's pin on a hot block (dws_pin). */
+static void hot_unpin(void *cv, void *hv)
+{
+	dws_cache *c = cv;
+	struct hot *h = hv;
+	pthread_mutex_lock(&c->lock);
+	h->refs--;
+	hot_trim_locked(c, c->hot_cap);
+	pthread_mutex_unlock(&c->lock);
+}
+
+/* Under lock: the reader's bytes of hot block h, [off, off+len): into buf,
+ * or, when ref is given, pointed to with h pinned (a reference the caller
+ * holds already, h->refs counted, is handed over to the pin). Returns with
+ * the lock released and the caller's reference dropped unless pinned. */
+static void hot_give_unlock(dws_cache *c, struct hot *h, uint64_t off, void *buf, size_t len,
+			    const void **ref, dws_pin *pin)
+{
+	h->used = true;
+	if (ref) {
+		*ref = h->buf + off;
+		*pin = (dws_pin){hot_unpin, c, h};
+		pthread_mutex_unlock(&c->lock);
+		return;
+	}
+	pthread_mutex_unlock(&c->lock);
+	memcpy(buf, h->buf + off, len);
+	hot_unpin(c, h);
+}
+
 /* Bytes [off, off+len) of block blk of blob b into buf (buf may be NULL for a
- * prefetch). */
+ * prefetch), or, with ref, pointed to in the hot set when the block is (or
+ * is made) hot, *pin keeping it there; ref is left alone when the bytes were
+ * copied into buf instead. */
 static int get_block(dws_blob *b, uint64_t blk, uint64_t off, void *buf, size_t len,
-		     bool prefetch, bool whole, dws_error *err)
+		     bool prefetch, bool whole, const void **ref, dws_pin *pin, dws_error *err)
 {
 	struct remote *r = b->priv;
 	dws_cache *c = r->c;
@@ -459,11 +511,7 @@ static int get_block(dws_blob *b, uint64_t blk, uint64_t off, void *buf, size_t 
 			}
 			c->hits++;
 			h->refs++;
-			pthread_mutex_unlock(&c->lock);
-			memcpy(buf, h->buf + off, len);
-			pthread_mutex_lock(&c->lock);
-			h->refs--;
-			pthread_mutex_unlock(&c->lock);
+			hot_give_unlock(c, h, off, buf, len, ref, pin);
 			return DWS_OK;
 		}
 		if (dws_strmap_get(&c->index, key, &i) && !flight_find(c, key)) {
@@ -495,9 +543,11 @@ static int get_block(dws_blob *b, uint64_t blk, uint64_t off, void *buf, size_t 
 					dws_log("cache: block %s of %s was bad on disk; fetching it again", key, b->name);
 					continue;
 				}
-				if (buf)
-					memcpy(buf, lh->buf + off, len);
 				pthread_mutex_lock(&c->lock);
+				if (buf || ref) {
+					hot_give_unlock(c, lh, off, buf, len, ref, pin);
+					return DWS_OK;
+				}
 				lh->refs--;
 				hot_trim_locked(c, c->hot_cap);
 				pthread_mutex_unlock(&c->lock);
@@ -579,25 +629,22 @@ static int get_block(dws_blob *b, uint64_t blk, uint64_t off, void *buf, size_t 
 			h = hot_add_locked(c, key, data, blen);
 			h->refs++;
 			c->fetched += blen;
-			if (buf)
+			if (ref) {
+				h->refs++;
+				h->used = true;
+				*ref = data + off;
+				*pin = (dws_pin){hot_unpin, c, h};
+			} else if (buf) {
+				h->used = true;
 				memcpy(buf, data + off, len);
+			}
 			evict_locked(c, blen + HDR_SIZE);
 		} else {
 			buf_put_locked(c, data);
 		}
 		flight_end_unlock(c, f, rc);
-		if (!rc) {
-			dws_error werr = {0};
-			int wrc = write_block(c, key, data, (size_t)blen, &werr);
-			if (wrc)
-				dws_log("%s (the block is served from memory, not kept)", werr.msg);
-			pthread_mutex_lock(&c->lock);
-			if (!wrc)
-				insert_locked(c, key, blen + HDR_SIZE, true);
-			h->refs--;
-			hot_trim_locked(c, c->hot_cap);
-			pthread_mutex_unlock(&c->lock);
-		}
+		if (!rc)
+			store_block(c, h);
 		if (rc && !prefetch) {
 			if (err && !err->code)
 				*err = ferr;
@@ -605,6 +652,63 @@ static int get_block(dws_blob *b, uint64_t blk, uint64_t off, void *buf, size_t 
 		}
 		return rc;
 	}
+}
+
+/* ---- writing blocks to disk ---- */
+
+/* Write hot block h (held by the caller's reference, which this drops) to
+ * disk and index it. */
+static void write_hot(dws_cache *c, struct hot *h)
+{
+	dws_error werr = {0};
+	int wrc = write_block(c, h->key, h->buf, (size_t)h->len, &werr);
+	if (wrc)
+		dws_log("%s (the block is served from memory, not kept)", werr.msg);
+	pthread_mutex_lock(&c->lock);
+	if (!wrc)
+		insert_locked(c, h->key, h->len + HDR_SIZE, true);
+	h->refs--;
+	hot_trim_locked(c, c->hot_cap);
+	pthread_mutex_unlock(&c->lock);
+}
+
+/* A block just fetched goes to disk on the writer thread, so the fetching
+ * thread goes on to its next fetch at once (the disk write and its XXH3 took
+ * about a third of a fetching thread's time); with the writer's queue full,
+ * the fetching thread writes it itself (the disk is slower than the network:
+ * backpressure). */
+static void store_block(dws_cache *c, struct hot *h)
+{
+	pthread_mutex_lock(&c->lock);
+	if (c->writer_started && !c->stop && c->wq_len < WRITES_MAX) {
+		c->wq[(c->wq_head + c->wq_len) % WRITES_MAX] = (struct write_job){h};
+		c->wq_len++;
+		pthread_cond_signal(&c->writes);
+		pthread_mutex_unlock(&c->lock);
+		return;
+	}
+	pthread_mutex_unlock(&c->lock);
+	write_hot(c, h);
+}
+
+static void *writer_main(void *arg)
+{
+	dws_cache *c = arg;
+	pthread_mutex_lock(&c->lock);
+	for (;;) {
+		while (!c->stop && !c->wq_len)
+			pthread_cond_wait(&c->writes, &c->lock);
+		if (!c->wq_len)
+			break; /* stopping, and every queued block written */
+		struct hot *h = c->wq[c->wq_head].h;
+		c->wq_head = (c->wq_head + 1) % WRITES_MAX;
+		c->wq_len--;
+		pthread_mutex_unlock(&c->lock);
+		write_hot(c, h);
+		pthread_mutex_lock(&c->lock);
+	}
+	pthread_mutex_unlock(&c->lock);
+	return NULL;
 }
 
 /* ---- prefetch ---- */
@@ -623,7 +727,7 @@ static void *prefetch_main(void *arg)
 		c->qlen--;
 		pthread_mutex_unlock(&c->lock);
 		dws_error err = {0};
-		get_block(j.blob, j.block, 0, NULL, 0, true, true, &err);
+		get_block(j.blob, j.block, 0, NULL, 0, true, true, NULL, NULL, &err);
 		dws_blob_unref(j.blob);
 		pthread_mutex_lock(&c->lock);
 	}
@@ -679,7 +783,8 @@ static bool block_cached(dws_cache *c, const struct remote *r, uint64_t blk)
 	return hit;
 }
 
-static int remote_read(dws_blob *b, uint64_t off, void *buf, size_t len, dws_error *err)
+static int remote_read_ref(dws_blob *b, uint64_t off, void *buf, size_t len,
+			   const void **ref, dws_pin *pin, dws_error *err)
 {
 	struct remote *r = b->priv;
 	dws_cache *c = r->c;
@@ -746,17 +851,25 @@ static int remote_read(dws_blob *b, uint64_t off, void *buf, size_t len, dws_err
 	if (window)
 		prefetch(b, last + 1, window);
 
+	/* one block's bytes in a scan: pointed to in the hot set, not copied */
+	if (ref && first == last && (window > 0 || scan))
+		return get_block(b, first, off - first * bs, buf, len, false, true, ref, pin, err);
 	char *dst = buf;
 	for (uint64_t blk = first; blk <= last; blk++) {
 		uint64_t bo = blk * bs;
 		uint64_t s = off > bo ? off - bo : 0;
 		uint64_t e = off + len < bo + bs ? off + len - bo : bs;
-		int rc = get_block(b, blk, s, dst, (size_t)(e - s), false, window > 0 || scan, err);
+		int rc = get_block(b, blk, s, dst, (size_t)(e - s), false, window > 0 || scan, NULL, NULL, err);
 		if (rc)
 			return rc;
 		dst += e - s;
 	}
 	return DWS_OK;
+}
+
+static int remote_read(dws_blob *b, uint64_t off, void *buf, size_t len, dws_error *err)
+{
+	return remote_read_ref(b, off, buf, len, NULL, NULL, err);
 }
 
 static void remote_destroy(dws_blob *b)
@@ -769,7 +882,8 @@ static void remote_destroy(dws_blob *b)
 	free(r);
 }
 
-static const struct dws_blob_ops remote_ops = {.read = remote_read, .destroy = remote_destroy};
+static const struct dws_blob_ops remote_ops = {.read = remote_read, .read_ref = remote_read_ref,
+					       .destroy = remote_destroy};
 
 dws_blob *dws_remote_blob(dws_cache *c, const char *name, const char *ident,
 			  uint64_t size, dws_fetch_fn fetch, void *ctx,
@@ -878,7 +992,7 @@ int dws_cache_open(const dws_cache_opts *o, dws_cache **out, dws_error *err)
 		c->o.wait_ms = 60000;
 	/* the readahead window and a block per fetching thread fit in memory */
 	c->hot_cap = c->o.max_window > 2 ? c->o.max_window : 2;
-	c->pool_cap = c->hot_cap + c->o.prefetch_threads + 2;
+	c->pool_cap = c->hot_cap + c->o.prefetch_threads + WRITES_MAX + 2;
 	c->pool = dws_xcalloc(c->pool_cap, sizeof(*c->pool));
 	c->dir = o->dir ? dws_xstrdup(o->dir) : default_dir();
 	char *b = dws_xasprintf("%s/blocks", c->dir), *t = dws_xasprintf("%s/tmp", c->dir);
@@ -899,6 +1013,7 @@ int dws_cache_open(const dws_cache_opts *o, dws_cache **out, dws_error *err)
 	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
 	pthread_cond_init(&c->cond, &ca);
 	pthread_cond_init(&c->jobs, &ca);
+	pthread_cond_init(&c->writes, &ca);
 	pthread_condattr_destroy(&ca);
 	pthread_mutex_lock(&c->lock);
 	scan(c);
@@ -907,6 +1022,7 @@ int dws_cache_open(const dws_cache_opts *o, dws_cache **out, dws_error *err)
 	for (unsigned i = 0; i < c->o.prefetch_threads; i++)
 		if (pthread_create(&c->threads[i], NULL, prefetch_main, c) == 0)
 			c->nthreads++;
+	c->writer_started = pthread_create(&c->writer, NULL, writer_main, c) == 0;
 	*out = c;
 	return DWS_OK;
 }
@@ -983,9 +1099,12 @@ void dws_cache_close(dws_cache *c)
 	c->stop = true;
 	pthread_cond_broadcast(&c->cond);
 	pthread_cond_broadcast(&c->jobs);
+	pthread_cond_broadcast(&c->writes);
 	pthread_mutex_unlock(&c->lock);
 	for (unsigned i = 0; i < c->nthreads; i++)
 		pthread_join(c->threads[i], NULL);
+	if (c->writer_started)
+		pthread_join(c->writer, NULL); /* after the fetchers: it drains their last blocks */
 	for (size_t q = 0; q < c->qlen; q++)
 		dws_blob_unref(c->queue[(c->qhead + q) % QUEUE_MAX].blob);
 	for (size_t i = 0; i < c->n; i++)
@@ -1006,5 +1125,6 @@ void dws_cache_close(dws_cache *c)
 	pthread_mutex_destroy(&c->lock);
 	pthread_cond_destroy(&c->cond);
 	pthread_cond_destroy(&c->jobs);
+	pthread_cond_destroy(&c->writes);
 	free(c);
 }

@@ -727,8 +727,48 @@ static int read_tensor(dws_step *s, size_t slot, uint64_t boff, size_t n,
 	return DWS_OK;
 }
 
-int64_t dws_step_read(dws_step *s, size_t fi, uint64_t off, void *buf,
-		      size_t len, dws_error *err)
+/* The pieces of a reply (dws_step_read_iov). */
+struct pieces {
+	struct iovec *iov;
+	size_t n, cap;
+	dws_pin *pins;
+	size_t npins;
+	const unsigned char *buf_end; /* end of the last piece if it is in buf */
+};
+
+/* Bytes for [dst, dst+n) of buf are at ref (== dst: produced in place).
+ * Pieces in buf are contiguous unless a pointed-to piece comes between, so
+ * a pointed-to piece is taken only with a slot left for the buf piece after
+ * it; without, its bytes are copied into place. */
+static void piece_add(struct pieces *P, unsigned char *dst, const void *ref, size_t n, dws_pin *pin)
+{
+	if (ref != dst && P->n + 2 > P->cap) {
+		memcpy(dst, ref, n);
+		dws_pin_release(pin);
+		ref = dst;
+	}
+	if (ref != dst) {
+		P->iov[P->n++] = (struct iovec){(void *)ref, n};
+		P->pins[P->npins++] = *pin;
+		P->buf_end = NULL;
+		return;
+	}
+	if (P->n && P->buf_end == dst)
+		P->iov[P->n - 1].iov_len += n;
+	else
+		P->iov[P->n++] = (struct iovec){dst, n};
+	P->buf_end = dst + n;
+}
+
+/* A tensor served as its source's bytes: no patch, no conversion. */
+static bool plain_tensor(const dws_step *s, size_t slot)
+{
+	const dws_patchset *ps = s->patch[slot];
+	return (!ps || !ps->nruns) && s->src[slot].dtype == s->layout->slots[slot].dtype;
+}
+
+static int64_t step_read(dws_step *s, size_t fi, uint64_t off, void *buf, size_t len,
+			 struct pieces *P, dws_error *err)
 {
 	pthread_once(&f16_once, f16_table_init);
 	if (fi >= s->layout->nfiles)
@@ -755,14 +795,52 @@ int64_t dws_step_read(dws_step *s, size_t fi, uint64_t off, void *buf,
 		const dws_extent *x = &f->ext[i];
 		uint64_t xe = x->off + x->len;
 		size_t n = (size_t)((xe < end ? xe : end) - pos);
-		int rc = x->slot < 0 ? dws_blob_read(f->blob, pos, dst, n, err)
-				     : read_tensor(s, (size_t)x->slot, pos - x->off, n, dst, err);
-		if (rc)
+		const void *ref = dst;
+		dws_pin pin = {0};
+		int rc;
+		if (x->slot < 0) {
+			rc = P ? dws_blob_read_ref(f->blob, pos, dst, n, &ref, &pin, err)
+			       : dws_blob_read(f->blob, pos, dst, n, err);
+		} else if (P && plain_tensor(s, (size_t)x->slot)) {
+			const dws_src *src = &s->src[x->slot];
+			dws_blob_readahead_limit(src->off + x->len);
+			rc = dws_blob_read_ref(src->blob, src->off + (pos - x->off), dst, n, &ref, &pin, err);
+			dws_blob_readahead_limit(UINT64_MAX);
+		} else {
+			rc = read_tensor(s, (size_t)x->slot, pos - x->off, n, dst, err);
+		}
+		if (rc) {
+			for (size_t k = 0; P && k < P->npins; k++)
+				dws_pin_release(&P->pins[k]);
 			return rc;
+		}
+		if (P)
+			piece_add(P, dst, ref, n, &pin);
 		dst += n;
 		pos += n;
 	}
 	return (int64_t)len;
+}
+
+int64_t dws_step_read(dws_step *s, size_t fi, uint64_t off, void *buf,
+		      size_t len, dws_error *err)
+{
+	return step_read(s, fi, off, buf, len, NULL, err);
+}
+
+int64_t dws_step_read_iov(dws_step *s, size_t fi, uint64_t off, void *buf,
+			  size_t len, struct iovec *iov, size_t *niov,
+			  dws_pin *pins, size_t *npins, dws_error *err)
+{
+	struct pieces P = {.iov = iov, .cap = *niov ? *niov : 1, .pins = pins};
+	*niov = 0;
+	*npins = 0;
+	int64_t n = step_read(s, fi, off, buf, len, &P, err);
+	if (n >= 0) {
+		*niov = P.n;
+		*npins = P.npins;
+	}
+	return n;
 }
 
 /* ---- state digest ---- */

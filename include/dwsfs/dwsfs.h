@@ -14,6 +14,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/uio.h>
 
 #define DWSFS_VERSION "0.1.0"
 
@@ -129,6 +130,18 @@ void dws_objects_free(dws_object *v, size_t n);
 typedef struct dws_blob dws_blob;
 int dws_blob_read(dws_blob *b, uint64_t off, void *buf, size_t len,
 		  dws_error *err); /* exact: short means error */
+/* Bytes held in memory by a blob's cache, kept there until released. */
+typedef struct dws_pin {
+	void (*release)(void *a, void *b);
+	void *a, *b;
+} dws_pin;
+void dws_pin_release(dws_pin *p); /* no-op on a pin that holds nothing */
+/* dws_blob_read, except that where the bytes sit whole in memory the blob
+ * keeps (a block of the remote cache's hot set), *ref points there and *pin
+ * keeps them until dws_pin_release: no copy. Otherwise they are read into
+ * buf, *ref == buf and the pin holds nothing. */
+int dws_blob_read_ref(dws_blob *b, uint64_t off, void *buf, size_t len,
+		      const void **ref, dws_pin *pin, dws_error *err);
 uint64_t dws_blob_size(const dws_blob *b);
 const char *dws_blob_name(const dws_blob *b);
 dws_blob *dws_blob_ref(dws_blob *b);
@@ -313,6 +326,14 @@ uint32_t dws_step_node_lookup(const dws_step *s, uint32_t dir, const char *name)
 /* Read bytes of file i at off; returns bytes read (short only at EOF) or <0. */
 int64_t dws_step_read(dws_step *s, size_t file, uint64_t off, void *buf,
 		      size_t len, dws_error *err);
+/* dws_step_read for a reply without a copy: the bytes as up to *niov pieces
+ * (in: room, at least 1; out: used) in iov. Unpatched source bytes the
+ * cache holds in memory are pointed to, each with a pin in pins (room for
+ * as many as iov; *npins out) to release once the reply is sent; the rest
+ * is produced into buf, at its offset in the range. */
+int64_t dws_step_read_iov(dws_step *s, size_t file, uint64_t off, void *buf,
+			  size_t len, struct iovec *iov, size_t *niov,
+			  dws_pin *pins, size_t *npins, dws_error *err);
 /* XXH3-64 state digest over the trainer view (see publish.c). */
 int dws_step_state_digest(dws_step *s, uint64_t *out, dws_error *err);
 

@@ -2,9 +2,11 @@
  * the last line is "N passed, N failed". */
 #include "bucket.h"
 #include "delta.h"
+#include "remote.h"
 #include "step.h"
 
 #include <fcntl.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -443,6 +445,95 @@ static void test_patch_full(void)
 	dws_blob_unref(b);
 }
 
+/* ---- the block cache: reads, pinned reads, reuse from disk ---- */
+
+struct fake_obj {
+	const unsigned char *data;
+	atomic_int fetches;
+};
+
+static int fake_fetch(void *ctx, uint64_t off, size_t len, void *dst, dws_error *err)
+{
+	(void)err;
+	struct fake_obj *o = ctx;
+	atomic_fetch_add(&o->fetches, 1);
+	memcpy(dst, o->data + off, len);
+	return DWS_OK;
+}
+
+static void test_block_cache(void)
+{
+	enum { BS = 65536, SIZE = 40 * BS + 1234 };
+	char dir[] = "/tmp/dwsfs-unit-cache-XXXXXX";
+	CHECK(mkdtemp(dir) != NULL, "mkdtemp");
+	unsigned char *data = malloc(SIZE), *buf = malloc(SIZE);
+	uint64_t x = 88172645463325252ull;
+	for (size_t i = 0; i < SIZE; i++) {
+		x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+		data[i] = (unsigned char)x;
+	}
+	struct fake_obj obj = {.data = data};
+	dws_cache_opts o = {.dir = dir, .block_size = BS, .max_window = 4};
+	dws_cache *c = NULL;
+	dws_error err = {0};
+	CHECK(dws_cache_open(&o, &c, &err) == DWS_OK, "cache open: %s", err.msg);
+	dws_blob *b = dws_remote_blob(c, "obj", "ident-1", SIZE, fake_fetch, &obj, NULL);
+
+	/* a read across blocks, then a sequential scan in 16 KiB pieces taken
+	 * by reference: same bytes; once it is a scan, pointed to, not copied */
+	CHECK(dws_blob_read(b, BS - 100, buf, 3 * BS, &err) == DWS_OK && !memcmp(buf, data + BS - 100, 3 * BS),
+	      "read across blocks");
+	size_t refs = 0, copies = 0;
+	bool same = true;
+	for (uint64_t off = 0; off < SIZE; off += 16384) {
+		size_t n = SIZE - off < 16384 ? (size_t)(SIZE - off) : 16384;
+		const void *ref = NULL;
+		dws_pin pin;
+		if (dws_blob_read_ref(b, off, buf, n, &ref, &pin, &err) != DWS_OK) {
+			same = false;
+			break;
+		}
+		same &= !memcmp(ref, data + off, n);
+		if (ref == buf)
+			copies++, same &= pin.release == NULL;
+		else
+			refs++;
+		dws_pin_release(&pin);
+		same &= pin.release == NULL;
+	}
+	CHECK(same, "read_ref: the bytes of the scan (%s)", err.msg);
+	CHECK(refs > copies && refs > 0, "read_ref: a scan is served from the hot set (%zu refs, %zu copies)", refs, copies);
+	int fetched = atomic_load(&obj.fetches);
+	CHECK(fetched <= 41 + 2, "each block fetched once (%d fetches for 41 blocks)", fetched);
+	dws_blob_unref(b);
+	dws_cache_close(c); /* the writer drains: every block on disk */
+
+	/* a new cache on the same folder: every block comes from disk */
+	obj.fetches = 0;
+	CHECK(dws_cache_open(&o, &c, &err) == DWS_OK, "cache reopen: %s", err.msg);
+	uint64_t hits, misses, bytes, blocks;
+	dws_cache_stats(c, &hits, &misses, &bytes, &blocks);
+	CHECK(blocks == 41, "41 blocks on disk after close (%llu)", (unsigned long long)blocks);
+	b = dws_remote_blob(c, "obj", "ident-1", SIZE, fake_fetch, &obj, NULL);
+	memset(buf, 0, SIZE);
+	same = true;
+	for (uint64_t off = 0; off < SIZE; off += 100000) {
+		size_t n = SIZE - off < 100000 ? (size_t)(SIZE - off) : 100000;
+		const void *ref;
+		dws_pin pin;
+		same &= dws_blob_read_ref(b, off, buf, n, &ref, &pin, &err) == DWS_OK && !memcmp(ref, data + off, n);
+		dws_pin_release(&pin);
+	}
+	CHECK(same && atomic_load(&obj.fetches) == 0, "reopened: same bytes, no fetch (%d)", atomic_load(&obj.fetches));
+	dws_blob_unref(b);
+	dws_cache_close(c);
+	char cmd[128];
+	snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+	CHECK(system(cmd) == 0, "cleanup");
+	free(data);
+	free(buf);
+}
+
 int main(void)
 {
 	test_dtypes();
@@ -452,6 +543,7 @@ int main(void)
 	test_patch_full();
 	test_gap_delta();
 	test_catalog();
+	test_block_cache();
 	printf("%d passed, %d failed\n", passed, failed);
 	return failed ? 1 : 0;
 }
