@@ -549,11 +549,16 @@ static char *read_buffer(size_t size)
 		}
 	}
 	if (size > b->cap || !b->p) {
+		/* page aligned, as the page cache pages the kernel copies the
+		 * reply into: with the source 16 bytes off (malloc's), that copy
+		 * ran 2.5x slower on this AMD machine than memfs's aligned one */
 		free(b->p);
+		b->p = NULL;
 		b->cap = size ? size : 1;
-		b->p = malloc(b->cap);
-		if (!b->p)
+		if (posix_memalign((void **)&b->p, 4096, b->cap) != 0) {
+			b->p = NULL;
 			b->cap = 0;
+		}
 	}
 	return b->p;
 }

@@ -48,6 +48,14 @@ int dws_blob_read_ref(dws_blob *b, uint64_t off, void *buf, size_t len,
 	return b->ops->read_ref(b, off, buf, len, ref, pin, err);
 }
 
+bool dws_blob_local(dws_blob *b, uint64_t off, uint64_t len)
+{
+	uint64_t end;
+	if (!dws_add_ok(off, len, &end) || end > b->size)
+		return false;
+	return b->fd >= 0 || (b->ops->cached && b->ops->cached(b, off, len));
+}
+
 void dws_pin_release(dws_pin *p)
 {
 	if (p->release)

@@ -59,6 +59,13 @@ void dws_blob_readahead_limit(uint64_t end);
 /* While on, remote blob reads by this thread that miss the cache fetch just
  * the bytes asked for and keep nothing (reading headers while cataloguing). */
 void dws_blob_direct_reads(bool on);
+/* While on, remote blob reads by this thread leave the blob's readahead
+ * alone (no window, no prefetch): background reads that must not make a
+ * reader's scan look random. */
+void dws_blob_quiet_reads(bool on);
+/* Whether [off, off+len) of b can be read without a fetch: a local file, or
+ * every block of it in the remote cache (a hint: a block may go meanwhile). */
+bool dws_blob_local(dws_blob *b, uint64_t off, uint64_t len);
 
 /* Read a whole blob into memory (at most cap bytes). */
 int dws_blob_slurp(dws_blob *b, uint64_t cap, void **out, size_t *len,
@@ -68,6 +75,8 @@ int dws_blob_slurp(dws_blob *b, uint64_t cap, void **out, size_t *len,
 struct dws_blob_ops {
 	int (*read)(dws_blob *b, uint64_t off, void *buf, size_t len,
 		    dws_error *err);
+	/* optional: see dws_blob_local */
+	bool (*cached)(dws_blob *b, uint64_t off, uint64_t len);
 	/* optional: see dws_blob_read_ref */
 	int (*read_ref)(dws_blob *b, uint64_t off, void *buf, size_t len,
 			const void **ref, dws_pin *pin, dws_error *err);

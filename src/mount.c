@@ -738,6 +738,10 @@ char *dws_mount_status_json(dws_mount *m)
 	json_object_set_new(j, "merging", json_boolean(m->merging || m->compact_wanted));
 	json_object_set_new(j, "root_open_handles", json_integer(m->root_open));
 	json_object_set_new(j, "patched_elements", json_integer((json_int_t)dws_step_patch_entries(m->root)));
+	uint64_t whole_bytes;
+	size_t whole = dws_step_whole_tensors(m->root, &whole_bytes);
+	json_object_set_new(j, "whole_tensors", json_integer((json_int_t)whole));
+	json_object_set_new(j, "whole_tensor_bytes", json_integer((json_int_t)whole_bytes));
 	if (m->remote) {
 		uint64_t req[4], bytes[4], hits, misses, cbytes, blocks;
 		dws_bucket_http_counts(m->bucket, req, bytes);

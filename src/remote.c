@@ -767,10 +767,11 @@ static void prefetch(dws_blob *b, uint64_t first, unsigned n)
 
 static _Thread_local uint64_t ra_limit = UINT64_MAX;
 
-static _Thread_local bool direct_reads;
+static _Thread_local bool direct_reads, quiet_reads;
 
 void dws_blob_readahead_limit(uint64_t end) { ra_limit = end; }
 void dws_blob_direct_reads(bool on) { direct_reads = on; }
+void dws_blob_quiet_reads(bool on) { quiet_reads = on; }
 
 static bool block_cached(dws_cache *c, const struct remote *r, uint64_t blk)
 {
@@ -781,6 +782,37 @@ static bool block_cached(dws_cache *c, const struct remote *r, uint64_t blk)
 	bool hit = dws_strmap_get(&c->index, key, &i) || hot_find_locked(c, key);
 	pthread_mutex_unlock(&c->lock);
 	return hit;
+}
+
+/* [off, off+len) block by block into buf; whole: load blocks on disk whole
+ * into the hot set (a scan). */
+static int read_blocks(dws_blob *b, uint64_t off, size_t len, void *buf, bool whole, dws_error *err)
+{
+	struct remote *r = b->priv;
+	uint64_t bs = r->c->o.block_size;
+	char *dst = buf;
+	for (uint64_t blk = off / bs; blk <= (off + len - 1) / bs; blk++) {
+		uint64_t bo = blk * bs;
+		uint64_t s = off > bo ? off - bo : 0;
+		uint64_t e = off + len < bo + bs ? off + len - bo : bs;
+		int rc = get_block(b, blk, s, dst, (size_t)(e - s), false, whole, NULL, NULL, err);
+		if (rc)
+			return rc;
+		dst += e - s;
+	}
+	return DWS_OK;
+}
+
+static bool remote_cached(dws_blob *b, uint64_t off, uint64_t len)
+{
+	struct remote *r = b->priv;
+	uint64_t bs = r->c->o.block_size;
+	if (!len)
+		return true;
+	for (uint64_t blk = off / bs; blk <= (off + len - 1) / bs; blk++)
+		if (!block_cached(r->c, r, blk))
+			return false;
+	return true;
 }
 
 static int remote_read_ref(dws_blob *b, uint64_t off, void *buf, size_t len,
@@ -800,6 +832,9 @@ static int remote_read_ref(dws_blob *b, uint64_t off, void *buf, size_t len,
 		}
 		return rc;
 	}
+
+	if (quiet_reads)
+		return read_blocks(b, off, len, buf, false, err);
 
 	pthread_mutex_lock(&r->lock);
 	/* sequential: at or near where the last read ended (the kernel's
@@ -854,17 +889,7 @@ static int remote_read_ref(dws_blob *b, uint64_t off, void *buf, size_t len,
 	/* one block's bytes in a scan: pointed to in the hot set, not copied */
 	if (ref && first == last && (window > 0 || scan))
 		return get_block(b, first, off - first * bs, buf, len, false, true, ref, pin, err);
-	char *dst = buf;
-	for (uint64_t blk = first; blk <= last; blk++) {
-		uint64_t bo = blk * bs;
-		uint64_t s = off > bo ? off - bo : 0;
-		uint64_t e = off + len < bo + bs ? off + len - bo : bs;
-		int rc = get_block(b, blk, s, dst, (size_t)(e - s), false, window > 0 || scan, NULL, NULL, err);
-		if (rc)
-			return rc;
-		dst += e - s;
-	}
-	return DWS_OK;
+	return read_blocks(b, off, len, buf, window > 0 || scan, err);
 }
 
 static int remote_read(dws_blob *b, uint64_t off, void *buf, size_t len, dws_error *err)
@@ -883,7 +908,7 @@ static void remote_destroy(dws_blob *b)
 }
 
 static const struct dws_blob_ops remote_ops = {.read = remote_read, .read_ref = remote_read_ref,
-					       .destroy = remote_destroy};
+					       .cached = remote_cached, .destroy = remote_destroy};
 
 dws_blob *dws_remote_blob(dws_cache *c, const char *name, const char *ident,
 			  uint64_t size, dws_fetch_fn fetch, void *ctx,

@@ -269,6 +269,7 @@ static bool make_full(dws_patch *p, const dws_src *src)
 	enum { CH = 64 * 1024 }; /* elements per read, a multiple of 64 */
 	uint16_t *buf = dws_xmalloc(CH * sizeof(uint16_t));
 	bool ok = true;
+	dws_blob_quiet_reads(true); /* a remote source's blocks, from the cache */
 	for (uint64_t e = 0; e < p->numel && ok; e += CH) {
 		uint64_t n = p->numel - e < CH ? p->numel - e : CH;
 		dws_error err = {0};
@@ -280,6 +281,7 @@ static bool make_full(dws_patch *p, const dws_src *src)
 		dense_apply_bf16(p, e, n, buf);
 		memcpy(p->val + e, buf, (size_t)n * 2);
 	}
+	dws_blob_quiet_reads(false);
 	free(buf);
 	if (!ok)
 		return false;
@@ -360,7 +362,8 @@ dws_patch *dws_patch_compact(dws_patch *const *runs, uint32_t k, uint64_t numel,
 		dws_patch *d = densify(runs, k, numel);
 		for (uint32_t r = 0; r < k; r++)
 			d->full |= runs[r]->full; /* every bit set already */
-		if (!d->full && src && src->dtype == DWS_DT_BF16 && src->blob && src->blob->fd >= 0)
+		if (!d->full && src && src->dtype == DWS_DT_BF16 && src->blob &&
+		    dws_blob_local(src->blob, src->off, numel * 2))
 			make_full(d, src);
 		return d;
 	}
@@ -577,6 +580,21 @@ uint64_t dws_step_patch_entries(const dws_step *s)
 	return n;
 }
 
+size_t dws_step_whole_tensors(const dws_step *s, uint64_t *bytes)
+{
+	size_t n = 0;
+	uint64_t b = 0;
+	for (size_t i = 0; i < s->layout->nslots; i++) {
+		const dws_patchset *ps = s->patch[i];
+		if (ps && ps->nruns && ps->runs[0]->full) {
+			n++;
+			b += s->layout->slots[i].numel * 2;
+		}
+	}
+	*bytes = b;
+	return n;
+}
+
 int dws_step_file_lookup(const dws_step *s, const char *path)
 {
 	size_t i;
@@ -760,6 +778,21 @@ static void piece_add(struct pieces *P, unsigned char *dst, const void *ref, siz
 	P->buf_end = dst + n;
 }
 
+/* A tensor held whole in memory: one full run, BF16 out. */
+static const dws_patch *full_tensor(const dws_step *s, size_t slot)
+{
+	const dws_patchset *ps = s->patch[slot];
+	if (ps && ps->nruns == 1 && ps->runs[0]->full && s->layout->slots[slot].dtype == DWS_DT_BF16)
+		return ps->runs[0];
+	return NULL;
+}
+
+static void patch_unpin(void *p, void *unused)
+{
+	(void)unused;
+	dws_patch_unref(p);
+}
+
 /* A tensor served as its source's bytes: no patch, no conversion. */
 static bool plain_tensor(const dws_step *s, size_t slot)
 {
@@ -801,6 +834,13 @@ static int64_t step_read(dws_step *s, size_t fi, uint64_t off, void *buf, size_t
 		if (x->slot < 0) {
 			rc = P ? dws_blob_read_ref(f->blob, pos, dst, n, &ref, &pin, err)
 			       : dws_blob_read(f->blob, pos, dst, n, err);
+		} else if (P && full_tensor(s, (size_t)x->slot)) {
+			/* the reply points into the run, which the pin keeps */
+			dws_patch *run = (dws_patch *)full_tensor(s, (size_t)x->slot);
+			atomic_fetch_add(&run->refs, 1);
+			ref = (const unsigned char *)run->val + (pos - x->off);
+			pin = (dws_pin){patch_unpin, run, NULL};
+			rc = DWS_OK;
 		} else if (P && plain_tensor(s, (size_t)x->slot)) {
 			const dws_src *src = &s->src[x->slot];
 			dws_blob_readahead_limit(src->off + x->len);

@@ -73,8 +73,9 @@ dws_patchset *dws_patchset_splice(const dws_patchset *ps, uint32_t j, uint32_t k
 				  dws_patch *merged);
 /* One run equal to applying runs[0..k) in order to a tensor of numel
  * elements: dense when that is smaller. With src (the tensor's BF16 source,
- * a local file) and runs[0] the oldest run of the tensor, a dense result is
- * made full: reads then copy it and never touch the source. */
+ * a local file or a remote one whose blocks are all in the block cache) and
+ * runs[0] the oldest run of the tensor, a dense result is made full: reads
+ * then take the tensor from it and never touch the source. */
 dws_patch *dws_patch_compact(dws_patch *const *runs, uint32_t k, uint64_t numel,
 			     const dws_src *src);
 /* Dense runs are applied with AVX-512 masked stores where the CPU has them;

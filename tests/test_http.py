@@ -268,6 +268,42 @@ def test_background_mount_serves_a_multi_block_file(hub, tmp_path):
     assert pids
 
 
+def test_cached_sources_merged_into_whole_tensors(hub, tmp_path):
+    """Tensors patched past a third over a remote source whose blocks are all
+    in the block cache: the compaction thread merges the source in, and the
+    mount serves them from memory (pointed to, no copy) with exact bytes.
+    Without the blocks cached it merges nothing and fetches nothing."""
+    h, root = hub
+    dst = root / "buckets" / "test" / "fold"
+    subprocess.run(["/usr/bin/python3", str(REPO / "tests" / "bench" / "make_model.py"), str(dst), "--params", "3e6",
+                    "--deltas", "4", "--changed", "0.2"], check=True, capture_output=True, timeout=300)
+    expected = tmp_path / "expected"
+    dwsref.extract(str(dst), str(expected))
+    want = (expected / "model.safetensors").read_bytes()
+    env = hf_env(h, tmp_path / "cache")
+    opts = ["poll=60", "block_size=1048576"]
+
+    def merged(m):
+        wait_until(lambda: not m.status()["merging"], 60, "the compaction thread to go idle")
+        return m.status()
+
+    with Mount("hf://buckets/test/fold", tmp_path / "mnt", opts, env=env) as m:
+        st = merged(m)
+        assert st["whole_tensors"] == 0, st  # the anchor's blocks were not cached yet
+        assert read_all(m.mnt / "model.safetensors") == want  # fills the cache
+    cdn = h.stats()["cdn"]
+    with Mount("hf://buckets/test/fold", tmp_path / "mnt", opts, env=env) as m:
+        st = merged(m)
+        assert st["whole_tensors"] > 0 and st["whole_tensor_bytes"] > len(want) // 2, st
+        assert read_all(m.mnt / "model.safetensors") == want
+        assert read_mmap(m.mnt / "model.safetensors") == want
+        with open(m.mnt / "model.safetensors", "rb") as f:  # odd offsets and lengths
+            for off in (1, 4097, len(want) // 3 + 7, len(want) - 12345):
+                f.seek(off)
+                assert f.read(70001) == want[off:off + 70001], off
+    assert h.stats()["cdn"] == cdn  # the second mount fetched nothing
+
+
 def test_new_step_fetches_about_the_delta(hub, scenarios, tmp_path):
     """Taking a new step costs <= 1.05x the delta file's bytes."""
     h, root = hub

@@ -306,6 +306,9 @@ uint64_t dws_step_id(const dws_step *s); /* see dws_catalog_step_id */
 uint64_t dws_step_anchor(const dws_step *s);     /* 0: base only */
 size_t dws_step_chain_length(const dws_step *s); /* files applied since anchor */
 uint64_t dws_step_patch_entries(const dws_step *s);
+/* Tensors of s held whole in memory (patched past a third and merged with
+ * their source, which reads then never touch), and their bytes. */
+size_t dws_step_whole_tensors(const dws_step *s, uint64_t *bytes);
 size_t dws_step_file_count(const dws_step *s);
 const dws_file_info *dws_step_file(const dws_step *s, size_t i);
 int dws_step_file_lookup(const dws_step *s, const char *path); /* -1 if none */

@@ -484,6 +484,7 @@ static void test_block_cache(void)
 	CHECK(dws_blob_read(b, BS - 100, buf, 3 * BS, &err) == DWS_OK && !memcmp(buf, data + BS - 100, 3 * BS),
 	      "read across blocks");
 	size_t refs = 0, copies = 0;
+	int bad;
 	bool same = true;
 	for (uint64_t off = 0; off < SIZE; off += 16384) {
 		size_t n = SIZE - off < 16384 ? (size_t)(SIZE - off) : 16384;
@@ -525,6 +526,31 @@ static void test_block_cache(void)
 		dws_pin_release(&pin);
 	}
 	CHECK(same && atomic_load(&obj.fetches) == 0, "reopened: same bytes, no fetch (%d)", atomic_load(&obj.fetches));
+
+	/* compaction folds a remote BF16 source into a full run when its blocks
+	 * are all cached, and never fetches one that is not */
+	enum { D = 300000 };
+	static int32_t want[D];
+	for (int i = 0; i < D; i++)
+		want[i] = (uint16_t)(data[100 + 2 * i] | data[101 + 2 * i] << 8);
+	dws_patch *runs[2] = {random_run(D, 3, want), random_run(D, 3, want)};
+	dws_src src = {b, 100, DWS_DT_BF16};
+	dws_patch *full = dws_patch_compact(runs, 2, D, &src);
+	CHECK(full->full, "a dense merge over a cached remote source is full");
+	bad = 0;
+	for (int i = 0; i < D; i++)
+		bad += full->val[i] != (uint16_t)want[i];
+	CHECK(bad == 0 && atomic_load(&obj.fetches) == 0, "its values: source + runs (%d bad), no fetch", bad);
+	dws_patch_unref(full);
+	dws_blob *u = dws_remote_blob(c, "obj2", "ident-2", SIZE, fake_fetch, &obj, NULL);
+	src.blob = u;
+	full = dws_patch_compact(runs, 2, D, &src);
+	CHECK(!full->full && full->bits && atomic_load(&obj.fetches) == 0,
+	      "over an uncached remote source: dense, not full, nothing fetched (%d)", atomic_load(&obj.fetches));
+	dws_patch_unref(full);
+	dws_patch_unref(runs[0]);
+	dws_patch_unref(runs[1]);
+	dws_blob_unref(u);
 	dws_blob_unref(b);
 	dws_cache_close(c);
 	char cmd[128];
