@@ -759,7 +759,8 @@ static void usage(const char *prog)
 	       "    -o max_steps=N         step views kept in memory for steps/ (default 8)\n"
 	       "    -o read_ahead=KB       the kernel's readahead for this mount (default 1024; 0: leave it)\n"
 	       "    -o cache_dir=DIR       where decompressed anchors and fetched blocks go\n"
-	       "    -o cache_size=BYTES    byte cap of the block cache (K, M, G suffixes; default 16G)\n"
+	       "    -o cache_size=BYTES    byte cap of the block cache (K, M, G suffixes; default 16G;\n"
+	       "                           0: no disk cache, blocks kept in memory only)\n"
 	       "    -o read_timeout=SECONDS  a read not served by then fails with EIO (default 60)\n"
 	       "    -o stall_timeout=SECONDS a transfer that sends nothing this long is retried (default 10)\n"
 	       "    -o ca_file=FILE        extra CA bundle for TLS (verification is always on)\n"
@@ -927,6 +928,7 @@ int main(int argc, char *argv[])
 		fprintf(stderr, "dwsfs: cache_size takes bytes (K, M, G suffixes), not '%s'\n", o.cache_size);
 		goto out_args;
 	}
+	bo.memory_cache = o.cache_size && bo.cache_size == 0; /* cache_size=0: no disk cache */
 	dws_mount_opts mo = {
 		.bucket = o.bucket, .bucket_opts = &bo, .base = o.base, .maps = o.map_prefix ? &map : NULL, .nmaps = o.map_prefix ? 1 : 0,
 		.poll_ms = o.poll ? o.poll * 1000 : 0,

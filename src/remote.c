@@ -15,7 +15,9 @@
  * - A hard byte cap and a free-space floor, LRU eviction; the index is rebuilt
  *   from the files at start, so the cache survives remounts.
  * - Readahead per blob: the window doubles on sequential reads up to
- *   max_window blocks and drops to nothing on a random read (mmap faults). */
+ *   max_window blocks and drops to nothing on a random read (mmap faults).
+ * - memory_only: no disk at all, the hot set is the cache (a node whose disk
+ *   is small or slower than its network). */
 #include "remote.h"
 
 #include <dirent.h>
@@ -35,7 +37,8 @@
 #define HDR_SIZE 24 /* the trailer after the data: length, XXH3-64, magic */
 #define ALIGN 4096
 #define QUEUE_MAX 256
-#define WRITES_MAX 4 /* blocks waiting for the disk writer; then fetchers write */
+#define WRITES_MAX 6 /* blocks waiting for the disk writers; then fetchers write */
+#define WRITERS 2    /* the disk takes two direct writes at once faster than one */
 
 struct entry {
 	char *key;          /* "<ident hash>-<block>" */
@@ -95,8 +98,9 @@ struct dws_cache {
 	pthread_cond_t writes; /* blocks to write, stop */
 	struct write_job wq[WRITES_MAX];
 	unsigned wq_head, wq_len;
-	pthread_t writer;
-	bool writer_started;
+	pthread_t writer[WRITERS];
+	unsigned nwriters;
+	uint64_t self_written; /* blocks a fetcher wrote, the writers' queue full */
 	bool stop;
 	uint64_t hits, misses, fetched;
 	unsigned tmp_seq;
@@ -689,13 +693,20 @@ static void write_hot(dws_cache *c, struct hot *h)
 static void store_block(dws_cache *c, struct hot *h)
 {
 	pthread_mutex_lock(&c->lock);
-	if (c->writer_started && !c->stop && c->wq_len < WRITES_MAX) {
+	if (c->o.memory_only) {
+		h->refs--;
+		hot_trim_locked(c, c->hot_cap);
+		pthread_mutex_unlock(&c->lock);
+		return;
+	}
+	if (c->nwriters && !c->stop && c->wq_len < WRITES_MAX) {
 		c->wq[(c->wq_head + c->wq_len) % WRITES_MAX] = (struct write_job){h};
 		c->wq_len++;
 		pthread_cond_signal(&c->writes);
 		pthread_mutex_unlock(&c->lock);
 		return;
 	}
+	c->self_written++;
 	pthread_mutex_unlock(&c->lock);
 	write_hot(c, h);
 }
@@ -1030,7 +1041,7 @@ int dws_cache_open(const dws_cache_opts *o, dws_cache **out, dws_error *err)
 	c->pool = dws_xcalloc(c->pool_cap, sizeof(*c->pool));
 	c->dir = o->dir ? dws_xstrdup(o->dir) : default_dir();
 	char *b = dws_xasprintf("%s/blocks", c->dir), *t = dws_xasprintf("%s/tmp", c->dir);
-	bool ok = mkdir_p(c->dir) == 0 && mkdir_p(b) == 0 && mkdir_p(t) == 0;
+	bool ok = c->o.memory_only || (mkdir_p(c->dir) == 0 && mkdir_p(b) == 0 && mkdir_p(t) == 0);
 	free(b);
 	free(t);
 	if (!ok) {
@@ -1050,13 +1061,16 @@ int dws_cache_open(const dws_cache_opts *o, dws_cache **out, dws_error *err)
 	pthread_cond_init(&c->writes, &ca);
 	pthread_condattr_destroy(&ca);
 	pthread_mutex_lock(&c->lock);
-	scan(c);
+	if (!c->o.memory_only)
+		scan(c);
 	pthread_mutex_unlock(&c->lock);
 	c->threads = dws_xcalloc(c->o.prefetch_threads, sizeof(pthread_t));
 	for (unsigned i = 0; i < c->o.prefetch_threads; i++)
 		if (pthread_create(&c->threads[i], NULL, prefetch_main, c) == 0)
 			c->nthreads++;
-	c->writer_started = pthread_create(&c->writer, NULL, writer_main, c) == 0;
+	for (unsigned i = 0; i < (c->o.memory_only ? 0 : WRITERS); i++)
+		if (pthread_create(&c->writer[c->nwriters], NULL, writer_main, c) == 0)
+			c->nwriters++;
 	*out = c;
 	return DWS_OK;
 }
@@ -1082,9 +1096,10 @@ static struct shared_cache {
 int dws_cache_acquire(const dws_bucket_opts *bo, dws_cache **out, dws_error *err)
 {
 	const char *dir = bo && bo->cache_dir ? bo->cache_dir : "";
+	bool mem = bo && bo->memory_cache;
 	pthread_mutex_lock(&shared_lock);
 	for (size_t i = 0; i < DWS_ARRAY_LEN(shared); i++)
-		if (shared[i].c && !strcmp(shared[i].dir, dir)) {
+		if (shared[i].c && !strcmp(shared[i].dir, dir) && shared[i].c->o.memory_only == mem) {
 			shared[i].refs++;
 			*out = shared[i].c;
 			pthread_mutex_unlock(&shared_lock);
@@ -1093,6 +1108,7 @@ int dws_cache_acquire(const dws_bucket_opts *bo, dws_cache **out, dws_error *err
 	dws_cache_opts co = {.dir = *dir ? dir : NULL};
 	if (bo) {
 		co.cap = bo->cache_size;
+		co.memory_only = bo->memory_cache;
 		co.block_size = bo->block_size;
 		co.wait_ms = bo->read_deadline_ms;
 	}
@@ -1137,8 +1153,8 @@ void dws_cache_close(dws_cache *c)
 	pthread_mutex_unlock(&c->lock);
 	for (unsigned i = 0; i < c->nthreads; i++)
 		pthread_join(c->threads[i], NULL);
-	if (c->writer_started)
-		pthread_join(c->writer, NULL); /* after the fetchers: it drains their last blocks */
+	for (unsigned i = 0; i < c->nwriters; i++)
+		pthread_join(c->writer[i], NULL); /* after the fetchers: they drain their last blocks */
 	for (size_t q = 0; q < c->qlen; q++)
 		dws_blob_unref(c->queue[(c->qhead + q) % QUEUE_MAX].blob);
 	for (size_t i = 0; i < c->n; i++)

@@ -14,6 +14,7 @@ typedef struct dws_cache_opts {
 	unsigned prefetch_threads;/* default 4 */
 	unsigned max_window;      /* readahead blocks at most; default 8 */
 	unsigned wait_ms;         /* a reader waits this long for a block; default 60000 */
+	bool memory_only;         /* nothing written to or read from dir */
 } dws_cache_opts;
 
 int dws_cache_open(const dws_cache_opts *o, dws_cache **out, dws_error *err);

@@ -502,6 +502,30 @@ def test_cache_cap_holds_and_blocks_are_checked(hub, tmp_path):
     assert not (cache / "tmp" / "leftover.partial").exists()
 
 
+def test_memory_only_cache(hub, tmp_path):
+    """cache_size=0: no disk cache. Exact bytes, nothing written under
+    cache_dir, and blocks evicted from memory are fetched again."""
+    h, root = hub
+    dst = root / "buckets" / "test" / "big"
+    big_anchor_bucket(dst, tensors=8, mib=2)
+    want = read_all(dst / "anchors" / "step_000001.safetensors")
+    cache = tmp_path / "cache"
+    env = hf_env(h, cache)
+    opts = ["poll=60", "block_size=1048576", "cache_size=0", f"cache_dir={cache}"]
+    with Mount("hf://buckets/test/big", tmp_path / "mnt", opts, env=env) as m:
+        f = m.mnt / "model.safetensors"
+        assert read_all(f) == want
+        first = m.status()["bytes_fetched"]
+        assert read_mmap(f) == want
+        assert first >= len(want)
+    assert not list(cache.rglob("*.blk")), "a block was written to disk"
+    # a remount starts from nothing: every block fetched again
+    cdn = h.stats()["cdn_bytes"]
+    with Mount("hf://buckets/test/big", tmp_path / "mnt", opts, env=env) as m:
+        assert read_all(m.mnt / "model.safetensors") == want
+    assert h.stats()["cdn_bytes"] - cdn >= len(want) - (1 << 20)
+
+
 def test_cache_reused_across_remounts_and_keyed_by_content(hub, scenarios, tmp_path):
     h, root = hub
     sdir, info = scenarios["v1"]

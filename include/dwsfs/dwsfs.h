@@ -162,6 +162,7 @@ typedef struct dws_bucket dws_bucket;
 typedef struct dws_bucket_opts {
 	const char *cache_dir;     /* block cache of remote buckets */
 	uint64_t cache_size;       /* its byte cap */
+	bool memory_cache;         /* no disk cache: blocks in memory only */
 	uint32_t block_size;       /* fetch unit; default 8 MiB */
 	const char *ca_file;       /* extra CA bundle (TLS verification stays on) */
 	unsigned stall_timeout_ms; /* a transfer that sends nothing this long fails */
