@@ -16,9 +16,12 @@
 # the order within a pair alternates), each reading the whole file once, cold:
 #   curl     --parallel --parallel-max PAR over BLOCK-sized ranges, to /dev/null
 #            (dwsfs fetches BLOCK blocks with 4 prefetch threads + the reader)
-#   curlfile the same, each range into a file beside the dwsfs cache (diagnostic)
+#   curlfile the same, each range into a file beside the dwsfs cache: a download
+#            that keeps the bytes on disk, as dwsfs's block cache does
 #   dwsfs    fresh empty cache_dir, mount, `cat` (and, separately mounted, `dd
-#            bs=1M`, and 4 parallel `dd` readers on quarters as a diagnostic)
+#            bs=1M`, and 4 parallel `dd` readers on quarters as a diagnostic);
+#            dwsfs_mem the same with cache_size=0 (no disk cache), beside curl:
+#            neither writes the bytes to disk
 #   httpdirfs --cache (fresh cache dir), `cat`   (--no-range-check: its range probe
 #            rejects nginx, fangfufu/httpdirfs#188); its no-cache mode reads
 #            ~1 MB/s here, so it only reads the first PREFIX_MB, beside dwsfs's
@@ -296,7 +299,8 @@ mount_client() { # KIND TAG [BUCKET NAME [SIZE]]: mount on $MNT, set CLIENT_PID,
 	t0=$(ms_now)
 	case $kind in
 	dwsfs)
-		HF_ENDPOINT=$EP "$DWSFS" -f "hf://buckets/$NS/$name" "$MNT" -o "cache_dir=$CACHE" 2>>"$WORK/logs/dwsfs.$tag.log" &
+		HF_ENDPOINT=$EP "$DWSFS" -f "hf://buckets/$NS/$name" "$MNT" -o "cache_dir=$CACHE${DWS_OPTS:+,$DWS_OPTS}" \
+			2>>"$WORK/logs/dwsfs.$tag.log" &
 		CLIENT_PID=$! FILE=$MNT/model.safetensors ;;
 	httpdirfs)
 		httpdirfs -f --no-range-check --cache --cache-location "$WORK/cachefs/hdcache" "$DIR_URL" "$MNT" \
@@ -351,22 +355,27 @@ if [ "$VERIFY" = 1 ]; then
 		log "verify: curl ranges == source"
 		rm -rf "$PARTS"
 	fi
-	for kind in dwsfs httpdirfs rclone httpdirfs_nc; do
+	for kind in dwsfs dwsfs_mem httpdirfs rclone httpdirfs_nc; do
 		case $kind in
 		httpdirfs | httpdirfs_nc) [ "$HAVE_HTTPDIRFS" = 1 ] || continue ;;
 		rclone) [ "$HAVE_RCLONE" = 1 ] || continue ;;
 		esac
 		case $kind in # only the clients of the pairs that will run
 		httpdirfs_nc) [[ " ${PAIRS_ONLY:-head_httpdirfs_nc} " == *" head_httpdirfs_nc "* ]] || continue ;;
+		dwsfs_mem) [[ " ${PAIRS_ONLY:-mem_curl} " == *" mem_curl "* ]] || continue ;;
 		httpdirfs) [[ " ${PAIRS_ONLY:-cat_httpdirfs} " == *" cat_httpdirfs "* ]] || continue ;;
 		rclone) [[ " ${PAIRS_ONLY:-cat_rclone} " == *" cat_rclone "* ]] || continue ;;
 		esac
 		fresh_dirs
-		mount_client "$kind" verify
+		if [ "$kind" = dwsfs_mem ]; then
+			DWS_OPTS=cache_size=0 mount_client dwsfs verify
+		else
+			mount_client "$kind" verify
+		fi
 		if [ "$kind" = httpdirfs_nc ]; then
 			cmp -n "$PREFIX_BYTES" "$FILE" "$SRC"
 			log "verify: $kind first $PREFIX_BYTES bytes == source"
-		elif [ "$kind" = dwsfs ]; then
+		elif [[ $kind == dwsfs* ]]; then
 			for i in "${!FILES[@]}"; do cmp "${FILES[$i]}" "${DWS_SRCS[$i]}"; done
 			log "verify: $kind == source (${#FILES[@]} file(s), $DWS_SIZE bytes)"
 		else
@@ -393,6 +402,9 @@ run_one() { # CLIENT ROUND PAIR
 		umount_client
 		mount_client dwsfs "$c.$r.$id"
 		mount_ms=$MOUNT_MS ;;
+	dwsfs_mem) # no disk cache: the blocks stay in memory
+		DWS_OPTS=cache_size=0 mount_client dwsfs "$c.$r.$id"
+		mount_ms=$MOUNT_MS ;;
 	dwsfs_* | httpdirfs | httpdirfs_nc_head | rclone)
 		local kind=${c%%_*}
 		[ "$c" = httpdirfs_nc_head ] && kind=httpdirfs_nc
@@ -409,7 +421,7 @@ run_one() { # CLIENT ROUND PAIR
 		/usr/bin/time -o "$WORK/time" -f "%U %S" "${CURL[@]}" -K "$WORK/ranges-null.cfg" >"$WORK/curl.out" ;;
 	curlfile)
 		/usr/bin/time -o "$WORK/time" -f "%U %S" "${CURL[@]}" -K "$WORK/ranges-files.cfg" >"$WORK/curl.out" ;;
-	dwsfs_cat | dwsfs_warm | dwsfs_1t | httpdirfs | rclone)
+	dwsfs_cat | dwsfs_mem | dwsfs_warm | dwsfs_1t | httpdirfs | rclone)
 		cat "${FILES[@]}" >/dev/null ;;
 	dwsfs_dd)
 		dd if="$FILE" of=/dev/null bs=1M status=none ;;
@@ -456,7 +468,7 @@ run_one() { # CLIENT ROUND PAIR
 # burst of load from elsewhere hits one pair, not a whole figure.
 PAIRS=()
 if [ "$HAVE_CURL" = 1 ]; then
-	PAIRS+=(dwsfs_cat:curl:cat_curl dwsfs_dd:curl:dd_curl)
+	PAIRS+=(dwsfs_cat:curl:cat_curl dwsfs_mem:curl:mem_curl dwsfs_cat:curlfile:cat_curlfile dwsfs_dd:curl:dd_curl)
 fi
 [ "$HAVE_HTTPDIRFS" = 1 ] && PAIRS+=(dwsfs_cat:httpdirfs:cat_httpdirfs)
 [ "$HAVE_RCLONE" = 1 ] && PAIRS+=(dwsfs_cat:rclone:cat_rclone)
