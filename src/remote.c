@@ -37,7 +37,7 @@
 #define HDR_SIZE 24 /* the trailer after the data: length, XXH3-64, magic */
 #define ALIGN 4096
 #define QUEUE_MAX 256
-#define WRITES_MAX 6 /* blocks waiting for the disk writers; then fetchers write */
+#define WRITES_MAX 4 /* blocks waiting for the disk writers; then fetchers write */
 #define WRITERS 2    /* the disk takes two direct writes at once faster than one */
 
 struct entry {
@@ -1037,7 +1037,9 @@ int dws_cache_open(const dws_cache_opts *o, dws_cache **out, dws_error *err)
 		c->o.wait_ms = 60000;
 	/* the readahead window and a block per fetching thread fit in memory */
 	c->hot_cap = c->o.max_window > 2 ? c->o.max_window : 2;
-	c->pool_cap = c->hot_cap + c->o.prefetch_threads + WRITES_MAX + 2;
+	/* free buffers kept for reuse: those of a scan's window and fetchers
+	 * (blocks queued for the writers are held by the hot set meanwhile) */
+	c->pool_cap = c->hot_cap + c->o.prefetch_threads + 2;
 	c->pool = dws_xcalloc(c->pool_cap, sizeof(*c->pool));
 	c->dir = o->dir ? dws_xstrdup(o->dir) : default_dir();
 	char *b = dws_xasprintf("%s/blocks", c->dir), *t = dws_xasprintf("%s/tmp", c->dir);
