@@ -20,8 +20,8 @@
 #            that keeps the bytes on disk, as dwsfs's block cache does
 #   dwsfs    fresh empty cache_dir, mount, `cat` (and, separately mounted, `dd
 #            bs=1M`, and 4 parallel `dd` readers on quarters as a diagnostic);
-#            dwsfs_mem the same with cache_size=0 (no disk cache), beside curl:
-#            neither writes the bytes to disk
+#            dwsfs_mem the same with cache_size=0 (no disk cache), beside curl
+#            and rclone: neither writes the bytes to disk
 #   httpdirfs --cache (fresh cache dir), `cat`   (--no-range-check: its range probe
 #            rejects nginx, fangfufu/httpdirfs#188); its no-cache mode reads
 #            ~1 MB/s here, so it only reads the first PREFIX_MB, beside dwsfs's
@@ -362,7 +362,7 @@ if [ "$VERIFY" = 1 ]; then
 		esac
 		case $kind in # only the clients of the pairs that will run
 		httpdirfs_nc) [[ " ${PAIRS_ONLY:-head_httpdirfs_nc} " == *" head_httpdirfs_nc "* ]] || continue ;;
-		dwsfs_mem) [[ " ${PAIRS_ONLY:-mem_curl} " == *" mem_curl "* ]] || continue ;;
+		dwsfs_mem) [[ " ${PAIRS_ONLY:-mem_curl} " == *" mem_"* ]] || continue ;;
 		httpdirfs) [[ " ${PAIRS_ONLY:-cat_httpdirfs} " == *" cat_httpdirfs "* ]] || continue ;;
 		rclone) [[ " ${PAIRS_ONLY:-cat_rclone} " == *" cat_rclone "* ]] || continue ;;
 		esac
@@ -471,7 +471,7 @@ if [ "$HAVE_CURL" = 1 ]; then
 	PAIRS+=(dwsfs_cat:curl:cat_curl dwsfs_mem:curl:mem_curl dwsfs_cat:curlfile:cat_curlfile dwsfs_dd:curl:dd_curl)
 fi
 [ "$HAVE_HTTPDIRFS" = 1 ] && PAIRS+=(dwsfs_cat:httpdirfs:cat_httpdirfs)
-[ "$HAVE_RCLONE" = 1 ] && PAIRS+=(dwsfs_cat:rclone:cat_rclone)
+[ "$HAVE_RCLONE" = 1 ] && PAIRS+=(dwsfs_cat:rclone:cat_rclone dwsfs_mem:rclone:mem_rclone)
 if [ "$HAVE_CURL" = 1 ]; then
 	PAIRS+=(dwsfs_par4:curl:par4_curl dwsfs_warm:curl:warm_curl dwsfs_1t:curl:1t_curl curlfile:curl:curlfile_curl)
 fi
