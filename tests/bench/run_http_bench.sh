@@ -22,6 +22,9 @@
 #            bs=1M`, and 4 parallel `dd` readers on quarters as a diagnostic);
 #            dwsfs_mem the same with cache_size=0 (no disk cache), beside curl
 #            and rclone: neither writes the bytes to disk
+#   fetch_disk / fetch_mem  build/tests/bench/fetch_pipeline: the anchor through
+#            dwsfs's block cache without FUSE, with and without the disk cache
+#            (a diagnostic: what the cache's writes cost on this one disk)
 #   httpdirfs --cache (fresh cache dir), `cat`   (--no-range-check: its range probe
 #            rejects nginx, fangfufu/httpdirfs#188); its no-cache mode reads
 #            ~1 MB/s here, so it only reads the first PREFIX_MB, beside dwsfs's
@@ -435,6 +438,9 @@ run_one() { # CLIENT ROUND PAIR
 		wait "${pids[@]}" ;;
 	dwsfs_head | httpdirfs_nc_head)
 		head -c "$PREFIX_BYTES" "$FILE" >/dev/null ;;
+	fetch_disk | fetch_mem) # the fetch pipeline alone, no FUSE: what the disk cache's writes cost
+		HF_ENDPOINT=$EP "$BUILD/tests/bench/fetch_pipeline" "hf://buckets/$NS/$NAME" "$KEY" "$CACHE" \
+			"$([ "$c" = fetch_mem ] && echo memory)" >"$WORK/fetch.out" ;;
 	esac
 	t1=$(date +%s%N)
 	c1=$(cpu_snap)
@@ -444,6 +450,7 @@ run_one() { # CLIENT ROUND PAIR
 		bytes=$(awk '{s += $1} END {printf "%d", s}' "$WORK/curl.out")
 		cpu=$(awk '{printf "%.3f", $1 + $2}' "$WORK/time") ;;
 	*_head) bytes=$PREFIX_BYTES ;;
+	fetch_*) bytes=$(sed -n 's/^bytes=\([0-9]*\).*/\1/p' "$WORK/fetch.out") ;;
 	dwsfs_1t) bytes=$SIZE1 ;;
 	dwsfs_*) bytes=$DWS_SIZE ;;
 	*) bytes=$SIZE ;;
@@ -469,6 +476,7 @@ run_one() { # CLIENT ROUND PAIR
 PAIRS=()
 if [ "$HAVE_CURL" = 1 ]; then
 	PAIRS+=(dwsfs_cat:curl:cat_curl dwsfs_mem:curl:mem_curl dwsfs_cat:curlfile:cat_curlfile dwsfs_dd:curl:dd_curl)
+	[ -x "$BUILD/tests/bench/fetch_pipeline" ] && PAIRS+=(fetch_disk:fetch_mem:fetch_pipeline)
 fi
 [ "$HAVE_HTTPDIRFS" = 1 ] && PAIRS+=(dwsfs_cat:httpdirfs:cat_httpdirfs)
 [ "$HAVE_RCLONE" = 1 ] && PAIRS+=(dwsfs_cat:rclone:cat_rclone dwsfs_mem:rclone:mem_rclone)
