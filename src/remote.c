@@ -72,10 +72,6 @@ struct job {
 	uint64_t block;
 };
 
-struct write_job {
-	struct hot *h; /* held (refs) until written */
-};
-
 struct dws_cache {
 	dws_cache_opts o;
 	char *dir;
@@ -96,11 +92,10 @@ struct dws_cache {
 	pthread_t *threads;
 	unsigned nthreads;
 	pthread_cond_t writes; /* blocks to write, stop */
-	struct write_job wq[WRITES_MAX];
+	struct hot *wq[WRITES_MAX]; /* each held (refs) until written */
 	unsigned wq_head, wq_len;
 	pthread_t writer[WRITERS];
 	unsigned nwriters;
-	uint64_t self_written; /* blocks a fetcher wrote, the writers' queue full */
 	bool stop;
 	uint64_t hits, misses, fetched;
 	unsigned tmp_seq;
@@ -700,13 +695,12 @@ static void store_block(dws_cache *c, struct hot *h)
 		return;
 	}
 	if (c->nwriters && !c->stop && c->wq_len < WRITES_MAX) {
-		c->wq[(c->wq_head + c->wq_len) % WRITES_MAX] = (struct write_job){h};
+		c->wq[(c->wq_head + c->wq_len) % WRITES_MAX] = h;
 		c->wq_len++;
 		pthread_cond_signal(&c->writes);
 		pthread_mutex_unlock(&c->lock);
 		return;
 	}
-	c->self_written++;
 	pthread_mutex_unlock(&c->lock);
 	write_hot(c, h);
 }
@@ -720,7 +714,7 @@ static void *writer_main(void *arg)
 			pthread_cond_wait(&c->writes, &c->lock);
 		if (!c->wq_len)
 			break; /* stopping, and every queued block written */
-		struct hot *h = c->wq[c->wq_head].h;
+		struct hot *h = c->wq[c->wq_head];
 		c->wq_head = (c->wq_head + 1) % WRITES_MAX;
 		c->wq_len--;
 		pthread_mutex_unlock(&c->lock);

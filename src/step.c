@@ -779,7 +779,7 @@ static void piece_add(struct pieces *P, unsigned char *dst, const void *ref, siz
 }
 
 /* A tensor held whole in memory: one full run, BF16 out. */
-static const dws_patch *full_tensor(const dws_step *s, size_t slot)
+static dws_patch *full_tensor(const dws_step *s, size_t slot)
 {
 	const dws_patchset *ps = s->patch[slot];
 	if (ps && ps->nruns == 1 && ps->runs[0]->full && s->layout->slots[slot].dtype == DWS_DT_BF16)
@@ -830,13 +830,13 @@ static int64_t step_read(dws_step *s, size_t fi, uint64_t off, void *buf, size_t
 		size_t n = (size_t)((xe < end ? xe : end) - pos);
 		const void *ref = dst;
 		dws_pin pin = {0};
+		dws_patch *run;
 		int rc;
 		if (x->slot < 0) {
 			rc = P ? dws_blob_read_ref(f->blob, pos, dst, n, &ref, &pin, err)
 			       : dws_blob_read(f->blob, pos, dst, n, err);
-		} else if (P && full_tensor(s, (size_t)x->slot)) {
+		} else if (P && (run = full_tensor(s, (size_t)x->slot))) {
 			/* the reply points into the run, which the pin keeps */
-			dws_patch *run = (dws_patch *)full_tensor(s, (size_t)x->slot);
 			atomic_fetch_add(&run->refs, 1);
 			ref = (const unsigned char *)run->val + (pos - x->off);
 			pin = (dws_pin){patch_unpin, run, NULL};
