@@ -56,12 +56,11 @@ void dws_bucket_http_counts(const dws_bucket *b, uint64_t req[4], uint64_t bytes
 	}
 }
 
-void dws_bucket_cache_stats(const dws_bucket *b, uint64_t *hits, uint64_t *misses,
-			    uint64_t *bytes, uint64_t *blocks)
+void dws_bucket_cache_stats(const dws_bucket *b, dws_cache_counts *out)
 {
-	*hits = *misses = *bytes = *blocks = 0;
+	*out = (dws_cache_counts){0};
 	if (b->cache)
-		dws_cache_stats(b->cache, hits, misses, bytes, blocks);
+		dws_cache_stats(b->cache, out);
 }
 
 void dws_bucket_close(dws_bucket *b)

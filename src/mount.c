@@ -743,13 +743,16 @@ char *dws_mount_status_json(dws_mount *m)
 	json_object_set_new(j, "whole_tensors", json_integer((json_int_t)whole));
 	json_object_set_new(j, "whole_tensor_bytes", json_integer((json_int_t)whole_bytes));
 	if (m->remote) {
-		uint64_t req[4], bytes[4], hits, misses, cbytes, blocks;
+		uint64_t req[4], bytes[4];
+		dws_cache_counts cc;
 		dws_bucket_http_counts(m->bucket, req, bytes);
-		dws_bucket_cache_stats(m->bucket, &hits, &misses, &cbytes, &blocks);
+		dws_bucket_cache_stats(m->bucket, &cc);
 		json_object_set_new(j, "bytes_fetched", json_integer((json_int_t)(bytes[2] + bytes[3] + bytes[0] + bytes[1])));
-		json_object_set_new(j, "cache_hits", json_integer((json_int_t)hits));
-		json_object_set_new(j, "cache_misses", json_integer((json_int_t)misses));
-		json_object_set_new(j, "cache_bytes", json_integer((json_int_t)cbytes));
+		json_object_set_new(j, "cache_hits", json_integer((json_int_t)cc.hits));
+		json_object_set_new(j, "cache_misses", json_integer((json_int_t)cc.misses));
+		json_object_set_new(j, "cache_bytes", json_integer((json_int_t)cc.bytes));
+		json_object_set_new(j, "cache_unkept_blocks", json_integer((json_int_t)cc.unkept_blocks));
+		json_object_set_new(j, "cache_unkept_bytes", json_integer((json_int_t)cc.unkept_bytes));
 		json_object_set_new(j, "api_calls", json_integer((json_int_t)req[0]));
 		json_object_set_new(j, "resolver_calls", json_integer((json_int_t)req[1]));
 		json_object_set_new(j, "cdn_requests", json_integer((json_int_t)req[2]));

@@ -37,8 +37,8 @@
 #define HDR_SIZE 24 /* the trailer after the data: length, XXH3-64, magic */
 #define ALIGN 4096
 #define QUEUE_MAX 256
-#define WRITES_MAX 4 /* blocks waiting for the disk writers; then fetchers write */
-#define WRITERS 2    /* the disk takes two direct writes at once faster than one */
+#define WRITES_MAX 64 /* write_backlog at most */
+#define WRITERS 2     /* the disk takes two direct writes at once faster than one */
 
 struct entry {
 	char *key;          /* "<ident hash>-<block>" */
@@ -94,10 +94,12 @@ struct dws_cache {
 	pthread_cond_t writes; /* blocks to write, stop */
 	struct hot *wq[WRITES_MAX]; /* each held (refs) until written */
 	unsigned wq_head, wq_len;
+	unsigned nwriting;     /* blocks being written */
 	pthread_t writer[WRITERS];
 	unsigned nwriters;
 	bool stop;
 	uint64_t hits, misses, fetched;
+	uint64_t unkept, unkept_bytes; /* fetched blocks the disk had no room for */
 	unsigned tmp_seq;
 };
 
@@ -368,20 +370,30 @@ static struct hot *hot_find_locked(dws_cache *c, const char *key)
 	return NULL;
 }
 
+/* A block read ahead that no reader has come to in this many clock ticks
+ * (a tick per block touched: a scan ticks about once per FUSE read) was read
+ * ahead for a reader that went elsewhere. */
+static bool hot_stale(const dws_cache *c, const struct hot *h)
+{
+	return !h->used && c->clock - h->last_use > 16ull * c->hot_cap;
+}
+
 /* Room for one more: the least recently used blocks nobody is using go,
- * those a reader has had bytes of first. A block read ahead and not yet
- * read stays: under plain LRU the block the reader just finished (touched
- * last) outlived the ones fetched for it ahead of it, which then went to
- * disk and came back with a read. (With every block in use the set grows
- * past its cap for a moment.) */
+ * those a reader has had bytes of (or stale) first. A block read ahead and
+ * not yet read stays: under plain LRU the block the reader just finished
+ * (touched last) outlived the ones fetched for it ahead of it, which then
+ * went to disk and came back with a read. Blocks held for the disk writers
+ * are on top of `keep`. (With every block in use the set grows past its cap
+ * for a moment.) */
 static void hot_trim_locked(dws_cache *c, unsigned keep)
 {
+	keep += c->wq_len + c->nwriting;
 	while (c->nhot > keep) {
 		struct hot **victim = NULL;
 		for (struct hot **pp = &c->hot; *pp; pp = &(*pp)->next) {
 			struct hot *h = *pp, *v = victim ? *victim : NULL;
-			if (!h->refs && (!v || (h->used && !v->used) ||
-					 (h->used == v->used && h->last_use < v->last_use)))
+			bool hu = h->used || hot_stale(c, h), vu = v && (v->used || hot_stale(c, v));
+			if (!h->refs && (!v || (hu && !vu) || (hu == vu && h->last_use < v->last_use)))
 				victim = pp;
 		}
 		if (!victim)
@@ -392,6 +404,18 @@ static void hot_trim_locked(dws_cache *c, unsigned keep)
 		free(h);
 		c->nhot--;
 	}
+}
+
+/* Under lock: blocks read ahead and not read yet, being fetched, or queued
+ * to be: what the readahead already has in hand. */
+static unsigned ahead_locked(dws_cache *c)
+{
+	unsigned n = (unsigned)c->qlen;
+	for (struct flight *f = c->flights; f; f = f->next)
+		n++;
+	for (struct hot *h = c->hot; h; h = h->next)
+		n += !h->used && !hot_stale(c, h);
+	return n;
 }
 
 static struct hot *hot_add_locked(dws_cache *c, const char *key, unsigned char *buf, uint64_t len)
@@ -664,43 +688,55 @@ static int get_block(dws_blob *b, uint64_t blk, uint64_t off, void *buf, size_t 
 
 /* ---- writing blocks to disk ---- */
 
-/* Write hot block h (held by the caller's reference, which this drops) to
- * disk and index it. */
+/* Write hot block h (held by the caller's reference, which this drops, and
+ * counted in nwriting) to disk and index it. */
 static void write_hot(dws_cache *c, struct hot *h)
 {
 	dws_error werr = {0};
+	if (c->o.write_delay_ms)
+		nanosleep(&(struct timespec){c->o.write_delay_ms / 1000, (long)(c->o.write_delay_ms % 1000) * 1000000}, NULL);
 	int wrc = write_block(c, h->key, h->buf, (size_t)h->len, &werr);
 	if (wrc)
 		dws_log("%s (the block is served from memory, not kept)", werr.msg);
 	pthread_mutex_lock(&c->lock);
 	if (!wrc)
 		insert_locked(c, h->key, h->len + HDR_SIZE, true);
+	c->nwriting--;
 	h->refs--;
 	hot_trim_locked(c, c->hot_cap);
 	pthread_mutex_unlock(&c->lock);
 }
 
-/* A block just fetched goes to disk on the writer thread, so the fetching
- * thread goes on to its next fetch at once (the disk write and its XXH3 took
- * about a third of a fetching thread's time); with the writer's queue full,
- * the fetching thread writes it itself (the disk is slower than the network:
- * backpressure). */
+/* A block just fetched (the caller's reference on it, which this drops)
+ * goes to disk on a writer thread, so the fetching thread goes on to its
+ * next fetch at once (the disk write and its XXH3 took about a third of a
+ * fetching thread's time). The disk never holds a read back: with
+ * write_backlog blocks already waiting for it, it is slower than the
+ * network, and the block is served from memory and not kept (counted in
+ * unkept; a remount fetches it again, at the network's speed, the faster
+ * one). Once the cache is stopping, or without a writer thread, the
+ * fetching thread writes it itself. */
 static void store_block(dws_cache *c, struct hot *h)
 {
 	pthread_mutex_lock(&c->lock);
-	if (c->o.memory_only) {
+	if (c->o.memory_only || (c->nwriters && !c->stop && c->wq_len >= c->o.write_backlog)) {
+		if (!c->o.memory_only) {
+			c->unkept++;
+			c->unkept_bytes += h->len;
+		}
 		h->refs--;
 		hot_trim_locked(c, c->hot_cap);
 		pthread_mutex_unlock(&c->lock);
 		return;
 	}
-	if (c->nwriters && !c->stop && c->wq_len < WRITES_MAX) {
+	if (c->nwriters && !c->stop) {
 		c->wq[(c->wq_head + c->wq_len) % WRITES_MAX] = h;
 		c->wq_len++;
 		pthread_cond_signal(&c->writes);
 		pthread_mutex_unlock(&c->lock);
 		return;
 	}
+	c->nwriting++;
 	pthread_mutex_unlock(&c->lock);
 	write_hot(c, h);
 }
@@ -717,6 +753,7 @@ static void *writer_main(void *arg)
 		struct hot *h = c->wq[c->wq_head];
 		c->wq_head = (c->wq_head + 1) % WRITES_MAX;
 		c->wq_len--;
+		c->nwriting++;
 		pthread_mutex_unlock(&c->lock);
 		write_hot(c, h);
 		pthread_mutex_lock(&c->lock);
@@ -739,9 +776,17 @@ static void *prefetch_main(void *arg)
 		struct job j = c->queue[c->qhead];
 		c->qhead = (c->qhead + 1) % QUEUE_MAX;
 		c->qlen--;
+		uint64_t bs = c->o.block_size;
 		pthread_mutex_unlock(&c->lock);
+		/* a job the reader overtook (it read the block itself, and the
+		 * block may have left memory since) is dropped */
+		struct remote *r = j.blob->priv;
+		pthread_mutex_lock(&r->lock);
+		bool passed = r->run_start <= j.block * bs && (j.block + 1) * bs <= r->last_end;
+		pthread_mutex_unlock(&r->lock);
 		dws_error err = {0};
-		get_block(j.blob, j.block, 0, NULL, 0, true, true, NULL, NULL, &err);
+		if (!passed)
+			get_block(j.blob, j.block, 0, NULL, 0, true, true, NULL, NULL, &err);
 		dws_blob_unref(j.blob);
 		pthread_mutex_lock(&c->lock);
 	}
@@ -755,7 +800,12 @@ static void prefetch(dws_blob *b, uint64_t first, unsigned n)
 	dws_cache *c = r->c;
 	uint64_t nblk = (b->size + c->o.block_size - 1) / c->o.block_size;
 	pthread_mutex_lock(&c->lock);
-	for (unsigned k = 0; k < n && first + k < nblk && c->qlen < QUEUE_MAX; k++) {
+	/* no more ahead than the hot set holds beside the blocks being read: a
+	 * block fetched beyond that pushes out one read ahead before it, which
+	 * is then fetched again */
+	unsigned ahead = ahead_locked(c), added = 0;
+	unsigned room = c->hot_cap > 2 + ahead ? c->hot_cap - 2 - ahead : 0;
+	for (unsigned k = 0; k < n && added < room && first + k < nblk && c->qlen < QUEUE_MAX; k++) {
 		char key[64];
 		size_t i;
 		snprintf(key, sizeof(key), "%s-%llu", r->ident_hash, (unsigned long long)(first + k));
@@ -772,6 +822,7 @@ static void prefetch(dws_blob *b, uint64_t first, unsigned n)
 			continue;
 		c->queue[(c->qhead + c->qlen) % QUEUE_MAX] = (struct job){dws_blob_ref(b), first + k};
 		c->qlen++;
+		added++;
 	}
 	pthread_cond_broadcast(&c->jobs);
 	pthread_mutex_unlock(&c->lock);
@@ -883,9 +934,10 @@ static int remote_read_ref(dws_blob *b, uint64_t off, void *buf, size_t len,
 	pthread_mutex_unlock(&r->lock);
 
 	/* the blocks this read needs beyond the first go to the prefetchers so
-	 * several transfers run at once */
+	 * several transfers run at once, as many as the hot set has room for
+	 * (more would push each other out before this read got to them) */
 	if (last > first)
-		prefetch(b, first + 1, (unsigned)(last - first));
+		prefetch(b, first + 1, last - first < c->hot_cap - 1 ? (unsigned)(last - first) : c->hot_cap - 1);
 	if (window && ra_limit != UINT64_MAX && !scan) {
 		uint64_t lim_blk = ra_limit ? (ra_limit - 1) / bs : 0; /* last block worth having */
 		window = lim_blk > last ? (unsigned)(lim_blk - last < window ? lim_blk - last : window) : 0;
@@ -1029,11 +1081,15 @@ int dws_cache_open(const dws_cache_opts *o, dws_cache **out, dws_error *err)
 		c->o.max_window = 8;
 	if (!c->o.wait_ms)
 		c->o.wait_ms = 60000;
+	if (!c->o.write_backlog)
+		c->o.write_backlog = 4;
+	if (c->o.write_backlog > WRITES_MAX)
+		c->o.write_backlog = WRITES_MAX;
 	/* the readahead window and a block per fetching thread fit in memory */
-	c->hot_cap = c->o.max_window > 2 ? c->o.max_window : 2;
+	c->hot_cap = c->o.max_window + 2;
 	/* free buffers kept for reuse: those of a scan's window and fetchers
 	 * (blocks queued for the writers are held by the hot set meanwhile) */
-	c->pool_cap = c->hot_cap + c->o.prefetch_threads + 2;
+	c->pool_cap = c->hot_cap + c->o.write_backlog + c->o.prefetch_threads + 2;
 	c->pool = dws_xcalloc(c->pool_cap, sizeof(*c->pool));
 	c->dir = o->dir ? dws_xstrdup(o->dir) : default_dir();
 	char *b = dws_xasprintf("%s/blocks", c->dir), *t = dws_xasprintf("%s/tmp", c->dir);
@@ -1071,14 +1127,17 @@ int dws_cache_open(const dws_cache_opts *o, dws_cache **out, dws_error *err)
 	return DWS_OK;
 }
 
-void dws_cache_stats(dws_cache *c, uint64_t *hits, uint64_t *misses,
-		     uint64_t *bytes, uint64_t *blocks)
+void dws_cache_stats(dws_cache *c, dws_cache_counts *out)
 {
 	pthread_mutex_lock(&c->lock);
-	*hits = c->hits;
-	*misses = c->misses;
-	*bytes = c->total;
-	*blocks = c->n;
+	*out = (dws_cache_counts){
+		.hits = c->hits,
+		.misses = c->misses,
+		.bytes = c->total,
+		.blocks = c->n,
+		.unkept_blocks = c->unkept,
+		.unkept_bytes = c->unkept_bytes,
+	};
 	pthread_mutex_unlock(&c->lock);
 }
 

@@ -15,6 +15,9 @@ typedef struct dws_cache_opts {
 	unsigned max_window;      /* readahead blocks at most; default 8 */
 	unsigned wait_ms;         /* a reader waits this long for a block; default 60000 */
 	bool memory_only;         /* nothing written to or read from dir */
+	unsigned write_backlog;   /* blocks held for the disk past the readers' need;
+				     default 4, then they are not kept */
+	unsigned write_delay_ms;  /* tests: a disk this much slower per block */
 } dws_cache_opts;
 
 int dws_cache_open(const dws_cache_opts *o, dws_cache **out, dws_error *err);
@@ -22,8 +25,7 @@ int dws_cache_open(const dws_cache_opts *o, dws_cache **out, dws_error *err);
 int dws_cache_acquire(const dws_bucket_opts *bo, dws_cache **out, dws_error *err);
 void dws_cache_release(dws_cache *c);
 void dws_cache_close(dws_cache *c);
-void dws_cache_stats(dws_cache *c, uint64_t *hits, uint64_t *misses,
-		     uint64_t *bytes, uint64_t *blocks);
+void dws_cache_stats(dws_cache *c, dws_cache_counts *out);
 
 /* Fetches [off, off+len) of an object into dst (exactly len bytes). */
 typedef int (*dws_fetch_fn)(void *ctx, uint64_t off, size_t len, void *dst,

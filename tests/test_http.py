@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -516,14 +517,46 @@ def test_memory_only_cache(hub, tmp_path):
         f = m.mnt / "model.safetensors"
         assert read_all(f) == want
         first = m.status()["bytes_fetched"]
+        # each block fetched once: readahead never runs further ahead than
+        # memory holds (it once pushed out its own blocks, fetching 1.6x)
+        assert len(want) <= first <= len(want) * 1.05, first
+        assert m.status()["cache_unkept_bytes"] == 0  # nothing is meant for the disk
         assert read_mmap(f) == want
-        assert first >= len(want)
     assert not list(cache.rglob("*.blk")), "a block was written to disk"
     # a remount starts from nothing: every block fetched again
     cdn = h.stats()["cdn_bytes"]
     with Mount("hf://buckets/test/big", tmp_path / "mnt", opts, env=env) as m:
         assert read_all(m.mnt / "model.safetensors") == want
     assert h.stats()["cdn_bytes"] - cdn >= len(want) - (1 << 20)
+
+
+def test_scan_fetches_each_block_once(hub, tmp_path):
+    """A loader's scan of a base model's shards (tensors of about a block,
+    deltas read beside them) fetches each block once, with the block cache
+    in memory only: the readahead never runs further ahead than memory holds,
+    and blocks read ahead for nobody age out (it once fetched 1.5x)."""
+    h, root = hub
+    dst = root / "buckets" / "test" / "model"
+    subprocess.run([sys.executable, str(REPO / "tests" / "bench" / "make_model.py"), str(dst), "--params", "12e6",
+                    "--deltas", "2", "--base"], check=True, stdout=subprocess.DEVNULL)
+    cache = tmp_path / "cache"
+    env = hf_env(h, cache)
+    shards = sorted(p.name for p in (dst / "base").glob("*.safetensors"))
+    size = sum((dst / "base" / n).stat().st_size for n in shards)
+    ext = tmp_path / "ext"
+    ctl("extract", "hf://buckets/test/model", ext, env=env)
+    for opts in (["cache_size=0"], []):
+        with Mount("hf://buckets/test/model", tmp_path / "mnt", ["poll=60", "block_size=262144",
+                                                                 f"cache_dir={cache}"] + opts, env=env) as m:
+            before = m.status()["bytes_fetched"]
+            for n in shards:
+                assert read_all(m.mnt / n) == read_all(ext / n), n
+            fetched = m.status()["bytes_fetched"]
+            # the shards' bytes and a few blocks straddling their ends (it
+            # was 5-7 blocks more in memory: a block the reader was in the
+            # middle of went for blocks read ahead of it)
+            assert fetched - before <= size + 4 * 262144, (opts, before, fetched, size)
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def test_cache_reused_across_remounts_and_keyed_by_content(hub, scenarios, tmp_path):
@@ -535,6 +568,8 @@ def test_cache_reused_across_remounts_and_keyed_by_content(hub, scenarios, tmp_p
     exp = sdir / "expected" / str(info["latest"])
     with Mount(uri, tmp_path / "mnt", ["poll=60", f"cache_dir={cache}"], env=env) as m:
         same_tree(m.mnt, exp)
+        st = m.status()
+        assert st["cache_unkept_bytes"] == 0 and st["cache_bytes"] > 0, st  # a few blocks: all kept
     h.reset_stats()
     with Mount(uri, tmp_path / "mnt", ["poll=60", f"cache_dir={cache}"], env=env) as m:
         same_tree(m.mnt, exp)

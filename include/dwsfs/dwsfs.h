@@ -185,8 +185,14 @@ int dws_bucket_head(dws_bucket *b, const char *key, dws_object *out,
 bool dws_bucket_is_remote(const dws_bucket *b);
 /* Requests and bytes by class: api, resolve, cdn, s3 (remote buckets). */
 void dws_bucket_http_counts(const dws_bucket *b, uint64_t req[4], uint64_t bytes[4]);
-void dws_bucket_cache_stats(const dws_bucket *b, uint64_t *hits, uint64_t *misses,
-			    uint64_t *bytes, uint64_t *blocks);
+/* The block cache of a remote bucket (all zero for a local one). */
+typedef struct dws_cache_counts {
+	uint64_t hits, misses;      /* block reads served by the cache; fetched */
+	uint64_t bytes, blocks;     /* on disk now */
+	uint64_t unkept_blocks;     /* fetched, and gone from memory before the */
+	uint64_t unkept_bytes;      /* disk took them (it was slower than the network) */
+} dws_cache_counts;
+void dws_bucket_cache_stats(const dws_bucket *b, dws_cache_counts *out);
 void dws_bucket_close(dws_bucket *b);
 const char *dws_bucket_uri(const dws_bucket *b);
 /* Every object under prefix ("" = all), recursively, sorted by key. */
