@@ -100,6 +100,9 @@ NAMES = {
     "curl": "`curl --parallel --parallel-max {par}` over {blk} ranges to /dev/null",
     "curlfile": "the same curl writing each range to a file beside the dwsfs cache",
     "dwsfs_cat": "dwsfs `cat`",
+    "dwsfs_mem": "dwsfs `cat` with `cache_size=0` (no disk cache)",
+    "fetch_disk": "the fetch pipeline without FUSE (`tests/bench/fetch_pipeline`), disk cache",
+    "fetch_mem": "the fetch pipeline without FUSE (`tests/bench/fetch_pipeline`), no disk cache",
     "dwsfs_dd": "dwsfs `dd bs=1M`",
     "dwsfs_par4": "dwsfs, 4 `dd bs=1M` readers on quarters",
     "dwsfs_warm": "dwsfs `cat` with the block cache already filled (remount)",
@@ -158,6 +161,15 @@ def report(work, md):
         "cat_httpdirfs", "dwsfs_cat", "httpdirfs", 2)
     row(f"cold read: {name['dwsfs_cat']} vs {name['rclone']} (`:http:`, `--vfs-cache-mode off`) of the same file",
         "cat_rclone", "dwsfs_cat", "rclone", 2)
+    row(f"cold read: {name['dwsfs_mem']} vs the same curl (neither writes to disk)", "mem_curl", "dwsfs_mem", "curl", 0.8)
+    row(f"cold read: {name['dwsfs_cat']} vs {name['curlfile']} (both write to disk)", "cat_curlfile", "dwsfs_cat",
+        "curlfile", 0.8)
+    row(f"cold read: {name['dwsfs_mem']} vs {name['rclone']} (neither writes to disk)", "mem_rclone", "dwsfs_mem",
+        "rclone", 2)
+    row(f"diagnostic: {name['fetch_disk']} vs {name['fetch_mem']}", "fetch_pipeline", "fetch_disk", "fetch_mem", None)
+    row(f"diagnostic, what FUSE costs: {name['dwsfs_mem']} vs {name['fetch_mem']}", "mem_fetchmem", "dwsfs_mem",
+        "fetch_mem", None)
+    row(f"diagnostic, the HTTP side alone: {name['fetch_mem']} vs the same curl", "fetchmem_curl", "fetch_mem", "curl", None)
     row(f"diagnostic: {name['dwsfs_par4']} vs the same curl", "par4_curl", "dwsfs_par4", "curl", None)
     row(f"diagnostic: {name['dwsfs_warm']}: no network, the FUSE path alone, vs the same curl", "warm_curl", "dwsfs_warm", "curl", None)
     row(f"diagnostic: {name['dwsfs_1t']} (readahead not cut at tensor ends) vs the same curl", "1t_curl", "dwsfs_1t", "curl", None)

@@ -24,7 +24,9 @@
 #            and rclone: neither writes the bytes to disk
 #   fetch_disk / fetch_mem  build/tests/bench/fetch_pipeline: the anchor through
 #            dwsfs's block cache without FUSE, with and without the disk cache
-#            (a diagnostic: what the cache's writes cost on this one disk)
+#            (diagnostics: what the cache's writes cost on this one disk; and,
+#            beside dwsfs_mem and beside curl, what FUSE costs and what the
+#            HTTP side alone does)
 #   httpdirfs --cache (fresh cache dir), `cat`   (--no-range-check: its range probe
 #            rejects nginx, fangfufu/httpdirfs#188); its no-cache mode reads
 #            ~1 MB/s here, so it only reads the first PREFIX_MB, beside dwsfs's
@@ -476,7 +478,8 @@ run_one() { # CLIENT ROUND PAIR
 PAIRS=()
 if [ "$HAVE_CURL" = 1 ]; then
 	PAIRS+=(dwsfs_cat:curl:cat_curl dwsfs_mem:curl:mem_curl dwsfs_cat:curlfile:cat_curlfile dwsfs_dd:curl:dd_curl)
-	[ -x "$BUILD/tests/bench/fetch_pipeline" ] && PAIRS+=(fetch_disk:fetch_mem:fetch_pipeline)
+	[ -x "$BUILD/tests/bench/fetch_pipeline" ] &&
+		PAIRS+=(fetch_disk:fetch_mem:fetch_pipeline dwsfs_mem:fetch_mem:mem_fetchmem fetch_mem:curl:fetchmem_curl)
 fi
 [ "$HAVE_HTTPDIRFS" = 1 ] && PAIRS+=(dwsfs_cat:httpdirfs:cat_httpdirfs)
 [ "$HAVE_RCLONE" = 1 ] && PAIRS+=(dwsfs_cat:rclone:cat_rclone dwsfs_mem:rclone:mem_rclone)
