@@ -35,6 +35,13 @@ char *dws_xstrdup(const char *s);
  * huge pages, so filling hundreds of MB costs hundreds of faults, not 10^5.
  * Freed with free(). */
 void *dws_big_alloc(size_t n);
+/* dws_big_alloc without the huge page hint, given later by dws_big_hint: a
+ * fault in a region hinted huge may compact memory on the spot (THP defrag
+ * "madvise"), which stalled a step's build for 50-250 ms while the
+ * compaction thread churned memory; khugepaged collapses a region hinted
+ * after it was faulted in, off the faulting thread. */
+void *dws_big_alloc_unhinted(size_t n);
+void dws_big_hint(void *p, size_t n);
 char *dws_xasprintf(const char *fmt, ...) DWS_PRINTF(1, 2);
 
 /* Parse a decimal u64 string strictly (no sign, no spaces, no overflow). */

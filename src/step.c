@@ -33,7 +33,7 @@ dws_arena *dws_arena_new(size_t bytes)
 {
 	dws_arena *a = dws_xcalloc(1, sizeof(*a));
 	atomic_init(&a->refs, 1);
-	a->mem = dws_big_alloc(bytes ? bytes : 1);
+	a->mem = dws_big_alloc_unhinted(bytes ? bytes : 1);
 	/* A fresh arena's pages are faulted in (zeroed by the kernel) as the
 	 * decode first writes them: most of a step's build time where fresh
 	 * memory is dear (a VM handing freed pages back to its host). Fault
@@ -50,6 +50,7 @@ dws_arena *dws_arena_new(size_t bytes)
 		else
 			populate_main(&w[1]);
 	}
+	dws_big_hint(a->mem, bytes);
 	return a;
 }
 

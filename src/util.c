@@ -69,15 +69,28 @@ void *dws_xrealloc(void *p, size_t n)
 	return p;
 }
 
-void *dws_big_alloc(size_t n)
+enum { HUGE = 2u << 20 };
+
+void dws_big_hint(void *p, size_t n)
 {
-	enum { HUGE = 2u << 20 };
+	if (n >= 2 * HUGE && ((uintptr_t)p & (HUGE - 1)) == 0)
+		madvise(p, n & ~(size_t)(HUGE - 1), MADV_HUGEPAGE); /* a hint: failure is fine */
+}
+
+void *dws_big_alloc_unhinted(size_t n)
+{
 	if (n < 2 * HUGE)
 		return dws_xmalloc(n);
 	void *p = NULL;
 	if (posix_memalign(&p, HUGE, n) != 0)
 		oom();
-	madvise(p, n & ~(size_t)(HUGE - 1), MADV_HUGEPAGE); /* a hint: failure is fine */
+	return p;
+}
+
+void *dws_big_alloc(size_t n)
+{
+	void *p = dws_big_alloc_unhinted(n);
+	dws_big_hint(p, n);
 	return p;
 }
 
