@@ -461,6 +461,17 @@ static int fake_fetch(void *ctx, uint64_t off, size_t len, void *dst, dws_error 
 	return DWS_OK;
 }
 
+/* The end of a block cache test: the cache closed, its folder removed. */
+static void cache_test_end(dws_cache *c, const char *dir, unsigned char *data, unsigned char *buf)
+{
+	dws_cache_close(c);
+	char cmd[128];
+	snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+	CHECK(system(cmd) == 0, "cleanup");
+	free(data);
+	free(buf);
+}
+
 static void test_block_cache(void)
 {
 	enum { BS = 65536, SIZE = 40 * BS + 1234 };
@@ -559,12 +570,7 @@ static void test_block_cache(void)
 	dws_patch_unref(runs[1]);
 	dws_blob_unref(u);
 	dws_blob_unref(b);
-	dws_cache_close(c);
-	char cmd[128];
-	snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
-	CHECK(system(cmd) == 0, "cleanup");
-	free(data);
-	free(buf);
+	cache_test_end(c, dir, data, buf);
 }
 
 static double now_s(void)
@@ -623,12 +629,7 @@ static void test_block_cache_slow_disk(void)
 	CHECK((uint64_t)atomic_load(&obj.fetches) == unkept, "reopened: the blocks not kept fetched again, only those (%d of %llu)",
 	      atomic_load(&obj.fetches), (unsigned long long)unkept);
 	dws_blob_unref(b);
-	dws_cache_close(c);
-	char cmd[128];
-	snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
-	CHECK(system(cmd) == 0, "cleanup");
-	free(data);
-	free(buf);
+	cache_test_end(c, dir, data, buf);
 }
 
 int main(void)
