@@ -7,7 +7,8 @@
  * the mount's bdi read_ahead_kb to 1024 once FUSE_INIT is through (dwsfs's
  * read_ahead default; MEMFS_READ_AHEAD_KB overrides, 0 leaves the kernel's).
  * Reads are answered straight from memory (fuse_reply_buf on the data, no
- * copy): the ceiling of a FUSE filesystem here.
+ * copy; the data page aligned, on huge pages where the kernel gives them):
+ * the ceiling of a FUSE filesystem here.
  *
  *     memfs [-f] [FUSE options] BYTES MOUNTPOINT      # serves MOUNTPOINT/data
  *
@@ -25,6 +26,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -199,7 +201,15 @@ int main(int argc, char *argv[])
 		args.argv[i] = args.argv[i + 1];
 	args.argc--;
 	data_len = n;
-	data = malloc(data_len);
+	/* page aligned, on huge pages where the kernel gives them, as dwsfs's
+	 * block buffers: malloc's 16 bytes past a page made the kernel's copy of
+	 * every reply 2.5x slower, which is no ceiling */
+	void *mem = NULL;
+	if (posix_memalign(&mem, 2u << 20, data_len) != 0)
+		mem = NULL;
+	data = mem;
+	if (data)
+		madvise(data, data_len & ~(uint64_t)((2u << 20) - 1), MADV_HUGEPAGE);
 	if (!data) {
 		fprintf(stderr, "memfs: cannot allocate %llu bytes\n", n);
 		return 1;
