@@ -641,6 +641,21 @@ static int get_block(dws_blob *b, uint64_t blk, uint64_t off, void *buf, size_t 
 				return dws_fail(err, frc, "%s: block %llu could not be fetched (see the log)", b->name, (unsigned long long)blk);
 			continue; /* now in the index */
 		}
+		/* a prefetch the reader has overtaken (it read the block itself,
+		 * and the block may have left memory since) is dropped; checked
+		 * here, under the lock a reader takes to fetch, so a prefetching
+		 * thread held up between its job and this point fetches nothing
+		 * twice. (Lock order: c->lock, then r->lock; nothing takes
+		 * c->lock holding r->lock.) */
+		if (prefetch) {
+			pthread_mutex_lock(&r->lock);
+			bool passed = r->run_start <= blk * c->o.block_size && (blk + 1) * c->o.block_size <= r->last_end;
+			pthread_mutex_unlock(&r->lock);
+			if (passed) {
+				pthread_mutex_unlock(&c->lock);
+				return DWS_OK;
+			}
+		}
 		/* this thread fetches */
 		f = flight_start_locked(c, key);
 		if (!prefetch)
@@ -776,17 +791,9 @@ static void *prefetch_main(void *arg)
 		struct job j = c->queue[c->qhead];
 		c->qhead = (c->qhead + 1) % QUEUE_MAX;
 		c->qlen--;
-		uint64_t bs = c->o.block_size;
 		pthread_mutex_unlock(&c->lock);
-		/* a job the reader overtook (it read the block itself, and the
-		 * block may have left memory since) is dropped */
-		struct remote *r = j.blob->priv;
-		pthread_mutex_lock(&r->lock);
-		bool passed = r->run_start <= j.block * bs && (j.block + 1) * bs <= r->last_end;
-		pthread_mutex_unlock(&r->lock);
 		dws_error err = {0};
-		if (!passed)
-			get_block(j.blob, j.block, 0, NULL, 0, true, true, NULL, NULL, &err);
+		get_block(j.blob, j.block, 0, NULL, 0, true, true, NULL, NULL, &err);
 		dws_blob_unref(j.blob);
 		pthread_mutex_lock(&c->lock);
 	}
