@@ -1092,10 +1092,10 @@ int dws_cache_open(const dws_cache_opts *o, dws_cache **out, dws_error *err)
 		c->o.write_backlog = 4;
 	if (c->o.write_backlog > WRITES_MAX)
 		c->o.write_backlog = WRITES_MAX;
-	/* the readahead window and a block per fetching thread fit in memory */
+	/* the readahead window and the blocks being read fit in memory */
 	c->hot_cap = c->o.max_window + 2;
-	/* free buffers kept for reuse: those of a scan's window and fetchers
-	 * (blocks queued for the writers are held by the hot set meanwhile) */
+	/* free buffers kept for reuse: those of the hot set, of the blocks
+	 * waiting for the disk writers (on top of it) and of the fetchers */
 	c->pool_cap = c->hot_cap + c->o.write_backlog + c->o.prefetch_threads + 2;
 	c->pool = dws_xcalloc(c->pool_cap, sizeof(*c->pool));
 	c->dir = o->dir ? dws_xstrdup(o->dir) : default_dir();

@@ -92,11 +92,7 @@ def load(paths, raw=False, folios=None):
                     ntensors += 1
                     del arr
                 if folios is not None:
-                    got = folio_sample(os.fstat(f.fileno()).st_ino, size)
-                    if got is None:
-                        folios.append(None)
-                    else:
-                        folios.append(got)
+                    folios.append(folio_sample(os.fstat(f.fileno()).st_ino, size))
     return nbytes, ntensors, checksum
 
 
