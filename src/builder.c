@@ -8,6 +8,8 @@
 #include "delta.h"
 #include "step.h"
 
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -33,6 +35,11 @@ struct dws_builder {
 	uint32_t stamp;
 	unsigned char *scratch;    /* a delta file's bytes, reused from one to the next */
 	size_t scratch_cap;
+	/* a build applying several files: per slot, the dense run it made
+	 * (dws_patchset_add_build); NULL when not folding */
+	dws_patch **own;
+	size_t nown;
+	bool folding;
 };
 
 /* The whole blob in bl->scratch (grown as needed; its pages stay faulted in
@@ -405,11 +412,71 @@ static int apply_dense(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 		s->src[slot] = (dws_src){dws_blob_ref(b), dws_st_data_start(st) + t->begin, t->dtype};
 		dws_patchset_unref(s->patch[slot]);
 		s->patch[slot] = NULL;
+		if (slot < bl->nown)
+			bl->own[slot] = NULL;
 		s->trained[slot] = is_float(t->dtype);
 	}
 	dws_st_free(st);
 	dws_blob_unref(b);
 	return rc;
+}
+
+/* The decoded params of one sparse file, added to the step's tensors. */
+struct param_work {
+	dws_builder *bl;
+	dws_step *s;
+	dws_arena *arena;
+	const dws_delta_param *ps;
+	const uint64_t *first; /* per param: its entries' place in the pool */
+	uint16_t *val_pool;
+	size_t np;
+	atomic_size_t next;
+};
+
+static void *param_main(void *v)
+{
+	struct param_work *w = v;
+	dws_builder *bl = w->bl;
+	dws_step *s = w->s;
+	for (size_t i; (i = atomic_fetch_add(&w->next, 1)) < w->np;) {
+		const dws_delta_param *p = &w->ps[i];
+		size_t slot = p->slot;
+		if (!p->count)
+			continue;
+		/* the decoded indices become the run; the values are copied out of
+		 * the file buffer, which goes away, next to them in the arena */
+		uint16_t *val = w->val_pool + w->first[i];
+		memcpy(val, p->val, p->count * sizeof(uint16_t));
+		dws_patch *run = dws_patch_new_in(w->arena, p->idx, val, (uint32_t)p->count);
+		uint64_t numel = s->layout->slots[slot].numel;
+		dws_patchset *next = bl->folding && slot < bl->nown
+					     ? dws_patchset_add_build(s->patch[slot], run, numel, &bl->own[slot])
+					     : dws_patchset_add(s->patch[slot], run, numel);
+		dws_patchset_unref(s->patch[slot]);
+		s->patch[slot] = next;
+		s->trained[slot] = 1;
+	}
+	return NULL;
+}
+
+struct flush_work {
+	dws_builder *bl;
+	dws_step *s;
+	atomic_size_t next;
+};
+
+static void *flush_main(void *v)
+{
+	struct flush_work *w = v;
+	size_t n = w->s->layout->nslots < w->bl->nown ? w->s->layout->nslots : w->bl->nown;
+	for (size_t i; (i = atomic_fetch_add(&w->next, 1)) < n;) {
+		dws_patchset *ps = dws_patchset_fold_build(w->s->patch[i], w->bl->own[i]);
+		if (ps) {
+			dws_patchset_unref(w->s->patch[i]);
+			w->s->patch[i] = ps;
+		}
+	}
+	return NULL;
 }
 
 /* Sparse file: decoded into sorted (index, value) lists merged per tensor. */
@@ -460,23 +527,19 @@ static int apply_sparse(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 		rc = check_patchable(s, ps, np, ctx.dup, what, err);
 	if (rc)
 		goto out;
-	uint64_t at = 0;
-	for (size_t i = 0; i < np; i++) {
-		size_t slot = ps[i].slot;
-		uint64_t first = at;
-		at += ps[i].count; /* the pool holds params in decode order */
-		if (!ps[i].count)
-			continue;
-		/* the decoded indices become the run; the values are copied out of
-		 * the file buffer, which goes away, next to them in the arena */
-		uint16_t *val = val_pool + first;
-		memcpy(val, ps[i].val, ps[i].count * sizeof(uint16_t));
-		dws_patch *run = dws_patch_new_in(arena, ps[i].idx, val, (uint32_t)ps[i].count);
-		dws_patchset *next = dws_patchset_add(s->patch[slot], run, s->layout->slots[slot].numel);
-		dws_patchset_unref(s->patch[slot]);
-		s->patch[slot] = next;
-		s->trained[slot] = 1;
-	}
+	uint64_t *first = dws_xcalloc(np ? np : 1, sizeof(*first));
+	for (size_t i = 1; i < np; i++)
+		first[i] = first[i - 1] + ps[i - 1].count; /* the pool holds params in decode order */
+	struct param_work w = {.bl = bl, .s = s, .arena = arena, .ps = ps, .first = first, .val_pool = val_pool, .np = np};
+	atomic_init(&w.next, 0);
+	pthread_t t;
+	/* a build folding many files: the tensors' folds on both cores (a
+	 * file names each tensor once) */
+	bool two = bl->folding && np > 1 && pthread_create(&t, NULL, param_main, &w) == 0;
+	param_main(&w);
+	if (two)
+		pthread_join(t, NULL);
+	free(first);
 out:
 	dws_arena_unref(arena); /* the runs keep their own references */
 	dws_delta_free(ps, np);
@@ -587,17 +650,52 @@ int dws_builder_build(dws_builder *bl, uint64_t step, dws_step **out,
 		if (rc)
 			return rc;
 	}
+	/* several files at once (a mount starting on a long chain, catching
+	 * up): dense tensors are folded as the files come, so the build never
+	 * holds every file's runs side by side. One file: appended, merged
+	 * off the build path. */
+	size_t nfiles = 0;
 	for (size_t i = 0; i < dws_catalog_count(c); i++) {
+		const dws_stepfile *f = dws_catalog_at(c, i);
+		nfiles += f->step > s->step && !(a && f->step <= astep) && f->step <= step;
+	}
+	bl->folding = nfiles >= 2;
+	if (bl->folding) {
+		if (bl->nown < s->layout->nslots) {
+			free(bl->own);
+			bl->nown = s->layout->nslots;
+			bl->own = dws_xcalloc(bl->nown, sizeof(*bl->own));
+		}
+		memset(bl->own, 0, bl->nown * sizeof(*bl->own));
+	}
+	rc = DWS_OK;
+	for (size_t i = 0; i < dws_catalog_count(c) && !rc; i++) {
 		const dws_stepfile *f = dws_catalog_at(c, i);
 		if (f->step <= s->step || (a && f->step <= astep))
 			continue;
 		if (f->step > step)
 			break;
 		rc = apply_file(bl, s, f, err);
-		if (rc) {
-			dws_step_unref(s);
-			return rc;
-		}
+	}
+	if (!rc && bl->folding) {
+		/* the runs still pending fold now: a step starts with one run
+		 * per dense tensor */
+		struct flush_work w = {.bl = bl, .s = s};
+		atomic_init(&w.next, 0);
+		pthread_t t;
+		bool two = pthread_create(&t, NULL, flush_main, &w) == 0;
+		flush_main(&w);
+		if (two)
+			pthread_join(t, NULL);
+	}
+	/* what the build made is s's now, shared from here on: never again
+	 * changed in place */
+	bl->folding = false;
+	if (bl->nown)
+		memset(bl->own, 0, bl->nown * sizeof(*bl->own));
+	if (rc) {
+		dws_step_unref(s);
+		return rc;
 	}
 	s->id = dws_catalog_step_id(c, step);
 	dws_step_unref(bl->prev);
@@ -627,8 +725,21 @@ dws_compaction *dws_compaction_plan(dws_step *s)
 	dws_compaction *c = NULL;
 	for (size_t i = 0; i < s->layout->nslots; i++) {
 		uint32_t j, k;
-		if (!dws_patchset_pick(s->patch[i], s->layout->slots[i].numel, &j, &k))
-			continue;
+		if (!dws_patchset_pick(s->patch[i], s->layout->slots[i].numel, &j, &k)) {
+			/* a dense run (a build folded the tensor into it) whose
+			 * source is local now: the whole tensor in memory costs
+			 * less (2 bytes an element, not 2 and a bit) and reads
+			 * skip the source */
+			const dws_patchset *ps = s->patch[i];
+			const dws_src *src = &s->src[i];
+			uint64_t numel = s->layout->slots[i].numel;
+			if (!ps || !ps->nruns || !ps->runs[0]->bits || ps->runs[0]->full ||
+			    s->layout->slots[i].dtype != DWS_DT_BF16 || src->dtype != DWS_DT_BF16 || !src->blob ||
+			    !dws_blob_local(src->blob, src->off, numel * 2))
+				continue;
+			j = 0;
+			k = ps->nruns;
+		}
 		if (!c) {
 			c = dws_xcalloc(1, sizeof(*c));
 			c->snap = dws_step_ref(s);
@@ -898,6 +1009,7 @@ void dws_builder_free(dws_builder *bl)
 	free(bl->blobs);
 	free(bl->seen);
 	free(bl->scratch);
+	free(bl->own);
 	free(bl->base_prefix);
 	dws_bucket_close(bl->base_bucket);
 	free(bl);

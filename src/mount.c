@@ -407,6 +407,20 @@ static void *compact_main(void *arg)
 	if (pthread_setschedparam(pthread_self(), SCHED_IDLE, &sp) != 0)
 		(void)setpriority(PRIO_PROCESS, (id_t)gettid(), 19);
 	pthread_mutex_lock(&m->lock);
+	/* tests: hold the first merge back (files opened before it) */
+	const char *hold = getenv("DWSFS_TEST_MERGE_DELAY_MS");
+	if (hold && atoi(hold) > 0) {
+		struct timespec ts;
+		clock_gettime(CLOCK_MONOTONIC, &ts);
+		ts.tv_sec += atoi(hold) / 1000;
+		ts.tv_nsec += (atoi(hold) % 1000) * 1000000L;
+		if (ts.tv_nsec >= 1000000000L) {
+			ts.tv_sec++;
+			ts.tv_nsec -= 1000000000L;
+		}
+		while (!m->stop && pthread_cond_timedwait(&m->compact_cond, &m->lock, &ts) == 0)
+			;
+	}
 	while (!m->stop) {
 		if (!m->compact_wanted) {
 			pthread_cond_wait(&m->compact_cond, &m->lock);
@@ -443,10 +457,14 @@ static void *compact_main(void *arg)
 				pthread_mutex_unlock(&m->build_lock);
 				if (newer) {
 					replace_equivalent(m, newer);
+					if (m->o.merged)
+						m->o.merged(m->o.ctx, newer);
 					dws_step_unref(newer);
 				}
 				if (ns) {
 					replace_equivalent(m, ns);
+					if (m->o.merged)
+						m->o.merged(m->o.ctx, ns);
 					dws_step_unref(last);
 					last = ns;
 				}
@@ -742,6 +760,7 @@ char *dws_mount_status_json(dws_mount *m)
 	size_t whole = dws_step_whole_tensors(m->root, &whole_bytes);
 	json_object_set_new(j, "whole_tensors", json_integer((json_int_t)whole));
 	json_object_set_new(j, "whole_tensor_bytes", json_integer((json_int_t)whole_bytes));
+	json_object_set_new(j, "patch_bytes", json_integer((json_int_t)dws_patch_memory()));
 	if (m->remote) {
 		uint64_t req[4], bytes[4];
 		dws_cache_counts cc;
@@ -806,7 +825,7 @@ int dws_mount_open(const dws_mount_opts *o, dws_mount **out, dws_error *err)
 	pthread_condattr_init(&ca);
 	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
 	pthread_cond_init(&m->cond, &ca);
-	pthread_cond_init(&m->compact_cond, NULL);
+	pthread_cond_init(&m->compact_cond, &ca);
 	pthread_condattr_destroy(&ca);
 
 	dws_catalog *c = NULL;

@@ -3,6 +3,7 @@
 #include "step.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <sys/mman.h>
 #include <unistd.h>
 #include <stdlib.h>
@@ -10,6 +11,16 @@
 #include <xxhash.h>
 
 /* ---- patches ---- */
+
+/* Bytes held by the runs of every step object alive (status patch_bytes). */
+static atomic_uint_least64_t patch_mem;
+
+static uint64_t patch_size(const dws_patch *p)
+{
+	return p->bits ? p->numel * 2 + (p->numel + 63) / 64 * 8 : (uint64_t)p->n * 6;
+}
+
+uint64_t dws_patch_memory(void) { return atomic_load(&patch_mem); }
 
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
@@ -75,6 +86,7 @@ void dws_patch_unref(dws_patch *p)
 {
 	if (!p || atomic_fetch_sub(&p->refs, 1) != 1)
 		return;
+	atomic_fetch_sub(&patch_mem, patch_size(p));
 	if (p->arena) {
 		/* the arena lives on while other runs of its delta do: give this
 		 * run's whole pages back now (merged runs replace a delta's runs
@@ -101,6 +113,7 @@ dws_patch *dws_patch_new_in(dws_arena *a, uint32_t *idx, uint16_t *val, uint32_t
 	p->val = val;
 	p->arena = a;
 	atomic_fetch_add(&a->refs, 1);
+	atomic_fetch_add(&patch_mem, patch_size(p));
 	return p;
 }
 
@@ -111,6 +124,7 @@ dws_patch *dws_patch_new_owned(uint32_t *idx, uint16_t *val, uint32_t n)
 	p->n = n;
 	p->idx = idx;
 	p->val = val;
+	atomic_fetch_add(&patch_mem, patch_size(p));
 	return p;
 }
 
@@ -257,8 +271,11 @@ static dws_patch *dense_new(uint64_t numel)
 	p->numel = numel;
 	size_t words = (size_t)((numel + 63) / 64);
 	p->bits = dws_xcalloc(words ? words : 1, sizeof(uint64_t));
-	p->val = dws_big_alloc((numel ? numel : 1) * sizeof(uint16_t));
+	/* faulted in before the huge page hint, as an arena (dws_arena_new) */
+	p->val = dws_big_alloc_unhinted((numel ? numel : 1) * sizeof(uint16_t));
 	memset(p->val, 0, (size_t)numel * sizeof(uint16_t));
+	dws_big_hint(p->val, (size_t)numel * sizeof(uint16_t));
+	atomic_fetch_add(&patch_mem, patch_size(p));
 	return p;
 }
 
@@ -294,33 +311,68 @@ static bool make_full(dws_patch *p, const dws_src *src)
 	return true;
 }
 
+/* Set bits of dense run p. */
+static uint64_t dense_count(const dws_patch *p)
+{
+	uint64_t n = 0, words = (p->numel + 63) / 64;
+	for (uint64_t w = 0; w < words; w++)
+		n += (uint64_t)__builtin_popcountll(p->bits[w]);
+	return n;
+}
+
+/* runs[0..k) applied in order into dense run out, a window of elements at a
+ * time: each cache line of out is loaded once for all the runs, where run
+ * by run a 1% delta touches a quarter of the lines of the whole tensor (a
+ * mount starting on a 50-delta chain spent seconds in that traffic). */
+static void dense_apply_runs(dws_patch *out, dws_patch *const *runs, uint32_t k)
+{
+	enum { WINDOW = 1u << 17 }; /* elements: 256 KiB of values (in L2), a multiple of 64 */
+	uint64_t numel = out->numel, words = (numel + 63) / 64;
+	uint32_t *cur = dws_xcalloc(k ? k : 1, sizeof(*cur));
+	for (uint64_t w0 = 0; w0 < numel; w0 += WINDOW) {
+		uint64_t w1 = numel - w0 < WINDOW ? numel : w0 + WINDOW;
+		for (uint32_t r = 0; r < k; r++) {
+			const dws_patch *p = runs[r];
+			if (p->bits) {
+				uint64_t we = (w1 + 63) / 64 < words ? (w1 + 63) / 64 : words;
+				for (uint64_t w = w0 / 64; w < we; w++) {
+					uint64_t m = p->bits[w];
+					if (!m)
+						continue;
+					out->bits[w] |= m;
+					unsigned n = w * 64 + 64 <= numel ? 64 : (unsigned)(numel - w * 64);
+					if (m == ~0ULL)
+						memcpy(out->val + w * 64, p->val + w * 64, 128);
+					else
+						blend_portable(out->val + w * 64, p->val + w * 64, m, n);
+				}
+				continue;
+			}
+			/* locals: the stores below would otherwise reload them */
+			const uint32_t *idx = p->idx, n = p->n;
+			const uint16_t *val = p->val;
+			uint64_t *bits = out->bits;
+			uint16_t *ov = out->val;
+			uint32_t i = cur[r];
+			for (; i < n && idx[i] < w1; i++) {
+				uint32_t e = idx[i];
+				__builtin_prefetch(idx + i + 64);
+				__builtin_prefetch(val + i + 64);
+				bits[e >> 6] |= 1ULL << (e & 63);
+				ov[e] = val[i];
+			}
+			cur[r] = i;
+		}
+	}
+	free(cur);
+}
+
 /* runs[0..k) applied in order into one dense run. */
 static dws_patch *densify(dws_patch *const *runs, uint32_t k, uint64_t numel)
 {
 	dws_patch *out = dense_new(numel);
-	for (uint32_t r = 0; r < k; r++) {
-		const dws_patch *p = runs[r];
-		if (p->bits) {
-			uint64_t words = (numel + 63) / 64;
-			for (uint64_t w = 0; w < words; w++) {
-				uint64_t m = p->bits[w];
-				if (!m)
-					continue;
-				out->bits[w] |= m;
-				unsigned n = w * 64 + 64 <= numel ? 64 : (unsigned)(numel - w * 64);
-				if (m == ~0ULL)
-					memcpy(out->val + w * 64, p->val + w * 64, 128);
-				else
-					blend_portable(out->val + w * 64, p->val + w * 64, m, n);
-			}
-		} else {
-			for (uint32_t i = 0; i < p->n; i++)
-				dense_set(out, p->idx[i], p->val[i]);
-		}
-	}
-	uint64_t n = 0, words = (numel + 63) / 64;
-	for (uint64_t w = 0; w < words; w++)
-		n += (uint64_t)__builtin_popcountll(out->bits[w]);
+	dense_apply_runs(out, runs, k);
+	uint64_t n = dense_count(out);
 	/* entries of the chain: what a full run took over still counts */
 	for (uint32_t r = 0; r < k; r++)
 		if (runs[r]->full && runs[r]->n > n)
@@ -394,6 +446,92 @@ dws_patchset *dws_patchset_add(const dws_patchset *old, dws_patch *run, uint64_t
 	return ps;
 }
 
+/* Smaller tensors stay sparse. A build folds the sparse runs after its
+ * dense one once they hold 1/FOLD_AT of the elements: each fold is a pass
+ * over the whole tensor, while the pending entries cost about a quarter of
+ * the dense run (6 bytes each against 2 and a bit per element). */
+enum { DENSE_MIN = 4096, FOLD_AT = 12 };
+
+/* [own, pending sparse runs...] + run (NULL: none) as [own], the runs
+ * folded into own in place (own is private to the build). */
+static dws_patchset *fold_into_own(const dws_patchset *old, dws_patch *run, dws_patch *own)
+{
+	uint32_t k = old->nruns - 1 + (run ? 1 : 0);
+	dws_patch **runs = dws_xcalloc(k ? k : 1, sizeof(*runs));
+	for (uint32_t i = 1; i < old->nruns; i++)
+		runs[i - 1] = old->runs[i];
+	if (run)
+		runs[k - 1] = run;
+	dense_apply_runs(own, runs, k);
+	free(runs);
+	dws_patch_unref(run);
+	own->n = (uint32_t)dense_count(own);
+	/* old (the caller drops it) lets go of the folded runs */
+	dws_patchset *ps = dws_xcalloc(1, sizeof(*ps) + sizeof(dws_patch *));
+	atomic_init(&ps->refs, 1);
+	ps->runs[0] = own;
+	atomic_fetch_add(&own->refs, 1);
+	ps->nruns = 1;
+	ps->entries = own->n;
+	return ps;
+}
+
+static bool is_own(const dws_patchset *ps, const dws_patch *own)
+{
+	return own && ps && ps->runs[0] == own && atomic_load(&ps->refs) == 1 &&
+	       atomic_load(&own->refs) == 1;
+}
+
+dws_patchset *dws_patchset_fold_build(const dws_patchset *ps, dws_patch *own)
+{
+	if (!is_own(ps, own) || ps->nruns < 2)
+		return NULL;
+	for (uint32_t i = 1; i < ps->nruns; i++)
+		if (ps->runs[i]->bits)
+			return NULL;
+	return fold_into_own(ps, NULL, own);
+}
+
+dws_patchset *dws_patchset_add_build(const dws_patchset *old, dws_patch *run, uint64_t numel,
+				     dws_patch **own)
+{
+	/* the dense run this build made, seen by nobody else yet: the sparse
+	 * runs after it are folded into it in place a batch at a time (one
+	 * pass over the tensor per batch) */
+	if (is_own(old, *own)) {
+		bool sparse = !run->bits;
+		for (uint32_t i = 1; i < old->nruns; i++)
+			sparse &= !old->runs[i]->bits;
+		uint64_t pending = old->entries - (*own)->n + run->n;
+		if (sparse && pending * FOLD_AT <= numel && old->nruns < DWS_MAX_RUNS)
+			return dws_patchset_add(old, run, numel); /* pending */
+		if (sparse)
+			return fold_into_own(old, run, *own);
+	}
+	uint32_t n = old ? old->nruns : 0;
+	uint64_t total = run->n;
+	bool sparse = !run->bits;
+	for (uint32_t i = 0; i < n; i++) {
+		total += old->runs[i]->n;
+		sparse &= !old->runs[i]->bits;
+	}
+	if (numel < DENSE_MIN || !sparse || total * 3 <= numel || n + 1 > DWS_MAX_RUNS)
+		return dws_patchset_add(old, run, numel);
+	dws_patchset *ps = dws_xcalloc(1, sizeof(*ps) + sizeof(dws_patch *));
+	atomic_init(&ps->refs, 1);
+	dws_patch **runs = dws_xcalloc(n + 1, sizeof(*runs));
+	for (uint32_t i = 0; i < n; i++)
+		runs[i] = old->runs[i];
+	runs[n] = run;
+	ps->runs[0] = densify(runs, n + 1, numel);
+	free(runs);
+	dws_patch_unref(run);
+	ps->nruns = 1;
+	ps->entries = ps->runs[0]->n;
+	*own = ps->runs[0];
+	return ps;
+}
+
 /* Size-tiered: merge the newest RUN_FANOUT runs once the oldest of them is
  * no more than twice the newest, so runs grow by powers of RUN_FANOUT and a
  * tensor carries O(log chain) of them; each entry is merged O(log chain)
@@ -404,7 +542,7 @@ dws_patchset *dws_patchset_add(const dws_patchset *old, dws_patch *run, uint64_t
  * entries, all its runs become one dense run (smaller, and applied by masked
  * stores instead of scattered ones); newer sparse runs fold into it once
  * they hold 1/16 of the elements or number DENSE_FOLD. */
-enum { RUN_FANOUT = 4, RUN_MANY = 16, DENSE_FOLD = 8, DENSE_MIN = 4096 };
+enum { RUN_FANOUT = 4, RUN_MANY = 16, DENSE_FOLD = 8 };
 
 static bool pick_tiered(const dws_patchset *ps, uint32_t from, uint32_t *j, uint32_t *k)
 {

@@ -66,6 +66,16 @@ typedef struct dws_patchset {
 /* old + run (the reference to run is taken); numel: the tensor's elements. */
 dws_patchset *dws_patchset_add(const dws_patchset *old, dws_patch *run, uint64_t numel);
 void dws_patchset_unref(dws_patchset *ps);
+/* dws_patchset_add for a build applying several files at once, where nobody
+ * merges until it is done: once the tensor's entries pass a third of its
+ * elements its runs become one dense run (*own: made by this build, seen by
+ * nobody else), and the files after fold into it in place, so the build
+ * never holds the chain's runs side by side. *own starts NULL per build. */
+dws_patchset *dws_patchset_add_build(const dws_patchset *old, dws_patch *run, uint64_t numel,
+				     dws_patch **own);
+/* At the end of such a build: ps with the sparse runs still pending after
+ * own folded into it, or NULL if there are none. */
+dws_patchset *dws_patchset_fold_build(const dws_patchset *ps, dws_patch *own);
 /* Background compaction: whether runs [j, j+k) of ps are worth merging now,
  * and a copy of ps with them replaced by merged (a reference is taken). */
 bool dws_patchset_pick(const dws_patchset *ps, uint64_t numel, uint32_t *j, uint32_t *k);

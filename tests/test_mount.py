@@ -851,3 +851,53 @@ def test_step_source_gone(dwsfs, scenarios, tmp_path, poll):
         assert e.errno in (errno.ENOENT, errno.EIO), e
         # the root is unaffected
         check_folder(m.mnt, root / "expected" / str(info["latest"]), top_exclude=META_ENTRIES, mmap_too=False)
+
+
+# ---------------------------------------------------------------- 8. memory of a long chain
+
+def test_long_chain_start_folds_and_frees(dwsfs, tmp_path):
+    """A mount starting on a long chain builds it with the dense tensors
+    folded as the files come (one run each, never every file's runs side by
+    side), serves the oracle's bytes for the root and for a step in the
+    middle, merges the source into whole tensors, and a file opened before
+    that merge moves to the merged step: the runs it replaced are freed
+    while the file stays open (status patch_bytes)."""
+    bucket = tmp_path / "bucket"
+    # 14 deltas at 5%: tensors pass a third of their elements around the
+    # 7th, then fold pending deltas as they come
+    subprocess.run(["/usr/bin/python3", str(Path(__file__).parent / "bench" / "make_model.py"), str(bucket),
+                    "--params", "3e6", "--deltas", "14", "--changed", "0.05"],
+                   check=True, capture_output=True, timeout=300)
+    steps = sorted(int(p.name.split("_")[1].split(".")[0]) for p in (bucket / "deltas").iterdir())
+    mid = steps[len(steps) // 2]
+    want = tmp_path / "want"
+    dwsref.extract(str(bucket), str(want))
+    want = (want / "model.safetensors").read_bytes()
+    want_mid = tmp_path / "want_mid"
+    dwsref.extract(str(bucket), str(want_mid), step=mid)
+    want_mid = (want_mid / "model.safetensors").read_bytes()
+    env = {"DWSFS_TEST_MERGE_DELAY_MS": str(int(3000 * SLOW))}
+    with mounted(bucket, tmp_path / "mnt", "poll=60", env=env) as m:
+        fd = os.open(m.path("model.safetensors"), os.O_RDONLY)
+        try:
+            head = os.read(fd, 1 << 20)
+            before = m.status()
+            assert before["merging"] and before["whole_tensors"] == 0, before
+            # built folded: about one dense run per tensor, not 14 files' runs
+            assert before["patch_bytes"] < 1.3 * len(want), before
+            wait_until(lambda: not m.status()["merging"], 60 * SLOW, "the merge to end")
+            merged = m.status()
+            assert merged["whole_tensors"] > 0, merged
+            # the open file moved to the merged step: its dense runs are gone
+            # (with them still held, patch_bytes would be about twice this)
+            assert merged["patch_bytes"] < 1.2 * merged["whole_tensor_bytes"] + (1 << 20), merged
+            rest = b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
+            assert first_diff(head + rest, want) is None, first_diff(head + rest, want)
+        finally:
+            os.close(fd)
+        wait_until(lambda: m.status()["root_open_handles"] == 0, 5 * SLOW, "the release")
+        assert m.status()["patch_bytes"] == merged["patch_bytes"]
+        assert read_file(m.path("model.safetensors")) == want
+        assert mmap_read(m.path("model.safetensors")) == want
+        got_mid = read_file(m.path("steps", "%06d" % mid, "model.safetensors"))
+        assert first_diff(got_mid, want_mid) is None, first_diff(got_mid, want_mid)

@@ -316,6 +316,9 @@ uint64_t dws_step_patch_entries(const dws_step *s);
 /* Tensors of s held whole in memory (patched past a third and merged with
  * their source, which reads then never touch), and their bytes. */
 size_t dws_step_whole_tensors(const dws_step *s, uint64_t *bytes);
+/* Bytes held by the patch runs of every step object alive in the process:
+ * what the patches cost in memory, old objects still referenced included. */
+uint64_t dws_patch_memory(void);
 size_t dws_step_file_count(const dws_step *s);
 const dws_file_info *dws_step_file(const dws_step *s, size_t i);
 int dws_step_file_lookup(const dws_step *s, const char *path); /* -1 if none */
@@ -415,6 +418,11 @@ typedef struct dws_mount_opts {
 	const char *mountpoint;     /* for DWSFS_MOUNT and logs */
 	/* Called by the sync thread after a swap, holding no lock. */
 	void (*swapped)(void *ctx, dws_step *old_root, dws_step *new_root);
+	/* Called by the compaction thread, holding no lock, once s (runs
+	 * merged) took the place of the held steps with its id: same bytes,
+	 * less memory. Whoever holds an older object of that id (an open
+	 * file) should move to s so the old runs can go. */
+	void (*merged)(void *ctx, dws_step *s);
 	void *ctx;
 } dws_mount_opts;
 

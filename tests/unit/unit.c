@@ -296,6 +296,103 @@ static void test_patchset(void)
 	dws_patchset_unref(ps);
 }
 
+/* A build applying many files (dws_patchset_add_build): past a third of the
+ * elements the runs become one dense run, later runs are folded into it in
+ * batches, the end of the build folds what is pending; values equal the
+ * replay at every step, and a set somebody else holds (a published step) is
+ * never changed in place. */
+static void test_patchset_build(void)
+{
+	enum { D = 100003, FILES = 60, KEEP_AT = 45 };
+	static int32_t want[D], kept_want[D];
+	static uint16_t out[D];
+	for (int i = 0; i < D; i++)
+		want[i] = -1;
+	uint64_t mem0 = dws_patch_memory();
+	dws_patchset *ps = NULL, *kept = NULL;
+	dws_patch *own = NULL;
+	int bad = 0, dense_at = -1, folds = 0;
+	uint32_t most = 0;
+	for (int f = 0; f < FILES; f++) {
+		uint32_t before = ps ? ps->nruns : 0;
+		dws_patchset *next = dws_patchset_add_build(ps, random_run(D, 100, want), D, &own);
+		dws_patchset_unref(ps);
+		ps = next;
+		if (dense_at < 0 && ps->runs[0]->bits)
+			dense_at = f;
+		folds += dense_at >= 0 && f > dense_at && ps->nruns == 1 && before > 1;
+		if (ps->nruns > most)
+			most = ps->nruns;
+		if (f == KEEP_AT) {
+			/* published: held elsewhere, so the build has to leave it */
+			kept = ps;
+			atomic_fetch_add(&kept->refs, 1);
+			memcpy(kept_want, want, sizeof(want));
+		}
+		uint64_t e0 = rnd() % 1000, cnt = D - e0 - rnd() % 1000;
+		for (uint32_t i = 0; i < D; i++)
+			out[i] = 0xdead & 0xffff;
+		dws_patchset_apply_bf16(ps, e0, cnt, out + e0);
+		for (uint64_t i = e0; i < e0 + cnt; i++)
+			if (out[i] != (want[i] >= 0 ? (uint16_t)want[i] : 0xdead))
+				bad++;
+	}
+	CHECK(bad == 0, "build folding keeps the replayed values (%d bad)", bad);
+	/* 1% a file: past a third after about 34 files (entries counted with
+	 * repeats); from then on one dense run and a few pending ones */
+	CHECK(dense_at >= 30 && dense_at <= 40, "dense from file %d", dense_at);
+	CHECK(folds >= 1, "pending runs folded in the build (%d folds)", folds);
+	CHECK(most <= 34 + 1, "at most %u runs", most);
+	/* the set kept at KEEP_AT: not own any more, so later files appended
+	 * (new sets) rather than changed it */
+	for (uint32_t i = 0; i < D; i++)
+		out[i] = 0xdead & 0xffff;
+	dws_patchset_apply_bf16(kept, 0, D, out);
+	for (uint32_t i = 0; i < D; i++)
+		if (out[i] != (kept_want[i] >= 0 ? (uint16_t)kept_want[i] : 0xdead))
+			bad++;
+	CHECK(bad == 0, "a set held elsewhere is never changed by the build (%d bad)", bad);
+	dws_patchset_unref(kept);
+	/* the end of a build: pending runs folded, one dense run left */
+	dws_patchset *flushed = dws_patchset_fold_build(ps, own);
+	if (flushed) {
+		dws_patchset_unref(ps);
+		ps = flushed;
+	}
+	CHECK(ps->nruns == 1 && ps->runs[0]->bits && !ps->runs[0]->full, "one dense run after the end of the build (%u runs)",
+	      ps->nruns);
+	uint64_t set = 0;
+	for (uint32_t i = 0; i < D; i++)
+		set += want[i] >= 0;
+	CHECK(ps->entries == set, "entries: %llu, elements patched %llu", (unsigned long long)ps->entries,
+	      (unsigned long long)set);
+	for (uint32_t i = 0; i < D; i++)
+		out[i] = 0xdead & 0xffff;
+	dws_patchset_apply_bf16(ps, 0, D, out);
+	for (uint32_t i = 0; i < D; i++)
+		if (out[i] != (want[i] >= 0 ? (uint16_t)want[i] : 0xdead))
+			bad++;
+	CHECK(bad == 0, "values after the end of the build (%d bad)", bad);
+	CHECK(dws_patchset_fold_build(ps, own) == NULL, "nothing left to fold");
+	dws_patchset_unref(ps);
+
+	/* small tensors stay sparse runs whatever the density */
+	enum { S = 1000 };
+	static int32_t sw[S];
+	ps = NULL;
+	own = NULL;
+	for (int f = 0; f < 10; f++) {
+		dws_patchset *next = dws_patchset_add_build(ps, random_run(S, 2, sw), S, &own);
+		dws_patchset_unref(ps);
+		ps = next;
+	}
+	CHECK(!own && ps->nruns == 10 && !ps->runs[0]->bits, "a small tensor keeps its sparse runs");
+	CHECK(dws_patch_memory() > mem0, "patch memory counts the runs alive");
+	dws_patchset_unref(ps);
+	CHECK(dws_patch_memory() == mem0, "patch memory back where it was once every run is gone (%llu, was %llu)",
+	      (unsigned long long)dws_patch_memory(), (unsigned long long)mem0);
+}
+
 /* ---- delta decoding ---- */
 
 static int resolve_any(void *ctx, const char *name, size_t *slot, uint64_t *numel)
@@ -638,6 +735,7 @@ int main(void)
 	test_names();
 	test_safetensors();
 	test_patchset();
+	test_patchset_build();
 	test_patch_full();
 	test_gap_delta();
 	test_catalog();
