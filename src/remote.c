@@ -536,11 +536,16 @@ static int get_block(dws_blob *b, uint64_t blk, uint64_t off, void *buf, size_t 
 		size_t i;
 		struct hot *h = hot_find_locked(c, key);
 		if (h) {
-			h->last_use = ++c->clock;
+			/* a prefetch finding the block here is no use of it: a job
+			 * the reader overtook (it fetched the block itself) touching
+			 * it would make a block the reader is done with look newer
+			 * than the one it is in, and the next readahead to arrive
+			 * would push out that one, not yet kept, for a fetch again */
 			if (prefetch) {
 				pthread_mutex_unlock(&c->lock);
 				return DWS_OK;
 			}
+			h->last_use = ++c->clock;
 			c->hits++;
 			h->refs++;
 			hot_give_unlock(c, h, off, buf, len, ref, pin);
