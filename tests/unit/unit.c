@@ -194,6 +194,24 @@ static dws_patch *random_run(uint32_t n, unsigned one_in, int32_t *replay)
 	return dws_patch_new_owned(idx, val, m);
 }
 
+/* Apply ps to elements [e0, e0+cnt) of an n-element tensor whose other
+ * bytes read 0xdead: the elements that differ from the replay want[] (-1:
+ * never patched, so 0xdead), inside the window or out of it. */
+static int window_bad(const dws_patchset *ps, const int32_t *want, uint16_t *out, uint32_t n, uint64_t e0,
+		      uint64_t cnt)
+{
+	int bad = 0;
+	for (uint32_t i = 0; i < n; i++)
+		out[i] = 0xdead & 0xffff;
+	dws_patchset_apply_bf16(ps, e0, cnt, out + e0);
+	for (uint64_t i = 0; i < n; i++) {
+		bool in = i >= e0 && i < e0 + cnt;
+		if (out[i] != (in && want[i] >= 0 ? (uint16_t)want[i] : 0xdead))
+			bad++;
+	}
+	return bad;
+}
+
 /* Runs appended per delta, compacted past DWS_MAX_RUNS: applying the set
  * equals replaying every delta in order, before and after compaction. */
 static void test_patchset(void)
@@ -264,15 +282,7 @@ static void test_patchset(void)
 		for (int simd = 0; simd < 2; simd++) {
 			dws_patch_simd(simd);
 			uint64_t e0 = rnd() % 200, cnt = D - e0 - rnd() % 200;
-			for (uint32_t i = 0; i < D; i++)
-				out[i] = 0xdead & 0xffff;
-			dws_patchset_apply_bf16(ps, e0, cnt, out + e0);
-			for (uint64_t i = e0; i < e0 + cnt; i++)
-				if (out[i] != (want[i] >= 0 ? (uint16_t)want[i] : 0xdead))
-					bad++;
-			for (uint32_t i = 0; i < e0; i++)
-				if (out[i] != 0xdead)
-					bad++;
+			bad += window_bad(ps, want, out, D, e0, cnt);
 		}
 	}
 	dws_patch_simd(true);
@@ -330,12 +340,7 @@ static void test_patchset_build(void)
 			memcpy(kept_want, want, sizeof(want));
 		}
 		uint64_t e0 = rnd() % 1000, cnt = D - e0 - rnd() % 1000;
-		for (uint32_t i = 0; i < D; i++)
-			out[i] = 0xdead & 0xffff;
-		dws_patchset_apply_bf16(ps, e0, cnt, out + e0);
-		for (uint64_t i = e0; i < e0 + cnt; i++)
-			if (out[i] != (want[i] >= 0 ? (uint16_t)want[i] : 0xdead))
-				bad++;
+		bad += window_bad(ps, want, out, D, e0, cnt);
 	}
 	CHECK(bad == 0, "build folding keeps the replayed values (%d bad)", bad);
 	/* 1% a file: past a third after about 34 files (entries counted with
@@ -345,12 +350,7 @@ static void test_patchset_build(void)
 	CHECK(most <= 34 + 1, "at most %u runs", most);
 	/* the set kept at KEEP_AT: not own any more, so later files appended
 	 * (new sets) rather than changed it */
-	for (uint32_t i = 0; i < D; i++)
-		out[i] = 0xdead & 0xffff;
-	dws_patchset_apply_bf16(kept, 0, D, out);
-	for (uint32_t i = 0; i < D; i++)
-		if (out[i] != (kept_want[i] >= 0 ? (uint16_t)kept_want[i] : 0xdead))
-			bad++;
+	bad += window_bad(kept, kept_want, out, D, 0, D);
 	CHECK(bad == 0, "a set held elsewhere is never changed by the build (%d bad)", bad);
 	dws_patchset_unref(kept);
 	/* the end of a build: pending runs folded, one dense run left */
@@ -366,12 +366,7 @@ static void test_patchset_build(void)
 		set += want[i] >= 0;
 	CHECK(ps->entries == set, "entries: %llu, elements patched %llu", (unsigned long long)ps->entries,
 	      (unsigned long long)set);
-	for (uint32_t i = 0; i < D; i++)
-		out[i] = 0xdead & 0xffff;
-	dws_patchset_apply_bf16(ps, 0, D, out);
-	for (uint32_t i = 0; i < D; i++)
-		if (out[i] != (want[i] >= 0 ? (uint16_t)want[i] : 0xdead))
-			bad++;
+	bad += window_bad(ps, want, out, D, 0, D);
 	CHECK(bad == 0, "values after the end of the build (%d bad)", bad);
 	CHECK(dws_patchset_fold_build(ps, own) == NULL, "nothing left to fold");
 	dws_patchset_unref(ps);
