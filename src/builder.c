@@ -459,6 +459,16 @@ static void *param_main(void *v)
 	return NULL;
 }
 
+/* fn(arg) on this thread and one more, if one can be started */
+static void on_two_threads(void *(*fn)(void *), void *arg)
+{
+	pthread_t t;
+	bool two = pthread_create(&t, NULL, fn, arg) == 0;
+	fn(arg);
+	if (two)
+		pthread_join(t, NULL);
+}
+
 struct flush_work {
 	dws_builder *bl;
 	dws_step *s;
@@ -532,13 +542,12 @@ static int apply_sparse(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 		first[i] = first[i - 1] + ps[i - 1].count; /* the pool holds params in decode order */
 	struct param_work w = {.bl = bl, .s = s, .arena = arena, .ps = ps, .first = first, .val_pool = val_pool, .np = np};
 	atomic_init(&w.next, 0);
-	pthread_t t;
 	/* a build folding many files: the tensors' folds on both cores (a
 	 * file names each tensor once) */
-	bool two = bl->folding && np > 1 && pthread_create(&t, NULL, param_main, &w) == 0;
-	param_main(&w);
-	if (two)
-		pthread_join(t, NULL);
+	if (bl->folding && np > 1)
+		on_two_threads(param_main, &w);
+	else
+		param_main(&w);
 	free(first);
 out:
 	dws_arena_unref(arena); /* the runs keep their own references */
@@ -654,10 +663,11 @@ int dws_builder_build(dws_builder *bl, uint64_t step, dws_step **out,
 	 * up): dense tensors are folded as the files come, so the build never
 	 * holds every file's runs side by side. One file: appended, merged
 	 * off the build path. */
+	uint64_t from = s->step; /* files after it, up to step, are applied */
 	size_t nfiles = 0;
 	for (size_t i = 0; i < dws_catalog_count(c); i++) {
 		const dws_stepfile *f = dws_catalog_at(c, i);
-		nfiles += f->step > s->step && !(a && f->step <= astep) && f->step <= step;
+		nfiles += f->step > from && !(a && f->step <= astep) && f->step <= step;
 	}
 	bl->folding = nfiles >= 2;
 	if (bl->folding) {
@@ -671,7 +681,7 @@ int dws_builder_build(dws_builder *bl, uint64_t step, dws_step **out,
 	rc = DWS_OK;
 	for (size_t i = 0; i < dws_catalog_count(c) && !rc; i++) {
 		const dws_stepfile *f = dws_catalog_at(c, i);
-		if (f->step <= s->step || (a && f->step <= astep))
+		if (f->step <= from || (a && f->step <= astep))
 			continue;
 		if (f->step > step)
 			break;
@@ -682,11 +692,7 @@ int dws_builder_build(dws_builder *bl, uint64_t step, dws_step **out,
 		 * per dense tensor */
 		struct flush_work w = {.bl = bl, .s = s};
 		atomic_init(&w.next, 0);
-		pthread_t t;
-		bool two = pthread_create(&t, NULL, flush_main, &w) == 0;
-		flush_main(&w);
-		if (two)
-			pthread_join(t, NULL);
+		on_two_threads(flush_main, &w);
 	}
 	/* what the build made is s's now, shared from here on: never again
 	 * changed in place */

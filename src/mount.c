@@ -91,6 +91,20 @@ static int64_t now_ms(void)
 	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+/* CLOCK_MONOTONIC ms from now, for the mount's condition variables */
+static struct timespec deadline_in(int64_t ms)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	ts.tv_sec += ms / 1000;
+	ts.tv_nsec += (ms % 1000) * 1000000;
+	if (ts.tv_nsec >= 1000000000) {
+		ts.tv_sec++;
+		ts.tv_nsec -= 1000000000;
+	}
+	return ts;
+}
+
 static bool log_syslog;
 
 void dws_log_to_syslog(const char *ident)
@@ -410,14 +424,7 @@ static void *compact_main(void *arg)
 	/* tests: hold the first merge back (files opened before it) */
 	const char *hold = getenv("DWSFS_TEST_MERGE_DELAY_MS");
 	if (hold && atoi(hold) > 0) {
-		struct timespec ts;
-		clock_gettime(CLOCK_MONOTONIC, &ts);
-		ts.tv_sec += atoi(hold) / 1000;
-		ts.tv_nsec += (atoi(hold) % 1000) * 1000000L;
-		if (ts.tv_nsec >= 1000000000L) {
-			ts.tv_sec++;
-			ts.tv_nsec -= 1000000000L;
-		}
+		struct timespec ts = deadline_in(atoi(hold));
 		while (!m->stop && pthread_cond_timedwait(&m->compact_cond, &m->lock, &ts) == 0)
 			;
 	}
@@ -706,17 +713,8 @@ static void *sync_main(void *arg)
 			if (w < wake)
 				wake = w;
 		}
-		struct timespec ts;
-		clock_gettime(CLOCK_MONOTONIC, &ts);
 		int64_t ms = wake - now_ms();
-		if (ms < 1)
-			ms = 1;
-		ts.tv_sec += ms / 1000;
-		ts.tv_nsec += (ms % 1000) * 1000000;
-		if (ts.tv_nsec >= 1000000000) {
-			ts.tv_sec++;
-			ts.tv_nsec -= 1000000000;
-		}
+		struct timespec ts = deadline_in(ms < 1 ? 1 : ms);
 		pthread_cond_timedwait(&m->cond, &m->lock, &ts);
 	}
 	pthread_mutex_unlock(&m->lock);

@@ -257,13 +257,6 @@ static void dense_apply_bf16(const dws_patch *p, uint64_t e0, uint64_t cnt, uint
 	}
 }
 
-/* Mark element e of dense run p as holding value x. */
-static inline void dense_set(dws_patch *p, uint32_t e, uint16_t x)
-{
-	p->bits[e >> 6] |= 1ULL << (e & 63);
-	p->val[e] = x;
-}
-
 static dws_patch *dense_new(uint64_t numel)
 {
 	dws_patch *p = dws_xcalloc(1, sizeof(*p));
@@ -452,28 +445,44 @@ dws_patchset *dws_patchset_add(const dws_patchset *old, dws_patch *run, uint64_t
  * the dense run (6 bytes each against 2 and a bit per element). */
 enum { DENSE_MIN = 4096, FOLD_AT = 12 };
 
+/* runs[from..] of old (NULL: none), then run (NULL: none), as a malloc'd
+ * array of *k (no references taken). */
+static dws_patch **runs_then(const dws_patchset *old, uint32_t from, dws_patch *run, uint32_t *k)
+{
+	uint32_t n = old ? old->nruns - from : 0;
+	*k = n + (run ? 1 : 0);
+	dws_patch **runs = dws_xcalloc(*k ? *k : 1, sizeof(*runs));
+	for (uint32_t i = 0; i < n; i++)
+		runs[i] = old->runs[from + i];
+	if (run)
+		runs[n] = run;
+	return runs;
+}
+
+/* A set of the one run p (its reference is taken over). */
+static dws_patchset *patchset_one(dws_patch *p)
+{
+	dws_patchset *ps = dws_xcalloc(1, sizeof(*ps) + sizeof(dws_patch *));
+	atomic_init(&ps->refs, 1);
+	ps->runs[0] = p;
+	ps->nruns = 1;
+	ps->entries = p->n;
+	return ps;
+}
+
 /* [own, pending sparse runs...] + run (NULL: none) as [own], the runs
  * folded into own in place (own is private to the build). */
 static dws_patchset *fold_into_own(const dws_patchset *old, dws_patch *run, dws_patch *own)
 {
-	uint32_t k = old->nruns - 1 + (run ? 1 : 0);
-	dws_patch **runs = dws_xcalloc(k ? k : 1, sizeof(*runs));
-	for (uint32_t i = 1; i < old->nruns; i++)
-		runs[i - 1] = old->runs[i];
-	if (run)
-		runs[k - 1] = run;
+	uint32_t k;
+	dws_patch **runs = runs_then(old, 1, run, &k);
 	dense_apply_runs(own, runs, k);
 	free(runs);
 	dws_patch_unref(run);
 	own->n = (uint32_t)dense_count(own);
 	/* old (the caller drops it) lets go of the folded runs */
-	dws_patchset *ps = dws_xcalloc(1, sizeof(*ps) + sizeof(dws_patch *));
-	atomic_init(&ps->refs, 1);
-	ps->runs[0] = own;
 	atomic_fetch_add(&own->refs, 1);
-	ps->nruns = 1;
-	ps->entries = own->n;
-	return ps;
+	return patchset_one(own);
 }
 
 static bool is_own(const dws_patchset *ps, const dws_patch *own)
@@ -517,19 +526,12 @@ dws_patchset *dws_patchset_add_build(const dws_patchset *old, dws_patch *run, ui
 	}
 	if (numel < DENSE_MIN || !sparse || total * 3 <= numel || n + 1 > DWS_MAX_RUNS)
 		return dws_patchset_add(old, run, numel);
-	dws_patchset *ps = dws_xcalloc(1, sizeof(*ps) + sizeof(dws_patch *));
-	atomic_init(&ps->refs, 1);
-	dws_patch **runs = dws_xcalloc(n + 1, sizeof(*runs));
-	for (uint32_t i = 0; i < n; i++)
-		runs[i] = old->runs[i];
-	runs[n] = run;
-	ps->runs[0] = densify(runs, n + 1, numel);
+	uint32_t k;
+	dws_patch **runs = runs_then(old, 0, run, &k);
+	*own = densify(runs, k, numel);
 	free(runs);
 	dws_patch_unref(run);
-	ps->nruns = 1;
-	ps->entries = ps->runs[0]->n;
-	*own = ps->runs[0];
-	return ps;
+	return patchset_one(*own);
 }
 
 /* Size-tiered: merge the newest RUN_FANOUT runs once the oldest of them is
