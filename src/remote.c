@@ -85,6 +85,7 @@ struct dws_cache {
 	struct flight *flights;
 	struct hot *hot;
 	unsigned nhot, hot_cap;
+	unsigned reading;       /* of hot_cap: blocks the reads in progress touch */
 	unsigned char **pool;  /* free block buffers */
 	unsigned npool, pool_cap;
 	struct job queue[QUEUE_MAX];
@@ -816,7 +817,7 @@ static void prefetch(dws_blob *b, uint64_t first, unsigned n)
 	 * block fetched beyond that pushes out one read ahead before it, which
 	 * is then fetched again */
 	unsigned ahead = ahead_locked(c), added = 0;
-	unsigned room = c->hot_cap > 2 + ahead ? c->hot_cap - 2 - ahead : 0;
+	unsigned room = c->hot_cap > c->reading + ahead ? c->hot_cap - c->reading - ahead : 0;
 	for (unsigned k = 0; k < n && added < room && first + k < nblk && c->qlen < QUEUE_MAX; k++) {
 		char key[64];
 		size_t i;
@@ -1097,8 +1098,14 @@ int dws_cache_open(const dws_cache_opts *o, dws_cache **out, dws_error *err)
 		c->o.write_backlog = 4;
 	if (c->o.write_backlog > WRITES_MAX)
 		c->o.write_backlog = WRITES_MAX;
-	/* the readahead window and the blocks being read fit in memory */
-	c->hot_cap = c->o.max_window + 2;
+	/* the readahead window and the blocks being read fit in memory: the
+	 * kernel has two reads of up to 1 MiB (FUSE's largest) out at once on a
+	 * scan, often out of order, and they straddle block ends. Counted as 2
+	 * blocks when blocks were smaller than that, the blocks a later read
+	 * had fetched pushed out the one an earlier read had yet to finish. */
+	uint64_t span = ((2u << 20) + c->o.block_size - 1) / c->o.block_size + 1;
+	c->reading = span < 2 ? 2 : span > 64 ? 64 : (unsigned)span;
+	c->hot_cap = c->o.max_window + c->reading;
 	/* free buffers kept for reuse: those of the hot set, of the blocks
 	 * waiting for the disk writers (on top of it) and of the fetchers */
 	c->pool_cap = c->hot_cap + c->o.write_backlog + c->o.prefetch_threads + 2;
