@@ -285,7 +285,7 @@ static dws_step *step_from_layout(dws_layout *L)
 	dws_step *s = step_new(L);
 	for (size_t i = 0; i < L->nslots; i++) {
 		const dws_slot *sl = &L->slots[i];
-		s->src[i] = (dws_src){dws_blob_ref(L->files[sl->file].blob), sl->off, sl->dtype, (uint32_t)(sl->off & 4095)};
+		s->src[i] = (dws_src){dws_blob_ref(L->files[sl->file].blob), sl->off, sl->dtype};
 	}
 	return s;
 }
@@ -409,7 +409,7 @@ static int apply_dense(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 			break;
 		}
 		dws_blob_unref(s->src[slot].blob);
-		s->src[slot] = (dws_src){dws_blob_ref(b), dws_st_data_start(st) + t->begin, t->dtype, (uint32_t)(sl->off & 4095)};
+		s->src[slot] = (dws_src){dws_blob_ref(b), dws_st_data_start(st) + t->begin, t->dtype};
 		dws_patchset_unref(s->patch[slot]);
 		s->patch[slot] = NULL;
 		if (slot < bl->nown)

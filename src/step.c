@@ -98,7 +98,7 @@ void dws_patch_unref(dws_patch *p)
 		dws_arena_unref(p->arena);
 	} else {
 		free(p->idx);
-		free(p->val_mem ? p->val_mem : p->val);
+		free(p->val);
 		free(p->bits);
 	}
 	free(p);
@@ -257,9 +257,12 @@ static void dense_apply_bf16(const dws_patch *p, uint64_t e0, uint64_t cnt, uint
 	}
 }
 
-/* A dense run, nothing set; its values start at `phase` mod 4096 (even:
- * aligned for BF16) when phase is not 0. */
-static dws_patch *dense_new(uint64_t numel, uint32_t phase)
+/* A dense run, nothing set. Its values are faulted in before the huge page
+ * hint on the build path, as an arena (dws_arena_new); with `huge` (a whole
+ * tensor the compaction thread makes, off the build path) after it: replies
+ * point into those, and from small pages the kernel's copy of them into the
+ * page cache took 3-4x the CPU (pinning every 4 KiB page). */
+static dws_patch *dense_new(uint64_t numel, bool huge)
 {
 	dws_patch *p = dws_xcalloc(1, sizeof(*p));
 	atomic_init(&p->refs, 1);
@@ -267,16 +270,10 @@ static dws_patch *dense_new(uint64_t numel, uint32_t phase)
 	size_t words = (size_t)((numel + 63) / 64);
 	p->bits = dws_xcalloc(words ? words : 1, sizeof(uint64_t));
 	size_t bytes = (size_t)(numel ? numel : 1) * sizeof(uint16_t);
-	phase &= 4094;
-	/* faulted in before the huge page hint, as an arena (dws_arena_new),
-	 * on the build path; a whole tensor (phased) on huge pages */
-	size_t sz = bytes + (phase ? 4096 : 0);
-	unsigned char *mem = phase ? dws_big_alloc(sz) : dws_big_alloc_unhinted(sz);
-	p->val = (uint16_t *)(mem + (phase ? (phase - (uintptr_t)mem) & 4095 : 0));
-	p->val_mem = phase ? mem : NULL;
+	p->val = huge ? dws_big_alloc(bytes) : dws_big_alloc_unhinted(bytes);
 	memset(p->val, 0, (size_t)numel * sizeof(uint16_t));
-	if (!phase)
-		dws_big_hint(mem, sz);
+	if (!huge)
+		dws_big_hint(p->val, bytes);
 	atomic_fetch_add(&patch_mem, patch_size(p));
 	return p;
 }
@@ -370,9 +367,9 @@ static void dense_apply_runs(dws_patch *out, dws_patch *const *runs, uint32_t k)
 }
 
 /* runs[0..k) applied in order into one dense run. */
-static dws_patch *densify(dws_patch *const *runs, uint32_t k, uint64_t numel, uint32_t phase)
+static dws_patch *densify(dws_patch *const *runs, uint32_t k, uint64_t numel, bool huge)
 {
-	dws_patch *out = dense_new(numel, phase);
+	dws_patch *out = dense_new(numel, huge);
 	dense_apply_runs(out, runs, k);
 	uint64_t n = dense_count(out);
 	/* entries of the chain: what a full run took over still counts */
@@ -414,9 +411,8 @@ dws_patch *dws_patch_compact(dws_patch *const *runs, uint32_t k, uint64_t numel,
 		any_dense |= runs[r]->bits != NULL;
 	}
 	if (numel >= 4096 && (any_dense || total * 3 > numel)) {
-		/* in phase with the file served when it is to be made full */
-		bool whole = src && src->dtype == DWS_DT_BF16 && src->blob;
-		dws_patch *d = densify(runs, k, numel, whole ? src->phase : 0);
+		bool whole = src && src->dtype == DWS_DT_BF16 && src->blob; /* to be made full */
+		dws_patch *d = densify(runs, k, numel, whole);
 		for (uint32_t r = 0; r < k; r++)
 			d->full |= runs[r]->full; /* every bit set already */
 		if (!d->full && src && src->dtype == DWS_DT_BF16 && src->blob &&
@@ -539,7 +535,7 @@ dws_patchset *dws_patchset_add_build(const dws_patchset *old, dws_patch *run, ui
 		return dws_patchset_add(old, run, numel);
 	uint32_t k;
 	dws_patch **runs = runs_then(old, 0, run, &k);
-	*own = densify(runs, k, numel, 0);
+	*own = densify(runs, k, numel, false);
 	free(runs);
 	dws_patch_unref(run);
 	return patchset_one(*own);
@@ -909,14 +905,10 @@ struct pieces {
 /* Bytes for [dst, dst+n) of buf are at ref (== dst: produced in place).
  * Pieces in buf are contiguous unless a pointed-to piece comes between, so
  * a pointed-to piece is taken only with a slot left for the buf piece after
- * it; without, its bytes are copied into place. So are a piece's bytes out
- * of phase with buf (page aligned, as the page cache the kernel copies the
- * reply into): with ref and dst apart by other than a multiple of 64 the
- * kernel's copy ran 2.5x slower per byte; a copy here in user space, which
- * minds no alignment, and the kernel's in phase cost less. */
+ * it; without, its bytes are copied into place. */
 static void piece_add(struct pieces *P, unsigned char *dst, const void *ref, size_t n, dws_pin *pin)
 {
-	if (ref != dst && (P->n + 2 > P->cap || (((uintptr_t)ref ^ (uintptr_t)dst) & 63))) {
+	if (ref != dst && P->n + 2 > P->cap) {
 		memcpy(dst, ref, n);
 		dws_pin_release(pin);
 		ref = dst;

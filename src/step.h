@@ -23,11 +23,6 @@ typedef struct dws_src {
 	dws_blob *blob;
 	uint64_t off;
 	dws_dtype dtype;
-	/* where the tensor lies in the file served, mod 4096: a whole tensor
-	 * made from this source is laid out in memory at the same page offset,
-	 * so the kernel's copy of a reply pointing into it into the page cache
-	 * runs in phase (16 bytes off, that copy ran 2.5x slower per byte) */
-	uint32_t phase;
 } dws_src;
 
 /* A run is sparse (n sorted indices with their values) or, once a tensor is
@@ -45,7 +40,6 @@ typedef struct dws_patch {
 			     (the source's values filled in), the source is
 			     not read at all; n still counts the entries */
 	dws_arena *arena; /* idx and val lie in it; NULL: owned */
-	void *val_mem;    /* owned, dense: the allocation val lies in, if not val */
 } dws_patch;
 
 /* A run over arrays the run takes ownership of (free()d with it). */
