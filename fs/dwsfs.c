@@ -566,8 +566,9 @@ static char *read_buffer(size_t size)
 	}
 	if (size > b->cap || !b->p) {
 		/* page aligned, as the page cache pages the kernel copies the
-		 * reply into: with the source 16 bytes off (malloc's), that copy
-		 * ran 2.5x slower on this AMD machine than memfs's aligned one */
+		 * reply into (with malloc's buffer that copy once took 2.5x the
+		 * time; tests/bench/memfs MEMFS_SKEW later showed the offset in a
+		 * page costs nothing here, so its pages were the likelier cause) */
 		free(b->p);
 		b->p = NULL;
 		b->cap = size ? size : 1;
