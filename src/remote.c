@@ -1104,7 +1104,7 @@ int dws_cache_open(const dws_cache_opts *o, dws_cache **out, dws_error *err)
 	 * blocks when blocks were smaller than that, the blocks a later read
 	 * had fetched pushed out the one an earlier read had yet to finish. */
 	uint64_t span = ((2u << 20) + c->o.block_size - 1) / c->o.block_size + 1;
-	c->reading = span < 2 ? 2 : span > 64 ? 64 : (unsigned)span;
+	c->reading = span > 64 ? 64 : (unsigned)span; /* 2 at least */
 	c->hot_cap = c->o.max_window + c->reading;
 	/* free buffers kept for reuse: those of the hot set, of the blocks
 	 * waiting for the disk writers (on top of it) and of the fetchers */

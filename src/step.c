@@ -261,7 +261,7 @@ static void dense_apply_bf16(const dws_patch *p, uint64_t e0, uint64_t cnt, uint
  * hint on the build path, as an arena (dws_arena_new); with `huge` (a whole
  * tensor the compaction thread makes, off the build path) after it: replies
  * point into those, and from small pages the kernel's copy of them into the
- * page cache took 3-4x the CPU (pinning every 4 KiB page). */
+ * page cache took 4-6x the CPU (pinning every 4 KiB page). */
 static dws_patch *dense_new(uint64_t numel, bool huge)
 {
 	dws_patch *p = dws_xcalloc(1, sizeof(*p));
@@ -411,12 +411,12 @@ dws_patch *dws_patch_compact(dws_patch *const *runs, uint32_t k, uint64_t numel,
 		any_dense |= runs[r]->bits != NULL;
 	}
 	if (numel >= 4096 && (any_dense || total * 3 > numel)) {
-		bool whole = src && src->dtype == DWS_DT_BF16 && src->blob; /* to be made full */
+		bool whole = src && src->dtype == DWS_DT_BF16 && src->blob &&
+			     dws_blob_local(src->blob, src->off, numel * 2); /* to be made full */
 		dws_patch *d = densify(runs, k, numel, whole);
 		for (uint32_t r = 0; r < k; r++)
 			d->full |= runs[r]->full; /* every bit set already */
-		if (!d->full && src && src->dtype == DWS_DT_BF16 && src->blob &&
-		    dws_blob_local(src->blob, src->off, numel * 2))
+		if (!d->full && whole)
 			make_full(d, src);
 		return d;
 	}

@@ -724,16 +724,16 @@ static void test_block_cache_slow_disk(void)
 	cache_test_end(c, dir, data, buf);
 }
 
-/* A scan in kernel-sized reads over blocks smaller than a read, the reads
- * arriving two at a time in the wrong order (as FUSE's do): each block is
- * fetched once. With room for 2 blocks being read, the blocks the later
- * read fetched pushed out the one the earlier read shared with it. */
 static int slow_fetch(void *ctx, uint64_t off, size_t len, void *dst, dws_error *err)
 {
 	usleep(1000); /* a round trip: the prefetchers get going before the reader */
 	return fake_fetch(ctx, off, len, dst, err);
 }
 
+/* A scan in kernel-sized reads over blocks smaller than a read, the reads
+ * arriving two at a time in the wrong order (as FUSE's do): each block is
+ * fetched once. With room for 2 blocks being read, the blocks the later
+ * read fetched pushed out the one the earlier read shared with it. */
 static void test_block_cache_reads_out_of_order(void)
 {
 	enum { BS = 262144, H = 1616, RD = 1 << 20, NRD = 24, SIZE = H + NRD * RD };
