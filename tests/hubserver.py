@@ -325,10 +325,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     break
             else:
                 data = resp.body[sent:sent + n]
-            self.wfile.write(data)
-            sent += len(data)
+            # counted before the client can have them (it may ask /_stats as
+            # soon as it has read the body), taken back if they never left
             if cls == "cdn":
                 hub._add_cdn_bytes(len(data))
+            try:
+                self.wfile.write(data)
+            except OSError:
+                if cls == "cdn":
+                    hub._add_cdn_bytes(-len(data))
+                raise
+            sent += len(data)
             if rate and sent < total and hub._stop.wait(len(data) / float(rate)):
                 break
         return sent
