@@ -7,13 +7,13 @@
  * files are immutable, so their inodes keep page cache and attributes for
  * long; the root view (bit 63 set) has inodes of its own so that a root swap
  * never shares cache with steps/N and never counts steps/N use as root use. */
-#define FUSE_USE_VERSION 312
+#include "passthrough.h"
 
 #include "dwsfs/dwsfs.h"
 
 #include <errno.h>
 #include <fcntl.h>
-#include <fuse_lowlevel.h>
+#include <jansson.h>
 #include <limits.h>
 #include <malloc.h>
 #include <pthread.h>
@@ -50,6 +50,8 @@ struct opts {
 	char *verify;
 	char *map_prefix;
 	char *ca_file;
+	char *materialize_max;
+	char *materialize_dir;
 	double read_timeout;
 	double stall_timeout;
 	unsigned block_size;
@@ -88,6 +90,11 @@ struct handle {
 	dws_step *step;
 	size_t file;
 	bool root_view;
+	/* H_FILE: its inode, step id, and the kernel backing id its reads
+	 * pass through to (-1: the daemon serves them) */
+	fuse_ino_t ino;
+	uint64_t id;
+	int backing;
 	char *buf; /* status snapshot or directory listing */
 	size_t len;
 };
@@ -124,6 +131,8 @@ static void handle_free(struct fs *f, struct handle *h)
 	pthread_mutex_unlock(&f->handles_lock);
 	if (h->root_view && f->m)
 		dws_mount_root_released(f->m);
+	if (h->kind == H_FILE)
+		pt_release(h->ino, h->id, h->file, h->backing);
 	dws_step_unref(h->step);
 	pthread_mutex_destroy(&h->lock);
 	free(h->buf);
@@ -452,6 +461,28 @@ static void op_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info 
 
 /* ---- files ---- */
 
+/* The core's status with the FUSE layer's own fields. */
+static char *status_json(struct fs *f)
+{
+	char *core = dws_mount_status_json(f->m);
+	json_t *j = json_loads(core, 0, NULL);
+	if (!j)
+		return core;
+	json_object_set_new(j, "passthrough", json_string(pt_state()));
+	json_object_set_new(j, "passthrough_opens", json_integer((json_int_t)pt_opens()));
+	json_object_set_new(j, "daemon_reads", json_integer((json_int_t)pt_daemon_reads()));
+	char *s = json_dumps(j, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+	json_decref(j);
+	if (!s)
+		return core;
+	free(core);
+	char *out = NULL;
+	if (asprintf(&out, "%s\n", s) < 0)
+		out = NULL;
+	free(s);
+	return out ? out : strdup("{}\n");
+}
+
 static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
 	struct fs *f = fs_of(req);
@@ -459,7 +490,7 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 		return (void)fuse_reply_err(req, EROFS);
 	if (ino == INO_STATUS) {
 		struct handle *h = handle_new(f, H_STATUS, NULL);
-		h->buf = dws_mount_status_json(f->m);
+		h->buf = status_json(f);
 		h->len = strlen(h->buf);
 		fi->direct_io = 1;
 		fi->fh = (uintptr_t)h;
@@ -481,12 +512,16 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 	struct handle *h = handle_new(f, H_FILE, s);
 	h->file = (size_t)n->file;
 	h->root_view = ino_root_view(ino);
+	h->ino = ino;
+	h->id = dws_step_id(s);
+	/* a materialized step's file: the kernel reads its backing file */
+	h->backing = pt_open(ino, h->id, h->file);
 	if (h->root_view)
 		dws_mount_root_opened(f->m);
 	fi->fh = (uintptr_t)h;
 	fi->keep_cache = 1; /* the inode's bytes never change */
 	fi->noflush = 1;
-	if (fuse_reply_open(req, fi) == -ENOENT) /* interrupted: no release will come */
+	if (pt_reply_open(req, fi, h->backing) == -ENOENT) /* interrupted: no release will come */
 		handle_free(f, h);
 }
 
@@ -590,6 +625,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
 		size_t n = h->len - (size_t)off < size ? h->len - (size_t)off : size;
 		return reply_copy(req, h->buf + off, n);
 	}
+	pt_count_read();
 	char *buf = read_buffer(size);
 	if (!buf)
 		return (void)fuse_reply_err(req, ENOMEM);
@@ -778,6 +814,8 @@ static const struct fuse_opt opt_spec[] = {
 	OPT("read_timeout=%lf", read_timeout),
 	OPT("stall_timeout=%lf", stall_timeout),
 	OPT("block_size=%u", block_size),
+	OPT("materialize_max=%s", materialize_max),
+	OPT("materialize_dir=%s", materialize_dir),
 	OPT("-h", show_help),
 	OPT("--help", show_help),
 	FUSE_OPT_END};
@@ -819,6 +857,11 @@ static void usage(const char *prog)
 	       "    -o stall_timeout=SECONDS a transfer that sends nothing this long is retried (default 10)\n"
 	       "    -o ca_file=FILE        extra CA bundle for TLS (verification is always on)\n"
 	       "    -o block_size=BYTES    fetch unit of remote objects (default 8 MiB)\n"
+	       "    -o materialize_max=BYTES  write the root step's files whole to materialize_dir when\n"
+	       "                           the step is at most this big and its sources are local, and\n"
+	       "                           let the kernel read them directly (FUSE passthrough, root,\n"
+	       "                           Linux 6.9+; default 4G; 0: never)\n"
+	       "    -o materialize_dir=DIR where (default cache_dir, else $TMPDIR, else /var/tmp)\n"
 	       "\n",
 	       prog);
 }
@@ -991,6 +1034,13 @@ int main(int argc, char *argv[])
 		goto out_args;
 	}
 	bo.memory_cache = o.cache_size && bo.cache_size == 0; /* cache_size=0: no disk cache */
+	uint64_t mat_max = 4ull << 30;
+	if (o.materialize_max && !parse_size(o.materialize_max, &mat_max)) {
+		fprintf(stderr, "dwsfs: materialize_max takes bytes (K, M, G suffixes), not '%s'\n", o.materialize_max);
+		goto out_args;
+	}
+	const char *mat_dir = o.materialize_dir ? o.materialize_dir : o.cache_dir ? o.cache_dir
+			    : getenv("TMPDIR") && *getenv("TMPDIR") ? getenv("TMPDIR") : "/var/tmp";
 	dws_mount_opts mo = {
 		.bucket = o.bucket, .bucket_opts = &bo, .base = o.base, .maps = o.map_prefix ? &map : NULL, .nmaps = o.map_prefix ? 1 : 0,
 		.poll_ms = o.poll ? o.poll * 1000 : 0,
@@ -1035,6 +1085,8 @@ int main(int argc, char *argv[])
 	if (fuse_session_mount(se, co.mountpoint) != 0)
 		goto out_signals;
 	f.se = se;
+	if (pt_attach(se, m, mat_max > 0, mat_dir, mat_max) != 0)
+		dws_log("passthrough off: libfuse refused custom I/O");
 	if (dws_mount_start(m, &err) != 0) {
 		fprintf(stderr, "dwsfs: %s\n", err.msg);
 		goto out_unmount;
@@ -1073,6 +1125,7 @@ int main(int argc, char *argv[])
 	f.m = NULL;
 	while (f.handles)
 		handle_free(&f, f.handles);
+	pt_detach();
 	dws_mount_close(m); /* stop the sync thread before the session goes */
 	m = NULL;
 	dws_log("unmounted %s", co.mountpoint);
@@ -1096,6 +1149,8 @@ out_args:
 	free(o.verify);
 	free(o.map_prefix);
 	free(o.ca_file);
+	free(o.materialize_max);
+	free(o.materialize_dir);
 	fuse_opt_free_args(&args);
 	return ret;
 }

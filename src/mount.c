@@ -13,6 +13,7 @@
 #include "step.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <jansson.h>
 #include <pthread.h>
 #include <sched.h>
@@ -75,6 +76,15 @@ struct dws_mount {
 	dws_object *found;  /* objects found by HEAD since the last listing */
 	size_t nfound;
 	unsigned failures;  /* polls failed in a row: the next waits longer */
+	/* the root's files written whole into unnamed files (materialize.c),
+	 * for the FUSE layer to hand the kernel; under lock */
+	char *mat_dir;          /* NULL: off (dws_mount_materialize) */
+	uint64_t mat_max;       /* a step larger than this is never written */
+	uint64_t mat_id;        /* step id of mat_fd, 0: none */
+	uint64_t mat_step, mat_bytes, mat_skip_id;
+	int *mat_fd;
+	size_t mat_n;
+	bool materializing;
 };
 
 static int64_t wall_ns(void)
@@ -413,6 +423,124 @@ static void replace_equivalent(dws_mount *m, dws_step *s)
 	free(drop);
 }
 
+/* ---- materialized root ----
+ *
+ * Once the root is merged and idle, its files are written whole into
+ * unnamed files (dws_step_materialize) on this thread, at idle priority,
+ * when the step fits mat_max and every source byte is local (a remote
+ * source only once the block cache holds all of it: this never fetches).
+ * The FUSE layer hands them to the kernel (passthrough): opens after that
+ * read the page cache of a local file, and never reach the daemon. */
+
+static bool materialize_pending_locked(dws_mount *m)
+{
+	if (!m->mat_dir || !m->root || m->ready || m->stop)
+		return false;
+	uint64_t id = dws_step_id(m->root);
+	return id != m->mat_id && id != m->mat_skip_id;
+}
+
+static void close_fds(int *fd, size_t n)
+{
+	for (size_t i = 0; fd && i < n; i++)
+		if (fd[i] >= 0)
+			close(fd[i]);
+	free(fd);
+}
+
+/* false: the root's sources are not all local yet (try later) */
+static bool materialize_root(dws_mount *m)
+{
+	pthread_mutex_lock(&m->lock);
+	if (!materialize_pending_locked(m)) {
+		pthread_mutex_unlock(&m->lock);
+		return true;
+	}
+	dws_step *s = dws_step_ref(m->root);
+	char *dir = dws_xstrdup(m->mat_dir);
+	uint64_t max = m->mat_max, id = dws_step_id(s);
+	pthread_mutex_unlock(&m->lock);
+	size_t n = dws_step_file_count(s);
+	uint64_t total = 0;
+	bool local = true, skip = false;
+	for (size_t i = 0; i < n; i++) {
+		total += dws_step_file(s, i)->size;
+		local = local && dws_step_file_local(s, i);
+	}
+	int *fd = NULL;
+	if (total > max) {
+		dws_log("step %llu: %llu bytes, over materialize_max (%llu): read through the daemon only",
+			(unsigned long long)dws_step_number(s), (unsigned long long)total, (unsigned long long)max);
+		skip = true;
+	} else if (local) {
+		pthread_mutex_lock(&m->lock);
+		m->materializing = true;
+		pthread_mutex_unlock(&m->lock);
+		int64_t t0 = now_ms();
+		fd = dws_xcalloc(n ? n : 1, sizeof(*fd));
+		for (size_t i = 0; i < n; i++)
+			fd[i] = -1;
+		for (size_t i = 0; i < n && !skip; i++) {
+			dws_error err = {0};
+			if (dws_step_materialize(s, i, dir, DWS_MAT_FREE_FLOOR, &m->stopping, &fd[i], &err)) {
+				if (!atomic_load(&m->stopping))
+					dws_log("step %llu not materialized: %s", (unsigned long long)dws_step_number(s), err.msg);
+				skip = true;
+			}
+		}
+		if (!skip)
+			dws_log("step %llu: materialized %zu files (%llu bytes) in %lld ms under %s: opens read them through the kernel",
+				(unsigned long long)dws_step_number(s), n, (unsigned long long)total,
+				(long long)(now_ms() - t0), dir);
+	}
+	int *old = NULL;
+	size_t nold = 0;
+	pthread_mutex_lock(&m->lock);
+	m->materializing = false;
+	if (skip) {
+		m->mat_skip_id = id;
+	} else if (fd) {
+		old = m->mat_fd, nold = m->mat_n;
+		m->mat_fd = fd, m->mat_n = n, m->mat_id = id;
+		m->mat_step = dws_step_number(s), m->mat_bytes = total;
+		fd = NULL;
+	}
+	pthread_mutex_unlock(&m->lock);
+	close_fds(skip ? fd : old, skip ? n : nold);
+	free(dir);
+	dws_step_unref(s);
+	return local || skip;
+}
+
+void dws_mount_materialize(dws_mount *m, const char *dir, uint64_t max_bytes)
+{
+	pthread_mutex_lock(&m->lock);
+	if (!m->mat_dir && dir) {
+		m->mat_dir = dws_xstrdup(dir);
+		m->mat_max = max_bytes;
+		pthread_cond_signal(&m->compact_cond);
+	}
+	pthread_mutex_unlock(&m->lock);
+}
+
+int dws_mount_materialized_fd(dws_mount *m, uint64_t id, size_t file)
+{
+	int fd = -1;
+	pthread_mutex_lock(&m->lock);
+	if (id && id == m->mat_id && file < m->mat_n)
+		fd = fcntl(m->mat_fd[file], F_DUPFD_CLOEXEC, 0);
+	pthread_mutex_unlock(&m->lock);
+	return fd;
+}
+
+bool dws_mount_is_materialized(dws_mount *m, uint64_t id)
+{
+	pthread_mutex_lock(&m->lock);
+	bool yes = id && id == m->mat_id;
+	pthread_mutex_unlock(&m->lock);
+	return yes;
+}
+
 static void *compact_main(void *arg)
 {
 	dws_mount *m = arg;
@@ -430,6 +558,17 @@ static void *compact_main(void *arg)
 	}
 	while (!m->stop) {
 		if (!m->compact_wanted) {
+			if (materialize_pending_locked(m)) {
+				pthread_mutex_unlock(&m->lock);
+				bool waiting = !materialize_root(m);
+				pthread_mutex_lock(&m->lock);
+				/* sources not all local yet (a remote bucket's blocks
+				 * still to come): look again in a while */
+				struct timespec ts = deadline_in(1000);
+				if (waiting && !m->stop && !m->compact_wanted)
+					pthread_cond_timedwait(&m->compact_cond, &m->lock, &ts);
+				continue;
+			}
 			pthread_cond_wait(&m->compact_cond, &m->lock);
 			continue;
 		}
@@ -694,6 +833,7 @@ static void *sync_main(void *arg)
 				m->ready = NULL;
 				m->swaps++;
 				m->root_since_ns = wall_ns();
+				pthread_cond_signal(&m->compact_cond); /* materialize it */
 				m->last_error[0] = 0;
 				uint64_t n = dws_step_number(m->root);
 				dws_step *nr = dws_step_ref(m->root);
@@ -752,6 +892,9 @@ char *dws_mount_status_json(dws_mount *m)
 	json_object_set_new(j, "root_since_ns", json_integer((json_int_t)m->root_since_ns));
 	json_object_set_new(j, "last_build_ms", json_integer((json_int_t)m->last_build_ms));
 	json_object_set_new(j, "merging", json_boolean(m->merging || m->compact_wanted));
+	json_object_set_new(j, "materializing", json_boolean(m->materializing || materialize_pending_locked(m)));
+	json_object_set_new(j, "materialized_step", m->mat_id ? json_integer((json_int_t)m->mat_step) : json_null());
+	json_object_set_new(j, "materialized_bytes", json_integer((json_int_t)(m->mat_id ? m->mat_bytes : 0)));
 	json_object_set_new(j, "root_open_handles", json_integer(m->root_open));
 	json_object_set_new(j, "patched_elements", json_integer((json_int_t)dws_step_patch_entries(m->root)));
 	uint64_t whole_bytes;
@@ -919,6 +1062,8 @@ void dws_mount_close(dws_mount *m)
 	dws_objects_free(m->found, m->nfound);
 	free(m->bucket_uri);
 	free(m->base);
+	close_fds(m->mat_fd, m->mat_n);
+	free(m->mat_dir);
 	free(m->tmpdir);
 	free(m->on_swap);
 	free(m->mountpoint);

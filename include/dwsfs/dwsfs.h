@@ -347,6 +347,19 @@ int64_t dws_step_read(dws_step *s, size_t file, uint64_t off, void *buf,
 int64_t dws_step_read_iov(dws_step *s, size_t file, uint64_t off, void *buf,
 			  size_t len, struct iovec *iov, size_t *niov,
 			  dws_pin *pins, size_t *npins, dws_error *err);
+/* Whether every byte of file i of s can be produced without a fetch: its
+ * sources are local files, blocks the block cache holds, or tensors held
+ * whole in memory. */
+bool dws_step_file_local(dws_step *s, size_t file);
+/* What dws_step_materialize leaves free on the filesystem it writes to. */
+#define DWS_MAT_FREE_FLOOR (1ull << 30)
+/* Write file i of s whole into an unnamed file (O_TMPFILE) in dir, in large
+ * writes, and return it open read-write in *fd (the caller closes it). It
+ * never appears in dir and is gone with its last reference. Refused when
+ * dir's filesystem would keep less than min_free bytes free; *stop (may be
+ * NULL) cancels. The bytes are dws_step_read's. */
+int dws_step_materialize(dws_step *s, size_t file, const char *dir, uint64_t min_free,
+			 const _Atomic bool *stop, int *fd, dws_error *err);
 /* XXH3-64 state digest over the trainer view (see publish.c). */
 int dws_step_state_digest(dws_step *s, uint64_t *out, dws_error *err);
 
@@ -450,6 +463,14 @@ int dws_mount_get_step_by_id(dws_mount *m, uint64_t id, dws_step **out,
 			     dws_error *err);
 /* The producer's state checksum of a step, "" if none. */
 void dws_mount_step_checksum(dws_mount *m, uint64_t step, char out[17]);
+/* Materialize the root's files under dir from now on (see mount.c), for a
+ * step of at most max_bytes; status materialized_step says which step is.
+ * The first call wins. */
+void dws_mount_materialize(dws_mount *m, const char *dir, uint64_t max_bytes);
+/* A new descriptor of file i of the materialized step with this id, or -1
+ * when that step is not the one materialized. */
+int dws_mount_materialized_fd(dws_mount *m, uint64_t id, size_t file);
+bool dws_mount_is_materialized(dws_mount *m, uint64_t id);
 /* .dwsfs/status as a JSON document (malloc'd). */
 char *dws_mount_status_json(dws_mount *m);
 

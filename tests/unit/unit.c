@@ -5,6 +5,8 @@
 #include "remote.h"
 #include "step.h"
 
+#include <dirent.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -767,6 +769,109 @@ static void test_block_cache_reads_out_of_order(void)
 	free(buf);
 }
 
+/* ---- materialized files ---- */
+
+/* A one-tensor BF16 checkpoint "w" of n elements at dir/model.safetensors. */
+static void write_checkpoint(const char *dir, const uint16_t *v, size_t n)
+{
+	char path[512], hdr[256];
+	mkdir(dir, 0700);
+	snprintf(path, sizeof(path), "%s/model.safetensors", dir);
+	int len = snprintf(hdr, sizeof(hdr), "{\"w\":{\"dtype\":\"BF16\",\"shape\":[%zu],\"data_offsets\":[0,%zu]}}", n, n * 2);
+	uint64_t hl = (uint64_t)len;
+	FILE *f = fopen(path, "wb");
+	fwrite(&hl, 8, 1, f);
+	fwrite(hdr, 1, (size_t)len, f);
+	fwrite(v, 2, n, f);
+	fclose(f);
+}
+
+static void test_materialize(void)
+{
+	char root[] = "/tmp/dws-unit-mat-XXXXXX";
+	if (!mkdtemp(root)) {
+		CHECK(0, "mkdtemp: %s", strerror(errno));
+		return;
+	}
+	enum { N = 3 << 20 }; /* 6 MiB of BF16: more than one write chunk */
+	uint16_t *v = malloc(N * 2);
+	for (size_t i = 0; i < N; i++)
+		v[i] = (uint16_t)(i * 2654435761u >> 7);
+	char a[600], b[600], bucket[600];
+	snprintf(a, sizeof(a), "%s/a", root);
+	snprintf(b, sizeof(b), "%s/b", root);
+	snprintf(bucket, sizeof(bucket), "%s/bucket", root);
+	mkdir(bucket, 0700);
+	write_checkpoint(a, v, N);
+	for (size_t i = 0; i < N; i += 97)
+		v[i] ^= 0x55;
+	write_checkpoint(b, v, N);
+	char written[600];
+	uint64_t changed = 0;
+	dws_error e = {0};
+	dws_publish_opts po = {.next = a, .bucket_dir = bucket, .step = 1, .parent_step = -1, .format = DWS_PUB_ANCHOR};
+	int rc = dws_publish(&po, written, sizeof(written), &changed, &e);
+	po = (dws_publish_opts){.prev = a, .next = b, .bucket_dir = bucket, .step = 2, .parent_step = 1};
+	rc = rc ? rc : dws_publish(&po, written, sizeof(written), &changed, &e);
+	dws_bucket *bk = NULL;
+	dws_catalog *cat = NULL;
+	dws_builder *bl = NULL;
+	dws_step *s = NULL;
+	dws_build_opts bo = {0};
+	rc = rc ? rc : dws_bucket_open(bucket, &bk, &e);
+	rc = rc ? rc : dws_catalog_load(bk, NULL, &cat, &e);
+	rc = rc ? rc : dws_builder_new(cat, &bo, &bl, &e);
+	rc = rc ? rc : dws_builder_build(bl, 2, &s, &e);
+	CHECK(rc == 0 && changed > 0, "materialize: a bucket of an anchor and a delta: %s", e.msg);
+	if (rc)
+		goto out;
+	CHECK(dws_step_file_local(s, 0), "materialize: a local bucket's step is local");
+	CHECK(!dws_step_file_local(s, 99), "materialize: no such file is not local");
+	size_t size = (size_t)dws_step_file(s, 0)->size;
+	char *want = malloc(size), *got = malloc(size);
+	CHECK(dws_step_read(s, 0, 0, want, size, &e) == (int64_t)size, "materialize: read the step: %s", e.msg);
+	int fd = -1;
+	rc = dws_step_materialize(s, 0, root, 0, NULL, &fd, &e);
+	CHECK(rc == 0 && fd >= 0, "materialize: written: %s", e.msg);
+	struct stat st;
+	CHECK(fd >= 0 && fstat(fd, &st) == 0 && (uint64_t)st.st_size == size && st.st_nlink == 0,
+	      "materialize: an unnamed file of the file's size");
+	CHECK(fd >= 0 && pread(fd, got, size, 0) == (ssize_t)size && !memcmp(got, want, size),
+	      "materialize: the bytes are the step's");
+	if (fd >= 0)
+		close(fd);
+	DIR *d = opendir(root);
+	size_t entries = 0;
+	for (struct dirent *de; d && (de = readdir(d));)
+		entries += de->d_name[0] != '.';
+	if (d)
+		closedir(d);
+	CHECK(entries == 3, "materialize: nothing left in the folder (%zu entries)", entries);
+	/* the free-space floor, a cancel, a bad folder: refused, no fd */
+	fd = -1;
+	rc = dws_step_materialize(s, 0, root, UINT64_MAX / 2, NULL, &fd, &e);
+	CHECK(rc == DWS_EIO && fd < 0 && strstr(e.msg, "free") && strstr(e.msg, "model.safetensors"),
+	      "materialize: refused under the free-space floor: %s", e.msg);
+	atomic_bool stop = true;
+	e = (dws_error){0};
+	rc = dws_step_materialize(s, 0, root, 0, &stop, &fd, &e);
+	CHECK(rc != 0 && fd < 0 && strstr(e.msg, "cancelled"), "materialize: cancelled: %s", e.msg);
+	e = (dws_error){0};
+	rc = dws_step_materialize(s, 0, "/nonexistent/dir", 0, NULL, &fd, &e);
+	CHECK(rc != 0 && fd < 0 && strstr(e.msg, "/nonexistent/dir"), "materialize: bad folder named: %s", e.msg);
+	free(want);
+	free(got);
+out:
+	dws_step_unref(s);
+	dws_builder_free(bl);
+	dws_catalog_free(cat);
+	dws_bucket_close(bk);
+	free(v);
+	char cmd[700];
+	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", root);
+	CHECK(system(cmd) == 0, "materialize: clean up");
+}
+
 int main(void)
 {
 	test_dtypes();
@@ -780,6 +885,7 @@ int main(void)
 	test_block_cache();
 	test_block_cache_slow_disk();
 	test_block_cache_reads_out_of_order();
+	test_materialize();
 	printf("%d passed, %d failed\n", passed, failed);
 	return failed ? 1 : 0;
 }
