@@ -19,6 +19,10 @@ int pt_attach(struct fuse_session *se, dws_mount *m, bool wanted, const char *di
  * daemon serves. Counted for ino either way, until pt_release: an inode is
  * never opened both ways at once (the kernel refuses that with EIO). */
 int pt_open(fuse_ino_t ino, uint64_t id, size_t file);
+/* (An O_DIRECT open passes through like any other: its reads then follow
+ * the backing file's O_DIRECT rules, aligned buffers as on any local
+ * filesystem. The kernel wants every open of an inode that has a backing
+ * file passed through.) */
 /* fuse_reply_open, telling the kernel to pass reads through to backing
  * (from pt_open; -1: a plain open). */
 int pt_reply_open(fuse_req_t req, struct fuse_file_info *fi, int backing);

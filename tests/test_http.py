@@ -306,6 +306,41 @@ def test_cached_sources_merged_into_whole_tensors(hub, tmp_path):
     assert h.stats()["cdn"] == cdn  # the second mount fetched nothing
 
 
+def test_materialized_once_cached_never_fetching(hub, tmp_path):
+    """The root of a remote bucket is materialized for passthrough only once
+    the block cache holds every source byte (a read of the model puts them
+    there): before, nothing is written and nothing fetched for it; after,
+    opens pass through with exact bytes and the CDN sees no request."""
+    if os.geteuid() != 0:
+        pytest.skip("FUSE passthrough needs root")
+    h, root = hub
+    dst = root / "buckets" / "test" / "mat"
+    subprocess.run(["/usr/bin/python3", str(REPO / "tests" / "bench" / "make_model.py"), str(dst), "--params", "3e6",
+                    "--deltas", "3", "--changed", "0.02"], check=True, capture_output=True, timeout=300)
+    expected = tmp_path / "expected"
+    dwsref.extract(str(dst), str(expected))
+    want = (expected / "model.safetensors").read_bytes()
+    env = hf_env(h, tmp_path / "cache")
+    with Mount("hf://buckets/test/mat", tmp_path / "mnt", ["poll=60", "block_size=1048576"], env=env) as m:
+        wait_until(lambda: not m.status()["merging"], 60, "the compaction thread to go idle")
+        cdn = h.stats()["cdn"]
+        time.sleep(1.5)  # the materializer looks again every second
+        st = m.status()
+        assert st["passthrough"] == "on" and st["materialized_step"] is None and st["materializing"], st
+        assert h.stats()["cdn"] == cdn, "materialization fetched"
+        with open(m.mnt / "model.safetensors", "rb") as f:  # fills the cache through the daemon
+            assert f.read() == want
+        cdn = h.stats()["cdn"]
+        wait_until(lambda: m.status()["materialized_step"] == st["step"], 30, "the root to be materialized")
+        before = m.status()
+        assert read_all(m.mnt / "model.safetensors") == want
+        assert read_mmap(m.mnt / "model.safetensors") == want
+        after = m.status()
+        assert after["passthrough_opens"] >= before["passthrough_opens"] + 2, (before, after)
+        assert after["daemon_reads"] == before["daemon_reads"], (before, after)
+        assert h.stats()["cdn"] == cdn, "materialization fetched"
+
+
 def test_new_step_fetches_about_the_delta(hub, scenarios, tmp_path):
     """Taking a new step costs <= 1.05x the delta file's bytes."""
     h, root = hub

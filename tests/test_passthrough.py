@@ -8,8 +8,8 @@ file keeps its step across swaps, and materialize_max bounds it all.
 Needs root and a kernel with FUSE passthrough (6.9+); where the mount says
 passthrough is off for another reason the tests fail, so a kernel or libfuse
 change shows. Every wait has a deadline."""
+import mmap
 import os
-import time
 
 import pytest
 
@@ -25,6 +25,21 @@ def dwsfs_pt(dwsfs):
     if os.geteuid() != 0:
         pytest.skip("FUSE passthrough needs root (backing files)")
     return dwsfs
+
+
+def read_direct(path):
+    """The file read with O_DIRECT into page-aligned buffers."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    buf, out = mmap.mmap(-1, 1 << 20), []
+    try:
+        while True:
+            n = os.readv(fd, [buf])
+            out.append(buf[:n])
+            if n < len(buf):
+                return b"".join(out)
+    finally:
+        os.close(fd)
+        buf.close()
 
 
 def wait_materialized(m, step):
@@ -51,6 +66,12 @@ def test_root_reads_pass_through(dwsfs_pt, scenarios, tmp_path):
         assert after["daemon_reads"] == before["daemon_reads"], (before, after)
         # read() and mmap() of each file, in both views
         assert after["passthrough_opens"] - before["passthrough_opens"] >= 4 * len(files), (before, after)
+        # O_DIRECT beside a file passed through passes through too, with the
+        # backing file's rules (aligned buffers)
+        shard = next(f for f in files if f.endswith(".safetensors"))
+        want = read_file(expected / str(latest) / shard)
+        with open(m.path(shard), "rb") as held:
+            assert first_diff(read_direct(m.path(shard)), want) is None and held.read() == want
         older = info["steps"][0]
         check_folder(m.path("steps", "%06d" % older), expected / str(older))
         assert m.status()["daemon_reads"] > after["daemon_reads"], "steps/N of another step is served by the daemon"
