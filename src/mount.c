@@ -85,6 +85,7 @@ struct dws_mount {
 	int *mat_fd;
 	size_t mat_n;
 	bool materializing;
+	atomic_bool mat_stop; /* the root moved on, or the mount closes */
 };
 
 static int64_t wall_ns(void)
@@ -459,10 +460,11 @@ static bool materialize_root(dws_mount *m)
 	dws_step *s = dws_step_ref(m->root);
 	char *dir = dws_xstrdup(m->mat_dir);
 	uint64_t max = m->mat_max, id = dws_step_id(s);
+	atomic_store(&m->mat_stop, m->stop); /* a swap from now on cancels */
 	pthread_mutex_unlock(&m->lock);
 	size_t n = dws_step_file_count(s);
 	uint64_t total = 0;
-	bool local = true, skip = false;
+	bool local = true, skip = false, cancelled = false;
 	for (size_t i = 0; i < n; i++) {
 		total += dws_step_file(s, i)->size;
 		local = local && dws_step_file_local(s, i);
@@ -482,8 +484,9 @@ static bool materialize_root(dws_mount *m)
 			fd[i] = -1;
 		for (size_t i = 0; i < n && !skip; i++) {
 			dws_error err = {0};
-			if (dws_step_materialize(s, i, dir, DWS_MAT_FREE_FLOOR, &m->stopping, &fd[i], &err)) {
-				if (!atomic_load(&m->stopping))
+			if (dws_step_materialize(s, i, dir, DWS_MAT_FREE_FLOOR, &m->mat_stop, &fd[i], &err)) {
+				cancelled = atomic_load(&m->mat_stop);
+				if (!cancelled)
 					dws_log("step %llu not materialized: %s", (unsigned long long)dws_step_number(s), err.msg);
 				skip = true;
 			}
@@ -498,7 +501,8 @@ static bool materialize_root(dws_mount *m)
 	pthread_mutex_lock(&m->lock);
 	m->materializing = false;
 	if (skip) {
-		m->mat_skip_id = id;
+		if (!cancelled) /* not tried again; the next step is */
+			m->mat_skip_id = id;
 	} else if (fd) {
 		old = m->mat_fd, nold = m->mat_n;
 		m->mat_fd = fd, m->mat_n = n, m->mat_id = id;
@@ -833,6 +837,7 @@ static void *sync_main(void *arg)
 				m->ready = NULL;
 				m->swaps++;
 				m->root_since_ns = wall_ns();
+				atomic_store(&m->mat_stop, true); /* the old root's is not wanted */
 				pthread_cond_signal(&m->compact_cond); /* materialize it */
 				m->last_error[0] = 0;
 				uint64_t n = dws_step_number(m->root);
@@ -1035,6 +1040,7 @@ void dws_mount_close(dws_mount *m)
 		return;
 	if (m->started) {
 		atomic_store(&m->stopping, true);
+		atomic_store(&m->mat_stop, true);
 		pthread_mutex_lock(&m->lock);
 		m->stop = true;
 		pthread_cond_signal(&m->cond);
