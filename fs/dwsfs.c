@@ -982,6 +982,7 @@ int main(int argc, char *argv[])
 	dws_mount *m = NULL;
 	struct fuse_session *se = NULL;
 	struct fuse_loop_config *lc = NULL;
+	char *mat_dir = NULL; /* where materialized steps go, absolute */
 	dws_error err = {0};
 
 	/* Patch arrays (megabytes each) are freed on one thread as merged ones
@@ -1039,8 +1040,21 @@ int main(int argc, char *argv[])
 		fprintf(stderr, "dwsfs: materialize_max takes bytes (K, M, G suffixes), not '%s'\n", o.materialize_max);
 		goto out_args;
 	}
-	const char *mat_dir = o.materialize_dir ? o.materialize_dir : o.cache_dir ? o.cache_dir
-			    : getenv("TMPDIR") && *getenv("TMPDIR") ? getenv("TMPDIR") : "/var/tmp";
+	/* absolute: the daemon works from / */
+	const char *mat_want = o.materialize_dir ? o.materialize_dir : o.cache_dir ? o.cache_dir
+			     : getenv("TMPDIR") && *getenv("TMPDIR") ? getenv("TMPDIR") : "/var/tmp";
+	mat_dir = realpath(mat_want, NULL);
+	if (!mat_dir && o.materialize_dir && mat_max) {
+		fprintf(stderr, "dwsfs: materialize_dir %s: %s\n", o.materialize_dir, strerror(errno));
+		goto out_args;
+	}
+	if (!mat_dir && mat_want[0] != '/') { /* cache_dir, made later */
+		char cwd[PATH_MAX];
+		if (getcwd(cwd, sizeof(cwd)) && asprintf(&mat_dir, "%s/%s", cwd, mat_want) < 0)
+			mat_dir = NULL;
+	}
+	if (!mat_dir)
+		mat_dir = strdup(mat_want);
 	dws_mount_opts mo = {
 		.bucket = o.bucket, .bucket_opts = &bo, .base = o.base, .maps = o.map_prefix ? &map : NULL, .nmaps = o.map_prefix ? 1 : 0,
 		.poll_ms = o.poll ? o.poll * 1000 : 0,
@@ -1085,7 +1099,7 @@ int main(int argc, char *argv[])
 	if (fuse_session_mount(se, co.mountpoint) != 0)
 		goto out_signals;
 	f.se = se;
-	if (pt_attach(se, m, mat_max > 0, mat_dir, mat_max) != 0)
+	if (pt_attach(se, m, mat_max > 0 && mat_dir, mat_dir, mat_max) != 0)
 		dws_log("passthrough off: libfuse refused custom I/O");
 	if (dws_mount_start(m, &err) != 0) {
 		fprintf(stderr, "dwsfs: %s\n", err.msg);
@@ -1150,6 +1164,7 @@ out_args:
 	free(o.map_prefix);
 	free(o.ca_file);
 	free(o.materialize_max);
+	free(mat_dir);
 	free(o.materialize_dir);
 	fuse_opt_free_args(&args);
 	return ret;

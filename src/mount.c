@@ -382,6 +382,7 @@ static dws_step *build_newest(dws_mount *m, uint64_t after, bool have_root, dws_
 		pthread_mutex_lock(&m->lock);
 		m->last_build_ms = now_ms() - t0;
 		m->compact_wanted = true;
+		atomic_store(&m->mat_stop, true); /* the merge first; the root moves on */
 		pthread_cond_signal(&m->compact_cond);
 		pthread_mutex_unlock(&m->lock);
 		got = s;

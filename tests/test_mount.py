@@ -714,7 +714,8 @@ def start_failure(bucket, mnt, *opts):
     return p
 
 
-@pytest.mark.parametrize("case", ["nonexistent", "empty_dir", "empty_bucket", "bad_base", "empty_base"])
+@pytest.mark.parametrize("case", ["nonexistent", "empty_dir", "empty_bucket", "bad_base", "empty_base",
+                                  "bad_materialize_dir", "bad_materialize_max"])
 def test_startup_errors(dwsfs, scenarios, tmp_path, case):
     """One clear line on stderr, a non-zero exit, nothing mounted."""
     root, info = scenarios["v3gap"]
@@ -735,6 +736,10 @@ def test_startup_errors(dwsfs, scenarios, tmp_path, case):
     elif case == "empty_base":
         (tmp_path / "base").mkdir()
         opts, needle = [f"base={tmp_path / 'base'}"], str(tmp_path / "base")
+    elif case == "bad_materialize_dir":
+        opts, needle = [f"materialize_dir={tmp_path / 'nodir'}"], str(tmp_path / "nodir")
+    elif case == "bad_materialize_max":
+        opts, needle = ["materialize_max=lots"], "materialize_max"
     p = start_failure(bucket, tmp_path / "mnt", *opts)
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dwsfs: "), p.stderr
