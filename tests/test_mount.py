@@ -576,7 +576,8 @@ def test_lazy_unmount_with_open_file(dwsfs, scenarios, tmp_path):
     latest = info["latest"]
     name = "model-00001-of-00002.safetensors"
     want = read_file(root / "expected" / str(latest) / name)
-    with mounted(info["bucket"], tmp_path / "mnt") as m:
+    # through the daemon (test_passthrough has the passed-through case)
+    with mounted(info["bucket"], tmp_path / "mnt", "materialize_max=0") as m:
         f = open(m.path(name), "rb")
         fd_direct = os.open(m.path(name), os.O_RDONLY | os.O_DIRECT)
         try:

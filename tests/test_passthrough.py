@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from mountutil import SLOW, mmap_read, mounted, read_file, wait_until
+from mountutil import EXIT_TIMEOUT, SLOW, ismount, mmap_read, mounted, read_file, unmount, wait_until
 from test_mount import dwsfs  # noqa: F401 (a fixture)
 from test_mount import LIVE, STEP_DEADLINE, check_folder, first_diff, mount_opts, publish, root_no_base
 
@@ -165,3 +165,28 @@ def test_materialize_max(dwsfs_pt, scenarios, tmp_path):
         st = m.status()
         assert st["passthrough"] == "on" and st["materialized_step"] is None and not st["materializing"], st
         assert st["passthrough_opens"] == 0, st
+
+
+def test_lazy_unmount_with_file_passed_through(dwsfs_pt, scenarios, tmp_path):
+    """fusermount3 -u -z with a passed-through file open (read() and mmap()):
+    the mount goes away at once, the file still reads its step's bytes (the
+    kernel holds the materialized file), and the daemon exits 0 once it is
+    closed."""
+    root, info = scenarios["v1"]
+    latest = info["latest"]
+    name = "model-00001-of-00002.safetensors"
+    want = read_file(root / "expected" / str(latest) / name)
+    with mounted(info["bucket"], tmp_path / "mnt") as m:
+        wait_materialized(m, latest)
+        f = open(m.path(name), "rb")
+        try:
+            mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+            assert m.status()["passthrough_opens"] >= 1
+            unmount(m.mnt, check=True)
+            assert not ismount(m.mnt)
+            assert f.read() == want and mm[:] == want
+            mm.close()
+        finally:
+            f.close()
+        rc = m.wait_exit(EXIT_TIMEOUT)
+        assert rc == 0, f"dwsfs exit status {rc} after the unmount:\n{m.log()}"
