@@ -360,6 +360,9 @@ static dws_step *build_newest(dws_mount *m, uint64_t after, bool have_root, dws_
 		dws_error err = {0};
 		int64_t t0 = now_ms();
 		dws_step *s = NULL;
+		/* the root moves on: its materialization would only slow the
+		 * build down (it restarts for the new root after the swap) */
+		atomic_store(&m->mat_stop, true);
 		int rc = build(m, t[i].step, &s, &err);
 		if (!rc)
 			rc = verify_state(m, s, &err);
@@ -382,7 +385,6 @@ static dws_step *build_newest(dws_mount *m, uint64_t after, bool have_root, dws_
 		pthread_mutex_lock(&m->lock);
 		m->last_build_ms = now_ms() - t0;
 		m->compact_wanted = true;
-		atomic_store(&m->mat_stop, true); /* the merge first; the root moves on */
 		pthread_cond_signal(&m->compact_cond);
 		pthread_mutex_unlock(&m->lock);
 		got = s;
