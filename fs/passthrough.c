@@ -200,7 +200,9 @@ static struct backing *backing_of(uint64_t id, size_t file)
 }
 
 /* Backing ids no open file uses, of a step no longer materialized: given
- * back (the kernel frees the file with its last user). Under pt.lock. */
+ * back (the kernel frees the file with its last user). Under pt.lock: the
+ * ioctl only drops an entry of the connection's table, it sends nothing
+ * and waits for nothing from the daemon (no notification). */
 static void sweep_locked(void)
 {
 	for (size_t i = 0; i < pt.nb;) {
