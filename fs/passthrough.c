@@ -168,19 +168,25 @@ int pt_attach(struct fuse_session *se, dws_mount *m, bool wanted, const char *di
 	return rc;
 }
 
+/* arr with room for element n (cap grown as needed) */
+static void *room_for(void *arr, size_t n, size_t *cap, size_t elem)
+{
+	if (n < *cap)
+		return arr;
+	size_t nc = *cap ? 2 * *cap : 16;
+	void *p = realloc(arr, nc * elem);
+	if (!p)
+		abort();
+	*cap = nc;
+	return p;
+}
+
 static struct inode_mode *mode_of(fuse_ino_t ino)
 {
 	for (size_t i = 0; i < pt.nim; i++)
 		if (pt.im[i].ino == ino)
 			return &pt.im[i];
-	if (pt.nim == pt.capim) {
-		size_t nc = pt.capim ? 2 * pt.capim : 16;
-		struct inode_mode *p = realloc(pt.im, nc * sizeof(*p));
-		if (!p)
-			abort();
-		pt.im = p;
-		pt.capim = nc;
-	}
+	pt.im = room_for(pt.im, pt.nim, &pt.capim, sizeof(*pt.im));
 	pt.im[pt.nim] = (struct inode_mode){.ino = ino};
 	return &pt.im[pt.nim++];
 }
@@ -235,14 +241,7 @@ static struct backing *backing_open_locked(uint64_t id, size_t file)
 		atomic_store(&pt.active, false);
 		return NULL;
 	}
-	if (pt.nb == pt.capb) {
-		size_t nc = pt.capb ? 2 * pt.capb : 16;
-		struct backing *p = realloc(pt.b, nc * sizeof(*p));
-		if (!p)
-			abort();
-		pt.b = p;
-		pt.capb = nc;
-	}
+	pt.b = room_for(pt.b, pt.nb, &pt.capb, sizeof(*pt.b));
 	pt.b[pt.nb] = (struct backing){.id = id, .file = file, .kid = kid};
 	return &pt.b[pt.nb++];
 }

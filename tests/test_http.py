@@ -270,18 +270,23 @@ def test_background_mount_serves_a_multi_block_file(hub, tmp_path):
     assert pids
 
 
+def model_bucket(dst, tmp_path, deltas, changed):
+    """A 3M-parameter make_model.py bucket at dst (no base): the latest step's
+    model.safetensors as the oracle extracts it."""
+    subprocess.run(["/usr/bin/python3", str(REPO / "tests" / "bench" / "make_model.py"), str(dst), "--params", "3e6",
+                    "--deltas", str(deltas), "--changed", str(changed)], check=True, capture_output=True, timeout=300)
+    expected = tmp_path / "expected"
+    dwsref.extract(str(dst), str(expected))
+    return (expected / "model.safetensors").read_bytes()
+
+
 def test_cached_sources_merged_into_whole_tensors(hub, tmp_path):
     """Tensors patched past a third over a remote source whose blocks are all
     in the block cache: the compaction thread merges the source in, and the
     mount serves them from memory (pointed to, no copy) with exact bytes.
     Without the blocks cached it merges nothing and fetches nothing."""
     h, root = hub
-    dst = root / "buckets" / "test" / "fold"
-    subprocess.run(["/usr/bin/python3", str(REPO / "tests" / "bench" / "make_model.py"), str(dst), "--params", "3e6",
-                    "--deltas", "4", "--changed", "0.2"], check=True, capture_output=True, timeout=300)
-    expected = tmp_path / "expected"
-    dwsref.extract(str(dst), str(expected))
-    want = (expected / "model.safetensors").read_bytes()
+    want = model_bucket(root / "buckets" / "test" / "fold", tmp_path, deltas=4, changed=0.2)
     env = hf_env(h, tmp_path / "cache")
     opts = ["poll=60", "block_size=1048576"]
 
@@ -314,12 +319,7 @@ def test_materialized_once_cached_never_fetching(hub, tmp_path):
     if os.geteuid() != 0:
         pytest.skip("FUSE passthrough needs root")
     h, root = hub
-    dst = root / "buckets" / "test" / "mat"
-    subprocess.run(["/usr/bin/python3", str(REPO / "tests" / "bench" / "make_model.py"), str(dst), "--params", "3e6",
-                    "--deltas", "3", "--changed", "0.02"], check=True, capture_output=True, timeout=300)
-    expected = tmp_path / "expected"
-    dwsref.extract(str(dst), str(expected))
-    want = (expected / "model.safetensors").read_bytes()
+    want = model_bucket(root / "buckets" / "test" / "mat", tmp_path, deltas=3, changed=0.02)
     env = hf_env(h, tmp_path / "cache")
     with Mount("hf://buckets/test/mat", tmp_path / "mnt", ["poll=60", "block_size=1048576"], env=env) as m:
         wait_until(lambda: not m.status()["merging"], 60, "the compaction thread to go idle")
