@@ -12,32 +12,6 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
-bool dws_step_file_local(dws_step *s, size_t fi)
-{
-	if (fi >= s->layout->nfiles)
-		return false;
-	const dws_out_file *f = &s->layout->files[fi];
-	for (size_t i = 0; i < f->next; i++) {
-		const dws_extent *x = &f->ext[i];
-		if (x->slot < 0) {
-			if (!dws_blob_local(f->blob, x->off, x->len))
-				return false;
-			continue;
-		}
-		const dws_patchset *ps = s->patch[x->slot];
-		if (ps && ps->nruns == 1 && ps->runs[0]->full)
-			continue; /* held whole in memory: the source is not read */
-		const dws_src *src = &s->src[x->slot];
-		uint64_t bytes;
-		if (!src->blob)
-			continue;
-		if (!dws_mul_ok(s->layout->slots[x->slot].numel, dws_dtype_size(src->dtype), &bytes) ||
-		    !dws_blob_local(src->blob, src->off, bytes))
-			return false;
-	}
-	return true;
-}
-
 /* Large writes: the page cache takes them in large folios (a later mmap maps
  * a folio per fault instead of a 64 KiB window of small pages). */
 #define MAT_CHUNK (8u << 20)

@@ -935,6 +935,29 @@ static dws_patch *full_tensor(const dws_step *s, size_t slot)
 	return NULL;
 }
 
+bool dws_step_file_local(dws_step *s, size_t fi)
+{
+	if (fi >= s->layout->nfiles)
+		return false;
+	const dws_out_file *f = &s->layout->files[fi];
+	for (size_t i = 0; i < f->next; i++) {
+		const dws_extent *x = &f->ext[i];
+		if (x->slot < 0) {
+			if (!dws_blob_local(f->blob, x->off, x->len))
+				return false;
+			continue;
+		}
+		const dws_src *src = &s->src[x->slot];
+		uint64_t bytes;
+		if (full_tensor(s, (size_t)x->slot) || !src->blob)
+			continue; /* the source is not read */
+		if (!dws_mul_ok(s->layout->slots[x->slot].numel, dws_dtype_size(src->dtype), &bytes) ||
+		    !dws_blob_local(src->blob, src->off, bytes))
+			return false;
+	}
+	return true;
+}
+
 static void patch_unpin(void *p, void *unused)
 {
 	(void)unused;
