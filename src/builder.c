@@ -351,7 +351,7 @@ static int check_payload_mem(dws_builder *bl, const dws_st_file *st, const unsig
 	if (!bl->o.verify || !want)
 		return DWS_OK;
 	uint64_t ds = dws_st_data_start(st);
-	return payload_is(want, XXH3_64bits(data + ds, len - ds), what, err);
+	return payload_is(want, dws_xxh3(data + ds, len - ds), what, err);
 }
 
 /* What a sparse file's params may patch: one tensor each, a float one. */

@@ -347,8 +347,12 @@ static CURLcode attempt(dws_http *h, const dws_http_req *rq, const char *url,
 	curl_easy_setopt(c, CURLOPT_SSL_VERIFYHOST, 2L);
 	if (h->ca_file)
 		curl_easy_setopt(c, CURLOPT_CAINFO, h->ca_file);
-	/* big bodies in fewer, larger recv() calls and callbacks */
-	curl_easy_setopt(c, CURLOPT_BUFFERSIZE, 256L * 1024);
+	/* big bodies in fewer, larger recv() calls and callbacks; no larger:
+	 * libcurl allocates this buffer for every transfer and frees it at its
+	 * end, and at 256 KiB glibc gave it fresh pages each time (an mmap, 64
+	 * page faults and an munmap per 8 MiB block; 128 KiB comes from the
+	 * heap and is reused): 13% less daemon CPU on a cold read */
+	curl_easy_setopt(c, CURLOPT_BUFFERSIZE, 128L * 1024);
 	curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);
 	curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, on_progress);
 	curl_easy_setopt(c, CURLOPT_XFERINFODATA, h);

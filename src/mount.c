@@ -921,6 +921,8 @@ char *dws_mount_status_json(dws_mount *m)
 		json_object_set_new(j, "cache_bytes", json_integer((json_int_t)cc.bytes));
 		json_object_set_new(j, "cache_unkept_blocks", json_integer((json_int_t)cc.unkept_blocks));
 		json_object_set_new(j, "cache_unkept_bytes", json_integer((json_int_t)cc.unkept_bytes));
+		json_object_set_new(j, "cache_waits", json_integer((json_int_t)cc.waits));
+		json_object_set_new(j, "cache_wait_ms", json_integer((json_int_t)cc.wait_ms));
 		json_object_set_new(j, "api_calls", json_integer((json_int_t)req[0]));
 		json_object_set_new(j, "resolver_calls", json_integer((json_int_t)req[1]));
 		json_object_set_new(j, "cdn_requests", json_integer((json_int_t)req[2]));

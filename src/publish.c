@@ -172,7 +172,7 @@ static int state_digest(const ckpt *c, uint64_t *out, dws_error *err)
 			uint64_t n = t->numel - e < CH ? t->numel - e : CH;
 			rc = read_bf16(t, e, n, bf, scratch, err);
 			if (!rc)
-				XXH3_64bits_update(st, bf, n * 2);
+				dws_xxh3_update(st, bf, n * 2);
 		}
 	}
 	*out = XXH3_64bits_digest(st);
@@ -465,7 +465,7 @@ static int publish_delta(const dws_publish_opts *o, const ckpt *prev,
 		meta_add(&ml, "changed_params", dws_xstrdup(listed.p));
 	else
 		meta_add(&ml, "encoding", dws_xstrdup(o->format == DWS_PUB_RAW ? "raw" : "gap_delta"));
-	meta_add(&ml, "dwsfs.payload_xxh3", dws_xasprintf("%016llx", (unsigned long long)XXH3_64bits(data.p, data.len)));
+	meta_add(&ml, "dwsfs.payload_xxh3", dws_xasprintf("%016llx", (unsigned long long)dws_xxh3(data.p, data.len)));
 	char *hdr = NULL;
 	size_t hl = 0;
 	rc = dws_st_build_header(ts, nt, ml.m, ml.n, &hdr, &hl, err);
@@ -518,7 +518,7 @@ static int stream_bf16(const ckpt *c, int (*fn)(void *ctx, const void *p, size_t
 static int hash_sink(void *ctx, const void *p, size_t n, dws_error *err)
 {
 	(void)err;
-	XXH3_64bits_update(ctx, p, n);
+	dws_xxh3_update(ctx, p, n);
 	return DWS_OK;
 }
 

@@ -1108,7 +1108,7 @@ int dws_step_state_digest(dws_step *s, uint64_t *out, dws_error *err)
 				}
 			}
 			dws_patchset_apply_bf16(ps, e, cnt, bf);
-			XXH3_64bits_update(st, bf, cnt * 2);
+			dws_xxh3_update(st, bf, cnt * 2);
 		}
 	}
 	*out = XXH3_64bits_digest(st);

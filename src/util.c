@@ -6,6 +6,9 @@
 #include <sys/mman.h>
 #include <string.h>
 #include <xxhash.h>
+#if DWS_XXH_DISPATCH
+#include <xxh_x86dispatch.h>
+#endif
 
 const char *dws_code_name(int code)
 {
@@ -159,6 +162,26 @@ void dws_objects_free(dws_object *v, size_t n)
 	for (size_t i = 0; i < n; i++)
 		free(v[i].key);
 	free(v);
+}
+
+/* ---- bulk hashing ---- */
+
+uint64_t dws_xxh3(const void *p, size_t n)
+{
+#if DWS_XXH_DISPATCH
+	return XXH3_64bits_dispatch(p, n);
+#else
+	return XXH3_64bits(p, n);
+#endif
+}
+
+void dws_xxh3_update(struct XXH3_state_s *st, const void *p, size_t n)
+{
+#if DWS_XXH_DISPATCH
+	XXH3_64bits_update_dispatch(st, p, n);
+#else
+	XXH3_64bits_update(st, p, n);
+#endif
 }
 
 /* ---- string map ---- */

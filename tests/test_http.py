@@ -520,12 +520,16 @@ def test_cache_cap_holds_and_blocks_are_checked(hub, tmp_path):
         assert cache_bytes() <= 4 * 1024 * 1024 + 4096
         assert read_all(f) == want
         assert cache_bytes() <= 4 * 1024 * 1024 + 4096
-    # corrupt every cached block on disk: the next mount detects it and refetches
-    blocks = list((cache / "blocks").rglob("*.blk"))
-    assert blocks
-    for b in blocks:
+    # corrupt every cached block on disk, one in two in its data (its XXH3
+    # no longer matches), the others in the trailer's magic: the next mount
+    # detects it and refetches
+    blocks = sorted((cache / "blocks").rglob("*.blk"))
+    assert len(blocks) >= 2
+    for i, b in enumerate(blocks):
         raw = bytearray(b.read_bytes())
-        raw[-1] ^= 0xFF
+        assert len(raw) % 4096 == 0, (b, len(raw))  # data, trailer, zeros to 4 KiB
+        at = 0 if i % 2 == 0 else raw.rindex(b"DWSBLK2")
+        raw[at] ^= 0xFF
         b.write_bytes(bytes(raw))
     (cache / "tmp" / "leftover.partial").write_bytes(b"half a block")
     # a roomier cap this time, so the bad blocks are read rather than evicted

@@ -191,6 +191,8 @@ typedef struct dws_cache_counts {
 	uint64_t bytes, blocks;     /* on disk now */
 	uint64_t unkept_blocks;     /* fetched, and gone from memory before the */
 	uint64_t unkept_bytes;      /* disk took them (it was slower than the network) */
+	uint64_t waits, wait_ms;    /* reads that waited for a block being fetched
+				     * (read ahead, or for another reader), and how long */
 } dws_cache_counts;
 void dws_bucket_cache_stats(const dws_bucket *b, dws_cache_counts *out);
 void dws_bucket_close(dws_bucket *b);
