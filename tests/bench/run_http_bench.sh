@@ -27,6 +27,9 @@
 #            (diagnostics: what the cache's writes cost on this one disk; and,
 #            beside dwsfs_mem and beside curl, what FUSE costs and what the
 #            HTTP side alone does)
+#   direct_write  build/tests/bench/direct_write: the read's bytes written as
+#            the block cache writes them (O_DIRECT, BLOCK-sized files, 2 writers),
+#            from memory: what keeping them on disk costs by itself (a diagnostic)
 #   httpdirfs --cache (fresh cache dir), `cat`   (--no-range-check: its range probe
 #            rejects nginx, fangfufu/httpdirfs#188); its no-cache mode reads
 #            ~1 MB/s here, so it only reads the first PREFIX_MB, beside dwsfs's
@@ -104,7 +107,7 @@ for s in ${SKIPPED[@]+"${SKIPPED[@]}"}; do log "note: skipping $s"; done
 if [ ! -f "$BUILD/build.ninja" ]; then
 	meson setup "$BUILD" >&2
 fi
-ninja -C "$BUILD" dwsfs >&2
+ninja -C "$BUILD" dwsfs tests/bench/fetch_pipeline tests/bench/direct_write >&2
 DWSFS=$BUILD/dwsfs
 
 # ---- work dir, processes and mounts: always cleaned up
@@ -443,6 +446,9 @@ run_one() { # CLIENT ROUND PAIR
 	fetch_disk | fetch_mem) # the fetch pipeline alone, no FUSE: what the disk cache's writes cost
 		HF_ENDPOINT=$EP "$BUILD/tests/bench/fetch_pipeline" "hf://buckets/$NS/$NAME" "$KEY" "$CACHE" \
 			"$([ "$c" = fetch_mem ] && echo memory)" >"$WORK/fetch.out" ;;
+	direct_write) # the disk cache's writes alone: no network, no FUSE
+		mkdir -p "$WORK/cachefs/dw"
+		"$BUILD/tests/bench/direct_write" "$WORK/cachefs/dw" "$DWS_SIZE" "$BLOCK" >"$WORK/fetch.out" ;;
 	esac
 	t1=$(date +%s%N)
 	c1=$(cpu_snap)
@@ -453,6 +459,9 @@ run_one() { # CLIENT ROUND PAIR
 		cpu=$(awk '{printf "%.3f", $1 + $2}' "$WORK/time") ;;
 	*_head) bytes=$PREFIX_BYTES ;;
 	fetch_*) bytes=$(sed -n 's/^bytes=\([0-9]*\).*/\1/p' "$WORK/fetch.out") ;;
+	direct_write)
+		bytes=$(sed -n 's/^bytes=\([0-9]*\).*/\1/p' "$WORK/fetch.out")
+		cpu=$(sed -n 's/.*cpu_s=\([0-9.]*\).*/\1/p' "$WORK/fetch.out") ;;
 	dwsfs_1t) bytes=$SIZE1 ;;
 	dwsfs_*) bytes=$DWS_SIZE ;;
 	*) bytes=$SIZE ;;
@@ -480,6 +489,7 @@ if [ "$HAVE_CURL" = 1 ]; then
 	PAIRS+=(dwsfs_cat:curl:cat_curl dwsfs_mem:curl:mem_curl dwsfs_cat:curlfile:cat_curlfile dwsfs_dd:curl:dd_curl)
 	[ -x "$BUILD/tests/bench/fetch_pipeline" ] &&
 		PAIRS+=(fetch_disk:fetch_mem:fetch_pipeline dwsfs_mem:fetch_mem:mem_fetchmem fetch_mem:curl:fetchmem_curl)
+	[ -x "$BUILD/tests/bench/direct_write" ] && PAIRS+=(direct_write:curl:directwrite_curl)
 fi
 [ "$HAVE_HTTPDIRFS" = 1 ] && PAIRS+=(dwsfs_cat:httpdirfs:cat_httpdirfs)
 [ "$HAVE_RCLONE" = 1 ] && PAIRS+=(dwsfs_cat:rclone:cat_rclone dwsfs_mem:rclone:mem_rclone)
