@@ -543,6 +543,50 @@ def test_cache_cap_holds_and_blocks_are_checked(hub, tmp_path):
     assert not (cache / "tmp" / "leftover.partial").exists()
 
 
+def test_readers_of_a_block_in_flight_wait_for_its_one_fetch(hub, tmp_path):
+    """Two readers in one block while its fetch is under way (a slow CDN):
+    one request reaches the CDN, the second reader waits for it, counted in
+    the status (cache_waits, cache_wait_ms), and both get the right bytes."""
+    h, root = hub
+    dst = root / "buckets" / "test" / "big"
+    big_anchor_bucket(dst, tensors=8, mib=2)
+    want = read_all(dst / "anchors" / "step_000001.safetensors")
+    env = hf_env(h, tmp_path / "cache")
+    bs = 1 << 20
+    blk = 5  # in the data, past the header the mount read
+    with Mount("hf://buckets/test/big", tmp_path / "mnt", ["poll=60", f"block_size={bs}",
+                                                           f"cache_dir={tmp_path / 'cache'}"], env=env) as m:
+        st0 = m.status()
+        assert st0["cache_waits"] == 0 and st0["cache_wait_ms"] == 0, st0
+        h.reset_stats()
+        # 1 MiB at 2 MiB/s: the block is in flight for about half a second
+        h.set_faults({"class": "cdn", "kind": "slow", "rate": 2 * 1024 * 1024, "count": 1})
+        got = {}
+
+        def read_at(off):  # O_DIRECT: each read reaches the daemon, not the page cache
+            fd = os.open(m.mnt / "model.safetensors", os.O_RDONLY | os.O_DIRECT)
+            try:
+                buf = mmap.mmap(-1, 4096)  # page aligned
+                assert os.preadv(fd, [buf], off) == 4096
+                got[off] = bytes(buf)
+            finally:
+                os.close(fd)
+
+        offs = (blk * bs, blk * bs + bs // 2)
+        first = threading.Thread(target=read_at, args=(offs[0],))
+        first.start()
+        time.sleep(0.15)
+        read_at(offs[1])
+        first.join(30)
+        assert not first.is_alive()
+        for off in offs:
+            assert got[off] == want[off:off + 4096], off
+        st = m.status()
+        block_gets = [r for r in h.stats()["ranges"] if r[1] <= blk * bs < r[2] + 1]
+        assert len(block_gets) == 1, h.stats()["ranges"]
+        assert st["cache_waits"] >= 1 and st["cache_wait_ms"] >= 100, st
+
+
 def test_memory_only_cache(hub, tmp_path):
     """cache_size=0: no disk cache. Exact bytes, nothing written under
     cache_dir, and blocks evicted from memory are fetched again."""
