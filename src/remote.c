@@ -325,7 +325,7 @@ static bool load_block(dws_cache *c, const char *key, uint64_t want_len, unsigne
 	free(p);
 	if (fd < 0)
 		return false;
-	size_t want = (size_t)want_len + HDR_SIZE, padded = (want + ALIGN - 1) / ALIGN * ALIGN, got = 0;
+	size_t want = (size_t)want_len + HDR_SIZE, padded = (size_t)disk_size(want_len), got = 0;
 	while (got < want) {
 		ssize_t r = pread(fd, data + got, padded - got, (off_t)got);
 		if (r < 0 && errno == EINTR)
