@@ -178,10 +178,16 @@ def _mounted_anew(mnt, before):
     so there the test is that the top mount answers; and in every case the
     path must lead into a FUSE mount (between a stale mount's detach and the
     new mount it leads to the bare folder)."""
-    now = set(mounts_at(mnt))
-    if not now or not _served_by_fuse(mnt):
+    if not mounts_at(mnt):
         return False
-    return not before or _live(mnt)
+    # statfs first, the FUSE check after: statfs alone also succeeds on the
+    # bare folder (the stale mount detached, ours not yet there), and stat
+    # alone on the stale mount (cached attributes). In this order a statfs
+    # that answered on the bare folder is followed by a stat that finds
+    # either the bare folder (no) or the new mount (yes, and it stays).
+    if before and not _live(mnt):
+        return False
+    return _served_by_fuse(mnt)
 
 
 class Mount:

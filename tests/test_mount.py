@@ -76,9 +76,12 @@ def mount_opts(info):
 
 def listing(d, top_exclude=()):
     """Relative paths of the files under d (directories at the top named in
-    top_exclude left out)."""
+    top_exclude left out). A directory that cannot be listed fails the walk
+    (os.walk would skip it and give an empty listing)."""
+    def fail(e):
+        raise e
     out = []
-    for root, dirs, files in os.walk(d):
+    for root, dirs, files in os.walk(d, onerror=fail):
         if root == str(d):
             dirs[:] = [x for x in dirs if x not in top_exclude]
         out += [os.path.relpath(os.path.join(root, f), d) for f in files]
