@@ -9,8 +9,10 @@
  *
  *   direct_write DIR BYTES [BLOCK]
  *
- * prints `bytes=N seconds=S mbps=M cpu_s=C` (C: this process's CPU). DIR is
- * emptied of the files it wrote before it exits. */
+ * prints `bytes=N seconds=S mbps=M cpu_s=C end_ns=E` (C: this process's CPU;
+ * E: CLOCK_REALTIME when the last write was done, as `date +%s%N` gives it,
+ * for a script timing it beside another client). DIR is then emptied of the
+ * files it wrote (after the line: untimed) before it exits. */
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -94,11 +96,15 @@ int main(int argc, char **argv)
 	for (int i = 0; i < THREADS; i++)
 		pthread_join(t[i], NULL);
 	double s = now() - t0;
+	struct timespec end;
+	clock_gettime(CLOCK_REALTIME, &end);
 	struct rusage ru;
 	getrusage(RUSAGE_SELF, &ru);
 	double cpu = (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 + (double)ru.ru_stime.tv_sec +
 		     (double)ru.ru_stime.tv_usec / 1e6;
-	printf("bytes=%llu seconds=%.3f mbps=%.0f cpu_s=%.3f\n", (unsigned long long)total, s, (double)total / s / 1e6, cpu);
+	printf("bytes=%llu seconds=%.3f mbps=%.0f cpu_s=%.3f end_ns=%lld\n", (unsigned long long)total, s,
+	       (double)total / s / 1e6, cpu, (long long)end.tv_sec * 1000000000LL + end.tv_nsec);
+	fflush(stdout);
 	uint64_t nblk = (total + block - 1) / block;
 	for (uint64_t b = 0; b < nblk; b++) {
 		char dst[4096];

@@ -99,6 +99,8 @@ def fuse(path, dev):
 NAMES = {
     "curl": "`curl --parallel --parallel-max {par}` over {blk} ranges to /dev/null",
     "curlfile": "the same curl writing each range to a file beside the dwsfs cache",
+    "curl_dw": "the same curl to /dev/null while `tests/bench/direct_write` writes the same bytes beside the dwsfs "
+               "cache (O_DIRECT, from memory), until both are done: the cheapest download that keeps the bytes on disk",
     "dwsfs_cat": "dwsfs `cat`",
     "dwsfs_mem": "dwsfs `cat` with `cache_size=0` (no disk cache)",
     "fetch_disk": "the fetch pipeline without FUSE (`tests/bench/fetch_pipeline`), disk cache",
@@ -164,6 +166,9 @@ def report(work, md):
     row(f"cold read: {name['dwsfs_mem']} vs the same curl (neither writes to disk)", "mem_curl", "dwsfs_mem", "curl", 0.8)
     row(f"cold read: {name['dwsfs_cat']} vs {name['curlfile']} (both write to disk)", "cat_curlfile", "dwsfs_cat",
         "curlfile", 0.8)
+    row(f"cold read: {name['dwsfs_cat']} vs {name['curl_dw']}", "cat_curldw", "dwsfs_cat", "curl_dw", 0.8)
+    row(f"diagnostic (not dwsfs), the most a client keeping the bytes on this disk can reach: {name['curl_dw']} vs "
+        "the same curl alone", "curldw_curl", "curl_dw", "curl", None)
     row(f"cold read: {name['dwsfs_mem']} vs {name['rclone']} (neither writes to disk)", "mem_rclone", "dwsfs_mem",
         "rclone", 2)
     row(f"diagnostic: {name['fetch_disk']} vs {name['fetch_mem']}", "fetch_pipeline", "fetch_disk", "fetch_mem", None)
@@ -269,6 +274,9 @@ def report(work, md):
     L.append("")
     L.append("| round | pair | first | second | ratio (ours / reference) |")
     L.append("|---|---|---|---|---|")
+    # each pair's OURS:REFERENCE:ID as the script defined it (older raw files
+    # have none: then dwsfs or curlfile is ours)
+    roles = {p.split(":")[2]: tuple(p.split(":")[:2]) for p in info.get("pairs", "").split() if p.count(":") == 2}
     for r in range(1, rounds + 1):
         for item in info.get(f"order{r}", "").split():
             a, b, pid = item.split(",")
@@ -276,8 +284,11 @@ def report(work, md):
             if a not in d or b not in d:
                 continue
             cell = lambda c: f"{c} {int(d[c]['ns']) / 1e9:.3f} s, {fmt_mb(rate(d[c]))} MB/s"
-            ours = next((x for x in (a, b) if x.startswith("dwsfs") or x == "curlfile"), a)
-            ref = b if ours == a else a
+            if pid in roles:
+                ours, ref = roles[pid]
+            else:
+                ours = next((x for x in (a, b) if x.startswith("dwsfs") or x == "curlfile"), a)
+                ref = b if ours == a else a
             L.append(f"| {r} | {pid} | {cell(a)} | {cell(b)} | {rate(d[ours]) / rate(d[ref]):.2f} |")
     L.append("")
     text = "\n".join(L)

@@ -30,6 +30,12 @@
 #   direct_write  build/tests/bench/direct_write: the read's bytes written as
 #            the block cache writes them (O_DIRECT, BLOCK-sized files, 2 writers),
 #            from memory: what keeping them on disk costs by itself (a diagnostic)
+#   curl_dw  curl to /dev/null and, started with it, direct_write of the same
+#            bytes, timed until both are done (direct_write's last write; its
+#            removal of the files after it is not timed, as fresh_dirs' removal
+#            of the dwsfs cache is not): the cheapest download that keeps
+#            the bytes on the cache's disk (no copy into a page cache, no FUSE);
+#            beside curl, the most any client doing that can reach here
 #   httpdirfs --cache (fresh cache dir), `cat`   (--no-range-check: its range probe
 #            rejects nginx, fangfufu/httpdirfs#188); its no-cache mode reads
 #            ~1 MB/s here, so it only reads the first PREFIX_MB, beside dwsfs's
@@ -115,7 +121,7 @@ mkdir -p "$ROOT/bench-results/tmp"
 WORK=$(mktemp -d "$ROOT/bench-results/tmp/http-read.XXXXXX")
 MNT=$WORK/mnt
 mkdir -p "$MNT" "$WORK/logs" "$WORK/nginx/tmp"
-NGX_PID= HUB_PID= CLIENT_PID= PERF_PID= FUSECTL_MOUNTED=0
+NGX_PID= HUB_PID= CLIENT_PID= PERF_PID= DW_PID= FUSECTL_MOUNTED=0
 
 unmount_mnt() {
 	if grep -q " $MNT " /proc/mounts 2>/dev/null; then
@@ -137,6 +143,7 @@ stop_pid() { # PID [signal]: signal it, wait up to 10 s, then SIGKILL; always re
 cleanup() {
 	set +e
 	stop_pid "$PERF_PID" INT
+	stop_pid "$DW_PID"
 	unmount_mnt
 	stop_pid "$CLIENT_PID"
 	stop_pid "$HUB_PID"
@@ -398,7 +405,7 @@ fi
 # ---- one timed run: appends its key=value line to rounds.txt (and LINE)
 # (not in a subshell: the EXIT trap must know CLIENT_PID)
 run_one() { # CLIENT ROUND PAIR
-	local c=$1 r=$2 id=$3 t0 t1 bytes cpu="" mount_ms="" extra="" st q src=$SRC c0 c1
+	local c=$1 r=$2 id=$3 t0 t1 t1_both="" dw_end bytes cpu="" mount_ms="" extra="" st q src=$SRC c0 c1
 	fresh_dirs
 	case $c in
 	dwsfs_1t)
@@ -429,6 +436,19 @@ run_one() { # CLIENT ROUND PAIR
 		/usr/bin/time -o "$WORK/time" -f "%U %S" "${CURL[@]}" -K "$WORK/ranges-null.cfg" >"$WORK/curl.out" ;;
 	curlfile)
 		/usr/bin/time -o "$WORK/time" -f "%U %S" "${CURL[@]}" -K "$WORK/ranges-files.cfg" >"$WORK/curl.out" ;;
+	curl_dw) # the cheapest download that keeps the bytes on the cache's disk: done when both are
+		# (direct_write's last write, not its removal of the files after it)
+		mkdir -p "$WORK/cachefs/dw"
+		"$BUILD/tests/bench/direct_write" "$WORK/cachefs/dw" "$DWS_SIZE" "$BLOCK" >"$WORK/fetch.out" &
+		DW_PID=$!
+		/usr/bin/time -o "$WORK/time" -f "%U %S" "${CURL[@]}" -K "$WORK/ranges-null.cfg" >"$WORK/curl.out"
+		t1_both=$(date +%s%N)
+		wait "$DW_PID" || { log "direct_write failed"; exit 1; }
+		DW_PID=
+		dw_end=$(sed -n 's/.*end_ns=\([0-9]*\).*/\1/p' "$WORK/fetch.out")
+		[ -n "$dw_end" ] || { log "direct_write printed no end_ns"; exit 1; }
+		extra=" curl_ns=$((t1_both - t0)) dw_ns=$((dw_end - t0))"
+		[ "$dw_end" -le "$t1_both" ] || t1_both=$dw_end ;;
 	dwsfs_cat | dwsfs_mem | dwsfs_warm | dwsfs_1t | httpdirfs | rclone)
 		cat "${FILES[@]}" >/dev/null ;;
 	dwsfs_dd)
@@ -451,10 +471,11 @@ run_one() { # CLIENT ROUND PAIR
 		"$BUILD/tests/bench/direct_write" "$WORK/cachefs/dw" "$DWS_SIZE" "$BLOCK" >"$WORK/fetch.out" ;;
 	esac
 	t1=$(date +%s%N)
+	[ -z "$t1_both" ] || t1=$t1_both
 	c1=$(cpu_snap)
-	extra=" machine_busy=$(awk -v a="$c0" -v b="$c1" 'BEGIN {split(a, x, " "); split(b, y, " "); t = y[1] - x[1]; printf "%.3f", (t > 0 ? 1 - (y[2] - x[2]) / t : 0)}')"
+	extra="$extra machine_busy=$(awk -v a="$c0" -v b="$c1" 'BEGIN {split(a, x, " "); split(b, y, " "); t = y[1] - x[1]; printf "%.3f", (t > 0 ? 1 - (y[2] - x[2]) / t : 0)}')"
 	case $c in
-	curl | curlfile)
+	curl | curlfile | curl_dw)
 		bytes=$(awk '{s += $1} END {printf "%d", s}' "$WORK/curl.out")
 		cpu=$(awk '{printf "%.3f", $1 + $2}' "$WORK/time") ;;
 	*_head) bytes=$PREFIX_BYTES ;;
@@ -470,7 +491,7 @@ run_one() { # CLIENT ROUND PAIR
 	if [ -n "$CLIENT_PID" ]; then
 		cpu=$(cpu_of "$CLIENT_PID")
 		if [[ $c == dwsfs_* ]]; then
-			st=$("$PY" -c 'import json,sys; d=json.load(open(sys.argv[1])); print(" ".join(f"{k}={d[k]}" for k in ("cdn_requests","bytes_fetched","cache_hits","cache_misses")))' "$MNT/.dwsfs/status")
+			st=$("$PY" -c 'import json,sys; d=json.load(open(sys.argv[1])); print(" ".join(f"{k}={d[k]}" for k in ("cdn_requests","bytes_fetched","cache_hits","cache_misses","cache_unkept_bytes","cache_waits")))' "$MNT/.dwsfs/status")
 			extra="$extra $st"
 		fi
 		umount_client
@@ -489,7 +510,8 @@ if [ "$HAVE_CURL" = 1 ]; then
 	PAIRS+=(dwsfs_cat:curl:cat_curl dwsfs_mem:curl:mem_curl dwsfs_cat:curlfile:cat_curlfile dwsfs_dd:curl:dd_curl)
 	[ -x "$BUILD/tests/bench/fetch_pipeline" ] &&
 		PAIRS+=(fetch_disk:fetch_mem:fetch_pipeline dwsfs_mem:fetch_mem:mem_fetchmem fetch_mem:curl:fetchmem_curl)
-	[ -x "$BUILD/tests/bench/direct_write" ] && PAIRS+=(direct_write:curl:directwrite_curl)
+	[ -x "$BUILD/tests/bench/direct_write" ] &&
+		PAIRS+=(direct_write:curl:directwrite_curl dwsfs_cat:curl_dw:cat_curldw curl_dw:curl:curldw_curl)
 fi
 [ "$HAVE_HTTPDIRFS" = 1 ] && PAIRS+=(dwsfs_cat:httpdirfs:cat_httpdirfs)
 [ "$HAVE_RCLONE" = 1 ] && PAIRS+=(dwsfs_cat:rclone:cat_rclone dwsfs_mem:rclone:mem_rclone)
@@ -518,6 +540,7 @@ fi
 
 : >"$WORK/rounds.txt"
 : >"$WORK/info.txt"
+echo "pairs=${PAIRS[*]}" >>"$WORK/info.txt" # OURS:REFERENCE:ID each
 t_start=$(date +%s)
 n=${#PAIRS[@]}
 for r in $(seq 1 "$ROUNDS"); do
