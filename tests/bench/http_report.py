@@ -100,7 +100,7 @@ NAMES = {
     "curl": "`curl --parallel --parallel-max {par}` over {blk} ranges to /dev/null",
     "curlfile": "the same curl writing each range to a file beside the dwsfs cache",
     "curl_dw": "the same curl to /dev/null while `tests/bench/direct_write` writes the same bytes beside the dwsfs "
-               "cache (O_DIRECT, from memory), until both are done: the cheapest download that keeps the bytes on disk",
+               "cache (O_DIRECT, from memory), until both are done: a download that keeps the bytes on disk, no page cache copy",
     "dwsfs_cat": "dwsfs `cat`",
     "dwsfs_mem": "dwsfs `cat` with `cache_size=0` (no disk cache)",
     "fetch_disk": "the fetch pipeline without FUSE (`tests/bench/fetch_pipeline`), disk cache",
@@ -167,8 +167,8 @@ def report(work, md):
     row(f"cold read: {name['dwsfs_cat']} vs {name['curlfile']} (both write to disk)", "cat_curlfile", "dwsfs_cat",
         "curlfile", 0.8)
     row(f"cold read: {name['dwsfs_cat']} vs {name['curl_dw']}", "cat_curldw", "dwsfs_cat", "curl_dw", 0.8)
-    row(f"diagnostic (not dwsfs), the most a client keeping the bytes on this disk can reach: {name['curl_dw']} vs "
-        "the same curl alone", "curldw_curl", "curl_dw", "curl", None)
+    row(f"diagnostic (not dwsfs), what writing the bytes to this disk during a download costs it: {name['curl_dw']} "
+        "vs the same curl alone", "curldw_curl", "curl_dw", "curl", None)
     row(f"cold read: {name['dwsfs_mem']} vs {name['rclone']} (neither writes to disk)", "mem_rclone", "dwsfs_mem",
         "rclone", 2)
     row(f"diagnostic: {name['fetch_disk']} vs {name['fetch_mem']}", "fetch_pipeline", "fetch_disk", "fetch_mem", None)

@@ -34,8 +34,10 @@
 #            bytes, timed until both are done (direct_write's last write; its
 #            removal of the files after it is not timed, as fresh_dirs' removal
 #            of the dwsfs cache is not): the cheapest download that keeps
-#            the bytes on the cache's disk (no copy into a page cache, no FUSE);
-#            beside curl, the most any client doing that can reach here
+#            the bytes on the cache's disk (no copy into a page cache, no FUSE;
+#            direct_write goes as fast as the disk takes the bytes, the block
+#            cache's writes at the network's pace); beside curl alone, what
+#            writing the bytes to this disk during a download costs it
 #   httpdirfs --cache (fresh cache dir), `cat`   (--no-range-check: its range probe
 #            rejects nginx, fangfufu/httpdirfs#188); its no-cache mode reads
 #            ~1 MB/s here, so it only reads the first PREFIX_MB, beside dwsfs's
