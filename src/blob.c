@@ -173,7 +173,7 @@ int dws_blob_xxh3(dws_blob *b, uint64_t off, uint64_t len, uint64_t *out,
 		rc = dws_blob_read(b, off, buf, n, err);
 		if (rc)
 			break;
-		XXH3_64bits_update(st, buf, n);
+		dws_xxh3_update(st, buf, n);
 		off += n;
 		len -= n;
 	}

@@ -274,9 +274,8 @@ def report(work, md):
     L.append("")
     L.append("| round | pair | first | second | ratio (ours / reference) |")
     L.append("|---|---|---|---|---|")
-    # each pair's OURS:REFERENCE:ID as the script defined it (older raw files
-    # have none: then dwsfs or curlfile is ours)
-    roles = {p.split(":")[2]: tuple(p.split(":")[:2]) for p in info.get("pairs", "").split() if p.count(":") == 2}
+    # each pair's OURS:REFERENCE:ID as the script defined it
+    roles = {p.split(":")[2]: tuple(p.split(":")[:2]) for p in info["pairs"].split()}
     for r in range(1, rounds + 1):
         for item in info.get(f"order{r}", "").split():
             a, b, pid = item.split(",")
@@ -284,11 +283,7 @@ def report(work, md):
             if a not in d or b not in d:
                 continue
             cell = lambda c: f"{c} {int(d[c]['ns']) / 1e9:.3f} s, {fmt_mb(rate(d[c]))} MB/s"
-            if pid in roles:
-                ours, ref = roles[pid]
-            else:
-                ours = next((x for x in (a, b) if x.startswith("dwsfs") or x == "curlfile"), a)
-                ref = b if ours == a else a
+            ours, ref = roles[pid]
             L.append(f"| {r} | {pid} | {cell(a)} | {cell(b)} | {rate(d[ours]) / rate(d[ref]):.2f} |")
     L.append("")
     text = "\n".join(L)

@@ -33,8 +33,8 @@
 #   curl_dw  curl to /dev/null and, started with it, direct_write of the same
 #            bytes, timed until both are done (direct_write's last write; its
 #            removal of the files after it is not timed, as fresh_dirs' removal
-#            of the dwsfs cache is not): the cheapest download that keeps
-#            the bytes on the cache's disk (no copy into a page cache, no FUSE;
+#            of the dwsfs cache is not): a download that keeps the bytes on
+#            the cache's disk with no copy into a page cache and no FUSE (but
 #            direct_write goes as fast as the disk takes the bytes, the block
 #            cache's writes at the network's pace); beside curl alone, what
 #            writing the bytes to this disk during a download costs it
@@ -304,6 +304,15 @@ cold() { # [FILE]: the served file (and the base shards) out of the page cache (
 		done
 	fi
 }
+dw_start() { # direct_write of the read's bytes in the background (DW_PID), its line to fetch.out
+	mkdir -p "$WORK/cachefs/dw"
+	"$BUILD/tests/bench/direct_write" "$WORK/cachefs/dw" "$DWS_SIZE" "$BLOCK" >"$WORK/fetch.out" &
+	DW_PID=$!
+}
+dw_wait() {
+	wait "$DW_PID" || { log "direct_write failed"; exit 1; }
+	DW_PID=
+}
 cpu_snap() { awk '/^cpu / {print $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9, $5 + $6; exit}' /proc/stat; }
 CACHE=$WORK/cachefs/cache
 fresh_dirs() {
@@ -438,15 +447,12 @@ run_one() { # CLIENT ROUND PAIR
 		/usr/bin/time -o "$WORK/time" -f "%U %S" "${CURL[@]}" -K "$WORK/ranges-null.cfg" >"$WORK/curl.out" ;;
 	curlfile)
 		/usr/bin/time -o "$WORK/time" -f "%U %S" "${CURL[@]}" -K "$WORK/ranges-files.cfg" >"$WORK/curl.out" ;;
-	curl_dw) # the cheapest download that keeps the bytes on the cache's disk: done when both are
+	curl_dw) # curl while the same bytes go to the cache's disk: done when both are
 		# (direct_write's last write, not its removal of the files after it)
-		mkdir -p "$WORK/cachefs/dw"
-		"$BUILD/tests/bench/direct_write" "$WORK/cachefs/dw" "$DWS_SIZE" "$BLOCK" >"$WORK/fetch.out" &
-		DW_PID=$!
+		dw_start
 		/usr/bin/time -o "$WORK/time" -f "%U %S" "${CURL[@]}" -K "$WORK/ranges-null.cfg" >"$WORK/curl.out"
 		t1_both=$(date +%s%N)
-		wait "$DW_PID" || { log "direct_write failed"; exit 1; }
-		DW_PID=
+		dw_wait
 		dw_end=$(sed -n 's/.*end_ns=\([0-9]*\).*/\1/p' "$WORK/fetch.out")
 		[ -n "$dw_end" ] || { log "direct_write printed no end_ns"; exit 1; }
 		extra=" curl_ns=$((t1_both - t0)) dw_ns=$((dw_end - t0))"
@@ -469,8 +475,8 @@ run_one() { # CLIENT ROUND PAIR
 		HF_ENDPOINT=$EP "$BUILD/tests/bench/fetch_pipeline" "hf://buckets/$NS/$NAME" "$KEY" "$CACHE" \
 			"$([ "$c" = fetch_mem ] && echo memory)" >"$WORK/fetch.out" ;;
 	direct_write) # the disk cache's writes alone: no network, no FUSE
-		mkdir -p "$WORK/cachefs/dw"
-		"$BUILD/tests/bench/direct_write" "$WORK/cachefs/dw" "$DWS_SIZE" "$BLOCK" >"$WORK/fetch.out" ;;
+		dw_start
+		dw_wait ;;
 	esac
 	t1=$(date +%s%N)
 	[ -z "$t1_both" ] || t1=$t1_both
