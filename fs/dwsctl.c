@@ -21,7 +21,9 @@ static void usage(FILE *to)
 		"usage: %s COMMAND ...\n"
 		"  ls BUCKET [--all]                      one line per step of the current run\n"
 		"  extract BUCKET OUTDIR [--step N] [--base SRC] [--map-prefix FROM=TO]...\n"
-		"                                         write the reconstructed model folder\n"
+		"          [--verify none|payload|state]  write the reconstructed model folder; a step\n"
+		"                                         that fails verification (default: state) is not\n"
+		"                                         written\n"
 		"  verify BUCKET [--step N] [--base SRC] [--map-prefix FROM=TO]...\n"
 		"                                         check a step against the producer's checksums\n"
 		"  publish PREV NEXT BUCKET_DIR --step N [--format gap_delta|raw|v1|anchor]\n"
@@ -58,7 +60,8 @@ struct build_args {
 	const char *base;
 	dws_prefix_map maps[16];
 	size_t nmaps;
-	bool verify;
+	bool verify;       /* payload checksums and parent steps while building */
+	bool verify_state; /* and the state checksum of the step */
 };
 
 static int parse_step(const char *s, uint64_t *out)
@@ -72,7 +75,7 @@ static int parse_step(const char *s, uint64_t *out)
 	return 0;
 }
 
-enum { OPT_STEP = 1000, OPT_BASE, OPT_MAP, OPT_ALL, OPT_FORMAT, OPT_ZSTD, OPT_RUN, OPT_PARENT };
+enum { OPT_STEP = 1000, OPT_BASE, OPT_MAP, OPT_ALL, OPT_FORMAT, OPT_ZSTD, OPT_RUN, OPT_PARENT, OPT_VERIFY };
 
 static int parse_build_opt(int c, struct build_args *a)
 {
@@ -84,6 +87,12 @@ static int parse_build_opt(int c, struct build_args *a)
 		return 0;
 	case OPT_BASE:
 		a->base = optarg;
+		return 0;
+	case OPT_VERIFY:
+		if (strcmp(optarg, "none") && strcmp(optarg, "payload") && strcmp(optarg, "state"))
+			return bad_usage("--verify is none, payload or state, not '%s'", optarg);
+		a->verify = strcmp(optarg, "none") != 0;
+		a->verify_state = strcmp(optarg, "state") == 0;
 		return 0;
 	case OPT_MAP: {
 		char *eq = strchr(optarg, '=');
@@ -224,8 +233,8 @@ static int cmd_extract(int argc, char **argv)
 {
 	static const struct option lo[] = {
 		{"step", required_argument, 0, OPT_STEP}, {"base", required_argument, 0, OPT_BASE},
-		{"map-prefix", required_argument, 0, OPT_MAP}, {0}};
-	struct build_args a = {0};
+		{"map-prefix", required_argument, 0, OPT_MAP}, {"verify", required_argument, 0, OPT_VERIFY}, {0}};
+	struct build_args a = {.verify = true, .verify_state = true};
 	int c;
 	while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1)
 		if (parse_build_opt(c, &a))
@@ -240,7 +249,7 @@ static int cmd_extract(int argc, char **argv)
 	}
 	struct progress p = {0};
 	dws_progress pr = {show_progress, &p};
-	int rc = dws_extract_step(s.bl, a.step, argv[optind + 1], isatty(2) ? &pr : NULL, &err);
+	int rc = dws_extract_step(s.bl, a.step, argv[optind + 1], a.verify_state, isatty(2) ? &pr : NULL, &err);
 	if (p.shown)
 		fputc('\n', stderr);
 	session_close(&s);
@@ -269,18 +278,11 @@ static int cmd_verify(int argc, char **argv)
 	}
 	const dws_stepfile *f = dws_catalog_find(s.cat, a.step);
 	const char *want = f->state_xxh3[0] ? f->state_xxh3 : NULL;
-	int rc = DWS_OK;
-	if (want) {
-		uint64_t h = 0;
-		rc = dws_step_state_digest(s.step, &h, &err);
-		char got[17];
-		snprintf(got, sizeof(got), "%016" PRIx64, h);
-		if (!rc && strcmp(got, want) != 0) {
-			err.code = rc = DWS_EVERIFY;
-			snprintf(err.msg, sizeof(err.msg), "%s/%s: step %" PRIu64 " does not match the producer's state checksum (got %s, want %s)",
-				 dws_bucket_uri(s.bucket), f->obj.key, a.step, got, want);
-		}
-	}
+	char *what = NULL;
+	if (asprintf(&what, "%s/%s", dws_bucket_uri(s.bucket), f->obj.key) < 0)
+		what = NULL;
+	int rc = dws_step_check_state(s.step, want, what ? what : argv[optind], &err);
+	free(what);
 	if (!rc)
 		printf("step %" PRIu64 ": %s (anchor %" PRIu64 ", %zu files applied, %" PRIu64 " patched elements)\n", a.step,
 		       want ? "state checksum matches" : "chain decodes; no producer checksum to compare",

@@ -47,6 +47,7 @@ struct opts {
 	char *cache_dir;
 	char *cache_size;
 	char *on_swap;
+	int on_swap_keep_secrets;
 	char *verify;
 	char *map_prefix;
 	char *ca_file;
@@ -58,7 +59,7 @@ struct opts {
 	unsigned poll;
 	unsigned info_poll;
 	double swap_idle;
-	double swap_max_delay;
+	char *swap_max_delay; /* seconds, or "never" */
 	unsigned max_steps;
 	int read_ahead;
 	int show_help;
@@ -370,10 +371,16 @@ static void dir_add(fuse_req_t req, struct dirbuf *b, const char *name, fuse_ino
 	b->len += need;
 }
 
+/* A name of the mount's own at the root: a model file or folder of that name
+ * is shadowed (lookup finds ours), so it is not listed either. */
+static bool meta_name(const char *name) { return !strcmp(name, "steps") || !strcmp(name, ".dwsfs"); }
+
 static void add_step_children(fuse_req_t req, struct dirbuf *b, dws_step *s, uint32_t dir, bool root_view)
 {
 	for (uint32_t c = dws_step_node(s, dir)->child; c != DWS_NODE_NONE; c = dws_step_node(s, c)->next) {
 		const dws_node *n = dws_step_node(s, c);
+		if (root_view && dir == 0 && meta_name(n->name))
+			continue;
 		dir_add(req, b, n->name, mk_ino(root_view, dws_step_id(s), c), n->file >= 0 ? S_IFREG : S_IFDIR);
 	}
 }
@@ -802,12 +809,13 @@ static const struct fuse_opt opt_spec[] = {
 	OPT("cache_dir=%s", cache_dir),
 	OPT("cache_size=%s", cache_size),
 	OPT("on_swap=%s", on_swap),
+	OPT("on_swap_keep_secrets", on_swap_keep_secrets),
 	OPT("verify=%s", verify),
 	OPT("map_prefix=%s", map_prefix),
 	OPT("poll=%u", poll),
 	OPT("info_poll=%u", info_poll),
 	OPT("swap_idle=%lf", swap_idle),
-	OPT("swap_max_delay=%lf", swap_max_delay),
+	OPT("swap_max_delay=%s", swap_max_delay),
 	OPT("max_steps=%u", max_steps),
 	OPT("read_ahead=%d", read_ahead),
 	OPT("ca_file=%s", ca_file),
@@ -844,8 +852,10 @@ static void usage(const char *prog)
 	       "    -o poll=SECONDS        how often to look for new steps (default 1; remote 6)\n"
 	       "    -o info_poll=SECONDS   remote: bucket-info probe for anything else (default 60)\n"
 	       "    -o swap_idle=SECONDS   swap the root after it was idle this long (default 1)\n"
-	       "    -o swap_max_delay=SECONDS  swap anyway this long after a step is ready (default 30)\n"
-	       "    -o on_swap=CMD         run `sh -c CMD` after a swap (DWSFS_STEP, DWSFS_MOUNT set)\n"
+	       "    -o swap_max_delay=SECONDS  swap anyway this long after a step is ready, even with\n"
+	       "                           root files open (default 30); never: wait for them to close\n"
+	       "    -o on_swap=CMD         run `sh -c CMD` after a swap (DWSFS_STEP, DWSFS_MOUNT set;\n"
+	       "                           HF_TOKEN and AWS_* keys removed unless on_swap_keep_secrets)\n"
 	       "    -o verify=MODE         none, payload or state (default state)\n"
 	       "    -o map_prefix=FROM=TO  trainer name prefix FROM is TO in the checkpoint\n"
 	       "    -o max_steps=N         step views kept in memory for steps/ (default 8)\n"
@@ -975,7 +985,7 @@ static void daemon_ready(int fd)
 int main(int argc, char *argv[])
 {
 	struct fuse_args args = FUSE_ARGS_INIT(argc, argv);
-	struct opts o = {.swap_idle = -1, .swap_max_delay = -1, .read_ahead = 1024};
+	struct opts o = {.swap_idle = -1, .read_ahead = 1024};
 	struct fuse_cmdline_opts co = {0};
 	struct fs f = {.started = time(NULL), .name_timeout = 1.0, .uid = getuid(), .gid = getgid(),
 		       .handles_lock = PTHREAD_MUTEX_INITIALIZER};
@@ -1055,13 +1065,25 @@ int main(int argc, char *argv[])
 	}
 	if (!mat_dir)
 		mat_dir = strdup(mat_want);
+	double max_delay = -1; /* -1: the default, -2: never */
+	if (o.swap_max_delay && !strcmp(o.swap_max_delay, "never")) {
+		max_delay = -2;
+	} else if (o.swap_max_delay) {
+		char *end;
+		max_delay = strtod(o.swap_max_delay, &end);
+		if (end == o.swap_max_delay || *end || !(max_delay >= 0 && max_delay <= 86400)) {
+			fprintf(stderr, "dwsfs: swap_max_delay takes seconds (0 to 86400) or never, not '%s'\n", o.swap_max_delay);
+			goto out_args;
+		}
+	}
 	dws_mount_opts mo = {
 		.bucket = o.bucket, .bucket_opts = &bo, .base = o.base, .maps = o.map_prefix ? &map : NULL, .nmaps = o.map_prefix ? 1 : 0,
 		.poll_ms = o.poll ? o.poll * 1000 : 0,
 		.info_poll_ms = o.info_poll * 1000,
 		.swap_idle_ms = o.swap_idle >= 0 ? (unsigned)(o.swap_idle * 1000) + (o.swap_idle == 0) : 0,
-		.swap_max_delay_ms = o.swap_max_delay >= 0 ? (unsigned)(o.swap_max_delay * 1000) + (o.swap_max_delay == 0) : 0,
-		.max_steps = o.max_steps, .tmpdir = o.cache_dir, .on_swap = o.on_swap, .mountpoint = co.mountpoint,
+		.swap_max_delay_ms = max_delay >= 0 ? (unsigned)(max_delay * 1000) + (max_delay == 0) : 0,
+		.swap_never_force = max_delay == -2,
+		.max_steps = o.max_steps, .tmpdir = o.cache_dir, .on_swap = o.on_swap, .on_swap_keep_secrets = o.on_swap_keep_secrets, .mountpoint = co.mountpoint,
 		.swapped = on_swapped, .merged = on_merged, .ctx = &f};
 	if (o.verify) {
 		mo.verify_set = true;
@@ -1164,6 +1186,7 @@ out_args:
 	free(o.map_prefix);
 	free(o.ca_file);
 	free(o.materialize_max);
+	free(o.swap_max_delay);
 	free(mat_dir);
 	free(o.materialize_dir);
 	fuse_opt_free_args(&args);

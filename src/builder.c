@@ -562,7 +562,7 @@ static int apply_file(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 		      dws_error *err)
 {
 	if (f->error[0])
-		return dws_fail(err, DWS_EFORMAT, "%s", f->error);
+		return dws_fail(err, f->error_code, "%s", f->error);
 	int rc = f->variant == DWS_VAR_DENSE ? apply_dense(bl, s, f, err) : apply_sparse(bl, s, f, err);
 	if (rc)
 		return rc;
@@ -597,7 +597,7 @@ static int chain_start(dws_builder *bl, const dws_stepfile *a, dws_step **out,
 		}
 	} else {
 		if (a->error[0])
-			return dws_fail(err, DWS_EFORMAT, "%s", a->error);
+			return dws_fail(err, a->error_code, "%s", a->error);
 		dws_blob *b = NULL;
 		dws_st_file *st = NULL;
 		rc = stepfile_blob(bl, a, &b, err);
@@ -643,7 +643,7 @@ int dws_builder_build(dws_builder *bl, uint64_t step, dws_step **out,
 		return dws_fail(err, DWS_ENOENT, "%s: no step %llu in the bucket", dws_bucket_uri(dws_catalog_bucket(c)), (unsigned long long)step);
 	}
 	if (target->error[0])
-		return dws_fail(err, DWS_EFORMAT, "%s", target->error);
+		return dws_fail(err, target->error_code, "%s", target->error);
 	const dws_stepfile *a = dws_catalog_anchor_for(c, step);
 	if (!a && !bl->base_layout)
 		return dws_fail(err, DWS_ENOENT, "%s: step %llu has no complete anchor at or before it and there is no base model",

@@ -190,8 +190,10 @@ static void sniff(dws_bucket *b, dws_stepfile *f)
 	}
 out:
 	dws_blob_direct_reads(false);
-	if (rc)
+	if (rc) {
 		snprintf(f->error, sizeof(f->error), "%s", err.msg);
+		f->error_code = dws_code_of(&err, rc);
+	}
 	free(buf);
 	dws_st_free(st);
 	dws_blob_unref(blob);
@@ -307,7 +309,8 @@ uint64_t dws_catalog_step_id(const dws_catalog *c, uint64_t step)
 	return id ? id : 1;
 }
 
-/* The header facts of an unchanged object, from the previous catalog. */
+/* The header facts of an unchanged object, from the previous catalog; a
+ * header that could not be read for a passing reason is read again. */
 static bool reuse(const dws_catalog *prev, dws_stepfile *f)
 {
 	if (!prev)
@@ -317,6 +320,8 @@ static bool reuse(const dws_catalog *prev, dws_stepfile *f)
 		size_t n = pass ? prev->nstale : prev->n;
 		for (size_t i = 0; i < n; i++)
 			if (strcmp(v[i].obj.key, f->obj.key) == 0 && strcmp(v[i].obj.ident, f->obj.ident) == 0) {
+				if (v[i].error[0] && dws_code_transient(v[i].error_code))
+					return false;
 				char *key = f->obj.key;
 				*f = v[i];
 				f->obj.key = key;

@@ -2,7 +2,7 @@
  * sibling folder that is renamed into place only when everything is written;
  * a failure removes it. */
 #include "step.h"
-
+#include "digest.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -230,7 +230,7 @@ static int outdir_open(struct outdir *o, const char *outdir, const dws_step *s,
 		rc = mkdirs_for(o->tfd, fi->path, err);
 		if (rc)
 			return rc;
-		o->fds[i] = openat(o->tfd, fi->path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+		o->fds[i] = openat(o->tfd, fi->path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644); /* read back: verify */
 		if (o->fds[i] < 0)
 			return dws_fail(err, DWS_EIO, "%s/%s: cannot create: %s", outdir, fi->path, strerror(errno));
 	}
@@ -277,8 +277,78 @@ static int pwrite_all(int fd, const void *buf, size_t n, uint64_t off,
 	return DWS_OK;
 }
 
-int dws_extract(dws_step *s, const char *outdir, const dws_progress *pr,
-		dws_error *err)
+/* What the written folder is checked against before it is moved into place:
+ * the producer's state checksum of step `step` (want NULL: nothing). */
+struct check {
+	dws_builder *bl;
+	uint64_t step;
+	const char *want, *what;
+};
+
+struct written {
+	const dws_layout *L;
+	const int *fds;
+};
+
+/* Elements [e0, e0+n) of a slot's tensor, read back from the written file
+ * (from the page cache: it was just written). */
+static int written_bf16(void *ctx, size_t slot, uint64_t e0, uint64_t n, uint16_t *out,
+			void *scratch, dws_error *err)
+{
+	const struct written *w = ctx;
+	const dws_slot *sl = &w->L->slots[slot];
+	size_t osz = dws_dtype_size(sl->dtype);
+	char *raw = sl->dtype == DWS_DT_BF16 ? (void *)out : scratch;
+	uint64_t off = sl->off + e0 * osz;
+	for (size_t got = 0, want = (size_t)(n * osz); got < want;) {
+		ssize_t r = pread(w->fds[sl->file], raw + got, want - got, (off_t)(off + got));
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0)
+			return dws_fail(err, DWS_EIO, "%s: reading back what was written: %s", w->L->files[sl->file].info.path,
+					r < 0 ? strerror(errno) : "short file");
+		got += (size_t)r;
+	}
+	dws_to_bf16(sl->dtype, raw, n, out);
+	return DWS_OK;
+}
+
+/* The state digest of the folder just written (the tensors of s's layout
+ * that are trained, or patched per `patched`, may be NULL) against the
+ * producer's checksum. An F16 output holds patched BF16 values rounded, so
+ * where one is trained the digest comes from the step built instead. */
+static int check_written(const struct check *c, const dws_step *s, const uint8_t *patched,
+			 const int *fds, dws_error *err)
+{
+	if (!c || !c->want || !c->want[0])
+		return DWS_OK;
+	const dws_layout *L = s->layout;
+	dws_digest_item *items = dws_xcalloc(L->nslots ? L->nslots : 1, sizeof(*items));
+	size_t n = 0;
+	bool f16 = false;
+	for (size_t i = 0; i < L->nslots; i++)
+		if (s->trained[i] || (patched && patched[i])) {
+			items[n++] = (dws_digest_item){L->slots[i].trainer, L->slots[i].numel, i};
+			f16 |= L->slots[i].dtype == DWS_DT_F16;
+		}
+	uint64_t h = 0;
+	int rc;
+	if (f16) {
+		dws_step *built = NULL;
+		rc = dws_builder_build(c->bl, c->step, &built, err);
+		if (!rc)
+			rc = dws_step_state_digest(built, &h, err);
+		dws_step_unref(built);
+	} else {
+		struct written w = {L, fds};
+		rc = dws_state_digest(items, n, written_bf16, &w, &h, err);
+	}
+	free(items);
+	return rc ? rc : dws_state_check(h, c->want, c->what, c->step, err);
+}
+
+static int extract_built(dws_step *s, const char *outdir, const dws_progress *pr,
+			 const struct check *c, dws_error *err)
 {
 	struct outdir o;
 	int rc = outdir_open(&o, outdir, s, err);
@@ -307,7 +377,15 @@ int dws_extract(dws_step *s, const char *outdir, const dws_progress *pr,
 		pthread_cond_destroy(&j.cond);
 		pthread_mutex_destroy(&j.lock);
 	}
+	if (!rc)
+		rc = check_written(c, s, NULL, o.fds, err);
 	return outdir_close(&o, s, outdir, rc, err);
+}
+
+int dws_extract(dws_step *s, const char *outdir, const dws_progress *pr,
+		dws_error *err)
+{
+	return extract_built(s, outdir, pr, NULL, err);
 }
 
 /* ---- streaming extract ----
@@ -603,7 +681,7 @@ static int cmp_item(const void *a, const void *b)
 }
 
 static int stream_extract(dws_lazy_chain *lc, const char *outdir, const dws_progress *pr,
-			  dws_error *err)
+			  const struct check *c, dws_error *err)
 {
 	dws_step *first = lc->first;
 	const dws_layout *L = first->layout;
@@ -628,8 +706,8 @@ static int stream_extract(dws_lazy_chain *lc, const char *outdir, const dws_prog
 			S.runs[fill[p->slot]++] = (struct srun){p, lc->files[i].what};
 			/* a tensor with no bytes has no extent to check its runs */
 			if (!rc && L->slots[p->slot].numel == 0 && p->count) {
-				struct scur c = {0, UINT64_MAX};
-				rc = check_consumed(&S.runs[fill[p->slot] - 1], &c, 0, err);
+				struct scur cur = {0, UINT64_MAX};
+				rc = check_consumed(&S.runs[fill[p->slot] - 1], &cur, 0, err);
 			}
 		}
 	free(fill);
@@ -679,6 +757,13 @@ static int stream_extract(dws_lazy_chain *lc, const char *outdir, const dws_prog
 		pthread_mutex_destroy(&S.wlock);
 		pthread_mutex_destroy(&S.lock);
 	}
+	if (!rc) {
+		uint8_t *patched = dws_xcalloc(L->nslots ? L->nslots : 1, 1);
+		for (size_t i = 0; i < L->nslots; i++)
+			patched[i] = S.slot_run[i + 1] > S.slot_run[i];
+		rc = check_written(c, first, patched, o.fds, err);
+		free(patched);
+	}
 	rc = outdir_close(&o, first, outdir, rc, err);
 	free(S.items);
 	free(S.runs);
@@ -686,26 +771,29 @@ static int stream_extract(dws_lazy_chain *lc, const char *outdir, const dws_prog
 	return rc;
 }
 
-int dws_extract_step(dws_builder *bl, uint64_t step, const char *outdir,
+int dws_extract_step(dws_builder *bl, uint64_t step, const char *outdir, bool verify,
 		     const dws_progress *pr, dws_error *err)
 {
 	int rc = check_outdir(outdir, err);
 	if (rc)
 		return rc;
+	const dws_catalog *cat = dws_builder_catalog(bl);
+	const dws_stepfile *f = dws_catalog_find(cat, step);
+	char *what = f ? dws_xasprintf("%s/%s", dws_bucket_uri(dws_catalog_bucket(cat)), f->obj.key) : NULL;
+	struct check c = {bl, step, verify && f ? f->state_xxh3 : NULL, what};
 	dws_lazy_chain *lc = NULL;
 	rc = dws_builder_lazy_chain(bl, step, &lc, err);
-	if (rc)
-		return rc;
-	if (lc) {
-		rc = stream_extract(lc, outdir, pr, err);
-		dws_lazy_chain_free(lc);
-		return rc;
+	if (!rc && lc) {
+		rc = stream_extract(lc, outdir, pr, &c, err);
+	} else if (!rc) {
+		/* an anchor, a base-only chain or one with dense files: build it */
+		dws_step *s = NULL;
+		rc = dws_builder_build(bl, step, &s, err);
+		if (!rc)
+			rc = extract_built(s, outdir, pr, &c, err);
+		dws_step_unref(s);
 	}
-	/* an anchor, a base-only chain or one with dense files: build the step */
-	dws_step *s = NULL;
-	rc = dws_builder_build(bl, step, &s, err);
-	if (!rc)
-		rc = dws_extract(s, outdir, pr, err);
-	dws_step_unref(s);
+	dws_lazy_chain_free(lc);
+	free(what);
 	return rc;
 }

@@ -34,6 +34,17 @@ struct step_entry {
 	uint64_t step, id;
 };
 
+/* A step id that did not build or verify. A bad file fails for good (its id
+ * changes when the file does); a failure that may pass (the network, a
+ * server) is tried again, later each time. */
+struct failure {
+	uint64_t id;
+	int code;
+	unsigned attempts;
+	int64_t retry_at;  /* CLOCK_MONOTONIC ms; transient only */
+	char msg[768];
+};
+
 struct dws_mount {
 	dws_mount_opts o;
 	char *bucket_uri, *base, *tmpdir, *on_swap, *mountpoint;
@@ -56,7 +67,7 @@ struct dws_mount {
 	size_t ncache;
 	int root_open;
 	int64_t root_activity;
-	uint64_t *failed;         /* ids that failed to build: not retried */
+	struct failure *failed;   /* ids that failed to build or verify */
 	size_t nfailed;
 	char last_error[768];
 	int64_t last_poll_wall;
@@ -124,6 +135,20 @@ void dws_log_to_syslog(const char *ident)
 	log_syslog = true;
 }
 
+/* Bytes a terminal or a log reader would take as commands (object names and
+ * server texts are hostile) written as \xNN. */
+static void escape_controls(const char *in, char *out, size_t cap)
+{
+	size_t o = 0;
+	for (const unsigned char *p = (const unsigned char *)in; *p && o + 5 < cap; p++) {
+		if (*p < 0x20 || *p == 0x7f)
+			o += (size_t)snprintf(out + o, cap - o, "\\x%02x", *p);
+		else
+			out[o++] = (char)*p;
+	}
+	out[o] = 0;
+}
+
 void dws_log(const char *fmt, ...)
 {
 	char when[32];
@@ -132,14 +157,12 @@ void dws_log(const char *fmt, ...)
 	clock_gettime(CLOCK_REALTIME, &ts);
 	gmtime_r(&ts.tv_sec, &tm);
 	strftime(when, sizeof(when), "%H:%M:%S", &tm);
-	char line[1024];
+	char raw[1024], line[4096];
 	va_list ap;
 	va_start(ap, fmt);
-	vsnprintf(line, sizeof(line), fmt, ap);
+	vsnprintf(raw, sizeof(raw), fmt, ap);
 	va_end(ap);
-	for (char *p = line; *p; p++)
-		if (*p == '\n')
-			*p = ' ';
+	escape_controls(raw, line, sizeof(line));
 	if (log_syslog)
 		syslog(LOG_NOTICE, "%s", line);
 	else
@@ -160,12 +183,71 @@ static void set_catalog_locked(dws_mount *m, dws_catalog *c)
 	m->table = t;
 	m->ntable = n;
 	m->cat = c;
+	/* failures of ids the bucket no longer holds can never come back */
+	for (size_t i = 0; i < m->nfailed;) {
+		bool kept = false;
+		for (size_t k = 0; k < n && !kept; k++)
+			kept = t[k].id == m->failed[i].id;
+		if (kept)
+			i++;
+		else
+			m->failed[i] = m->failed[--m->nfailed];
+	}
 }
 
-static bool failed_locked(const dws_mount *m, uint64_t id)
+static struct failure *failure_find_locked(const dws_mount *m, uint64_t id)
 {
 	for (size_t i = 0; i < m->nfailed; i++)
-		if (m->failed[i] == id)
+		if (m->failed[i].id == id)
+			return &m->failed[i];
+	return NULL;
+}
+
+/* Whether id is not worth a build now: it failed for good, or its next try
+ * is still to come. */
+static bool failure_holds_locked(const dws_mount *m, uint64_t id, int64_t now)
+{
+	const struct failure *f = failure_find_locked(m, id);
+	return f && (!dws_code_transient(f->code) || now < f->retry_at);
+}
+
+/* Remember that id failed with err; returns the ms until its next try (0:
+ * never, the step is bad). Retries back off from 1 s to 60 s. */
+static int64_t failure_note_locked(dws_mount *m, uint64_t id, const dws_error *err)
+{
+	struct failure *f = failure_find_locked(m, id);
+	if (!f) {
+		m->failed = dws_xrealloc(m->failed, (m->nfailed + 1) * sizeof(*m->failed));
+		f = &m->failed[m->nfailed++];
+		memset(f, 0, sizeof(*f));
+		f->id = id;
+	}
+	f->code = err->code;
+	snprintf(f->msg, sizeof(f->msg), "%s", err->msg);
+	if (!dws_code_transient(f->code))
+		return 0;
+	int64_t wait = 1000;
+	for (unsigned i = 0; i < f->attempts && wait < 60000; i++)
+		wait *= 2;
+	if (wait > 60000)
+		wait = 60000;
+	f->attempts++;
+	f->retry_at = now_ms() + wait;
+	return wait;
+}
+
+static void failure_forget_locked(dws_mount *m, uint64_t id)
+{
+	struct failure *f = failure_find_locked(m, id);
+	if (f)
+		*f = m->failed[--m->nfailed];
+}
+
+/* Whether a failed step is due for another try. */
+static bool retry_due_locked(const dws_mount *m, int64_t now)
+{
+	for (size_t i = 0; i < m->nfailed; i++)
+		if (dws_code_transient(m->failed[i].code) && now >= m->failed[i].retry_at)
 			return true;
 	return false;
 }
@@ -212,6 +294,9 @@ static int build(dws_mount *m, uint64_t n, dws_step **out, dws_error *err)
 	return rc;
 }
 
+static int verify_state(dws_mount *m, dws_step *s, dws_error *err);
+static dws_step *build_verified(dws_mount *m, uint64_t n, uint64_t id, bool quiet, dws_error *err);
+
 int dws_mount_get_step_by_id(dws_mount *m, uint64_t id, dws_step **out,
 			     dws_error *err)
 {
@@ -228,16 +313,21 @@ int dws_mount_get_step_by_id(dws_mount *m, uint64_t id, dws_step **out,
 		m->cache_hits++;
 	else
 		m->cache_misses++;
+	/* a step that failed is served nowhere: not rebuilt until it may pass */
+	const struct failure *f = s ? NULL : failure_find_locked(m, id);
+	int frc = f && failure_holds_locked(m, id, now_ms()) ? dws_fail(err, f->code, "%s", f->msg) : DWS_OK;
 	pthread_mutex_unlock(&m->lock);
 	if (s) {
 		*out = s;
 		return DWS_OK;
 	}
+	if (frc)
+		return frc;
 	if (!known)
 		return dws_fail(err, DWS_ENOENT, "%s: that step is no longer in the bucket", m->bucket_uri);
-	int rc = build(m, n, &s, err);
-	if (rc)
-		return rc;
+	s = build_verified(m, n, id, false, err);
+	if (!s)
+		return dws_code_of(err, DWS_EIO);
 	if (dws_step_id(s) != id) { /* the catalog moved on while we built */
 		dws_step_unref(s);
 		return dws_fail(err, DWS_ENOENT, "%s: step %llu changed in the bucket", m->bucket_uri, (unsigned long long)n);
@@ -266,10 +356,13 @@ int dws_mount_get_step(dws_mount *m, uint64_t step, dws_step **out,
 size_t dws_mount_steps(dws_mount *m, uint64_t **out)
 {
 	pthread_mutex_lock(&m->lock);
-	size_t n = m->ntable;
-	uint64_t *v = dws_xcalloc(n ? n : 1, sizeof(*v));
-	for (size_t i = 0; i < n; i++)
-		v[i] = m->table[i].step;
+	uint64_t *v = dws_xcalloc(m->ntable ? m->ntable : 1, sizeof(*v));
+	size_t n = 0;
+	for (size_t i = 0; i < m->ntable; i++) {
+		const struct failure *f = failure_find_locked(m, m->table[i].id);
+		if (!f || dws_code_transient(f->code)) /* a bad step is not listed */
+			v[n++] = m->table[i].step;
+	}
 	pthread_mutex_unlock(&m->lock);
 	*out = v;
 	return n;
@@ -325,69 +418,86 @@ static int verify_state(dws_mount *m, dws_step *s, dws_error *err)
 		return DWS_OK;
 	char want[17];
 	dws_mount_step_checksum(m, dws_step_number(s), want);
-	if (!want[0])
-		return DWS_OK;
-	uint64_t h;
-	int rc = dws_step_state_digest(s, &h, err);
-	if (rc)
-		return rc;
-	char got[17];
-	snprintf(got, sizeof(got), "%016llx", (unsigned long long)h);
-	if (strcmp(got, want) != 0)
-		return dws_fail(err, DWS_EVERIFY, "%s: step %llu does not match the producer's state checksum (got %s, want %s)",
-				m->bucket_uri, (unsigned long long)dws_step_number(s), got, want);
-	return DWS_OK;
+	return dws_step_check_state(s, want, m->bucket_uri, err);
 }
 
-/* Build and verify the newest step newer than `after` that works. Steps that
- * failed before are skipped. Returns NULL if none. */
+/* Build step n and verify it; a failure is remembered against its id (see
+ * struct failure) and logged. Returns NULL on failure, err filled. */
+static dws_step *build_verified(dws_mount *m, uint64_t n, uint64_t id, bool quiet, dws_error *err)
+{
+	int64_t t0 = now_ms();
+	dws_step *s = NULL;
+	int rc = build(m, n, &s, err);
+	if (!rc)
+		rc = verify_state(m, s, err);
+	if (!rc) {
+		pthread_mutex_lock(&m->lock);
+		failure_forget_locked(m, id);
+		pthread_mutex_unlock(&m->lock);
+		dws_log("step %llu ready: anchor %llu, %zu files since, %llu patched elements, built in %lld ms",
+			(unsigned long long)n, (unsigned long long)dws_step_anchor(s), dws_step_chain_length(s),
+			(unsigned long long)dws_step_patch_entries(s), (long long)(now_ms() - t0));
+		return s;
+	}
+	dws_step_unref(s);
+	if (!err->code)
+		dws_fail(err, rc, "step %llu: %s", (unsigned long long)n, dws_code_name(rc));
+	pthread_mutex_lock(&m->lock);
+	int64_t again = failure_note_locked(m, id, err);
+	snprintf(m->last_error, sizeof(m->last_error), "%s", err->msg);
+	pthread_mutex_unlock(&m->lock);
+	if (quiet) /* at start-up the caller reports one line */
+		return NULL;
+	if (again)
+		dws_log("step %llu not built yet (trying again in %lld s): %s", (unsigned long long)n,
+			(long long)(again / 1000), err->msg);
+	else
+		dws_log("step %llu refused: %s", (unsigned long long)n, err->msg);
+	return NULL;
+}
+
+/* Build and verify the newest step that works and is newer than both
+ * `after` (with have_root) and the step already ready to be served: the
+ * pending step only ever moves forward. Steps that failed for good, or
+ * whose next try is still to come, are skipped. Returns NULL if none. */
 static dws_step *build_newest(dws_mount *m, uint64_t after, bool have_root, dws_error *last, bool quiet)
 {
 	pthread_mutex_lock(&m->lock);
 	size_t n = m->ntable;
 	struct step_entry *t = dws_xcalloc(n ? n : 1, sizeof(*t));
 	memcpy(t, m->table, n * sizeof(*t));
+	uint64_t floor = after;
+	bool have_floor = have_root;
+	if (m->ready && (!have_floor || dws_step_number(m->ready) > floor)) {
+		floor = dws_step_number(m->ready);
+		have_floor = true;
+	}
 	pthread_mutex_unlock(&m->lock);
 	dws_step *got = NULL;
 	for (size_t i = n; i-- > 0 && !got;) {
-		if (have_root && t[i].step <= after)
+		if (have_floor && t[i].step <= floor)
 			break;
 		pthread_mutex_lock(&m->lock);
-		bool skip = failed_locked(m, t[i].id) || (m->ready && dws_step_id(m->ready) == t[i].id);
+		bool skip = failure_holds_locked(m, t[i].id, now_ms());
 		pthread_mutex_unlock(&m->lock);
 		if (skip)
 			continue;
-		dws_error err = {0};
-		int64_t t0 = now_ms();
-		dws_step *s = NULL;
 		/* the root moves on: its materialization would only slow the
 		 * build down (it restarts for the new root after the swap) */
 		atomic_store(&m->mat_stop, true);
-		int rc = build(m, t[i].step, &s, &err);
-		if (!rc)
-			rc = verify_state(m, s, &err);
-		if (rc) {
-			dws_step_unref(s);
-			if (!quiet) /* at start-up the caller reports one line */
-				dws_log("step %llu refused: %s", (unsigned long long)t[i].step, err.msg);
-			pthread_mutex_lock(&m->lock);
-			m->failed = dws_xrealloc(m->failed, (m->nfailed + 1) * sizeof(*m->failed));
-			m->failed[m->nfailed++] = t[i].id;
-			snprintf(m->last_error, sizeof(m->last_error), "%s", err.msg);
-			pthread_mutex_unlock(&m->lock);
+		dws_error err = {0};
+		int64_t t0 = now_ms();
+		got = build_verified(m, t[i].step, t[i].id, quiet, &err);
+		if (!got) {
 			if (last && !last->code)
 				*last = err;
 			continue;
 		}
-		dws_log("step %llu ready: anchor %llu, %zu files since, %llu patched elements, built in %lld ms",
-			(unsigned long long)t[i].step, (unsigned long long)dws_step_anchor(s), dws_step_chain_length(s),
-			(unsigned long long)dws_step_patch_entries(s), (long long)(now_ms() - t0));
 		pthread_mutex_lock(&m->lock);
 		m->last_build_ms = now_ms() - t0;
 		m->compact_wanted = true;
 		pthread_cond_signal(&m->compact_cond);
 		pthread_mutex_unlock(&m->lock);
-		got = s;
 	}
 	free(t);
 	return got;
@@ -655,6 +765,11 @@ static void run_on_swap(dws_mount *m, uint64_t step)
 			snprintf(buf, sizeof(buf), "%llu", (unsigned long long)step);
 			setenv("DWSFS_STEP", buf, 1);
 			setenv("DWSFS_MOUNT", m->mountpoint ? m->mountpoint : "", 1);
+			/* the daemon's credentials are not the hook's business */
+			static const char *const secrets[] = {"HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+							      "AWS_SESSION_TOKEN"};
+			for (size_t i = 0; !m->o.on_swap_keep_secrets && i < DWS_ARRAY_LEN(secrets); i++)
+				unsetenv(secrets[i]);
 			execl("/bin/sh", "sh", "-c", m->on_swap, (char *)NULL);
 			_exit(127);
 		}
@@ -763,7 +878,12 @@ static void poll_once(dws_mount *m)
 				return;
 			memset(&err, 0, sizeof(err));
 		}
-		if (!relist && !changed) {
+		/* a step that failed for a passing reason is tried again with
+		 * the listing it had (its headers read again where they failed) */
+		pthread_mutex_lock(&m->lock);
+		bool retry = retry_due_locked(m, now_ms());
+		pthread_mutex_unlock(&m->lock);
+		if (!relist && !changed && !retry) {
 			pthread_mutex_lock(&m->lock);
 			m->last_poll_wall = (int64_t)time(NULL);
 			pthread_mutex_unlock(&m->lock);
@@ -800,18 +920,28 @@ static void poll_once(dws_mount *m)
 	set_catalog_locked(m, c);
 	dws_builder_set_catalog(m->bl, c);
 	uint64_t root_step = dws_step_number(m->root);
+	/* a ready step the bucket no longer holds as it was is never served */
+	dws_step *gone = NULL;
+	if (m->ready && dws_catalog_step_id(c, dws_step_number(m->ready)) != dws_step_id(m->ready)) {
+		gone = m->ready;
+		m->ready = NULL;
+	}
 	pthread_mutex_unlock(&m->lock);
 	pthread_mutex_unlock(&m->build_lock);
 	dws_catalog_free(old);
+	dws_step_unref(gone);
 
 	dws_step *s = build_newest(m, root_step, true, NULL, false);
 	if (!s)
 		return;
 	pthread_mutex_lock(&m->lock);
-	/* a newer ready step replaces an older one that never got served */
+	/* a newer ready step replaces an older one that never got served; the
+	 * root has been behind since the first of them became ready, and
+	 * swap_max_delay counts from then whatever arrives meanwhile */
 	dws_step *drop = m->ready;
+	if (!drop)
+		m->ready_since = now_ms();
 	m->ready = s;
-	m->ready_since = now_ms();
 	pthread_mutex_unlock(&m->lock);
 	dws_step_unref(drop);
 }
@@ -833,7 +963,7 @@ static void *sync_main(void *arg)
 		int64_t wake = next_poll;
 		if (m->ready) {
 			bool idle = m->root_open == 0 && now - m->root_activity >= m->o.swap_idle_ms;
-			bool overdue = now - m->ready_since >= m->o.swap_max_delay_ms;
+			bool overdue = !m->o.swap_never_force && now - m->ready_since >= m->o.swap_max_delay_ms;
 			if (idle || overdue) {
 				dws_step *old = m->root;
 				m->root = m->ready;
@@ -856,8 +986,8 @@ static void *sync_main(void *arg)
 				pthread_mutex_lock(&m->lock);
 				continue;
 			}
-			int64_t w = m->root_open ? m->ready_since + m->o.swap_max_delay_ms
-						 : m->root_activity + m->o.swap_idle_ms;
+			int64_t w = !m->root_open ? m->root_activity + m->o.swap_idle_ms
+				    : m->o.swap_never_force ? wake : m->ready_since + m->o.swap_max_delay_ms;
 			if (w < wake)
 				wake = w;
 		}

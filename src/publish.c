@@ -4,6 +4,7 @@
  * corruption (payload checksum), a missing step (parent step), a mixed run
  * (run id) and drift (state checksum of the whole model at this step). */
 #include "bucket.h"
+#include "digest.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -131,54 +132,34 @@ static int ckpt_load(const char *path, ckpt *c, dws_error *err)
 	return DWS_OK;
 }
 
-/* Elements [e0, e0+n) of a tensor as BF16 (round to nearest even). */
+/* Elements [e0, e0+n) of a tensor as BF16 (round to nearest even);
+ * scratch holds n elements of 4 bytes. */
 static int read_bf16(const ck_tensor *t, uint64_t e0, uint64_t n, uint16_t *out,
 		     void *scratch, dws_error *err)
 {
 	size_t sz = dws_dtype_size(t->dtype);
-	void *dst = t->dtype == DWS_DT_BF16 ? (void *)out : scratch;
-	int rc = dws_blob_read(t->blob, t->off + e0 * sz, dst, n * sz, err);
-	if (rc)
-		return rc;
-	if (t->dtype == DWS_DT_F32) {
-		const float *f = scratch;
-		for (uint64_t i = 0; i < n; i++)
-			out[i] = dws_f32_to_bf16(f[i]);
-	} else if (t->dtype == DWS_DT_F16) {
-		const uint16_t *h = scratch;
-		for (uint64_t i = 0; i < n; i++)
-			out[i] = dws_f16_to_bf16(h[i]);
-	}
-	return DWS_OK;
+	void *raw = t->dtype == DWS_DT_BF16 ? (void *)out : scratch;
+	int rc = dws_blob_read(t->blob, t->off + e0 * sz, raw, n * sz, err);
+	if (!rc)
+		dws_to_bf16(t->dtype, raw, n, out);
+	return rc;
 }
 
-enum { CH = 1 << 20 };
+static int ckpt_bf16(void *ctx, size_t i, uint64_t e0, uint64_t n, uint16_t *out,
+		     void *scratch, dws_error *err)
+{
+	return read_bf16(&((const ckpt *)ctx)->t[i], e0, n, out, scratch, err);
+}
 
-/* Same definition as dws_step_state_digest: tensors in name order, each as
- * name, NUL, numel (u64 LE), BF16 values. */
+enum { CH = 1 << 20 }; /* elements compared or copied at a time */
+
 static int state_digest(const ckpt *c, uint64_t *out, dws_error *err)
 {
-	XXH3_state_t *st = XXH3_createState();
-	XXH3_64bits_reset(st);
-	uint16_t *bf = dws_xmalloc(CH * 2);
-	void *scratch = dws_xmalloc(CH * 4);
-	int rc = DWS_OK;
-	for (size_t i = 0; i < c->n && !rc; i++) {
-		const ck_tensor *t = &c->t[i];
-		XXH3_64bits_update(st, t->name, strlen(t->name) + 1);
-		uint64_t ne = t->numel;
-		XXH3_64bits_update(st, &ne, 8);
-		for (uint64_t e = 0; e < t->numel && !rc; e += CH) {
-			uint64_t n = t->numel - e < CH ? t->numel - e : CH;
-			rc = read_bf16(t, e, n, bf, scratch, err);
-			if (!rc)
-				dws_xxh3_update(st, bf, n * 2);
-		}
-	}
-	*out = XXH3_64bits_digest(st);
-	XXH3_freeState(st);
-	free(bf);
-	free(scratch);
+	dws_digest_item *items = dws_xcalloc(c->n ? c->n : 1, sizeof(*items));
+	for (size_t i = 0; i < c->n; i++)
+		items[i] = (dws_digest_item){c->t[i].name, c->t[i].numel, i};
+	int rc = dws_state_digest(items, c->n, ckpt_bf16, (void *)c, out, err);
+	free(items);
 	return rc;
 }
 

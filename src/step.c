@@ -1,6 +1,7 @@
 /* Steps as values: reading bytes of a reconstructed file, and the merged
  * patch index that keeps the cost of a read independent of chain length. */
 #include "step.h"
+#include "digest.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
@@ -1054,69 +1055,52 @@ int64_t dws_step_read_iov(dws_step *s, size_t fi, uint64_t off, void *buf,
 	return n;
 }
 
-/* ---- state digest ---- */
+/* ---- state digest (digest.h) ---- */
 
-static int cmp_trainer(const void *a, const void *b, void *ctx)
+/* Elements [e0, e0+n) of slot's tensor as the trainer sees them: BF16. */
+static int step_bf16(void *ctx, size_t slot, uint64_t e0, uint64_t n, uint16_t *out,
+		     void *scratch, dws_error *err)
 {
-	const dws_slot *sl = ctx;
-	return strcmp(sl[*(const size_t *)a].trainer, sl[*(const size_t *)b].trainer);
+	dws_step *s = ctx;
+	const dws_src *src = &s->src[slot];
+	size_t ssz = dws_dtype_size(src->dtype);
+	void *raw = src->dtype == DWS_DT_BF16 ? (void *)out : scratch;
+	int rc = dws_blob_read(src->blob, src->off + e0 * ssz, raw, n * ssz, err);
+	if (rc)
+		return rc;
+	dws_to_bf16(src->dtype, raw, n, out);
+	dws_patchset_apply_bf16(s->patch[slot], e0, n, out);
+	return DWS_OK;
 }
 
-/* XXH3-64 over the trainer's view of the model: for each trained tensor in
- * order of its trainer name, the name, a NUL, numel as u64 LE, and its values
- * as BF16. Independent of the base's dtypes and layout; `dwsctl publish`
- * computes the same from the next checkpoint. */
-int dws_step_state_digest(dws_step *s, uint64_t *out, dws_error *err)
+size_t dws_step_digest_items(const dws_step *s, dws_digest_item **out)
 {
-	pthread_once(&f16_once, f16_table_init);
 	const dws_layout *L = s->layout;
-	size_t *order = dws_xcalloc(L->nslots, sizeof(size_t)), n = 0;
+	dws_digest_item *v = dws_xcalloc(L->nslots ? L->nslots : 1, sizeof(*v));
+	size_t n = 0;
 	for (size_t i = 0; i < L->nslots; i++)
 		if (s->trained[i])
-			order[n++] = i;
-	qsort_r(order, n, sizeof(size_t), cmp_trainer, L->slots);
-	XXH3_state_t *st = XXH3_createState();
-	XXH3_64bits_reset(st);
-	enum { CH = 1 << 20 };
-	unsigned char *buf = dws_xmalloc(CH * 4);
-	uint16_t *bf = dws_xmalloc(CH * 2);
-	int rc = DWS_OK;
-	for (size_t k = 0; k < n && !rc; k++) {
-		const dws_slot *sl = &L->slots[order[k]];
-		XXH3_64bits_update(st, sl->trainer, strlen(sl->trainer) + 1);
-		uint64_t ne = sl->numel;
-		XXH3_64bits_update(st, &ne, 8);
-		const dws_src *src = &s->src[order[k]];
-		const dws_patchset *ps = s->patch[order[k]];
-		size_t ssz = dws_dtype_size(src->dtype);
-		for (uint64_t e = 0; e < sl->numel && !rc; e += CH) {
-			uint64_t cnt = sl->numel - e < CH ? sl->numel - e : CH;
-			rc = dws_blob_read(src->blob, src->off + e * ssz, buf, cnt * ssz, err);
-			if (rc)
-				break;
-			for (uint64_t i = 0; i < cnt; i++) {
-				if (src->dtype == DWS_DT_BF16) {
-					memcpy(&bf[i], buf + 2 * i, 2);
-				} else if (src->dtype == DWS_DT_F16) {
-					uint16_t h;
-					memcpy(&h, buf + 2 * i, 2);
-					bf[i] = dws_f16_to_bf16(h);
-				} else {
-					float f;
-					memcpy(&f, buf + 4 * i, 4);
-					bf[i] = dws_f32_to_bf16(f);
-				}
-			}
-			dws_patchset_apply_bf16(ps, e, cnt, bf);
-			dws_xxh3_update(st, bf, cnt * 2);
-		}
-	}
-	*out = XXH3_64bits_digest(st);
-	XXH3_freeState(st);
-	free(buf);
-	free(bf);
-	free(order);
+			v[n++] = (dws_digest_item){L->slots[i].trainer, L->slots[i].numel, i};
+	*out = v;
+	return n;
+}
+
+int dws_step_state_digest(dws_step *s, uint64_t *out, dws_error *err)
+{
+	dws_digest_item *items;
+	size_t n = dws_step_digest_items(s, &items);
+	int rc = dws_state_digest(items, n, step_bf16, s, out, err);
+	free(items);
 	return rc;
+}
+
+int dws_step_check_state(dws_step *s, const char *want, const char *what, dws_error *err)
+{
+	if (!want || !want[0])
+		return DWS_OK;
+	uint64_t h;
+	int rc = dws_step_state_digest(s, &h, err);
+	return rc ? rc : dws_state_check(h, want, what, s->step, err);
 }
 
 /* ---- folder tree ---- */

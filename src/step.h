@@ -141,6 +141,11 @@ void dws_layout_build_tree(dws_layout *L);
 
 void dws_layout_unref(dws_layout *l);
 
+struct dws_digest_item;
+/* The trained tensors of s as state digest items (digest.h), ref = slot;
+ * *out is malloc'd. */
+size_t dws_step_digest_items(const dws_step *s, struct dws_digest_item **out);
+
 struct dws_step {
 	atomic_long refs;
 	uint64_t step, anchor, id;

@@ -26,6 +26,11 @@ const char *dws_code_name(int code)
 	return "unknown error";
 }
 
+bool dws_code_transient(int code)
+{
+	return code == DWS_EIO || code == DWS_ETIMEDOUT || code == DWS_ENOENT;
+}
+
 int dws_fail(dws_error *err, int code, const char *fmt, ...)
 {
 	if (err && !err->code) {
@@ -152,7 +157,9 @@ bool dws_parse_step_name(const char *base, uint64_t *step, bool *zst)
 	/* at least six digits; more only without leading zeros past six */
 	if (digits > 6 && num[0] == '0')
 		return false;
-	return dws_parse_u64(num, step);
+	/* past 2^63-1 a step number is no JSON integer most readers take (the
+	 * status, dwsctl wait): not a step */
+	return dws_parse_u64(num, step) && *step <= INT64_MAX;
 }
 
 void dws_objects_free(dws_object *v, size_t n)

@@ -7,6 +7,7 @@ import pytest
 
 import gen_bucket
 import gen_malformed
+from hubserver import Hub
 
 REPO = Path(__file__).resolve().parent.parent
 DWSCTL = os.environ.get("DWSCTL", str(REPO / "build" / "dwsctl"))
@@ -47,3 +48,15 @@ def extract(dwsctl):
             cmd += ["--step", str(step)]
         return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=300)
     return run
+
+
+@pytest.fixture
+def hub(tmp_path):
+    """A loopback Hub (tests/hubserver.py) over tmp_path/hubroot: (hub, root)."""
+    root = tmp_path / "hubroot"
+    (root / "buckets" / "test").mkdir(parents=True)
+    h = Hub(str(root)).start()
+    try:
+        yield h, root
+    finally:
+        h.stop()

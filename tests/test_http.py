@@ -112,17 +112,6 @@ def same_tree(actual_root, expected_root, reader=read_all):
             assert reader(Path(actual_root) / rel) == e.read_bytes(), f"{rel} differs"
 
 
-@pytest.fixture
-def hub(tmp_path):
-    root = tmp_path / "hubroot"
-    (root / "buckets" / "test").mkdir(parents=True)
-    h = Hub(str(root)).start()
-    try:
-        yield h, root
-    finally:
-        h.stop()
-
-
 def add_bucket(root, name, scenario_dir):
     dst = root / "buckets" / "test" / name
     shutil.copytree(Path(scenario_dir) / "bucket", dst, copy_function=shutil.copy2)

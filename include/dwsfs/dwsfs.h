@@ -36,6 +36,10 @@ typedef struct dws_error {
 } dws_error;
 
 const char *dws_code_name(int code);
+/* Whether an error may go away by itself (the network, a server, a file
+ * still being written): worth retrying. The other codes mean the input is
+ * bad and stays bad until it changes. */
+bool dws_code_transient(int code);
 
 /* One line per event on stderr: "dwsfs HH:MM:SS.mmm <text>". */
 void dws_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -230,7 +234,9 @@ typedef struct dws_stepfile {
 	char run_id[64];      /* dwsfs.run_id, "" if absent */
 	int64_t parent_step;  /* dwsfs.parent_step, -1 if absent */
 	char state_xxh3[17];  /* dwsfs.state_xxh3, "" if absent */
-	char error[768];      /* non-empty: the header is bad; the step is invalid */
+	char error[768];      /* non-empty: the header could not be read; the step is invalid */
+	int error_code;       /* its dws_code: a transient one (dws_code_transient) is
+			       * read again by the next catalog load, a bad file is not */
 } dws_stepfile;
 
 typedef struct dws_catalog_opts {
@@ -362,8 +368,12 @@ bool dws_step_file_local(dws_step *s, size_t file);
  * NULL) cancels. The bytes are dws_step_read's. */
 int dws_step_materialize(dws_step *s, size_t file, const char *dir, uint64_t min_free,
 			 const _Atomic bool *stop, int *fd, dws_error *err);
-/* XXH3-64 state digest over the trainer view (see publish.c). */
+/* XXH3-64 state digest over the trainer view (src/digest.h). */
 int dws_step_state_digest(dws_step *s, uint64_t *out, dws_error *err);
+/* The step's state digest against the producer's checksum `want` (the
+ * catalog's state_xxh3; "" or NULL: nothing to check). DWS_EVERIFY with one
+ * line naming `what` on a mismatch. The one check the mount and dwsctl make. */
+int dws_step_check_state(dws_step *s, const char *want, const char *what, dws_error *err);
 
 /* ---- tools (dwsctl) ----------------------------------------------------- */
 
@@ -381,8 +391,10 @@ int dws_extract(dws_step *s, const char *outdir, const dws_progress *pr,
  * dws_extract; when N is an anchor plus sparse deltas it is streamed instead:
  * the anchor is read window by window, the deltas' encoded indices applied
  * to each window in chain order and checked as they go, on every core, with
- * no patch index built. */
-int dws_extract_step(dws_builder *bl, uint64_t step, const char *outdir,
+ * no patch index built. With verify, the folder written is checked against
+ * the producer's state checksum (when the step has one) before it is moved
+ * into place: a step that fails is never extracted. */
+int dws_extract_step(dws_builder *bl, uint64_t step, const char *outdir, bool verify,
 		     const dws_progress *pr, dws_error *err);
 
 typedef enum dws_pub_format {
@@ -425,11 +437,13 @@ typedef struct dws_mount_opts {
 	unsigned relist_ms;         /* remote: full listing at least; default 600000 */
 	unsigned swap_idle_ms;      /* default 1000 */
 	unsigned swap_max_delay_ms; /* default 30000 */
+	bool swap_never_force;      /* never swap while a root file is open */
 	size_t max_steps;           /* step views kept for steps/N; default 8 */
 	dws_verify_mode verify;     /* default DWS_VERIFY_STATE (set verify_set) */
 	bool verify_set;
 	const char *tmpdir;
 	const char *on_swap;        /* sh -c command after each swap */
+	bool on_swap_keep_secrets;  /* pass HF_TOKEN and AWS_* keys on to it */
 	const char *mountpoint;     /* for DWSFS_MOUNT and logs */
 	/* Called by the sync thread after a swap, holding no lock. */
 	void (*swapped)(void *ctx, dws_step *old_root, dws_step *new_root);
