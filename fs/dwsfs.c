@@ -18,6 +18,7 @@
 #include <malloc.h>
 #include <pthread.h>
 #include <stddef.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -53,6 +54,8 @@ struct opts {
 	char *ca_file;
 	char *materialize_max;
 	char *materialize_dir;
+	char *log_level;
+	char *log_file;
 	double read_timeout;
 	double stall_timeout;
 	unsigned block_size;
@@ -188,7 +191,7 @@ static int step_of(struct fs *f, fuse_ino_t ino, dws_step **out)
 	dws_error err = {0};
 	int rc = dws_mount_get_step_by_id(f->m, ino_id(ino), out, &err);
 	if (rc) {
-		dws_log("inode %llx: %s", (unsigned long long)ino, err.msg);
+		dws_log_at(DWS_LOG_WARN, "inode %llx: %s", (unsigned long long)ino, err.msg);
 		return rc == DWS_ENOENT ? ESTALE : errno_of(rc);
 	}
 	if (ino_node(ino) >= dws_step_node_count(*out)) {
@@ -315,7 +318,7 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 		int rc = dws_mount_get_step(f->m, step, &s, &err);
 		if (rc) {
 			if (rc != DWS_ENOENT)
-				dws_log("steps/%s: %s", name, err.msg);
+				dws_log_at(DWS_LOG_WARN, "steps/%s: %s", name, err.msg);
 			return (void)fuse_reply_err(req, rc == DWS_ENOENT ? ENOENT : errno_of(rc));
 		}
 		fuse_ino_t ino = mk_ino(false, dws_step_id(s), 0);
@@ -552,7 +555,7 @@ static void *read_ahead_main(void *v)
 		if (f) {
 			fprintf(f, "%d\n", a->kb);
 			if (fclose(f) != 0)
-				dws_log("read_ahead: %s: %s", path, strerror(errno));
+				dws_log_at(DWS_LOG_WARN, "read_ahead: %s: %s", path, strerror(errno));
 		}
 	}
 	free(a->mnt);
@@ -645,7 +648,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
 	dws_step *s = handle_step(h);
 	int64_t n = dws_step_read_iov(s, h->file, (uint64_t)off, buf, size, iov, &niov, pins, &npins, &err);
 	if (n < 0) {
-		dws_log("read %s [%lld, +%zu) of step %llu failed: %s", dws_step_file(s, h->file)->path, (long long)off, size,
+		dws_log_at(DWS_LOG_ERROR, "read %s [%lld, +%zu) of step %llu failed: %s", dws_step_file(s, h->file)->path, (long long)off, size,
 			(unsigned long long)dws_step_number(s), err.msg);
 		fuse_reply_err(req, EIO);
 		dws_step_unref(s);
@@ -763,7 +766,7 @@ static void on_swapped(void *ctx, dws_step *old_root, dws_step *new_root)
 			const char *name = dws_step_node(both[k], c)->name;
 			int r = fuse_lowlevel_notify_inval_entry(f->se, INO_ROOT, name, strlen(name));
 			if (r && r != -ENOENT)
-				dws_log("invalidate /%s: %s", name, strerror(-r));
+				dws_log_at(DWS_LOG_WARN, "invalidate /%s: %s", name, strerror(-r));
 		}
 	fuse_lowlevel_notify_inval_inode(f->se, INO_ROOT, 0, 0);
 }
@@ -824,6 +827,8 @@ static const struct fuse_opt opt_spec[] = {
 	OPT("block_size=%u", block_size),
 	OPT("materialize_max=%s", materialize_max),
 	OPT("materialize_dir=%s", materialize_dir),
+	OPT("log_level=%s", log_level),
+	OPT("log_file=%s", log_file),
 	OPT("-h", show_help),
 	OPT("--help", show_help),
 	FUSE_OPT_END};
@@ -872,6 +877,9 @@ static void usage(const char *prog)
 	       "                           let the kernel read them directly (FUSE passthrough, root,\n"
 	       "                           Linux 6.9+; default 4G; 0: never)\n"
 	       "    -o materialize_dir=DIR where (default cache_dir, else $TMPDIR, else /var/tmp)\n"
+	       "    -o log_level=LEVEL     error, warn, info (default) or debug\n"
+	       "    -o log_file=PATH       append the log here (reopened on SIGHUP); default: stderr in\n"
+	       "                           the foreground, syslog in the background (stderr without one)\n"
 	       "\n",
 	       prog);
 }
@@ -913,7 +921,7 @@ static void clean_stale_mount(const char *mp)
 {
 	if (!mounted_stale(mp))
 		return;
-	dws_log("%s: cleaning the stale mount of a daemon that died", mp);
+	dws_log_at(DWS_LOG_WARN, "%s: cleaning the stale mount of a daemon that died", mp);
 	if (umount2(mp, MNT_DETACH) == 0)
 		return;
 	pid_t pid = fork();
@@ -961,25 +969,35 @@ static int daemon_start(void)
 	return p[1];
 }
 
-/* The child is mounted and serving: logs go to syslog, stdio to /dev/null,
- * and the parent may exit. */
-static void daemon_ready(int fd)
+/* The child is mounted and serving: logs go to the log file or syslog, stdio
+ * to /dev/null, and the parent may exit. Without syslog (a container) and
+ * without a log file, stderr stays: the lines are never lost. */
+static void daemon_ready(int fd, bool log_file)
 {
-	dws_log_to_syslog("dwsfs");
+	bool quiet = log_file || dws_log_to_syslog("dwsfs");
 	int nul = open("/dev/null", O_RDWR | O_CLOEXEC);
 	if (nul >= 0) {
 		dup2(nul, 0);
 		dup2(nul, 1);
-		dup2(nul, 2);
+		if (quiet)
+			dup2(nul, 2);
 		if (nul > 2)
 			close(nul);
 	}
+	if (!quiet)
+		dws_log_at(DWS_LOG_WARN, "no syslog socket (/dev/log): logging to stderr");
 	char c = 1;
 	ssize_t n;
 	do
 		n = write(fd, &c, 1);
 	while (n < 0 && errno == EINTR);
 	close(fd);
+}
+
+static void on_sighup(int sig)
+{
+	(void)sig;
+	dws_log_reopen();
 }
 
 int main(int argc, char *argv[])
@@ -1098,6 +1116,18 @@ int main(int argc, char *argv[])
 			goto out_args;
 		}
 	}
+	if (o.log_level) {
+		dws_log_level lv;
+		if (!dws_log_level_parse(o.log_level, &lv)) {
+			fprintf(stderr, "dwsfs: log_level is error, warn, info or debug, not '%s'\n", o.log_level);
+			goto out_args;
+		}
+		dws_log_set_level(lv);
+	}
+	if (o.log_file && dws_log_to_file(o.log_file, &err) != 0) {
+		fprintf(stderr, "dwsfs: %s\n", err.msg);
+		goto out_args;
+	}
 	if (!co.foreground && (ready_fd = daemon_start()) < 0)
 		goto out_args;
 	clean_stale_mount(co.mountpoint);
@@ -1118,19 +1148,23 @@ int main(int argc, char *argv[])
 		goto out_mount;
 	if (fuse_set_signal_handlers(se) != 0)
 		goto out_session;
+	/* libfuse ends the session on SIGHUP: here it reopens the log file */
+	struct sigaction hup = {.sa_handler = on_sighup};
+	sigemptyset(&hup.sa_mask);
+	sigaction(SIGHUP, &hup, NULL);
 	if (fuse_session_mount(se, co.mountpoint) != 0)
 		goto out_signals;
 	f.se = se;
 	if (pt_attach(se, m, mat_max > 0 && mat_dir, mat_dir, mat_max) != 0)
-		dws_log("passthrough off: libfuse refused custom I/O");
+		dws_log_at(DWS_LOG_WARN, "passthrough off: libfuse refused custom I/O");
 	if (dws_mount_start(m, &err) != 0) {
 		fprintf(stderr, "dwsfs: %s\n", err.msg);
 		goto out_unmount;
 	}
 	if (chdir("/") != 0)
-		dws_log("chdir /: %s", strerror(errno));
+		dws_log_at(DWS_LOG_WARN, "chdir /: %s", strerror(errno));
 	if (ready_fd >= 0) {
-		daemon_ready(ready_fd);
+		daemon_ready(ready_fd, o.log_file != NULL);
 		ready_fd = -1;
 	}
 	if (o.read_ahead > 0)
@@ -1187,6 +1221,8 @@ out_args:
 	free(o.ca_file);
 	free(o.materialize_max);
 	free(o.swap_max_delay);
+	free(o.log_level);
+	free(o.log_file);
 	free(mat_dir);
 	free(o.materialize_dir);
 	fuse_opt_free_args(&args);

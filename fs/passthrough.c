@@ -215,7 +215,7 @@ static void sweep_locked(void)
 		if (!pt.b[i].handles && (!pt.m || !dws_mount_is_materialized(pt.m, pt.b[i].id))) {
 			uint32_t kid = (uint32_t)pt.b[i].kid;
 			if (ioctl(pt.devfd, IOC_BACKING_CLOSE, &kid) != 0)
-				dws_log("passthrough: give back backing id %d: %s", pt.b[i].kid, strerror(errno));
+				dws_log_at(DWS_LOG_WARN, "passthrough: give back backing id %d: %s", pt.b[i].kid, strerror(errno));
 			pt.b[i] = pt.b[--pt.nb];
 		} else {
 			i++;

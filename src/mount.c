@@ -10,6 +10,7 @@
  * Locks: build_lock serializes the builder (slow); lock guards the rest and is
  * never held while building or reading bytes. Order: build_lock, then lock. */
 #include "internal.h"
+#include "log.h"
 #include "step.h"
 
 #include <errno.h>
@@ -21,7 +22,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
-#include <syslog.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -125,48 +125,6 @@ static struct timespec deadline_in(int64_t ms)
 		ts.tv_nsec -= 1000000000;
 	}
 	return ts;
-}
-
-static bool log_syslog;
-
-void dws_log_to_syslog(const char *ident)
-{
-	openlog(ident, LOG_PID, LOG_DAEMON);
-	log_syslog = true;
-}
-
-/* Bytes a terminal or a log reader would take as commands (object names and
- * server texts are hostile) written as \xNN. */
-static void escape_controls(const char *in, char *out, size_t cap)
-{
-	size_t o = 0;
-	for (const unsigned char *p = (const unsigned char *)in; *p && o + 5 < cap; p++) {
-		if (*p < 0x20 || *p == 0x7f)
-			o += (size_t)snprintf(out + o, cap - o, "\\x%02x", *p);
-		else
-			out[o++] = (char)*p;
-	}
-	out[o] = 0;
-}
-
-void dws_log(const char *fmt, ...)
-{
-	char when[32];
-	struct timespec ts;
-	struct tm tm;
-	clock_gettime(CLOCK_REALTIME, &ts);
-	gmtime_r(&ts.tv_sec, &tm);
-	strftime(when, sizeof(when), "%H:%M:%S", &tm);
-	char raw[1024], line[4096];
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(raw, sizeof(raw), fmt, ap);
-	va_end(ap);
-	escape_controls(raw, line, sizeof(line));
-	if (log_syslog)
-		syslog(LOG_NOTICE, "%s", line);
-	else
-		fprintf(stderr, "dwsfs %s.%03ld %s\n", when, ts.tv_nsec / 1000000, line);
 }
 
 /* ---- catalog table ---- */
@@ -449,10 +407,10 @@ static dws_step *build_verified(dws_mount *m, uint64_t n, uint64_t id, bool quie
 	if (quiet) /* at start-up the caller reports one line */
 		return NULL;
 	if (again)
-		dws_log("step %llu not built yet (trying again in %lld s): %s", (unsigned long long)n,
+		dws_log_warn("step %llu not built yet (trying again in %lld s): %s", (unsigned long long)n,
 			(long long)(again / 1000), err->msg);
 	else
-		dws_log("step %llu refused: %s", (unsigned long long)n, err->msg);
+		dws_log_warn("step %llu refused: %s", (unsigned long long)n, err->msg);
 	return NULL;
 }
 
@@ -600,7 +558,7 @@ static bool materialize_root(dws_mount *m)
 			if (dws_step_materialize(s, i, dir, DWS_MAT_FREE_FLOOR, &m->mat_stop, &fd[i], &err)) {
 				cancelled = atomic_load(&m->mat_stop);
 				if (!cancelled)
-					dws_log("step %llu not materialized: %s", (unsigned long long)dws_step_number(s), err.msg);
+					dws_log_warn("step %llu not materialized: %s", (unsigned long long)dws_step_number(s), err.msg);
 				skip = true;
 			}
 		}
@@ -740,7 +698,7 @@ static void *compact_main(void *arg)
 			done = last;
 		}
 		if (done)
-			dws_log("step %llu: merged the patch runs of %zu tensors in %lld ms (%llu patched elements)",
+			dws_log_debug("step %llu: merged the patch runs of %zu tensors in %lld ms (%llu patched elements)",
 				(unsigned long long)dws_step_number(done), merged_tensors, (long long)(now_ms() - t_all),
 				(unsigned long long)dws_step_patch_entries(done));
 		dws_step_unref(done);
@@ -778,7 +736,7 @@ static void run_on_swap(dws_mount *m, uint64_t step)
 	if (pid > 0)
 		waitpid(pid, NULL, 0);
 	else
-		dws_log("on_swap: cannot fork: %s", strerror(errno));
+		dws_log_error("on_swap: cannot fork: %s", strerror(errno));
 }
 
 /* Remote buckets are polled within Hub quotas: each poll HEADs the name the
@@ -847,7 +805,7 @@ static bool poll_remote(dws_mount *m, bool *relist, dws_error *err)
 
 static void poll_failed(dws_mount *m, const dws_error *err)
 {
-	dws_log("poll failed: %s", err->msg);
+	dws_log_warn("poll failed: %s", err->msg);
 	pthread_mutex_lock(&m->lock);
 	snprintf(m->last_error, sizeof(m->last_error), "%s", err->msg);
 	m->last_poll_wall = (int64_t)time(NULL);

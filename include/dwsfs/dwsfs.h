@@ -41,10 +41,27 @@ const char *dws_code_name(int code);
  * bad and stays bad until it changes. */
 bool dws_code_transient(int code);
 
-/* One line per event on stderr: "dwsfs HH:MM:SS.mmm <text>". */
-void dws_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-/* From now on dws_log goes to syslog (a daemon in the background). */
-void dws_log_to_syslog(const char *ident);
+/* ---- logging: one line per event ------------------------------------- */
+
+typedef enum dws_log_level { DWS_LOG_ERROR, DWS_LOG_WARN, DWS_LOG_INFO, DWS_LOG_DEBUG } dws_log_level;
+
+/* "dwsfs <ISO 8601 UTC time> <level> <text>" on stderr (the default), a log
+ * file or syslog; lines above the set level (info by default) are dropped. */
+void dws_log_at(dws_log_level lv, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void dws_log(const char *fmt, ...) __attribute__((format(printf, 1, 2))); /* info */
+void dws_log_set_level(dws_log_level lv);
+bool dws_log_enabled(dws_log_level lv);
+bool dws_log_level_parse(const char *s, dws_log_level *out); /* error|warn|info|debug */
+const char *dws_log_level_name(dws_log_level lv);
+/* From now on to syslog (a daemon in the background); false, and stderr
+ * kept, where the machine has no syslog socket (a container). A log file
+ * set before takes precedence. */
+bool dws_log_to_syslog(const char *ident);
+/* From now on appended to path (created 0640, no symlink followed). */
+int dws_log_to_file(const char *path, dws_error *err);
+/* Reopen the log file before the next line (log rotation): async-signal-safe,
+ * for a SIGHUP handler. */
+void dws_log_reopen(void);
 /* Bytes read from bucket objects since start (all buckets of the process). */
 uint64_t dws_stats_bytes_fetched(void);
 

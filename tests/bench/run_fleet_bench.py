@@ -221,7 +221,7 @@ def diff(a, b):
 
 # ---------------------------------------------------------------- log parsing
 
-LOG_TS = re.compile(r"^dwsfs (\d\d):(\d\d):(\d\d)\.(\d{3}) (.*)$")
+LOG_TS = re.compile(r"^dwsfs \d{4}-\d\d-\d\dT(\d\d):(\d\d):(\d\d)\.(\d{3})Z \w+ (.*)$")
 BAD = [("error", re.compile(r"ERROR|runtime error|Sanitizer|error", re.I)),
        ("poll failed", re.compile(r"poll failed")),
        ("poll recovered", re.compile(r"poll recovered")),
@@ -229,7 +229,7 @@ BAD = [("error", re.compile(r"ERROR|runtime error|Sanitizer|error", re.I)),
        ("read failed", re.compile(r"read .* failed")),
        ("HTTP 429 / rate limit", re.compile(r"429|rate.?limit", re.I)),
        ("timeout / stall", re.compile(r"timed? ?out|stall|deadline", re.I)),
-       ("cache problem", re.compile(r"^dwsfs \S+ cache: ")),
+       ("cache problem", re.compile(r"^dwsfs \S+ \w+ cache: ")),
        ("invalidate", re.compile(r"invalidate "))]
 NORMAL = re.compile(r"step \d+ ready: |root now serves step |mounted .* on |unmounted ")
 
