@@ -969,23 +969,47 @@ static int daemon_start(void)
 	return p[1];
 }
 
-/* The child is mounted and serving: logs go to the log file or syslog, stdio
- * to /dev/null, and the parent may exit. Without syslog (a container) and
- * without a log file, stderr stays: the lines are never lost. */
+/* Where a daemon without syslog (a container) and without -o log_file logs:
+ * its stderr is its parent's (mount(8), a shell pipe), which waits for it
+ * to close. */
+static char *default_log_file(void)
+{
+	char *p = NULL;
+	const char *st = getenv("XDG_STATE_HOME"), *home = getenv("HOME");
+	if (geteuid() == 0)
+		p = strdup("/var/log/dwsfs.log");
+	else if (st && *st)
+		(void)!asprintf(&p, "%s/dwsfs.log", st);
+	else if (home && *home)
+		(void)!asprintf(&p, "%s/.local/state/dwsfs.log", home);
+	return p;
+}
+
+/* The child is mounted and serving: logs go to the log file or syslog (a
+ * default file where there is no syslog, said once on the terminal), stdio
+ * to /dev/null, and the parent may exit. */
 static void daemon_ready(int fd, bool log_file)
 {
-	bool quiet = log_file || dws_log_to_syslog("dwsfs");
+	bool logged = log_file || dws_log_to_syslog("dwsfs");
+	if (!logged) {
+		char *path = default_log_file();
+		dws_error e = {0};
+		logged = path && dws_log_to_file(path, &e) == 0;
+		if (logged)
+			fprintf(stderr, "dwsfs: no syslog socket (/dev/log): logging to %s (-o log_file= sets another)\n", path);
+		else
+			fprintf(stderr, "dwsfs: no syslog socket (/dev/log) and %s: the log is lost; set -o log_file=\n",
+				path ? e.msg : "no HOME for a log file");
+		free(path);
+	}
 	int nul = open("/dev/null", O_RDWR | O_CLOEXEC);
 	if (nul >= 0) {
 		dup2(nul, 0);
 		dup2(nul, 1);
-		if (quiet)
-			dup2(nul, 2);
+		dup2(nul, 2);
 		if (nul > 2)
 			close(nul);
 	}
-	if (!quiet)
-		dws_log_at(DWS_LOG_WARN, "no syslog socket (/dev/log): logging to stderr");
 	char c = 1;
 	ssize_t n;
 	do
