@@ -8,7 +8,6 @@ import os
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 from test_http import DWSFS, Mount, big_anchor_bucket, hf_env, read_all, wait_until
 from test_http import _need_binaries, hub  # noqa: F401 (fixtures)
@@ -240,7 +239,7 @@ def test_cache_never_passes_cache_size(hub, tmp_path):
             size += st.st_size
         return du, size
 
-    def watch(m):
+    def watch():
         for _ in range(20000):  # bounded: ~2 ms a round
             du, size = on_disk()
             worst["du"], worst["size"] = max(worst["du"], du), max(worst["size"], size)
@@ -250,7 +249,7 @@ def test_cache_never_passes_cache_size(hub, tmp_path):
 
     with Mount(URI, tmp_path / "mnt", opts_for(cache, str(cap)), env=env) as m:
         f = m.mnt / "model.safetensors"
-        t = threading.Thread(target=watch, args=(m,))
+        t = threading.Thread(target=watch)
         t.start()
         try:
             with open(f, "rb") as fh:
