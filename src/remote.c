@@ -7,12 +7,17 @@
  *   then writes it to disk with O_DIRECT (no page cache filled, no copy) off
  *   the read path. Block buffers are pooled and page aligned, so a scan does
  *   not fault fresh memory in for every block.
- * - A block is written to a temporary file and renamed into place: a kill -9
- *   mid-download leaves no block. Its trailer carries the data's XXH3-64,
- *   which is checked the first time the block is read in this process.
+ * - The files are src/blockstore.c's: folders opened without following a
+ *   link and refused unless only the daemon's user can write them; a block
+ *   written to a temporary file and renamed into place (a kill -9
+ *   mid-download leaves no block); a trailer whose checksum covers the data
+ *   and the block's key, checked on every load into the hot set, and for a
+ *   read of part of a block when its file was not checked yet in this
+ *   process or changed since.
  * - One fetch per block however many readers want it (single flight); readers
  *   wait with a deadline.
- * - A hard byte cap and a free-space floor, LRU eviction; the index is rebuilt
+ * - A hard byte cap and a free-space floor, LRU eviction, room made for a
+ *   block (and its bytes counted) before it is written; the index is rebuilt
  *   from the files at start, so the cache survives remounts.
  * - Readahead per blob: the window doubles on sequential reads up to
  *   max_window blocks and drops to nothing on a random read (mmap faults).
@@ -20,32 +25,25 @@
  *   is small or slower than its network). */
 #include "remote.h"
 
-#include <dirent.h>
-#include <errno.h>
-#include <fcntl.h>
+#include "blockstore.h"
+
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/stat.h>
-#include <sys/statvfs.h>
 #include <time.h>
-#include <unistd.h>
 #include <xxhash.h>
 
-#define BLK_MAGIC "DWSBLK2"
-#define HDR_SIZE 24 /* the trailer after the data: length, XXH3-64, magic */
-#define ALIGN 4096
+#define ALIGN 4096 /* a block buffer's room past the data: its trailer and zeros on disk */
 #define QUEUE_MAX 256
 #define WRITES_MAX 64 /* write_backlog at most */
 #define WRITERS 2     /* the disk takes two direct writes at once faster than one */
 
 struct entry {
 	char *key;          /* "<ident hash>-<block>" */
-	uint64_t bytes;     /* on disk, header included */
+	uint64_t bytes;     /* on disk, trailer included */
 	uint64_t last_use;
-	bool verified;
-	bool present;
+	dws_block_stamp checked; /* the file last checked whole in this process */
 };
 
 struct flight {
@@ -75,6 +73,7 @@ struct job {
 struct dws_cache {
 	dws_cache_opts o;
 	char *dir;
+	dws_blockstore *store; /* NULL: memory only */
 	pthread_mutex_t lock;
 	pthread_cond_t cond;   /* flights finishing */
 	pthread_cond_t jobs;   /* prefetch jobs queued, stop */
@@ -82,6 +81,7 @@ struct dws_cache {
 	size_t n, cap_e;
 	dws_strmap index;      /* key -> entry index */
 	uint64_t total, clock;
+	uint64_t reserved;     /* of the cap: blocks being written */
 	struct flight *flights;
 	struct hot *hot;
 	unsigned nhot, hot_cap;
@@ -102,7 +102,6 @@ struct dws_cache {
 	uint64_t hits, misses, fetched;
 	uint64_t unkept, unkept_bytes; /* fetched blocks the disk had no room for */
 	uint64_t waits, wait_ms;       /* reads held up by a block in flight */
-	unsigned tmp_seq;
 };
 
 struct remote {
@@ -127,11 +126,6 @@ static int64_t mono_ms(void)
 	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static char *block_path(dws_cache *c, const char *key)
-{
-	return dws_xasprintf("%s/blocks/%.2s/%s.blk", c->dir, key, key);
-}
-
 /* ---- index (under lock) ---- */
 
 static void rebuild_map(dws_cache *c)
@@ -144,27 +138,23 @@ static void rebuild_map(dws_cache *c)
 
 static void drop_locked(dws_cache *c, size_t i)
 {
-	char *p = block_path(c, c->e[i].key);
-	unlink(p);
-	free(p);
+	dws_block_remove(c->store, c->e[i].key);
 	c->total -= c->e[i].bytes;
 	free(c->e[i].key);
 	c->e[i] = c->e[--c->n];
 	rebuild_map(c);
 }
 
-static uint64_t fs_free(const char *dir)
+/* Make room for `need` more bytes on disk, under the cap beside the blocks
+ * on disk and those being written, and above the free-space floor: evict
+ * least recently used blocks. False if there is no room even so. */
+static bool evict_locked(dws_cache *c, uint64_t need)
 {
-	struct statvfs sv;
-	if (statvfs(dir, &sv) != 0)
-		return UINT64_MAX;
-	return (uint64_t)sv.f_bavail * sv.f_frsize;
-}
-
-/* Make room for `need` more bytes: evict least recently used blocks. */
-static void evict_locked(dws_cache *c, uint64_t need)
-{
-	while (c->n && (c->total + need > c->o.cap || fs_free(c->dir) < c->o.free_floor + need)) {
+	for (;;) {
+		bool room = c->total + c->reserved + need <= c->o.cap &&
+			    dws_blockstore_free(c->store) >= c->o.free_floor + need;
+		if (room || !c->n)
+			return room;
 		size_t old = 0;
 		for (size_t i = 1; i < c->n; i++)
 			if (c->e[i].last_use < c->e[old].last_use)
@@ -173,7 +163,7 @@ static void evict_locked(dws_cache *c, uint64_t need)
 	}
 }
 
-static void insert_locked(dws_cache *c, const char *key, uint64_t bytes, bool verified)
+static void insert_locked(dws_cache *c, const char *key, uint64_t bytes, const dws_block_stamp *checked)
 {
 	size_t i;
 	if (dws_strmap_get(&c->index, key, &i)) {
@@ -184,161 +174,10 @@ static void insert_locked(dws_cache *c, const char *key, uint64_t bytes, bool ve
 		c->cap_e = c->cap_e ? c->cap_e * 2 : 256;
 		c->e = dws_xrealloc(c->e, c->cap_e * sizeof(*c->e));
 	}
-	c->e[c->n] = (struct entry){dws_xstrdup(key), bytes, ++c->clock, verified, true};
+	c->e[c->n] = (struct entry){dws_xstrdup(key), bytes, ++c->clock, *checked};
 	dws_strmap_put(&c->index, c->e[c->n].key, c->n);
 	c->n++;
 	c->total += bytes;
-}
-
-/* ---- files ---- */
-
-/* What a block of len data bytes takes on disk: the data, the trailer, and
- * zeros to the next 4 KiB. */
-static uint64_t disk_size(uint64_t len)
-{
-	return (len + HDR_SIZE + ALIGN - 1) / ALIGN * ALIGN;
-}
-
-/* buf holds len bytes of data and has room for the trailer and the
- * alignment after them (a pool buffer). Written with O_DIRECT when the
- * filesystem takes it: no page cache is filled, nothing is copied. The file
- * keeps the zeros after the trailer: cutting them off (ftruncate) cost a
- * synchronous read of the file's last filesystem block, to zero its tail,
- * and 1% of a cold read's CPU. */
-static int write_block(dws_cache *c, const char *key, unsigned char *buf, size_t len,
-		       dws_error *err)
-{
-	unsigned char *tr = buf + len;
-	uint64_t l = len, h = dws_xxh3(buf, len);
-	memcpy(tr, &l, 8);
-	memcpy(tr + 8, &h, 8);
-	memcpy(tr + 16, BLK_MAGIC, 8);
-	size_t total = len + HDR_SIZE, padded = (size_t)disk_size(len);
-	memset(buf + total, 0, padded - total);
-	pthread_mutex_lock(&c->lock);
-	unsigned seq = ++c->tmp_seq;
-	pthread_mutex_unlock(&c->lock);
-	char *tmp = dws_xasprintf("%s/tmp/%ld.%u", c->dir, (long)getpid(), seq);
-	char *dst = block_path(c, key);
-	char *sub = dws_xasprintf("%s/blocks/%.2s", c->dir, key);
-	mkdir(sub, 0700);
-	free(sub);
-	int rc = DWS_OK;
-	bool direct = true;
-	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_DIRECT, 0600);
-	if (fd < 0 && errno == EINVAL) {
-		direct = false;
-		fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-	}
-	if (fd < 0) {
-		rc = dws_fail(err, DWS_EIO, "cache %s: %s", tmp, strerror(errno));
-	} else {
-		size_t n = padded, done = 0;
-		while (done < n) {
-			ssize_t w = write(fd, buf + done, n - done);
-			if (w < 0 && errno == EINTR)
-				continue;
-			if (w < 0 && errno == EINVAL && direct && done == 0) {
-				/* the filesystem refuses direct writes of this buffer */
-				direct = false;
-				int fl = fcntl(fd, F_GETFL);
-				if (fl >= 0 && fcntl(fd, F_SETFL, fl & ~O_DIRECT) == 0)
-					continue;
-			}
-			if (w <= 0) {
-				rc = dws_fail(err, DWS_EIO, "cache %s: write: %s", tmp, w < 0 ? strerror(errno) : "no progress");
-				break;
-			}
-			done += (size_t)w;
-		}
-		if (close(fd) != 0 && !rc)
-			rc = dws_fail(err, DWS_EIO, "cache %s: close: %s", tmp, strerror(errno));
-		if (!rc && rename(tmp, dst) != 0)
-			rc = dws_fail(err, DWS_EIO, "cache %s: %s", dst, strerror(errno));
-		if (rc)
-			unlink(tmp);
-	}
-	free(tmp);
-	free(dst);
-	return rc;
-}
-
-/* The trailer of a block of want_len bytes: true and its XXH3 in *h if it is
- * whole and for that length. */
-static bool trailer_ok(const unsigned char *tr, uint64_t want_len, uint64_t *h)
-{
-	uint64_t l;
-	memcpy(&l, tr, 8);
-	memcpy(h, tr + 8, 8);
-	return memcmp(tr + 16, BLK_MAGIC, 8) == 0 && l == want_len;
-}
-
-/* Read [off, off+len) of a cached block. verify: check the whole block's
- * XXH3 first. Returns DWS_ENOENT if the file is gone or bad. */
-static int read_block(dws_cache *c, const char *key, uint64_t want_len, uint64_t off,
-		      void *buf, size_t len, bool verify)
-{
-	char *p = block_path(c, key);
-	int fd = open(p, O_RDONLY | O_CLOEXEC);
-	free(p);
-	if (fd < 0)
-		return DWS_ENOENT;
-	unsigned char tr[HDR_SIZE];
-	int rc = DWS_ENOENT;
-	uint64_t l = want_len, h;
-	if (pread(fd, tr, HDR_SIZE, (off_t)want_len) != HDR_SIZE || !trailer_ok(tr, want_len, &h) || off + len > l)
-		goto out;
-	if (verify) {
-		char *all = dws_xmalloc(l ? l : 1);
-		ssize_t r = pread(fd, all, l, 0);
-		bool ok = r == (ssize_t)l && dws_xxh3(all, l) == h;
-		if (ok)
-			memcpy(buf, all + off, len);
-		free(all);
-		rc = ok ? DWS_OK : DWS_ENOENT;
-		goto out;
-	}
-	for (size_t done = 0; done < len;) {
-		ssize_t r = pread(fd, (char *)buf + done, len - done, (off_t)(off + done));
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r <= 0)
-			goto out;
-		done += (size_t)r;
-	}
-	rc = DWS_OK;
-out:
-	close(fd);
-	return rc;
-}
-
-/* The whole block into data (a pool buffer: room for the trailer and the
- * alignment); verify: check its XXH3. False if the file is gone, short or
- * bad. Buffered: the page cache keeps what RAM allows of the block cache,
- * so a remount reads it from memory, not from the disk (which is slower
- * than FUSE here: ~0.6-0.9 GB/s). */
-static bool load_block(dws_cache *c, const char *key, uint64_t want_len, unsigned char *data,
-		       bool verify)
-{
-	char *p = block_path(c, key);
-	int fd = open(p, O_RDONLY | O_CLOEXEC);
-	free(p);
-	if (fd < 0)
-		return false;
-	size_t want = (size_t)want_len + HDR_SIZE, padded = (size_t)disk_size(want_len), got = 0;
-	while (got < want) {
-		ssize_t r = pread(fd, data + got, padded - got, (off_t)got);
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r <= 0)
-			break;
-		got += (size_t)r;
-	}
-	close(fd);
-	if (got < want)
-		return false;
-	uint64_t h;
-	return trailer_ok(data + want_len, want_len, &h) && (!verify || dws_xxh3(data, want_len) == h);
 }
 
 /* ---- memory: pooled block buffers and the hot set (under lock) ---- */
@@ -562,7 +401,7 @@ static int get_block(dws_blob *b, uint64_t blk, uint64_t off, void *buf, size_t 
 		}
 		if (dws_strmap_get(&c->index, key, &i) && !flight_find(c, key)) {
 			c->e[i].last_use = ++c->clock;
-			bool verify = !c->e[i].verified;
+			dws_block_stamp checked = c->e[i].checked;
 			if (!prefetch)
 				c->hits++;
 			if (prefetch || whole) {
@@ -571,14 +410,14 @@ static int get_block(dws_blob *b, uint64_t blk, uint64_t off, void *buf, size_t 
 				struct flight *lf = flight_start_locked(c, key);
 				unsigned char *data = buf_get_locked(c);
 				pthread_mutex_unlock(&c->lock);
-				bool ok = load_block(c, key, blen, data, verify);
+				bool ok = dws_block_load(c->store, key, blen, data, &checked);
 				pthread_mutex_lock(&c->lock);
 				struct hot *lh = NULL;
 				if (ok) {
 					lh = hot_add_locked(c, key, data, blen);
 					lh->refs++;
 					if (dws_strmap_get(&c->index, key, &i))
-						c->e[i].verified = true;
+						c->e[i].checked = checked;
 				} else {
 					buf_put_locked(c, data);
 					if (dws_strmap_get(&c->index, key, &i))
@@ -600,13 +439,11 @@ static int get_block(dws_blob *b, uint64_t blk, uint64_t off, void *buf, size_t 
 				return DWS_OK;
 			}
 			pthread_mutex_unlock(&c->lock);
-			if (read_block(c, key, blen, off, buf, len, verify) == DWS_OK) {
-				if (verify) {
-					pthread_mutex_lock(&c->lock);
-					if (dws_strmap_get(&c->index, key, &i))
-						c->e[i].verified = true;
-					pthread_mutex_unlock(&c->lock);
-				}
+			if (dws_block_read(c->store, key, blen, off, buf, len, &checked) == DWS_OK) {
+				pthread_mutex_lock(&c->lock);
+				if (dws_strmap_get(&c->index, key, &i))
+					c->e[i].checked = checked;
+				pthread_mutex_unlock(&c->lock);
 				return DWS_OK;
 			}
 			/* gone or corrupt on disk: forget it and fetch again */
@@ -702,7 +539,6 @@ static int get_block(dws_blob *b, uint64_t blk, uint64_t off, void *buf, size_t 
 				h->used = true;
 				memcpy(buf, data + off, len);
 			}
-			evict_locked(c, disk_size(blen));
 		} else {
 			buf_put_locked(c, data);
 		}
@@ -721,18 +557,39 @@ static int get_block(dws_blob *b, uint64_t blk, uint64_t off, void *buf, size_t 
 /* ---- writing blocks to disk ---- */
 
 /* Write hot block h (held by the caller's reference, which this drops, and
- * counted in nwriting) to disk and index it. */
+ * counted in nwriting) to disk and index it. Room is made for it, and its
+ * bytes counted against the cap, before it is written: made when it was
+ * fetched and counted once it was written, the blocks fetched meanwhile
+ * each made room for themselves alone, and the disk went past the cap. */
 static void write_hot(dws_cache *c, struct hot *h)
 {
-	dws_error werr = {0};
 	if (c->o.write_delay_ms)
 		nanosleep(&(struct timespec){c->o.write_delay_ms / 1000, (long)(c->o.write_delay_ms % 1000) * 1000000}, NULL);
-	int wrc = write_block(c, h->key, h->buf, (size_t)h->len, &werr);
-	if (wrc)
-		dws_log("%s (the block is served from memory, not kept)", werr.msg);
+	uint64_t need = dws_block_disk_size(h->len);
+	size_t i;
 	pthread_mutex_lock(&c->lock);
-	if (!wrc)
-		insert_locked(c, h->key, disk_size(h->len), true);
+	bool on_disk = dws_strmap_get(&c->index, h->key, &i), room = !on_disk && evict_locked(c, need);
+	if (room) {
+		c->reserved += need;
+	} else if (!on_disk) { /* no room under the cap or above the floor */
+		c->unkept++;
+		c->unkept_bytes += h->len;
+	}
+	pthread_mutex_unlock(&c->lock);
+	int wrc = DWS_EIO;
+	dws_block_stamp written = {0};
+	if (room) {
+		dws_error werr = {0};
+		wrc = dws_block_write(c->store, h->key, h->buf, (size_t)h->len, &written, &werr);
+		if (wrc)
+			dws_log("%s (the block is served from memory, not kept)", werr.msg);
+	}
+	pthread_mutex_lock(&c->lock);
+	if (room) {
+		c->reserved -= need;
+		if (!wrc)
+			insert_locked(c, h->key, need, &written);
+	}
 	c->nwriting--;
 	h->refs--;
 	hot_trim_locked(c, c->hot_cap);
@@ -1034,63 +891,25 @@ static char *default_dir(void)
 	return dws_xasprintf("%s/.cache/dwsfs", d && *d ? d : "/var/cache");
 }
 
-static int mkdir_p(const char *path)
+/* A block a previous mount left (dws_blockstore_scan), under lock. */
+static void found_block(void *cv, const char *key, uint64_t bytes, uint64_t atime)
 {
-	char *p = dws_xstrdup(path);
-	for (char *s = p + 1; *s; s++)
-		if (*s == '/') {
-			*s = 0;
-			mkdir(p, 0700);
-			*s = '/';
-		}
-	int rc = mkdir(p, 0700) == 0 || errno == EEXIST ? 0 : -1;
-	free(p);
-	return rc;
+	dws_cache *c = cv;
+	insert_locked(c, key, bytes, &(dws_block_stamp){0}); /* checked when first read */
+	c->e[c->n - 1].last_use = atime; /* oldest first in LRU order */
 }
 
-/* The blocks a previous mount left, oldest first in LRU order. */
-static void scan(dws_cache *c)
+/* The blocks a previous mount left, indexed. */
+static int scan(dws_cache *c, dws_error *err)
 {
-	char *tmp = dws_xasprintf("%s/tmp", c->dir);
-	DIR *d = opendir(tmp);
-	struct dirent *de;
-	while (d && (de = readdir(d)))
-		if (de->d_name[0] != '.')
-			unlinkat(dirfd(d), de->d_name, 0); /* half-written: never served */
-	if (d)
-		closedir(d);
-	free(tmp);
-	char *blocks = dws_xasprintf("%s/blocks", c->dir);
-	DIR *top = opendir(blocks);
-	while (top && (de = readdir(top))) {
-		if (de->d_name[0] == '.')
-			continue;
-		char *sub = dws_xasprintf("%s/%s", blocks, de->d_name);
-		DIR *s = opendir(sub);
-		struct dirent *fe;
-		while (s && (fe = readdir(s))) {
-			size_t n = strlen(fe->d_name);
-			struct stat st;
-			if (n < 5 || strcmp(fe->d_name + n - 4, ".blk") || fstatat(dirfd(s), fe->d_name, &st, 0))
-				continue;
-			char key[64];
-			snprintf(key, sizeof(key), "%.*s", (int)(n - 4), fe->d_name);
-			insert_locked(c, key, (uint64_t)st.st_size, false);
-			c->e[c->n - 1].last_use = (uint64_t)st.st_atime; /* oldest first */
-		}
-		if (s)
-			closedir(s);
-		free(sub);
-	}
-	if (top)
-		closedir(top);
-	free(blocks);
+	int rc = dws_blockstore_scan(c->store, found_block, c, err);
 	uint64_t maxuse = 0;
 	for (size_t i = 0; i < c->n; i++)
 		if (c->e[i].last_use > maxuse)
 			maxuse = c->e[i].last_use;
 	c->clock = maxuse;
 	evict_locked(c, 0);
+	return rc;
 }
 
 int dws_cache_open(const dws_cache_opts *o, dws_cache **out, dws_error *err)
@@ -1126,12 +945,8 @@ int dws_cache_open(const dws_cache_opts *o, dws_cache **out, dws_error *err)
 	c->pool_cap = c->hot_cap + c->o.write_backlog + c->o.prefetch_threads + 2;
 	c->pool = dws_xcalloc(c->pool_cap, sizeof(*c->pool));
 	c->dir = o->dir ? dws_xstrdup(o->dir) : default_dir();
-	char *b = dws_xasprintf("%s/blocks", c->dir), *t = dws_xasprintf("%s/tmp", c->dir);
-	bool ok = c->o.memory_only || (mkdir_p(c->dir) == 0 && mkdir_p(b) == 0 && mkdir_p(t) == 0);
-	free(b);
-	free(t);
-	if (!ok) {
-		int rc = dws_fail(err, DWS_EIO, "cache folder %s: %s", c->dir, strerror(errno));
+	int rc = c->o.memory_only ? DWS_OK : dws_blockstore_open(c->dir, &c->store, err);
+	if (rc) {
 		free(c->dir);
 		free(c->pool);
 		free(c);
@@ -1147,9 +962,13 @@ int dws_cache_open(const dws_cache_opts *o, dws_cache **out, dws_error *err)
 	pthread_cond_init(&c->writes, &ca);
 	pthread_condattr_destroy(&ca);
 	pthread_mutex_lock(&c->lock);
-	if (!c->o.memory_only)
-		scan(c);
+	if (c->store)
+		rc = scan(c, err);
 	pthread_mutex_unlock(&c->lock);
+	if (rc) {
+		dws_cache_close(c);
+		return rc;
+	}
 	c->threads = dws_xcalloc(c->o.prefetch_threads, sizeof(pthread_t));
 	for (unsigned i = 0; i < c->o.prefetch_threads; i++)
 		if (pthread_create(&c->threads[i], NULL, prefetch_main, c) == 0)
@@ -1262,6 +1081,7 @@ void dws_cache_close(dws_cache *c)
 	for (unsigned i = 0; i < c->npool; i++)
 		free(c->pool[i]);
 	free(c->pool);
+	dws_blockstore_close(c->store);
 	free(c->dir);
 	pthread_mutex_destroy(&c->lock);
 	pthread_cond_destroy(&c->cond);

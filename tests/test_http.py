@@ -517,7 +517,7 @@ def test_cache_cap_holds_and_blocks_are_checked(hub, tmp_path):
     for i, b in enumerate(blocks):
         raw = bytearray(b.read_bytes())
         assert len(raw) % 4096 == 0, (b, len(raw))  # data, trailer, zeros to 4 KiB
-        at = 0 if i % 2 == 0 else raw.rindex(b"DWSBLK2")
+        at = 0 if i % 2 == 0 else raw.rindex(b"DWSBLK3")
         raw[at] ^= 0xFF
         b.write_bytes(bytes(raw))
     (cache / "tmp" / "leftover.partial").write_bytes(b"half a block")
