@@ -10,7 +10,7 @@ import threading
 import time
 
 from test_http import DWSFS, Mount, big_anchor_bucket, hf_env, read_all, wait_until
-from test_http import _need_binaries, hub  # noqa: F401 (fixtures)
+from test_http import _need_binaries  # noqa: F401 (a fixture)
 
 BS = 1 << 20
 URI = "hf://buckets/test/big"
