@@ -104,6 +104,7 @@ struct handle {
 };
 
 static struct fs *fs_of(fuse_req_t req) { return fuse_req_userdata(req); }
+static char *status_json(struct fs *f);
 
 /* step: the handle's reference, or NULL */
 static struct handle *handle_new(struct fs *f, enum handle_kind kind, dws_step *step)
@@ -227,7 +228,7 @@ static void fill_node(struct fs *f, struct stat *st, fuse_ino_t ino, dws_step *s
 
 static void fill_status(struct fs *f, struct stat *st)
 {
-	char *j = dws_mount_status_json(f->m);
+	char *j = status_json(f);
 	fill_dir(f, st, INO_STATUS);
 	st->st_mode = S_IFREG | 0444;
 	st->st_nlink = 1;
@@ -474,23 +475,12 @@ static void op_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info 
 /* The core's status with the FUSE layer's own fields. */
 static char *status_json(struct fs *f)
 {
-	char *core = dws_mount_status_json(f->m);
-	json_t *j = json_loads(core, 0, NULL);
-	if (!j)
-		return core;
-	json_object_set_new(j, "passthrough", json_string(pt_state()));
-	json_object_set_new(j, "passthrough_opens", json_integer((json_int_t)pt_opens()));
-	json_object_set_new(j, "daemon_reads", json_integer((json_int_t)pt_daemon_reads()));
-	char *s = json_dumps(j, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
-	json_decref(j);
-	if (!s)
-		return core;
-	free(core);
-	char *out = NULL;
-	if (asprintf(&out, "%s\n", s) < 0)
-		out = NULL;
-	free(s);
-	return out ? out : strdup("{}\n");
+	dws_status_field extra[] = {
+		{"passthrough", pt_state(), 0},
+		{"passthrough_opens", NULL, (int64_t)pt_opens()},
+		{"daemon_reads", NULL, (int64_t)pt_daemon_reads()},
+	};
+	return dws_mount_status_json(f->m, extra, sizeof(extra) / sizeof(extra[0]));
 }
 
 static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -1035,6 +1025,7 @@ int main(int argc, char *argv[])
 	struct fuse_session *se = NULL;
 	struct fuse_loop_config *lc = NULL;
 	char *mat_dir = NULL; /* where materialized steps go, absolute */
+	char *mnt_abs = NULL;
 	dws_error err = {0};
 
 	/* Patch arrays (megabytes each) are freed on one thread as merged ones
@@ -1107,6 +1098,9 @@ int main(int argc, char *argv[])
 	}
 	if (!mat_dir)
 		mat_dir = strdup(mat_want);
+	mnt_abs = realpath(co.mountpoint, NULL);
+	if (!mnt_abs)
+		mnt_abs = strdup(co.mountpoint);
 	double max_delay = -1; /* -1: the default, -2: never */
 	if (o.swap_max_delay && !strcmp(o.swap_max_delay, "never")) {
 		max_delay = -2;
@@ -1118,17 +1112,31 @@ int main(int argc, char *argv[])
 			goto out_args;
 		}
 	}
-	dws_mount_opts mo = {
-		.bucket = o.bucket, .bucket_opts = &bo, .base = o.base, .maps = o.map_prefix ? &map : NULL, .nmaps = o.map_prefix ? 1 : 0,
-		.poll_ms = o.poll ? o.poll * 1000 : 0,
-		.info_poll_ms = o.info_poll * 1000,
-		.swap_idle_ms = o.swap_idle >= 0 ? (unsigned)(o.swap_idle * 1000) + (o.swap_idle == 0) : 0,
-		.swap_max_delay_ms = max_delay >= 0 ? (unsigned)(max_delay * 1000) + (max_delay == 0) : 0,
-		.swap_never_force = max_delay == -2,
-		.max_steps = o.max_steps, .tmpdir = o.cache_dir, .on_swap = o.on_swap, .on_swap_keep_secrets = o.on_swap_keep_secrets, .mountpoint = co.mountpoint,
-		.swapped = on_swapped, .merged = on_merged, .ctx = &f};
+	dws_mount_opts mo;
+	dws_mount_opts_init(&mo);
+	mo.bucket = o.bucket;
+	mo.bucket_opts = &bo;
+	mo.base = o.base;
+	mo.maps = o.map_prefix ? &map : NULL;
+	mo.nmaps = o.map_prefix ? 1 : 0;
+	if (o.poll)
+		mo.poll_ms = (int64_t)o.poll * 1000;
+	if (o.info_poll)
+		mo.info_poll_ms = (int64_t)o.info_poll * 1000;
+	if (o.swap_idle >= 0)
+		mo.swap_idle_ms = (int64_t)(o.swap_idle * 1000);
+	if (max_delay != -1)
+		mo.swap_max_delay_ms = max_delay == -2 ? -1 : (int64_t)(max_delay * 1000);
+	if (o.max_steps)
+		mo.max_steps = o.max_steps;
+	mo.tmpdir = o.cache_dir;
+	mo.on_swap = o.on_swap;
+	mo.on_swap_keep_secrets = o.on_swap_keep_secrets;
+	mo.mountpoint = mnt_abs;
+	mo.swapped = on_swapped;
+	mo.merged = on_merged;
+	mo.ctx = &f;
 	if (o.verify) {
-		mo.verify_set = true;
 		if (!strcmp(o.verify, "none"))
 			mo.verify = DWS_VERIFY_NONE;
 		else if (!strcmp(o.verify, "payload"))
@@ -1248,6 +1256,7 @@ out_args:
 	free(o.log_level);
 	free(o.log_file);
 	free(mat_dir);
+	free(mnt_abs);
 	free(o.materialize_dir);
 	fuse_opt_free_args(&args);
 	return ret;

@@ -295,6 +295,28 @@ static uint64_t id_mix(uint64_t seed, const dws_stepfile *f)
 	return h;
 }
 
+size_t dws_catalog_next_keys(const dws_catalog *c, char **keys, size_t n)
+{
+	uint64_t next = c->n ? c->v[c->n - 1].step + 1 : 1;
+	bool zst = false;
+	uint64_t a_last = 0, a_every = 0;
+	for (size_t i = 0; i < c->n; i++) {
+		zst = c->v[i].compressed;
+		if (c->v[i].in_anchors) {
+			if (a_last && c->v[i].step > a_last)
+				a_every = c->v[i].step - a_last;
+			a_last = c->v[i].step;
+		}
+	}
+	size_t k = 0;
+	for (; k < n && next + k <= INT64_MAX; k++) {
+		uint64_t s = next + k;
+		bool anchor = a_every && s > a_last && (s - a_last) % a_every == 0;
+		keys[k] = dws_step_key(s, anchor, zst);
+	}
+	return k;
+}
+
 uint64_t dws_catalog_step_id(const dws_catalog *c, uint64_t step)
 {
 	const dws_stepfile *t = dws_catalog_find(c, step);

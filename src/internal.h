@@ -46,8 +46,12 @@ char *dws_xasprintf(const char *fmt, ...) DWS_PRINTF(1, 2);
 
 /* Parse a decimal u64 string strictly (no sign, no spaces, no overflow). */
 bool dws_parse_u64(const char *s, uint64_t *out);
-/* "step_000123.safetensors[.zst]" -> 123; false if the name is not a step. */
+/* "step_000123.safetensors[.zst]" -> 123; false if the name is not a step
+ * (stepname.c: the naming rule of step files and folders). */
 bool dws_parse_step_name(const char *base, uint64_t *step, bool *zst);
+/* The key of a step file in a bucket: "anchors/step_000012.safetensors" or
+ * "deltas/...", with ".zst" when compressed (malloc'd). */
+char *dws_step_key(uint64_t step, bool anchor, bool zst);
 
 /* XXH3-64 of bulk data (blocks, payloads, state digests): the library's
  * runtime-dispatched AVX2/AVX-512 code on x86-64 (about 5x faster than the

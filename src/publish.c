@@ -223,20 +223,24 @@ static int of_write(outfile *f, const void *p, size_t n, bool end, dws_error *er
 	}
 }
 
-static int of_open(outfile *f, const char *dir, const char *sub, uint64_t step,
+static int of_open(outfile *f, const char *dir, bool anchor, uint64_t step,
 		   bool zstd, int level, uint64_t content_size, dws_error *err)
 {
 	memset(f, 0, sizeof(*f));
 	f->fd = -1;
-	char *d = dws_xasprintf("%s/%s", dir, sub);
-	if (mkdir(d, 0755) != 0 && errno != EEXIST) {
-		int rc = dws_fail(err, DWS_EIO, "%s: cannot create: %s", d, strerror(errno));
-		free(d);
+	char *key = dws_step_key(step, anchor, zstd);
+	f->final = dws_xasprintf("%s/%s", dir, key);
+	free(key);
+	char *slash = strrchr(f->final, '/');
+	*slash = 0; /* the step's folder in the bucket */
+	if (mkdir(f->final, 0755) != 0 && errno != EEXIST) {
+		int rc = dws_fail(err, DWS_EIO, "%s: cannot create: %s", f->final, strerror(errno));
+		free(f->final);
+		f->final = NULL;
 		return rc;
 	}
-	f->final = dws_xasprintf("%s/step_%06llu.safetensors%s", d, (unsigned long long)step, zstd ? ".zst" : "");
-	f->tmp = dws_xasprintf("%s/.step_%06llu.tmp.%ld", d, (unsigned long long)step, (long)getpid());
-	free(d);
+	f->tmp = dws_xasprintf("%s/.%s.tmp.%ld", f->final, slash + 1, (long)getpid());
+	*slash = '/';
 	f->fd = open(f->tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
 	if (f->fd < 0)
 		return dws_fail(err, DWS_EIO, "%s: cannot create: %s", f->tmp, strerror(errno));
@@ -451,7 +455,7 @@ static int publish_delta(const dws_publish_opts *o, const ckpt *prev,
 	size_t hl = 0;
 	rc = dws_st_build_header(ts, nt, ml.m, ml.n, &hdr, &hl, err);
 	if (!rc)
-		rc = of_open(of, o->bucket_dir, "deltas", o->step, o->zstd, o->zstd_level, hl + data.len, err);
+		rc = of_open(of, o->bucket_dir, false, o->step, o->zstd, o->zstd_level, hl + data.len, err);
 	if (!rc)
 		rc = of_write(of, hdr, hl, false, err);
 	if (!rc)
@@ -533,7 +537,7 @@ static int publish_anchor(const dws_publish_opts *o, const ckpt *next,
 	size_t hl = 0;
 	rc = dws_st_build_header(ts, next->n, ml.m, ml.n, &hdr, &hl, err);
 	if (!rc)
-		rc = of_open(of, o->bucket_dir, "anchors", o->step, o->zstd, o->zstd_level, hl + total * 2, err);
+		rc = of_open(of, o->bucket_dir, true, o->step, o->zstd, o->zstd_level, hl + total * 2, err);
 	if (!rc)
 		rc = of_write(of, hdr, hl, false, err);
 	if (!rc)

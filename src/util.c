@@ -137,31 +137,6 @@ bool dws_parse_u64(const char *s, uint64_t *out)
 	return true;
 }
 
-bool dws_parse_step_name(const char *base, uint64_t *step, bool *zst)
-{
-	static const char pre[] = "step_", suf[] = ".safetensors";
-	size_t n = strlen(base);
-	if (strncmp(base, pre, 5) != 0)
-		return false;
-	*zst = n > 4 && strcmp(base + n - 4, ".zst") == 0;
-	if (*zst)
-		n -= 4;
-	if (n < 5 + 6 + 12 || strncmp(base + n - 12, suf, 12) != 0)
-		return false;
-	size_t digits = n - 5 - 12;
-	if (digits > 19)
-		return false;
-	char num[20];
-	memcpy(num, base + 5, digits);
-	num[digits] = 0;
-	/* at least six digits; more only without leading zeros past six */
-	if (digits > 6 && num[0] == '0')
-		return false;
-	/* past 2^63-1 a step number is no JSON integer most readers take (the
-	 * status, dwsctl wait): not a step */
-	return dws_parse_u64(num, step) && *step <= INT64_MAX;
-}
-
 void dws_objects_free(dws_object *v, size_t n)
 {
 	if (!v)

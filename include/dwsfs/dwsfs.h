@@ -226,6 +226,14 @@ int dws_bucket_open_blob(dws_bucket *b, const dws_object *obj, dws_blob **out,
 /* Validate an object key: relative, no "..", no empty or "." components. */
 bool dws_key_is_safe(const char *key);
 
+/* ---- step names ---------------------------------------------------------- */
+
+/* A step's number as the bucket and the mount name it: six digits or more
+ * ("000012", "1234567"), 0 to 2^63-1. buf: at least 21 bytes. */
+void dws_step_dir_name(uint64_t step, char *buf, size_t len);
+/* The canonical name only ("12" and "0000012" are not step 12). */
+bool dws_parse_step_dir(const char *name, uint64_t *step);
+
 /* ---- catalog ------------------------------------------------------------ */
 
 typedef enum dws_variant {
@@ -281,6 +289,10 @@ const dws_stepfile *dws_catalog_stale_at(const dws_catalog *c, size_t i);
 /* The latest complete anchor at or before step, or NULL. */
 const dws_stepfile *dws_catalog_anchor_for(const dws_catalog *c, uint64_t step);
 bool dws_catalog_has_base(const dws_catalog *c);
+/* The keys the n steps after the newest would have (keys[i] malloc'd): a
+ * delta, compressed if the run compresses, or an anchor where the run's
+ * anchor interval puts one. Returns how many (fewer past 2^63-1). */
+size_t dws_catalog_next_keys(const dws_catalog *c, char **keys, size_t n);
 dws_bucket *dws_catalog_bucket(const dws_catalog *c);
 
 /* ---- steps -------------------------------------------------------------- */
@@ -436,6 +448,8 @@ int dws_publish(const dws_publish_opts *o, char *written, size_t written_len,
 /* ---- mount engine (what the FUSE daemon serves; no FUSE here) ---------- */
 
 typedef enum dws_verify_mode {
+	DWS_VERIFY_AUTO = -1,  /* state; payload for a remote bucket (a state
+				* checksum reads the whole model: a download) */
 	DWS_VERIFY_NONE = 0,   /* structure checks only */
 	DWS_VERIFY_PAYLOAD,    /* + producer payload checksums and parent steps */
 	DWS_VERIFY_STATE,      /* + state checksum of the whole new step */
@@ -443,25 +457,26 @@ typedef enum dws_verify_mode {
 
 typedef struct dws_mount dws_mount;
 
+/* Set with dws_mount_opts_init first: every value, 0 included, means what
+ * it says; -1 where noted picks the default for the bucket. Times in ms. */
 typedef struct dws_mount_opts {
 	const char *bucket;
 	const dws_bucket_opts *bucket_opts;
 	const char *base;
 	const dws_prefix_map *maps;
 	size_t nmaps;
-	unsigned poll_ms;           /* default 1000; remote buckets 6000 */
-	unsigned info_poll_ms;      /* remote: bucket-info probe; default 60000 */
-	unsigned relist_ms;         /* remote: full listing at least; default 600000 */
-	unsigned swap_idle_ms;      /* default 1000 */
-	unsigned swap_max_delay_ms; /* default 30000 */
-	bool swap_never_force;      /* never swap while a root file is open */
-	size_t max_steps;           /* step views kept for steps/N; default 8 */
-	dws_verify_mode verify;     /* default DWS_VERIFY_STATE (set verify_set) */
-	bool verify_set;
+	int64_t poll_ms;            /* -1: 1000, remote buckets 6000 */
+	int64_t info_poll_ms;       /* remote: bucket-info probe; 60000 */
+	int64_t relist_ms;          /* remote: full listing at least; 600000 */
+	int64_t swap_idle_ms;       /* 1000 */
+	int64_t swap_max_delay_ms;  /* 30000; -1: never while a root file is open */
+	size_t max_steps;           /* step views kept for steps/N; 8 */
+	dws_verify_mode verify;     /* DWS_VERIFY_AUTO */
 	const char *tmpdir;
 	const char *on_swap;        /* sh -c command after each swap */
+	int64_t on_swap_timeout_ms; /* a run is killed past it; 0: never; 600000 */
 	bool on_swap_keep_secrets;  /* pass HF_TOKEN and AWS_* keys on to it */
-	const char *mountpoint;     /* for DWSFS_MOUNT and logs */
+	const char *mountpoint;     /* absolute: for the hook's environment and logs */
 	/* Called by the sync thread after a swap, holding no lock. */
 	void (*swapped)(void *ctx, dws_step *old_root, dws_step *new_root);
 	/* Called by the compaction thread, holding no lock, once s (runs
@@ -471,6 +486,15 @@ typedef struct dws_mount_opts {
 	void (*merged)(void *ctx, dws_step *s);
 	void *ctx;
 } dws_mount_opts;
+
+void dws_mount_opts_init(dws_mount_opts *o);
+
+/* A field the caller adds to the status: str, or num when str is NULL. */
+typedef struct dws_status_field {
+	const char *key;
+	const char *str;
+	int64_t num;
+} dws_status_field;
 
 /* Load the catalog and build the latest good step: any error here is one
  * line, before anything is mounted. */
@@ -504,7 +528,7 @@ void dws_mount_materialize(dws_mount *m, const char *dir, uint64_t max_bytes);
  * when that step is not the one materialized. */
 int dws_mount_materialized_fd(dws_mount *m, uint64_t id, size_t file);
 bool dws_mount_is_materialized(dws_mount *m, uint64_t id);
-/* .dwsfs/status as a JSON document (malloc'd). */
-char *dws_mount_status_json(dws_mount *m);
+/* .dwsfs/status as a JSON document (malloc'd), with extra fields last. */
+char *dws_mount_status_json(dws_mount *m, const dws_status_field *extra, size_t nextra);
 
 #endif
