@@ -67,8 +67,8 @@ static int read_into_scratch(dws_builder *bl, const dws_step *s, const dws_stepf
 /* ---- blobs ---- */
 
 /* A source blob for a step file: decompressed when it is .zst, its tensors
- * no bigger than model_bytes. Kept for the builder's life so a chain reuses
- * what it decompressed. */
+ * no bigger than model_bytes. Kept while a step reads it (prune_blobs), so a
+ * chain reuses what it decompressed. */
 static int stepfile_blob(dws_builder *bl, const dws_stepfile *f, uint64_t model_bytes,
 			 dws_blob **out, dws_error *err)
 {
@@ -98,6 +98,27 @@ static int stepfile_blob(dws_builder *bl, const dws_stepfile *f, uint64_t model_
 	bl->blobs[bl->nblobs++] = (struct cached_blob){key, dws_blob_ref(b)};
 	*out = b;
 	return DWS_OK;
+}
+
+/* Keep a blob only while a step reads it: the newest step (its chain, where
+ * the next build most likely starts) or any other step still held (a build
+ * of it again reuses what was decompressed). Steps hold their own
+ * references, so a blob (an fd, a decompressed copy) goes with the last step
+ * that reads it, or at the next build if the cache was the last to hold it.
+ * A blob only the cache holds cannot gain a reference meanwhile: nobody
+ * else has it. */
+static void prune_blobs(dws_builder *bl)
+{
+	size_t k = 0;
+	for (size_t i = 0; i < bl->nblobs; i++) {
+		if (atomic_load(&bl->blobs[i].blob->refs) > 1) {
+			bl->blobs[k++] = bl->blobs[i];
+			continue;
+		}
+		free(bl->blobs[i].key);
+		dws_blob_unref(bl->blobs[i].blob);
+	}
+	bl->nblobs = k;
 }
 
 /* ---- names ---- */
@@ -702,11 +723,13 @@ int dws_builder_build(dws_builder *bl, uint64_t step, dws_step **out,
 		memset(bl->own, 0, bl->nown * sizeof(*bl->own));
 	if (rc) {
 		dws_step_unref(s);
+		prune_blobs(bl);
 		return rc;
 	}
 	s->id = dws_catalog_step_id(c, step);
 	dws_step_unref(bl->prev);
 	bl->prev = dws_step_ref(s);
+	prune_blobs(bl);
 	*out = s;
 	return DWS_OK;
 }
@@ -959,6 +982,7 @@ void dws_builder_set_catalog(dws_builder *bl, dws_catalog *c)
 	if (bl->prev && dws_catalog_step_id(c, bl->prev->step) != bl->prev->id) {
 		dws_step_unref(bl->prev);
 		bl->prev = NULL;
+		prune_blobs(bl);
 	}
 }
 
