@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <xxhash.h>
 #include <zstd.h>
@@ -186,8 +187,10 @@ int dws_blob_xxh3(dws_blob *b, uint64_t off, uint64_t len, uint64_t *out,
 /* ---- zstd ---- */
 
 /* Stream-decompress src; hand each output chunk to sink until it returns
- * nonzero (stop early, not an error) or the stream ends. */
-static int zstd_stream(dws_blob *src, uint64_t max_out,
+ * nonzero (stop early, not an error) or the stream ends. Output past max_out
+ * is an error, raised before the sink sees it. exact: max_out is the size the
+ * content's safetensors header declares; ending short of it is an error too. */
+static int zstd_stream(dws_blob *src, uint64_t max_out, bool exact,
 		       int (*sink)(void *ctx, const void *p, size_t n, dws_error *err),
 		       void *ctx, dws_error *err)
 {
@@ -198,8 +201,14 @@ static int zstd_stream(dws_blob *src, uint64_t max_out,
 	int rc = DWS_OK;
 	size_t last = 1;
 	bool stopped = false;
-	/* a window bigger than 1 GiB is refused: it would cost that much memory */
-	ZSTD_DCtx_setParameter(dc, ZSTD_d_windowLogMax, 30);
+	/* a window bigger than 1 GiB is refused: it would cost that much memory.
+	 * Knowing the size, no bigger window than it is needed, nor than 128 MiB
+	 * (what compressors use by default, even for small input of unknown size) */
+	int wlog = 30;
+	if (exact)
+		for (wlog = 27; wlog < 30 && (1ULL << wlog) < max_out;)
+			wlog++;
+	ZSTD_DCtx_setParameter(dc, ZSTD_d_windowLogMax, wlog);
 	while (off < src->size && !stopped) {
 		size_t n = src->size - off < incap ? (size_t)(src->size - off) : incap;
 		rc = dws_blob_read(src, off, in, n, err);
@@ -216,8 +225,12 @@ static int zstd_stream(dws_blob *src, uint64_t max_out,
 			}
 			total += ob.pos;
 			if (total > max_out) {
-				rc = dws_fail(err, DWS_EFORMAT, "%s: zstd data decompresses past the %llu byte limit", src->name,
-					      (unsigned long long)max_out);
+				if (exact)
+					rc = dws_fail(err, DWS_EFORMAT, "%s: trailing data: the zstd stream goes on past the %llu bytes its safetensors header declares",
+						      src->name, (unsigned long long)max_out);
+				else
+					rc = dws_fail(err, DWS_EFORMAT, "%s: zstd data decompresses past the %llu byte limit", src->name,
+						      (unsigned long long)max_out);
 				goto out;
 			}
 			if (ob.pos) {
@@ -230,8 +243,13 @@ static int zstd_stream(dws_blob *src, uint64_t max_out,
 			}
 		}
 	}
-	if (!stopped && last != 0)
+	if (rc || stopped)
+		goto out;
+	if (last != 0)
 		rc = dws_fail(err, DWS_EFORMAT, "%s: truncated zstd data (the frame does not end)", src->name);
+	else if (exact && total < max_out)
+		rc = dws_fail(err, DWS_EFORMAT, "%s: truncated: the zstd stream ends after %llu of the %llu bytes its safetensors header declares",
+			      src->name, (unsigned long long)total, (unsigned long long)max_out);
 out:
 	free(in);
 	free(outb);
@@ -263,18 +281,48 @@ static int sink_fd(void *ctx, const void *p, size_t n, dws_error *err)
 	return 0;
 }
 
-int dws_blob_zstd(dws_blob *src, const char *tmpdir, uint64_t max_size,
-		  dws_blob **out, dws_error *err)
+/* mkdir -p, each folder made private (0700): where decompressed copies go */
+static int mkdirs(const char *path)
+{
+	char *p = dws_xstrdup(path);
+	int rc = 0;
+	for (char *c = p + 1; *c && !rc; c++)
+		if (*c == '/') {
+			*c = 0;
+			rc = mkdir(p, 0700) == 0 || errno == EEXIST ? 0 : -1;
+			*c = '/';
+		}
+	if (!rc)
+		rc = mkdir(p, 0700) == 0 || errno == EEXIST ? 0 : -1;
+	free(p);
+	return rc;
+}
+
+/* An unlinked temporary file under tmpdir (NULL: $TMPDIR or /tmp), made
+ * first when it does not exist (a cache_dir no remote cache has made). */
+static int tmp_file(const char *tmpdir, const char *what, int *fd, dws_error *err)
 {
 	if (!tmpdir)
 		tmpdir = getenv("TMPDIR");
 	if (!tmpdir || !*tmpdir)
 		tmpdir = "/tmp";
-	int fd = open(tmpdir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
-	if (fd < 0)
-		return dws_fail(err, DWS_EIO, "%s: cannot create a temporary file in %s: %s", src->name, tmpdir, strerror(errno));
+	*fd = open(tmpdir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+	if (*fd < 0 && errno == ENOENT && mkdirs(tmpdir) == 0)
+		*fd = open(tmpdir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+	if (*fd < 0)
+		return dws_fail(err, DWS_EIO, "%s: cannot create a temporary file in %s: %s", what, tmpdir, strerror(errno));
+	return DWS_OK;
+}
+
+static int zstd_to_file(dws_blob *src, const char *tmpdir, uint64_t max_size, bool exact,
+			dws_blob **out, dws_error *err)
+{
+	int fd;
+	int rc = tmp_file(tmpdir, src->name, &fd, err);
+	if (rc)
+		return rc;
 	struct fd_sink s = {fd, 0, src->name};
-	int rc = zstd_stream(src, max_size, sink_fd, &s, err);
+	rc = zstd_stream(src, max_size, exact, sink_fd, &s, err);
 	if (rc) {
 		close(fd);
 		return rc;
@@ -283,6 +331,12 @@ int dws_blob_zstd(dws_blob *src, const char *tmpdir, uint64_t max_size,
 	*out = dws_blob_from_fd(name, fd, s.off);
 	free(name);
 	return DWS_OK;
+}
+
+int dws_blob_zstd(dws_blob *src, const char *tmpdir, uint64_t max_size,
+		  dws_blob **out, dws_error *err)
+{
+	return zstd_to_file(src, tmpdir, max_size, false, out, err);
 }
 
 struct mem_sink {
@@ -304,7 +358,7 @@ int dws_zstd_prefix(dws_blob *src, size_t want, void **out, size_t *out_len,
 		    dws_error *err)
 {
 	struct mem_sink s = {dws_xmalloc(want ? want : 1), 0, want};
-	int rc = zstd_stream(src, UINT64_MAX, sink_mem, &s, err);
+	int rc = zstd_stream(src, UINT64_MAX, false, sink_mem, &s, err);
 	if (rc) {
 		free(s.p);
 		return rc;
@@ -312,4 +366,56 @@ int dws_zstd_prefix(dws_blob *src, size_t want, void **out, size_t *out_len,
 	*out = s.p;
 	*out_len = s.len;
 	return DWS_OK;
+}
+
+/* ---- zstd objects holding one safetensors file ---- */
+
+int dws_zstd_st_header(dws_blob *src, dws_st_file **st, uint64_t *size,
+		       dws_error *err)
+{
+	void *buf = NULL;
+	size_t got = 0;
+	uint64_t need = 0;
+	*st = NULL;
+	int rc = dws_zstd_prefix(src, 4096, &buf, &got, err);
+	if (!rc)
+		rc = dws_st_parse(buf, got, DWS_ST_SIZE_UNKNOWN, src->name, st, &need, err);
+	if (rc == 1) {
+		free(buf);
+		buf = NULL;
+		rc = dws_zstd_prefix(src, (size_t)need, &buf, &got, err);
+		if (!rc)
+			rc = dws_st_parse(buf, got, DWS_ST_SIZE_UNKNOWN, src->name, st, NULL, err);
+	}
+	free(buf);
+	/* no overflow: the parser kept every tensor's end below 2^64 - data_start */
+	if (!rc)
+		*size = dws_st_data_start(*st) + dws_st_data_end(*st);
+	return rc;
+}
+
+struct buf_sink {
+	char *p;
+	uint64_t len;
+};
+
+static int sink_buf(void *ctx, const void *p, size_t n, dws_error *err)
+{
+	(void)err;
+	struct buf_sink *s = ctx;
+	memcpy(s->p + s->len, p, n); /* never past the size: zstd_stream stops first */
+	s->len += n;
+	return 0;
+}
+
+int dws_zstd_st_read(dws_blob *src, void *buf, uint64_t size, dws_error *err)
+{
+	struct buf_sink s = {buf, 0};
+	return zstd_stream(src, size, true, sink_buf, &s, err);
+}
+
+int dws_zstd_st_file(dws_blob *src, const char *tmpdir, uint64_t size,
+		     dws_blob **out, dws_error *err)
+{
+	return zstd_to_file(src, tmpdir, size, true, out, err);
 }

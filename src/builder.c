@@ -42,31 +42,35 @@ struct dws_builder {
 	bool folding;
 };
 
-/* The whole blob in bl->scratch (grown as needed; its pages stay faulted in
- * from one delta to the next). */
-static int read_into_scratch(dws_builder *bl, dws_blob *b, size_t *len, dws_error *err)
+/* A sparse step file whole in bl->scratch (grown as needed; its pages stay
+ * faulted in from one delta to the next), no bigger than a delta of the
+ * step's model can be (dws_delta_size); a .zst is decompressed straight into
+ * it, header first. */
+static int read_into_scratch(dws_builder *bl, const dws_step *s, const dws_stepfile *f,
+			     dws_blob *raw, size_t *len, dws_error *err)
 {
-	uint64_t size = dws_blob_size(b);
-	if (size > bl->o.max_delta_bytes || size > SIZE_MAX)
-		return dws_fail(err, DWS_EFORMAT, "%s: %llu bytes is more than the %llu byte limit for a delta", dws_blob_name(b),
-				(unsigned long long)size, (unsigned long long)bl->o.max_delta_bytes);
+	uint64_t size;
+	int rc = dws_delta_size(raw, f->compressed, dws_layout_patchable(s->layout), bl->o.max_delta_bytes, &size, err);
+	if (rc)
+		return rc;
 	if (size > bl->scratch_cap) {
 		free(bl->scratch);
 		bl->scratch_cap = (size_t)size;
 		bl->scratch = dws_xmalloc(bl->scratch_cap);
 	}
 	*len = (size_t)size;
-	return dws_blob_read(b, 0, bl->scratch, (size_t)size, err);
+	return f->compressed ? dws_zstd_st_read(raw, bl->scratch, size, err) : dws_blob_read(raw, 0, bl->scratch, (size_t)size, err);
 }
 
 #define DEFAULT_MAX_DELTA (64ULL << 30)
 
 /* ---- blobs ---- */
 
-/* A source blob for a step file: decompressed when it is .zst. Kept for the
- * builder's life so a chain reuses what it decompressed. */
-static int stepfile_blob(dws_builder *bl, const dws_stepfile *f, dws_blob **out,
-			 dws_error *err)
+/* A source blob for a step file: decompressed when it is .zst, its tensors
+ * no bigger than model_bytes. Kept while a step reads it (prune_blobs), so a
+ * chain reuses what it decompressed. */
+static int stepfile_blob(dws_builder *bl, const dws_stepfile *f, uint64_t model_bytes,
+			 dws_blob **out, dws_error *err)
 {
 	char *key = dws_xasprintf("%s\n%s", f->obj.key, f->obj.ident);
 	for (size_t i = 0; i < bl->nblobs; i++)
@@ -78,7 +82,10 @@ static int stepfile_blob(dws_builder *bl, const dws_stepfile *f, dws_blob **out,
 	dws_blob *raw = NULL, *b = NULL;
 	int rc = dws_bucket_open_blob(dws_catalog_bucket(bl->cat), &f->obj, &raw, err);
 	if (!rc && f->compressed) {
-		rc = dws_blob_zstd(raw, bl->o.tmpdir, bl->o.max_delta_bytes * 64, &b, err);
+		uint64_t max;
+		if (!dws_mul_ok(bl->o.max_delta_bytes, 64, &max))
+			max = UINT64_MAX;
+		rc = dws_dense_zstd(raw, bl->o.tmpdir, model_bytes, max, &b, err);
 		dws_blob_unref(raw);
 	} else {
 		b = raw;
@@ -91,6 +98,27 @@ static int stepfile_blob(dws_builder *bl, const dws_stepfile *f, dws_blob **out,
 	bl->blobs[bl->nblobs++] = (struct cached_blob){key, dws_blob_ref(b)};
 	*out = b;
 	return DWS_OK;
+}
+
+/* Keep a blob only while a step reads it: the newest step (its chain, where
+ * the next build most likely starts) or any other step still held (a build
+ * of it again reuses what was decompressed). Steps hold their own
+ * references, so a blob (an fd, a decompressed copy) goes with the last step
+ * that reads it, or at the next build if the cache was the last to hold it.
+ * A blob only the cache holds cannot gain a reference meanwhile: nobody
+ * else has it. */
+static void prune_blobs(dws_builder *bl)
+{
+	size_t k = 0;
+	for (size_t i = 0; i < bl->nblobs; i++) {
+		if (atomic_load(&bl->blobs[i].blob->refs) > 1) {
+			bl->blobs[k++] = bl->blobs[i];
+			continue;
+		}
+		free(bl->blobs[i].key);
+		dws_blob_unref(bl->blobs[i].blob);
+	}
+	bl->nblobs = k;
 }
 
 /* ---- names ---- */
@@ -375,7 +403,7 @@ static int apply_dense(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 {
 	dws_blob *b = NULL;
 	dws_st_file *st = NULL;
-	int rc = stepfile_blob(bl, f, &b, err);
+	int rc = stepfile_blob(bl, f, dws_layout_tensor_bytes(s->layout), &b, err);
 	if (rc)
 		return rc;
 	const char *what = dws_blob_name(b);
@@ -504,19 +532,13 @@ static int apply_sparse(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 	if (rc)
 		return rc;
 	char *what = dws_xstrdup(dws_blob_name(raw));
-	if (f->compressed) {
-		dws_blob *z = NULL;
-		rc = dws_blob_zstd(raw, bl->o.tmpdir, bl->o.max_delta_bytes, &z, err);
-		if (!rc)
-			rc = read_into_scratch(bl, z, &len, err);
-		dws_blob_unref(z);
-	} else {
-		rc = read_into_scratch(bl, raw, &len, err);
-	}
+	rc = read_into_scratch(bl, s, f, raw, &len, err);
 	if (rc)
 		goto out;
 	data = bl->scratch;
 	rc = dws_st_parse(data, len, len, what, &st, NULL, err);
+	if (!rc)
+		rc = dws_delta_check(st, dws_layout_patchable(s->layout), what, err);
 	if (rc)
 		goto out;
 	rc = check_payload_mem(bl, st, data, len, what, err);
@@ -600,7 +622,7 @@ static int chain_start(dws_builder *bl, const dws_stepfile *a, dws_step **out,
 			return dws_fail(err, a->error_code, "%s", a->error);
 		dws_blob *b = NULL;
 		dws_st_file *st = NULL;
-		rc = stepfile_blob(bl, a, &b, err);
+		rc = stepfile_blob(bl, a, UINT64_MAX, &b, err); /* it makes the model */
 		if (rc)
 			return rc;
 		rc = dws_st_read_blob(b, dws_blob_name(b), &st, err);
@@ -701,11 +723,13 @@ int dws_builder_build(dws_builder *bl, uint64_t step, dws_step **out,
 		memset(bl->own, 0, bl->nown * sizeof(*bl->own));
 	if (rc) {
 		dws_step_unref(s);
+		prune_blobs(bl);
 		return rc;
 	}
 	s->id = dws_catalog_step_id(c, step);
 	dws_step_unref(bl->prev);
 	bl->prev = dws_step_ref(s);
+	prune_blobs(bl);
 	*out = s;
 	return DWS_OK;
 }
@@ -867,19 +891,17 @@ static int lazy_file(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 	if (rc)
 		return rc;
 	lf->what = dws_xstrdup(dws_blob_name(raw));
-	if (f->compressed) {
-		rc = dws_blob_zstd(raw, bl->o.tmpdir, bl->o.max_delta_bytes, &b, err);
-		dws_blob_unref(raw);
-		if (rc)
-			return rc;
-	} else {
-		b = raw;
-	}
-	uint64_t size = dws_blob_size(b);
-	if (size > bl->o.max_delta_bytes || size > SIZE_MAX)
-		rc = dws_fail(err, DWS_EFORMAT, "%s: %llu bytes is more than the %llu byte limit for a delta", lf->what,
-			      (unsigned long long)size, (unsigned long long)bl->o.max_delta_bytes);
-	if (!rc && b->fd >= 0 && size) {
+	uint64_t size;
+	uint64_t patchable = dws_layout_patchable(s->layout);
+	rc = dws_delta_size(raw, f->compressed, patchable, bl->o.max_delta_bytes, &size, err);
+	if (!rc && f->compressed) /* exactly that size, into a file mapped below */
+		rc = dws_zstd_st_file(raw, bl->o.tmpdir, size, &b, err);
+	else if (!rc)
+		b = dws_blob_ref(raw);
+	dws_blob_unref(raw);
+	if (rc)
+		return rc;
+	if (b->fd >= 0 && size) {
 		void *m = mmap(NULL, (size_t)size, PROT_READ, MAP_PRIVATE, b->fd, 0);
 		if (m != MAP_FAILED) {
 			lf->data = m;
@@ -896,6 +918,8 @@ static int lazy_file(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 		return rc;
 	const unsigned char *data = lf->data;
 	rc = dws_st_parse(data, lf->len, lf->len, lf->what, &lf->st, NULL, err);
+	if (!rc)
+		rc = dws_delta_check(lf->st, patchable, lf->what, err);
 	if (rc)
 		return rc;
 	rc = check_payload_mem(bl, lf->st, data, lf->len, lf->what, err);
@@ -958,6 +982,7 @@ void dws_builder_set_catalog(dws_builder *bl, dws_catalog *c)
 	if (bl->prev && dws_catalog_step_id(c, bl->prev->step) != bl->prev->id) {
 		dws_step_unref(bl->prev);
 		bl->prev = NULL;
+		prune_blobs(bl);
 	}
 }
 

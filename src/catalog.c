@@ -107,7 +107,7 @@ static void sniff(dws_bucket *b, dws_stepfile *f)
 		if (rc)
 			goto out;
 		unsigned long long cs = ZSTD_getFrameContentSize(fh, fl);
-		size = (cs == ZSTD_CONTENTSIZE_UNKNOWN || cs == ZSTD_CONTENTSIZE_ERROR) ? UINT64_MAX / 2 : cs;
+		size = (cs == ZSTD_CONTENTSIZE_UNKNOWN || cs == ZSTD_CONTENTSIZE_ERROR) ? DWS_ST_SIZE_UNKNOWN : cs;
 		rc = dws_st_parse(buf, got, size < got ? got : size, what, &st, &need, &err);
 		if (rc == 1) {
 			free(buf);

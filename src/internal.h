@@ -122,6 +122,20 @@ int dws_st_read_blob(dws_blob *b, const char *what, dws_st_file **out,
 /* The raw header bytes [0, data_start) of the file the header came from. */
 const void *dws_st_raw(const dws_st_file *f);
 
+/* A .zst object holding one safetensors file, never inflated past what it
+ * can legitimately hold. Its header first: only the bytes it takes are
+ * decompressed, and it declares the file's size (*size: 8 + header length +
+ * the end of the last tensor's data; the header is checked on its own, its
+ * tensors' bytes are not there yet). Then exactly that size, into buf or into
+ * an unlinked temporary file under tmpdir (NULL: $TMPDIR or /tmp; made when
+ * missing): a stream that ends short is truncated, one that goes on past it
+ * is trailing data. Both are errors, and no byte past the size is written. */
+int dws_zstd_st_header(dws_blob *src, dws_st_file **st, uint64_t *size,
+		       dws_error *err);
+int dws_zstd_st_read(dws_blob *src, void *buf, uint64_t size, dws_error *err);
+int dws_zstd_st_file(dws_blob *src, const char *tmpdir, uint64_t size,
+		     dws_blob **out, dws_error *err);
+
 /* XXH3-64 of a byte range of a blob. */
 int dws_blob_xxh3(dws_blob *b, uint64_t off, uint64_t len, uint64_t *out,
 		  dws_error *err);

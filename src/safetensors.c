@@ -16,6 +16,7 @@ struct dws_st_file {
 	dws_st_meta *meta;
 	size_t nmeta;
 	uint64_t data_start;
+	uint64_t data_end; /* the end of the last tensor, in the data section */
 	void *raw;      /* the first data_start bytes of the file */
 	char *strings;  /* arena for names, metadata and shapes */
 	dws_strmap index;
@@ -40,6 +41,7 @@ const dws_st_tensor *dws_st_at(const dws_st_file *f, size_t i) { return &f->t[i]
 size_t dws_st_meta_count(const dws_st_file *f) { return f->nmeta; }
 const dws_st_meta *dws_st_meta_at(const dws_st_file *f, size_t i) { return &f->meta[i]; }
 uint64_t dws_st_data_start(const dws_st_file *f) { return f->data_start; }
+uint64_t dws_st_data_end(const dws_st_file *f) { return f->data_end; }
 const void *dws_st_raw(const dws_st_file *f) { return f->raw; }
 
 const dws_st_tensor *dws_st_find(const dws_st_file *f, const char *name)
@@ -256,6 +258,16 @@ int dws_st_parse(const void *prefix, size_t prefix_len, uint64_t file_size,
 	free(by);
 	if (rc)
 		goto out;
+	for (size_t i = 0; i < f->n; i++)
+		if (f->t[i].end > f->data_end)
+			f->data_end = f->t[i].end;
+	/* bytes past the last tensor are nothing a reader may be asked to hold
+	 * (a .zst of a small file and gigabytes of zeros) */
+	if (file_size != DWS_ST_SIZE_UNKNOWN && f->data_end != data_len) {
+		rc = dws_fail(err, DWS_EFORMAT, "%s: trailing data: %llu bytes after the end of the last tensor (a safetensors file ends there)", what,
+			      (unsigned long long)(data_len - f->data_end));
+		goto out;
+	}
 	for (size_t i = 0; i < f->n; i++)
 		dws_strmap_put(&f->index, f->t[i].name, i);
 	f->raw = dws_xmalloc(f->data_start);

@@ -156,6 +156,29 @@ struct dws_step {
 	uint8_t *trained;    /* per slot: the trainer's files provide it */
 };
 
+/* Step files read no further than they can legitimately hold (stepfile.c).
+ * A sparse delta holds at most one index (4 bytes at most) and one BF16 value
+ * per patchable element of the model. */
+#define DWS_SPARSE_BYTES_PER_ELEMENT 6
+/* Elements of the layout's float tensors (what a sparse delta may patch) and
+ * bytes of all its tensors (what a dense file applied onto it may hold). */
+uint64_t dws_layout_patchable(const dws_layout *L);
+uint64_t dws_layout_tensor_bytes(const dws_layout *L);
+/* Whether a parsed sparse file's tensors fit that bound. */
+int dws_delta_check(const dws_st_file *st, uint64_t patchable, const char *what,
+		    dws_error *err);
+/* The whole size of a sparse step file, checked before any of its data is
+ * read or inflated: a plain file's size against the bound with the largest
+ * header; a .zst file's header-declared size (its header decompressed first)
+ * against the bound. Both within max_bytes. A .zst is then read with
+ * dws_zstd_st_read/_file and exactly this size. */
+int dws_delta_size(dws_blob *raw, bool compressed, uint64_t patchable, uint64_t max_bytes,
+		   uint64_t *size, dws_error *err);
+/* A .zst dense file decompressed into an unlinked temporary file, once its
+ * header shows its tensors within model_bytes and the file within max_bytes. */
+int dws_dense_zstd(dws_blob *raw, const char *tmpdir, uint64_t model_bytes, uint64_t max_bytes,
+		   dws_blob **out, dws_error *err);
+
 /* The chain from an anchor to a step for a streaming extract: each sparse
  * file held in memory, its params checked (dws_delta_scan) but not decoded,
  * in chain order. */

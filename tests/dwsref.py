@@ -23,6 +23,10 @@ import numpy as np
 import dwsgen as g
 
 STEP_RE = re.compile(r"step_(\d{6,})\.safetensors(\.zst)?$")
+MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's cap
+# A sparse delta holds at most one index (4 bytes at most) and one BF16 value
+# per element of each tensor it patches, each tensor once.
+SPARSE_BYTES_PER_ELEMENT = 6
 
 
 class RefError(Exception):
@@ -74,20 +78,69 @@ def parse(blob, file):
     for (_, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise RefError(file, f"{n0} and {n1}: data offsets overlap")
+    # the safetensors library's rule: the file ends where the last tensor does
+    if max((e for _, e, _ in spans), default=0) != data_len:
+        raise RefError(file, "trailing data after the last tensor")
     return header, meta, 8 + n
+
+
+def declared_size(head):
+    """8 + header length + the end of the last tensor: the size a file's
+    header (in `head`, its first bytes) declares; None if it does not parse."""
+    try:
+        (n,) = struct.unpack_from("<Q", head)
+        header = json.loads(head[8:8 + n].decode("utf-8"))
+        ends = [e["data_offsets"][1] for k, e in header.items() if k != g.META]
+        return 8 + n + max((int(x) for x in ends), default=0)
+    except (struct.error, UnicodeDecodeError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None
+
+
+def check_sparse_size(file, meta, data_len, model):
+    """A sparse delta holds no more than 6 bytes per element of the model."""
+    if model is not None and meta.get("sparse") == "True":
+        cap = SPARSE_BYTES_PER_ELEMENT * sum(model.values())
+        if data_len > cap:
+            raise RefError(file, f"too large for a sparse delta of this model: {data_len} bytes of data, at most {cap}")
 
 
 # ---------------------------------------------------------------- bucket
 
-def read_file(path, file):
-    with open(path, "rb") as f:
-        blob = f.read()
+def read_file(path, file, model=None):
     if path.endswith(".zst"):
-        p = subprocess.run(["zstd", "-q", "-d", "-c"], input=blob, capture_output=True)
-        if p.returncode:
+        return read_zst(path, file, model)
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def read_zst(path, file, model):
+    """A .zst object read as dwsfs reads it: the header first, then exactly
+    the size it declares and not a byte more (a bomb is never inflated); a
+    sparse delta larger than the model allows is refused before its data."""
+    with open(path, "rb") as src:
+        p = subprocess.Popen(["zstd", "-q", "-d", "-c"], stdin=src, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL)
+    try:
+        out = p.stdout.read(8)
+        size = None
+        if len(out) == 8 and struct.unpack("<Q", out)[0] <= MAX_HEADER:
+            out += p.stdout.read(struct.unpack("<Q", out)[0])
+            size = declared_size(out)
+        if size is None:
+            out += p.stdout.read(MAX_HEADER)  # a broken header: parse() says what is wrong
+        else:
+            n = struct.unpack_from("<Q", out)[0]
+            meta = json.loads(out[8:8 + n]).get(g.META, {})
+            check_sparse_size(file, meta if isinstance(meta, dict) else {}, size - 8 - n, model)
+            out += p.stdout.read(size - len(out))
+            if len(out) == size and p.stdout.read(1):
+                raise RefError(file, "trailing data after the last tensor (the zstd stream goes on)")
+        if p.wait() != 0:
             raise RefError(file, "zstd: cannot decompress")
-        blob = p.stdout
-    return blob
+        return out
+    finally:
+        p.kill()
+        p.wait()
 
 
 def current_run(bucket):
@@ -121,6 +174,7 @@ def decode(blob, file, model):
     sparse = meta.get("sparse", "False")
     if sparse not in ("True", "False"):
         raise RefError(file, f"sparse must be True or False, not {sparse!r}")
+    check_sparse_size(file, meta, len(blob) - start, model)
 
     def check_name(name):
         if model is not None and name not in model:
@@ -187,12 +241,14 @@ def reconstruct(bucket, step=None):
     if step not in steps:
         raise RefError(bucket, f"no step {step} in the current run")
     chain = [rel for s, rel, _ in run if s <= step]
-    blobs = {rel: read_file(os.path.join(bucket, rel), rel) for rel in chain}
     # The model's parameters are those of the run's first file, a complete anchor.
+    blobs = {chain[0]: read_file(os.path.join(bucket, chain[0]), chain[0])}
     kind, first = decode(blobs[chain[0]], chain[0], None)
     if kind != "dense":
         raise RefError(chain[0], "the run does not start with a dense anchor")
     model = {n: len(b) for n, b in first.items()}
+    for rel in chain[1:]:
+        blobs[rel] = read_file(os.path.join(bucket, rel), rel, model)
 
     def complete(rel):
         header, meta, _ = parse(blobs[rel], rel)

@@ -4,7 +4,8 @@
     gen_malformed.py OUT
 
 OUT/<case>/bucket/    a valid complete anchor at step 1 and ONE bad file (usually
-                      deltas/step_000002.safetensors, sometimes the anchor itself)
+                      deltas/step_000002.safetensors, sometimes the anchor itself,
+                      which then replaces the valid one)
 OUT/<case>/expect.json  {"step": step to extract, "file": the bad file relative to the
                       bucket, "reason": lowercase phrase the error line must contain,
                       "detail": what is wrong}
@@ -71,6 +72,63 @@ def entry(dtype, shape, begin, end):
     return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
 
 
+GIB = 1 << 30
+ZSTD_BLOCK = 128 * 1024  # the largest block a zstd frame may hold
+
+
+def zstd_frame(data, zeros=0, content_size=None):
+    """A zstd frame written by hand, so a test says exactly what it holds:
+    `data` in raw blocks, then `zeros` zero bytes in RLE blocks (4 bytes per
+    128 KiB: 2 GiB of zeros cost 64 KiB). content_size, when given, is the
+    frame header's content size field (else the frame has none)."""
+    out = bytearray(struct.pack("<I", 0xFD2FB528))
+    # descriptor: an 8-byte content size or none, a window descriptor follows;
+    # window: 2**(10 + 7) = 128 KiB, room for the largest block
+    out += bytes([0xC0 if content_size is not None else 0x00, 7 << 3])
+    if content_size is not None:
+        out += struct.pack("<Q", content_size)
+    blocks = [(0, len(c), c) for c in (data[i:i + ZSTD_BLOCK] for i in range(0, len(data), ZSTD_BLOCK))]
+    full, rest = divmod(zeros, ZSTD_BLOCK)
+    if full:
+        blocks.append((1, ZSTD_BLOCK, b"\0", full))
+    if rest:
+        blocks.append((1, rest, b"\0"))
+    if not blocks:
+        blocks.append((0, 0, b""))
+    for i, (kind, size, body, *count) in enumerate(blocks):
+        header = (size << 3) | (kind << 1)
+        block = struct.pack("<I", header)[:3] + body
+        n = count[0] if count else 1
+        last = i == len(blocks) - 1
+        out += block * (n - 1 if last else n)
+        if last:
+            out += struct.pack("<I", header | 1)[:3] + body
+    return bytes(out)
+
+
+def claims_gbs():
+    """An anchor whose header declares a 4 GiB embedding, holding 1 KiB of data."""
+    shapes = ((EMB, [65536, 32768]), (UP, [16, 8]), (NORM, [8]))
+    total = sum(int(np.prod(s, dtype=np.int64)) for _, s in shapes)
+    header = {g.META: g.trainer_metadata(1, False, 3, total, total)}  # complete, as it claims
+    pos = 0
+    for name, shape in shapes:
+        n = 2 * int(np.prod(shape, dtype=np.int64))
+        header[name] = entry("BF16", shape, pos, pos + n)
+        pos += n
+    return g.raw_safetensors(header, b"\0" * 1024)
+
+
+def too_large_delta():
+    """A gap_delta naming one tensor with 2**28 changed elements (1.5 GiB of
+    indices and values) for a model of 264 elements, and holding them."""
+    n = 1 << 28
+    header = {g.META: meta(encoding="gap_delta"), EMB + ".idx": entry("U32", [n], 0, 4 * n),
+              EMB + ".val": entry("BF16", [n], 4 * n, 6 * n)}
+    blob = g.raw_safetensors(header, b"")
+    return zstd_frame(blob, zeros=6 * n)
+
+
 IDX_OK = entry("U16", [3], 0, 6)
 DATA = np.array([3, 13, 82], "<u2").tobytes() + VALS.astype("<u2").tobytes()
 ANCHOR_BLOB = anchor()
@@ -117,6 +175,22 @@ CASES = {
     "sparse_maybe": (DELTA, v3({EMB + ".idx": g.tensor("U16", [3, 13, 82]), EMB + ".val": g.tensor("BF16", VALS)},
                                sparse="maybe"), "sparse", "sparse=maybe"),
     "bad_zstd": (DELTA + ".zst", b"this is not a zstd frame\n" * 4, "zstd", "a .zst file that is not zstd"),
+    "trailing_garbage": (DELTA, gap_delta() + b"\0garbage" * 4, "trailing",
+                         "a valid delta followed by 32 bytes past the end of its last tensor"),
+    "anchor_trailing": (ANCHOR, ANCHOR_BLOB + b"x", "trailing", "the only anchor with one byte past its last tensor"),
+    "zstd_trailing": (DELTA + ".zst", zstd_frame(gap_delta() + b"\0garbage"), "trailing",
+                      "a .zst delta whose content goes on 8 bytes past its last tensor"),
+    "zstd_bomb_delta": (DELTA + ".zst", zstd_frame(gap_delta(), zeros=2 * GIB), "trailing",
+                        "a .zst delta: a valid 3-element delta followed by 2 GiB of zeros (64 KiB compressed)"),
+    "zstd_bomb_delta_sized": (DELTA + ".zst", zstd_frame(gap_delta(), zeros=2 * GIB,
+                                                         content_size=len(gap_delta()) + 2 * GIB), "trailing",
+                              "zstd_bomb_delta whose frame header gives its 2 GiB size"),
+    "zstd_delta_too_large": (DELTA + ".zst", too_large_delta(), "too large",
+                             "a .zst gap_delta holding 2**28 indices and values (1.5 GiB) for a 264-element model"),
+    "zstd_bomb_anchor": (ANCHOR + ".zst", zstd_frame(ANCHOR_BLOB, zeros=2 * GIB), "trailing",
+                         "the only anchor, .zst: a valid anchor followed by 2 GiB of zeros (64 KiB compressed)"),
+    "zstd_anchor_claims_gbs": (ANCHOR + ".zst", zstd_frame(claims_gbs()), "truncated",
+                               "the only anchor, .zst: its header declares a 4 GiB tensor, it holds 1 KiB"),
     "anchor_truncated": (ANCHOR, ANCHOR_BLOB[:-100], "truncated", "the only anchor cut 100 bytes short"),
     "anchor_unknown_dtype": (ANCHOR, ANCHOR_BLOB.replace(b'"BF16"', b'"X9"  ', 1), "unknown dtype",
                              'the only anchor has a tensor of dtype "X9"'),
@@ -126,15 +200,16 @@ CASES = {
 def generate(out):
     for case, (rel, blob, reason, detail) in CASES.items():
         bucket = os.path.join(out, case, "bucket")
-        files = {ANCHOR: ANCHOR_BLOB, rel: blob}
+        # a bad anchor replaces the valid one (one file per step)
+        files = {rel: blob} if rel.startswith(ANCHOR) else {ANCHOR: ANCHOR_BLOB, rel: blob}
         for name, data in files.items():
             path = os.path.join(bucket, name)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "wb") as f:
                 f.write(data)
-            t = T0_NS + (0 if name == ANCHOR else 10 * 10**9)
+            t = T0_NS + (0 if name.startswith(ANCHOR) else 10 * 10**9)
             os.utime(path, ns=(t, t))
-        expect = {"step": 1 if rel == ANCHOR else 2, "file": rel, "reason": reason, "detail": detail}
+        expect = {"step": 1 if rel.startswith(ANCHOR) else 2, "file": rel, "reason": reason, "detail": detail}
         with open(os.path.join(out, case, "expect.json"), "w") as f:
             json.dump(expect, f, indent=2)
             f.write("\n")

@@ -109,7 +109,11 @@ typedef struct dws_st_file dws_st_file;
 /* Parse and validate a header. `prefix` holds at least the first 8 bytes; if
  * it does not hold the whole header, *need is set to the byte count needed and
  * DWS_EFORMAT is not returned (returns 1). `file_size` is the whole file's
- * size: every tensor must lie inside it. `what` names the file in errors. */
+ * size: every tensor must lie inside it, and the file must end where the last
+ * tensor does (the safetensors library's rule: no trailing bytes). With
+ * DWS_ST_SIZE_UNKNOWN (a compressed stream whose size is not known yet) only
+ * the header itself is checked. `what` names the file in errors. */
+#define DWS_ST_SIZE_UNKNOWN UINT64_MAX
 int dws_st_parse(const void *prefix, size_t prefix_len, uint64_t file_size,
 		 const char *what, dws_st_file **out, uint64_t *need,
 		 dws_error *err);
@@ -122,6 +126,9 @@ size_t dws_st_meta_count(const dws_st_file *f);
 const dws_st_meta *dws_st_meta_at(const dws_st_file *f, size_t i);
 /* Bytes before the data section: 8 + header length. */
 uint64_t dws_st_data_start(const dws_st_file *f);
+/* Bytes of the data section the tensors declare: the end of the last one.
+ * The file's size is dws_st_data_start + this. */
+uint64_t dws_st_data_end(const dws_st_file *f);
 
 /* Writer: builds a header (sorted keys, space padded to 8) for tensors laid
  * out back to back in the given order. */
@@ -170,8 +177,8 @@ void dws_blob_unref(dws_blob *b);
 /* A blob over memory the blob takes ownership of (free()d on last unref). */
 dws_blob *dws_blob_from_memory(const char *name, void *data, size_t len);
 /* A whole-object zstd decompression of `src` (a .zst object): streamed into an
- * unlinked temporary file under `tmpdir` (NULL: $TMPDIR or /tmp), at most
- * `max_size` bytes of output. */
+ * unlinked temporary file under `tmpdir` (NULL: $TMPDIR or /tmp; made, 0700,
+ * when missing), at most `max_size` bytes of output. */
 int dws_blob_zstd(dws_blob *src, const char *tmpdir, uint64_t max_size,
 		  dws_blob **out, dws_error *err);
 /* Decompress only the first `want` bytes of a zstd blob into memory. */

@@ -89,6 +89,11 @@ static inline void fuzz_check_header(const dws_st_file *f, const uint8_t *raw,
 		FUZZ_CHECK(dws_st_find(f, t->name) == t);
 		by[i] = t;
 	}
+	/* the file ends where its last tensor does */
+	uint64_t end = 0;
+	for (size_t i = 0; i < n; i++)
+		end = by[i]->end > end ? by[i]->end : end;
+	FUZZ_CHECK(end == data_len && dws_st_data_end(f) == end);
 	/* no two non-empty tensors share a byte */
 	qsort(by, n, sizeof(*by), fuzz_cmp_begin);
 	const dws_st_tensor *prev = NULL;

@@ -7,8 +7,10 @@ OUT/fuzz_header/   small .safetensors files (every scenario of gen_bucket.py and
                    every case of gen_malformed.py)
 OUT/fuzz_delta/    the same files (the sparse ones are what it decodes; the dense
                    ones exercise the refusals)
-OUT/fuzz_zstd/     small .safetensors.zst files, plus zstd-compressed copies of the
-                   malformed cases when the zstd tool is installed
+OUT/fuzz_zstd/     small .safetensors.zst files, zstd bombs (a valid delta or anchor
+                   followed by zeros, with and without the frame's content size),
+                   plus zstd-compressed copies of the malformed cases when the zstd
+                   tool is installed
 
 Only files under 64 KiB (the fuzzers' -max_len) are kept. Each seed is named by
 its SHA-1, so identical files (the same anchor in several scenarios) are kept once.
@@ -25,6 +27,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
 MAX_LEN = 64 * 1024
 TARGETS = ("fuzz_header", "fuzz_delta", "fuzz_zstd")
+
+sys.path.insert(0, TESTS)
+import gen_malformed  # noqa: E402 - the tests' folder is put on the path first
 
 
 def run(args):
@@ -73,6 +78,14 @@ def main(argv=None):
             add(os.path.join(out, "fuzz_delta"), data)
         for p in files_under(tmp, ".safetensors.zst"):
             add(os.path.join(out, "fuzz_zstd"), open(p, "rb").read())
+
+        # zstd bombs small enough to be seeds (the corpus's 2 GiB ones are
+        # past -max_len): one zero byte too many, and 64 MiB of them
+        for blob in (gen_malformed.gap_delta(), gen_malformed.ANCHOR_BLOB):
+            for zeros in (1, 64 << 20):
+                for sized in (False, True):
+                    add(os.path.join(out, "fuzz_zstd"), gen_malformed.zstd_frame(
+                        blob, zeros, content_size=len(blob) + zeros if sized else None))
 
         # more zstd seeds: the (small) malformed files, compressed with and
         # without a checksum, so the decompressed header path sees them too

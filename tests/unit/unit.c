@@ -14,6 +14,7 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+#include <zstd.h>
 
 static int passed, failed;
 
@@ -167,6 +168,64 @@ static void test_safetensors(void)
 	}
 	free(file);
 	free(hdr);
+}
+
+/* ---- a file's end: no trailing bytes, .zst read to exactly its declared size ---- */
+
+static dws_blob *zst_blob(const unsigned char *p, size_t n)
+{
+	size_t cap = ZSTD_compressBound(n);
+	void *z = dws_xmalloc(cap);
+	size_t zn = ZSTD_compress(z, cap, p, n, 3);
+	return dws_blob_from_memory("t.safetensors.zst", z, ZSTD_isError(zn) ? 0 : zn);
+}
+
+static void test_file_end(void)
+{
+	const char *json = "{\"a\":{\"dtype\":\"U8\",\"shape\":[12],\"data_offsets\":[0,12]}}";
+	dws_error e;
+	CHECK(parse_json(json, 13, &e) == DWS_EFORMAT && strstr(e.msg, "trailing data: 1 bytes"), "a byte past the last tensor: %s", e.msg);
+	unsigned char buf[256];
+	size_t n = mkst(buf, json, 12);
+	dws_st_file *f = NULL;
+	memset(&e, 0, sizeof(e));
+	CHECK(dws_st_parse(buf, n - 12, DWS_ST_SIZE_UNKNOWN, "t", &f, NULL, &e) == 0 && dws_st_data_end(f) == 12,
+	      "a header alone, size unknown: %s", e.msg);
+	dws_st_free(f);
+	/* exactly n bytes; one more (a zstd bomb's zeros); one less */
+	for (int extra = -1; extra <= 1; extra++) {
+		memset(buf + n, 0, 4);
+		dws_blob *z = zst_blob(buf, n + extra);
+		uint64_t size = 0;
+		memset(&e, 0, sizeof(e));
+		int rc = dws_zstd_st_header(z, &f, &size, &e);
+		dws_st_free(f);
+		CHECK(rc == 0 && size == n, "header of a .zst: %llu bytes declared: %s", (unsigned long long)size, e.msg);
+		unsigned char out[256];
+		memset(&e, 0, sizeof(e));
+		rc = dws_zstd_st_read(z, out, size, &e);
+		const char *want = extra < 0 ? "truncated" : extra > 0 ? "trailing" : NULL;
+		CHECK(want ? rc == DWS_EFORMAT && strstr(e.msg, want) && strstr(e.msg, "t.safetensors.zst") : rc == 0 && !memcmp(out, buf, n),
+		      "%+d byte: %s", extra, e.msg);
+		dws_blob_unref(z);
+	}
+	/* a decompressed copy's folder is made (private) when missing */
+	char tmpl[] = "/tmp/dwsfs-unit-XXXXXX";
+	char *dir = mkdtemp(tmpl);
+	char *sub = dws_xasprintf("%s/a/b", dir);
+	dws_blob *z = zst_blob(buf, n), *out = NULL;
+	memset(&e, 0, sizeof(e));
+	struct stat st;
+	CHECK(dws_zstd_st_file(z, sub, n, &out, &e) == 0 && dws_blob_size(out) == n && stat(sub, &st) == 0 &&
+		      (st.st_mode & 0777) == 0700, "temp folder made: %s", e.msg);
+	dws_blob_unref(out);
+	dws_blob_unref(z);
+	rmdir(sub);
+	free(sub);
+	sub = dws_xasprintf("%s/a", dir);
+	rmdir(sub);
+	free(sub);
+	rmdir(dir);
 }
 
 /* ---- patch merge ---- */
@@ -877,6 +936,7 @@ int main(void)
 	test_dtypes();
 	test_names();
 	test_safetensors();
+	test_file_end();
 	test_patchset();
 	test_patchset_build();
 	test_patch_full();
