@@ -327,13 +327,12 @@ uint64_t dws_catalog_step_id(const dws_catalog *c, uint64_t step)
 	for (size_t i = 0; i < c->n && c->v[i].step <= step; i++)
 		if (!a || c->v[i].step > a->step)
 			id = id_mix(id, &c->v[i]);
-	id &= (1ULL << 39) - 1; /* fits in an inode number beside a node index */
 	return id ? id : 1;
 }
 
 /* The header facts of an unchanged object, from the previous catalog; a
  * header that could not be read for a passing reason is read again. */
-static bool reuse(const dws_catalog *prev, dws_stepfile *f)
+static bool reuse(const dws_catalog *prev, bool reread_failed, dws_stepfile *f)
 {
 	if (!prev)
 		return false;
@@ -342,7 +341,7 @@ static bool reuse(const dws_catalog *prev, dws_stepfile *f)
 		size_t n = pass ? prev->nstale : prev->n;
 		for (size_t i = 0; i < n; i++)
 			if (strcmp(v[i].obj.key, f->obj.key) == 0 && strcmp(v[i].obj.ident, f->obj.ident) == 0) {
-				if (v[i].error[0] && dws_code_transient(v[i].error_code))
+				if (reread_failed && v[i].error[0] && dws_code_transient(v[i].error_code))
 					return false;
 				char *key = f->obj.key;
 				*f = v[i];
@@ -410,7 +409,7 @@ int dws_catalog_load(dws_bucket *b, const dws_catalog_opts *opts,
 			f.compressed = zst;
 			f.in_anchors = d == 0;
 			f.parent_step = -1;
-			if (!reuse(prev, &f))
+			if (!reuse(prev, opts && opts->reread_failed, &f))
 				sniff(b, &f);
 			push(&all, &nall, &f);
 		}

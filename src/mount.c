@@ -466,9 +466,10 @@ static int64_t poll_delay(const dws_mount *m)
 	return d < cap ? d : cap;
 }
 
-/* A remote bucket: whether the catalog is to be loaded again, and how (co).
- * A step that failed for a passing reason is tried again with the listing
- * it had (its headers read again where they failed). */
+/* A remote bucket: whether the catalog is to be loaded again, and how (co):
+ * when the probe or the HEADs found something, or a step that failed for a
+ * passing reason is due for another try (with the listing it had, its
+ * headers read again where they failed). */
 static bool remote_wants_catalog(dws_mount *m, dws_catalog_opts *co, bool *relist)
 {
 	dws_error err = {0};
@@ -478,10 +479,7 @@ static bool remote_wants_catalog(dws_mount *m, dws_catalog_opts *co, bool *relis
 		if (!changed)
 			return false;
 	}
-	pthread_mutex_lock(&m->lock);
-	bool retry = dws_failures_due(m->failed, now_ms(m));
-	pthread_mutex_unlock(&m->lock);
-	if (!*relist && !changed && !retry) {
+	if (!*relist && !changed && !co->reread_failed) {
 		if (!err.code)
 			poll_ok(m);
 		return false;
@@ -516,6 +514,9 @@ static uint64_t switch_catalog(dws_mount *m, dws_catalog *c)
 static void poll_once(dws_mount *m)
 {
 	dws_catalog_opts co = {.prev = m->cat};
+	pthread_mutex_lock(&m->lock);
+	co.reread_failed = dws_failures_due(m->failed, now_ms(m));
+	pthread_mutex_unlock(&m->lock);
 	bool relist = true;
 	if (m->poller && !remote_wants_catalog(m, &co, &relist))
 		return;

@@ -278,6 +278,9 @@ typedef struct dws_catalog_opts {
 	bool reuse_listing;
 	const dws_object *extra;
 	size_t nextra;
+	/* Read again the headers prev could not read for a passing reason (a
+	 * retry is due); else they keep their error until they change. */
+	bool reread_failed;
 } dws_catalog_opts;
 
 typedef struct dws_catalog dws_catalog;
@@ -346,8 +349,9 @@ dws_catalog *dws_builder_catalog(dws_builder *bl);
 void dws_builder_set_catalog(dws_builder *bl, dws_catalog *c);
 /* The content id step N would have in catalog c: a hash of the chain's
  * objects (key and identity), so a rewritten or restarted step gets a new id
- * and the same content always the same one; 39 bits, never 0 for a step of
- * the catalog. 0 if the step is not in the catalog. */
+ * and the same content always the same one; never 0 for a step of the
+ * catalog (64 bits: the FUSE layer maps ids to inode numbers). 0 if the
+ * step is not in the catalog. */
 uint64_t dws_catalog_step_id(const dws_catalog *c, uint64_t step);
 
 dws_step *dws_step_ref(dws_step *s);
