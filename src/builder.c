@@ -123,6 +123,11 @@ static void prune_blobs(dws_builder *bl)
 
 /* ---- names ---- */
 
+static char *unmap_name(const dws_builder *bl, const char *out);
+
+/* dws_layout_add_file's: the trainer's name of a checkpoint tensor */
+static char *trainer_of(void *ctx, const char *name) { return unmap_name(ctx, name); }
+
 static char *map_name(const dws_builder *bl, const char *trainer)
 {
 	for (size_t i = 0; i < bl->o.nmaps; i++) {
@@ -143,90 +148,6 @@ static char *unmap_name(const dws_builder *bl, const char *out)
 	return dws_xstrdup(out);
 }
 
-/* ---- layouts ---- */
-
-static int cmp_ext(const void *a, const void *b)
-{
-	const dws_extent *x = a, *y = b;
-	return x->off < y->off ? -1 : x->off > y->off;
-}
-
-/* Add one file; for a safetensors file, its tensors become slots and its
- * extents cover the whole file (gaps are served from the file itself). */
-static int layout_add(dws_builder *bl, dws_layout *L, const char *path,
-		      dws_blob *blob, const dws_st_file *st, dws_error *err)
-{
-	L->files = dws_xrealloc(L->files, (L->nfiles + 1) * sizeof(*L->files));
-	dws_out_file *f = &L->files[L->nfiles];
-	memset(f, 0, sizeof(*f));
-	f->info.path = dws_xstrdup(path);
-	f->info.size = dws_blob_size(blob);
-	f->info.kind = st ? DWS_FILE_SAFETENSORS : DWS_FILE_PLAIN;
-	f->blob = dws_blob_ref(blob);
-	uint32_t fi = (uint32_t)L->nfiles++;
-	size_t nt = st ? dws_st_count(st) : 0;
-	f->ext = dws_xcalloc(2 * nt + 2, sizeof(*f->ext));
-	if (!st) {
-		f->ext[f->next++] = (dws_extent){0, f->info.size, -1};
-		return DWS_OK;
-	}
-	uint64_t ds = dws_st_data_start(st);
-	dws_extent *tx = dws_xcalloc(nt ? nt : 1, sizeof(*tx));
-	size_t ntx = 0;
-	L->slots = dws_xrealloc(L->slots, (L->nslots + nt) * sizeof(*L->slots));
-	for (size_t i = 0; i < nt; i++) {
-		const dws_st_tensor *t = dws_st_at(st, i);
-		size_t dup;
-		if (dws_strmap_get(&L->by_name, t->name, &dup)) {
-			free(tx);
-			return dws_fail(err, DWS_EFORMAT, "%s: tensor '%s' is also in %s", dws_blob_name(blob), t->name,
-					L->files[L->slots[dup].file].info.path);
-		}
-		dws_slot *sl = &L->slots[L->nslots];
-		sl->name = dws_xstrdup(t->name);
-		sl->trainer = unmap_name(bl, t->name);
-		sl->file = fi;
-		sl->off = ds + t->begin;
-		sl->dtype = t->dtype;
-		sl->numel = t->numel;
-		sl->ndim = t->ndim;
-		sl->shape = dws_xcalloc(t->ndim ? t->ndim : 1, sizeof(uint64_t));
-		memcpy(sl->shape, t->shape, t->ndim * sizeof(uint64_t));
-		dws_strmap_put(&L->by_name, sl->name, L->nslots);
-		if (t->end > t->begin)
-			tx[ntx++] = (dws_extent){ds + t->begin, t->end - t->begin, (int64_t)L->nslots};
-		L->nslots++;
-	}
-	qsort(tx, ntx, sizeof(*tx), cmp_ext);
-	uint64_t pos = 0;
-	for (size_t i = 0; i < ntx; i++) {
-		if (tx[i].off > pos)
-			f->ext[f->next++] = (dws_extent){pos, tx[i].off - pos, -1};
-		f->ext[f->next++] = tx[i];
-		pos = tx[i].off + tx[i].len;
-	}
-	if (pos < f->info.size)
-		f->ext[f->next++] = (dws_extent){pos, f->info.size - pos, -1};
-	free(tx);
-	return DWS_OK;
-}
-
-static dws_layout *layout_new(void)
-{
-	dws_layout *L = dws_xcalloc(1, sizeof(*L));
-	atomic_init(&L->refs, 1);
-	dws_strmap_init(&L->by_name);
-	dws_strmap_init(&L->by_path);
-	return L;
-}
-
-static void layout_index_paths(dws_layout *L)
-{
-	for (size_t i = 0; i < L->nfiles; i++)
-		dws_strmap_put(&L->by_path, L->files[i].info.path, i);
-	dws_layout_build_tree(L);
-}
-
 static bool is_safetensors_name(const char *p)
 {
 	size_t n = strlen(p);
@@ -242,7 +163,7 @@ static int layout_from_base(dws_builder *bl, dws_error *err)
 	if (rc)
 		return rc;
 	size_t pl = strlen(bl->base_prefix);
-	dws_layout *L = layout_new();
+	dws_layout *L = dws_layout_new();
 	for (size_t i = 0; i < n && !rc; i++) {
 		const char *path = objs[i].key + (pl ? pl + 1 : 0);
 		/* a Hub cache or git checkout keeps bookkeeping that is no model file */
@@ -254,7 +175,7 @@ static int layout_from_base(dws_builder *bl, dws_error *err)
 		if (!rc && is_safetensors_name(path))
 			rc = dws_st_read_blob(blob, dws_blob_name(blob), &st, err);
 		if (!rc)
-			rc = layout_add(bl, L, path, blob, st, err);
+			rc = dws_layout_add_file(L, path, blob, st, trainer_of, bl, err);
 		dws_st_free(st);
 		dws_blob_unref(blob);
 	}
@@ -265,7 +186,7 @@ static int layout_from_base(dws_builder *bl, dws_error *err)
 		dws_layout_unref(L);
 		return rc;
 	}
-	layout_index_paths(L);
+	dws_layout_seal(L);
 	bl->base_layout = L;
 	return DWS_OK;
 }
@@ -300,11 +221,6 @@ static dws_step *step_clone(const dws_step *p)
 	s->anchor = p->anchor;
 	s->chain = p->chain;
 	return s;
-}
-
-static bool is_float(dws_dtype d)
-{
-	return d == DWS_DT_BF16 || d == DWS_DT_F16 || d == DWS_DT_F32;
 }
 
 /* A fresh step whose tensors are read from the layout files themselves. */
@@ -390,7 +306,7 @@ static int check_patchable(const dws_step *s, const dws_delta_param *ps, size_t 
 		return dws_fail(err, DWS_EFORMAT, "%s: two parameters map onto one tensor", what);
 	for (size_t i = 0; i < np; i++) {
 		const dws_slot *sl = &s->layout->slots[ps[i].slot];
-		if (!is_float(sl->dtype))
+		if (!dws_dtype_is_float(sl->dtype))
 			return dws_fail(err, DWS_EUNSUP, "%s: cannot patch '%s': the model stores it as %s", what, sl->name,
 					dws_dtype_name(sl->dtype));
 	}
@@ -442,7 +358,7 @@ static int apply_dense(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 		s->patch[slot] = NULL;
 		if (slot < bl->nown)
 			bl->own[slot] = NULL;
-		s->trained[slot] = is_float(t->dtype);
+		s->trained[slot] = dws_dtype_is_float(t->dtype);
 	}
 	dws_st_free(st);
 	dws_blob_unref(b);
@@ -615,7 +531,7 @@ static int chain_start(dws_builder *bl, const dws_stepfile *a, dws_step **out,
 		} else {
 			/* no anchor: the base is the trainer's starting point */
 			for (size_t i = 0; i < s->layout->nslots; i++)
-				s->trained[i] = is_float(s->layout->slots[i].dtype);
+				s->trained[i] = dws_dtype_is_float(s->layout->slots[i].dtype);
 		}
 	} else {
 		if (a->error[0])
@@ -630,8 +546,8 @@ static int chain_start(dws_builder *bl, const dws_stepfile *a, dws_step **out,
 			rc = check_payload(bl, b, st, dws_blob_name(b), err);
 		dws_layout *L = NULL;
 		if (!rc) {
-			L = layout_new();
-			rc = layout_add(bl, L, "model.safetensors", b, st, err);
+			L = dws_layout_new();
+			rc = dws_layout_add_file(L, "model.safetensors", b, st, trainer_of, bl, err);
 		}
 		dws_st_free(st);
 		dws_blob_unref(b);
@@ -639,11 +555,11 @@ static int chain_start(dws_builder *bl, const dws_stepfile *a, dws_step **out,
 			dws_layout_unref(L);
 			return rc;
 		}
-		layout_index_paths(L);
+		dws_layout_seal(L);
 		s = step_from_layout(L);
 		dws_layout_unref(L);
 		for (size_t i = 0; i < s->layout->nslots; i++)
-			s->trained[i] = is_float(s->layout->slots[i].dtype);
+			s->trained[i] = dws_dtype_is_float(s->layout->slots[i].dtype);
 	}
 	s->step = a ? a->step : 0;
 	s->anchor = a ? a->step : 0;

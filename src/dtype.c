@@ -112,3 +112,8 @@ uint16_t dws_f16_to_bf16(uint16_t h)
 	memcpy(&f, &u, 4);
 	return dws_f32_to_bf16(f);
 }
+
+bool dws_dtype_is_float(dws_dtype d)
+{
+	return d == DWS_DT_BF16 || d == DWS_DT_F16 || d == DWS_DT_F32;
+}

@@ -27,6 +27,9 @@ static inline bool dws_add_ok(uint64_t a, uint64_t b, uint64_t *out)
 	return !__builtin_add_overflow(a, b, out);
 }
 
+/* BF16, F16 or F32: what the trainer trains and a delta may patch. */
+bool dws_dtype_is_float(dws_dtype d);
+
 void *dws_xmalloc(size_t n);
 void *dws_xcalloc(size_t n, size_t m);
 void *dws_xrealloc(void *p, size_t n);

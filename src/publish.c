@@ -42,11 +42,6 @@ static void ckpt_free(ckpt *c)
 	dws_strmap_free(&c->by_name);
 }
 
-static bool is_float(dws_dtype d)
-{
-	return d == DWS_DT_BF16 || d == DWS_DT_F16 || d == DWS_DT_F32;
-}
-
 static int cmp_name(const void *a, const void *b)
 {
 	return strcmp(((const ck_tensor *)a)->name, ((const ck_tensor *)b)->name);
@@ -60,7 +55,7 @@ static int ckpt_add_file(ckpt *c, dws_blob *b, dws_error *err)
 		return rc;
 	for (size_t i = 0; i < dws_st_count(st); i++) {
 		const dws_st_tensor *t = dws_st_at(st, i);
-		if (!is_float(t->dtype))
+		if (!dws_dtype_is_float(t->dtype))
 			continue; /* buffers and integer tensors are not trained */
 		c->t = dws_xrealloc(c->t, (c->n + 1) * sizeof(*c->t));
 		ck_tensor *k = &c->t[c->n++];

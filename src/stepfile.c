@@ -24,27 +24,6 @@ static uint64_t add_mul(uint64_t a, uint64_t b, uint64_t c)
 	return dws_mul_ok(b, c, &p) && dws_add_ok(a, p, &s) ? s : UINT64_MAX;
 }
 
-static bool is_float(dws_dtype d)
-{
-	return d == DWS_DT_BF16 || d == DWS_DT_F16 || d == DWS_DT_F32;
-}
-
-uint64_t dws_layout_patchable(const dws_layout *L)
-{
-	uint64_t n = 0;
-	for (size_t i = 0; i < L->nslots; i++)
-		if (is_float(L->slots[i].dtype))
-			n = add_mul(n, L->slots[i].numel, 1);
-	return n;
-}
-
-uint64_t dws_layout_tensor_bytes(const dws_layout *L)
-{
-	uint64_t n = 0;
-	for (size_t i = 0; i < L->nslots; i++)
-		n = add_mul(n, L->slots[i].numel, dws_dtype_size(L->slots[i].dtype));
-	return n;
-}
 
 int dws_delta_check(const dws_st_file *st, uint64_t patchable, const char *what,
 		    dws_error *err)
