@@ -291,7 +291,6 @@ int main(int argc, char *argv[])
 	struct fs f = {.started = time(NULL), .name_timeout = 1.0, .uid = getuid(), .gid = getgid(),
 		       .handles_lock = PTHREAD_MUTEX_INITIALIZER};
 	c.mo.swapped = dwsfs_on_swapped;
-	c.mo.merged = dwsfs_on_merged;
 	c.mo.ctx = &f;
 	int ret = 1, ready_fd = -1;
 	struct fuse_session *se = prepare(&c, &f);

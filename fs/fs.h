@@ -31,11 +31,7 @@ enum handle_kind { H_FILE, H_STATUS, H_DIR };
 struct handle {
 	struct handle *prev, *next;
 	enum handle_kind kind;
-	/* the step opened, or the same step with its runs merged since
-	 * (on_merged): written under lock and handles_lock, read as a
-	 * reference taken under lock (handle_step) */
-	pthread_mutex_t lock;
-	dws_step *step;
+	dws_step *step;   /* the step opened: its bytes, whatever merges or swaps */
 	size_t file;
 	bool root_view;
 	/* H_FILE: its inode, step id, and the kernel backing id its reads
@@ -50,16 +46,12 @@ struct handle {
 /* A new handle of this kind, holding step (its reference, or NULL). */
 struct handle *handle_new(struct fs *f, enum handle_kind kind, dws_step *step);
 void handle_free(struct fs *f, struct handle *h);
-/* The step a handle reads (a new reference). */
-dws_step *handle_step(struct handle *h);
 /* Free the handles whose release never came (a lazy unmount with files
  * open, a signal before the kernel's releases). */
 void handles_free_all(struct fs *f);
 
 extern const struct fuse_lowlevel_ops dwsfs_ops;
-/* dws_mount_opts callbacks: after a swap (drop the kernel's root entries),
- * after a merge (open handles move to the merged step). */
+/* dws_mount_opts callback: after a swap, drop the kernel's root entries. */
 void dwsfs_on_swapped(void *ctx, dws_step *old_root, dws_step *new_root);
-void dwsfs_on_merged(void *ctx, dws_step *s);
 
 #endif

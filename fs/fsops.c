@@ -434,7 +434,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
 	dws_pin pins[32];
 	size_t niov = sizeof(iov) / sizeof(iov[0]), npins = 0;
 	/* the iov may point into the step's memory: held until replied */
-	dws_step *s = handle_step(h);
+	dws_step *s = dws_step_ref(h->step);
 	int64_t n = dws_step_read_iov(s, h->file, (uint64_t)off, buf, size, iov, &niov, pins, &npins, &err);
 	if (n < 0) {
 		dws_log_at(DWS_LOG_ERROR, "read %s [%lld, +%zu) of step %llu failed: %s", dws_step_file(s, h->file)->path, (long long)off, size,

@@ -50,7 +50,7 @@ static int read_into_scratch(dws_builder *bl, const dws_step *s, const dws_stepf
 			     dws_blob *raw, size_t *len, dws_error *err)
 {
 	uint64_t size;
-	int rc = dws_delta_size(raw, f->compressed, dws_layout_patchable(s->layout), bl->o.max_delta_bytes, &size, err);
+	int rc = dws_delta_size(raw, f->compressed, dws_layout_patchable(dws_step_layout(s)), bl->o.max_delta_bytes, &size, err);
 	if (rc)
 		return rc;
 	if (size > bl->scratch_cap) {
@@ -193,47 +193,6 @@ static int layout_from_base(dws_builder *bl, dws_error *err)
 
 /* ---- steps ---- */
 
-static dws_step *step_new(dws_layout *L)
-{
-	dws_step *s = dws_xcalloc(1, sizeof(*s));
-	atomic_init(&s->refs, 1);
-	atomic_fetch_add(&L->refs, 1);
-	s->layout = L;
-	s->src = dws_xcalloc(L->nslots ? L->nslots : 1, sizeof(*s->src));
-	s->patch = dws_xcalloc(L->nslots ? L->nslots : 1, sizeof(*s->patch));
-	s->trained = dws_xcalloc(L->nslots ? L->nslots : 1, 1);
-	return s;
-}
-
-static dws_step *step_clone(const dws_step *p)
-{
-	dws_step *s = step_new(p->layout);
-	size_t n = p->layout->nslots;
-	for (size_t i = 0; i < n; i++) {
-		s->src[i] = p->src[i];
-		dws_blob_ref(s->src[i].blob);
-		s->patch[i] = p->patch[i];
-		if (s->patch[i])
-			atomic_fetch_add(&s->patch[i]->refs, 1);
-	}
-	memcpy(s->trained, p->trained, n);
-	s->step = p->step;
-	s->anchor = p->anchor;
-	s->chain = p->chain;
-	return s;
-}
-
-/* A fresh step whose tensors are read from the layout files themselves. */
-static dws_step *step_from_layout(dws_layout *L)
-{
-	dws_step *s = step_new(L);
-	for (size_t i = 0; i < L->nslots; i++) {
-		const dws_slot *sl = &L->slots[i];
-		s->src[i] = (dws_src){dws_blob_ref(L->files[sl->file].blob), sl->off, sl->dtype};
-	}
-	return s;
-}
-
 struct resolve_ctx {
 	dws_builder *bl;
 	dws_step *s;
@@ -255,14 +214,14 @@ static int resolve(void *ctx, const char *name, size_t *slot, uint64_t *numel)
 {
 	struct resolve_ctx *rc = ctx;
 	char *out = map_name(rc->bl, name);
-	bool ok = dws_strmap_get(&rc->s->layout->by_name, out, slot);
+	bool ok = dws_strmap_get(&dws_step_layout(rc->s)->by_name, out, slot);
 	free(out);
 	if (!ok)
 		return -1;
 	if (rc->bl->seen[*slot] == rc->bl->stamp)
 		rc->dup = true; /* two names of one file land on one tensor */
 	rc->bl->seen[*slot] = rc->bl->stamp;
-	*numel = rc->s->layout->slots[*slot].numel;
+	*numel = dws_step_layout(rc->s)->slots[*slot].numel;
 	return 0;
 }
 
@@ -305,7 +264,7 @@ static int check_patchable(const dws_step *s, const dws_delta_param *ps, size_t 
 	if (dup)
 		return dws_fail(err, DWS_EFORMAT, "%s: two parameters map onto one tensor", what);
 	for (size_t i = 0; i < np; i++) {
-		const dws_slot *sl = &s->layout->slots[ps[i].slot];
+		const dws_slot *sl = &dws_step_layout(s)->slots[ps[i].slot];
 		if (!dws_dtype_is_float(sl->dtype))
 			return dws_fail(err, DWS_EUNSUP, "%s: cannot patch '%s': the model stores it as %s", what, sl->name,
 					dws_dtype_name(sl->dtype));
@@ -319,14 +278,14 @@ static int apply_dense(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 {
 	dws_blob *b = NULL;
 	dws_st_file *st = NULL;
-	int rc = stepfile_blob(bl, f, dws_layout_tensor_bytes(s->layout), &b, err);
+	int rc = stepfile_blob(bl, f, dws_layout_tensor_bytes(dws_step_layout(s)), &b, err);
 	if (rc)
 		return rc;
 	const char *what = dws_blob_name(b);
 	rc = dws_st_read_blob(b, what, &st, err);
 	if (!rc)
 		rc = check_payload(bl, b, st, what, err);
-	ensure_seen(bl, s->layout->nslots);
+	ensure_seen(bl, dws_step_layout(s)->nslots);
 	bl->stamp++;
 	struct resolve_ctx ctx = {bl, s, what, err, false};
 	for (size_t i = 0; !rc && i < dws_st_count(st); i++) {
@@ -337,7 +296,7 @@ static int apply_dense(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 			rc = dws_fail(err, DWS_EFORMAT, "%s: unknown tensor '%s': the model has no such parameter (trainer names that differ by a prefix need --map-prefix)", what, t->name);
 			break;
 		}
-		const dws_slot *sl = &s->layout->slots[slot];
+		const dws_slot *sl = &dws_step_layout(s)->slots[slot];
 		if (ctx.dup) {
 			rc = dws_fail(err, DWS_EFORMAT, "%s: two tensors map onto '%s'", what, sl->name);
 			break;
@@ -352,13 +311,10 @@ static int apply_dense(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 				      dws_dtype_name(t->dtype), dws_dtype_name(sl->dtype));
 			break;
 		}
-		dws_blob_unref(s->src[slot].blob);
-		s->src[slot] = (dws_src){dws_blob_ref(b), dws_st_data_start(st) + t->begin, t->dtype};
-		dws_patchset_unref(s->patch[slot]);
-		s->patch[slot] = NULL;
+		dws_src src = {b, dws_st_data_start(st) + t->begin, t->dtype};
+		dws_step_set_source(s, slot, &src, dws_dtype_is_float(t->dtype));
 		if (slot < bl->nown)
 			bl->own[slot] = NULL;
-		s->trained[slot] = dws_dtype_is_float(t->dtype);
 	}
 	dws_st_free(st);
 	dws_blob_unref(b);
@@ -392,13 +348,11 @@ static void *param_main(void *v)
 		uint16_t *val = w->val_pool + w->first[i];
 		memcpy(val, p->val, p->count * sizeof(uint16_t));
 		dws_patch *run = dws_patch_new_in(w->arena, p->idx, val, (uint32_t)p->count);
-		uint64_t numel = s->layout->slots[slot].numel;
-		dws_patchset *next = bl->folding && slot < bl->nown
-					     ? dws_patchset_add_build(s->patch[slot], run, numel, &bl->own[slot])
-					     : dws_patchset_add(s->patch[slot], run, numel);
-		dws_patchset_unref(s->patch[slot]);
-		s->patch[slot] = next;
-		s->trained[slot] = 1;
+		uint64_t numel = dws_step_layout(s)->slots[slot].numel;
+		dws_patchset *old = dws_step_patch(s, slot);
+		dws_patchset *next = bl->folding && slot < bl->nown ? dws_patchset_add_build(old, run, numel, &bl->own[slot])
+								    : dws_patchset_add(old, run, numel);
+		dws_step_set_patch(s, slot, next);
 	}
 	return NULL;
 }
@@ -422,13 +376,11 @@ struct flush_work {
 static void *flush_main(void *v)
 {
 	struct flush_work *w = v;
-	size_t n = w->s->layout->nslots < w->bl->nown ? w->s->layout->nslots : w->bl->nown;
+	size_t n = dws_step_layout(w->s)->nslots < w->bl->nown ? dws_step_layout(w->s)->nslots : w->bl->nown;
 	for (size_t i; (i = atomic_fetch_add(&w->next, 1)) < n;) {
-		dws_patchset *ps = dws_patchset_fold_build(w->s->patch[i], w->bl->own[i]);
-		if (ps) {
-			dws_patchset_unref(w->s->patch[i]);
-			w->s->patch[i] = ps;
-		}
+		dws_patchset *ps = dws_patchset_fold_build(dws_step_patch(w->s, i), w->bl->own[i]);
+		if (ps)
+			dws_step_set_patch(w->s, i, ps);
 	}
 	return NULL;
 }
@@ -454,13 +406,13 @@ static int apply_sparse(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 	data = bl->scratch;
 	rc = dws_st_parse(data, len, len, what, &st, NULL, err);
 	if (!rc)
-		rc = dws_delta_check(st, dws_layout_patchable(s->layout), what, err);
+		rc = dws_delta_check(st, dws_layout_patchable(dws_step_layout(s)), what, err);
 	if (rc)
 		goto out;
 	rc = check_payload_mem(bl, st, data, len, what, err);
 	if (rc)
 		goto out;
-	ensure_seen(bl, s->layout->nslots);
+	ensure_seen(bl, dws_step_layout(s)->nslots);
 	bl->stamp++;
 	struct resolve_ctx ctx = {bl, s, what, err, false};
 	uint64_t ds = dws_st_data_start(st);
@@ -504,12 +456,12 @@ static int apply_file(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 	int rc = f->variant == DWS_VAR_DENSE ? apply_dense(bl, s, f, err) : apply_sparse(bl, s, f, err);
 	if (rc)
 		return rc;
-	if (bl->o.verify && f->parent_step >= 0 && s->chain + (s->anchor ? 1 : 0) > 0 &&
-	    (uint64_t)f->parent_step != s->step)
+	uint64_t at = dws_step_number(s), anchor = dws_step_anchor(s);
+	size_t chain = dws_step_chain_length(s);
+	if (bl->o.verify && f->parent_step >= 0 && chain + (anchor ? 1 : 0) > 0 && (uint64_t)f->parent_step != at)
 		return dws_fail(err, DWS_EVERIFY, "%s/%s: chain broken: its parent is step %lld but the previous step in the bucket is %llu (a step is missing)",
-				dws_bucket_uri(dws_catalog_bucket(bl->cat)), f->obj.key, (long long)f->parent_step, (unsigned long long)s->step);
-	s->step = f->step;
-	s->chain++;
+				dws_bucket_uri(dws_catalog_bucket(bl->cat)), f->obj.key, (long long)f->parent_step, (unsigned long long)at);
+	dws_step_place(s, f->step, anchor, chain + 1);
 	return DWS_OK;
 }
 
@@ -521,7 +473,7 @@ static int chain_start(dws_builder *bl, const dws_stepfile *a, dws_step **out,
 	int rc;
 	dws_step *s;
 	if (bl->base_layout) {
-		s = step_from_layout(bl->base_layout);
+		s = dws_step_new(bl->base_layout);
 		if (a) {
 			rc = apply_dense(bl, s, a, err);
 			if (rc) {
@@ -530,8 +482,7 @@ static int chain_start(dws_builder *bl, const dws_stepfile *a, dws_step **out,
 			}
 		} else {
 			/* no anchor: the base is the trainer's starting point */
-			for (size_t i = 0; i < s->layout->nslots; i++)
-				s->trained[i] = dws_dtype_is_float(s->layout->slots[i].dtype);
+			dws_step_train_floats(s);
 		}
 	} else {
 		if (a->error[0])
@@ -556,13 +507,11 @@ static int chain_start(dws_builder *bl, const dws_stepfile *a, dws_step **out,
 			return rc;
 		}
 		dws_layout_seal(L);
-		s = step_from_layout(L);
+		s = dws_step_new(L);
 		dws_layout_unref(L);
-		for (size_t i = 0; i < s->layout->nslots; i++)
-			s->trained[i] = dws_dtype_is_float(s->layout->slots[i].dtype);
+		dws_step_train_floats(s);
 	}
-	s->step = a ? a->step : 0;
-	s->anchor = a ? a->step : 0;
+	dws_step_place(s, a ? a->step : 0, a ? a->step : 0, 0);
 	*out = s;
 	return DWS_OK;
 }
@@ -590,8 +539,8 @@ int dws_builder_build(dws_builder *bl, uint64_t step, dws_step **out,
 
 	dws_step *s = NULL;
 	int rc;
-	if (bl->prev && bl->prev->anchor == astep && bl->prev->step <= step) {
-		s = step_clone(bl->prev);
+	if (bl->prev && dws_step_anchor(bl->prev) == astep && dws_step_number(bl->prev) <= step) {
+		s = dws_step_clone(bl->prev);
 	} else {
 		rc = chain_start(bl, a, &s, err);
 		if (rc)
@@ -601,7 +550,7 @@ int dws_builder_build(dws_builder *bl, uint64_t step, dws_step **out,
 	 * up): dense tensors are folded as the files come, so the build never
 	 * holds every file's runs side by side. One file: appended, merged
 	 * off the build path. */
-	uint64_t from = s->step; /* files after it, up to step, are applied */
+	uint64_t from = dws_step_number(s); /* files after it, up to step, are applied */
 	size_t nfiles = 0;
 	for (size_t i = 0; i < dws_catalog_count(c); i++) {
 		const dws_stepfile *f = dws_catalog_at(c, i);
@@ -609,9 +558,9 @@ int dws_builder_build(dws_builder *bl, uint64_t step, dws_step **out,
 	}
 	bl->folding = nfiles >= 2;
 	if (bl->folding) {
-		if (bl->nown < s->layout->nslots) {
+		if (bl->nown < dws_step_layout(s)->nslots) {
 			free(bl->own);
-			bl->nown = s->layout->nslots;
+			bl->nown = dws_step_layout(s)->nslots;
 			bl->own = dws_xcalloc(bl->nown, sizeof(*bl->own));
 		}
 		memset(bl->own, 0, bl->nown * sizeof(*bl->own));
@@ -642,138 +591,12 @@ int dws_builder_build(dws_builder *bl, uint64_t step, dws_step **out,
 		prune_blobs(bl);
 		return rc;
 	}
-	s->id = dws_catalog_step_id(c, step);
+	dws_step_set_id(s, dws_catalog_step_id(c, step));
 	dws_step_unref(bl->prev);
 	bl->prev = dws_step_ref(s);
 	prune_blobs(bl);
 	*out = s;
 	return DWS_OK;
-}
-
-/* ---- compaction off the build path ---- */
-
-struct cjob {
-	size_t slot;
-	uint32_t j, k;
-	dws_patch *merged;
-};
-
-struct dws_compaction {
-	dws_step *snap;     /* the step the pending jobs' runs come from */
-	struct cjob *jobs;
-	size_t n, next;     /* jobs run so far */
-};
-
-dws_compaction *dws_compaction_plan(dws_step *s)
-{
-	if (!s)
-		return NULL;
-	dws_compaction *c = NULL;
-	for (size_t i = 0; i < s->layout->nslots; i++) {
-		uint32_t j, k;
-		if (!dws_patchset_pick(s->patch[i], s->layout->slots[i].numel, &j, &k)) {
-			/* a dense run (a build folded the tensor into it) whose
-			 * source is local now: the whole tensor in memory costs
-			 * less (2 bytes an element, not 2 and a bit) and reads
-			 * skip the source */
-			const dws_patchset *ps = s->patch[i];
-			const dws_src *src = &s->src[i];
-			uint64_t numel = s->layout->slots[i].numel;
-			if (!ps || !ps->nruns || !ps->runs[0]->bits || ps->runs[0]->full ||
-			    s->layout->slots[i].dtype != DWS_DT_BF16 || src->dtype != DWS_DT_BF16 || !src->blob ||
-			    !dws_blob_local(src->blob, src->off, numel * 2))
-				continue;
-			j = 0;
-			k = ps->nruns;
-		}
-		if (!c) {
-			c = dws_xcalloc(1, sizeof(*c));
-			c->snap = dws_step_ref(s);
-		}
-		c->jobs = dws_xrealloc(c->jobs, (c->n + 1) * sizeof(*c->jobs));
-		c->jobs[c->n++] = (struct cjob){i, j, k, NULL};
-	}
-	return c;
-}
-
-bool dws_compaction_run(dws_compaction *c, uint64_t budget, const atomic_bool *stop)
-{
-	uint64_t done = 0;
-	while (c->next < c->n && done < budget && !(stop && atomic_load(stop))) {
-		struct cjob *jb = &c->jobs[c->next++];
-		const dws_slot *sl = &c->snap->layout->slots[jb->slot];
-		/* merging from the oldest run: the source can be folded in */
-		const dws_src *src = jb->j == 0 && sl->dtype == DWS_DT_BF16 ? &c->snap->src[jb->slot] : NULL;
-		jb->merged = dws_patch_compact(c->snap->patch[jb->slot]->runs + jb->j, jb->k, sl->numel, src);
-		done += jb->merged->bits ? sl->numel * 2 : (uint64_t)jb->merged->n * 6;
-	}
-	return c->next < c->n;
-}
-
-/* A copy of s with the merged runs spliced in wherever s still holds the
- * runs they came from, or NULL if it holds none of them. */
-static dws_step *splice_step(const dws_step *s, const dws_compaction *c)
-{
-	if (s->layout != c->snap->layout)
-		return NULL;
-	dws_step *ns = NULL;
-	for (size_t i = 0; i < c->n; i++) {
-		const struct cjob *jb = &c->jobs[i];
-		const dws_patchset *was = c->snap->patch[jb->slot], *now = s->patch[jb->slot];
-		if (!jb->merged || !now || now->nruns < jb->j + jb->k)
-			continue;
-		bool same = true;
-		for (uint32_t r = jb->j; r < jb->j + jb->k && same; r++)
-			same = now->runs[r] == was->runs[r];
-		if (!same)
-			continue; /* rebuilt meanwhile */
-		if (!ns) {
-			ns = step_clone(s);
-			ns->id = s->id;
-		}
-		dws_patchset *np = dws_patchset_splice(now, jb->j, jb->k, jb->merged);
-		dws_patchset_unref(ns->patch[jb->slot]);
-		ns->patch[jb->slot] = np;
-	}
-	return ns;
-}
-
-void dws_compaction_apply(dws_builder *bl, dws_compaction *c, dws_step **merged,
-			  dws_step **newest)
-{
-	*merged = splice_step(c->snap, c);
-	*newest = NULL;
-	dws_step *cur = bl->prev;
-	dws_step *ns = !cur ? NULL : cur == c->snap ? (*merged ? dws_step_ref(*merged) : NULL) : splice_step(cur, c);
-	if (ns) {
-		dws_step_unref(bl->prev);
-		bl->prev = ns;
-		if (ns != *merged)
-			*newest = dws_step_ref(ns);
-	}
-	/* applied: the steps hold the merged runs now; what is left to run
-	 * takes its runs from the merged step (the same, for those tensors) */
-	for (size_t i = 0; i < c->n; i++) {
-		dws_patch_unref(c->jobs[i].merged);
-		c->jobs[i].merged = NULL;
-	}
-	if (*merged) {
-		dws_step_unref(c->snap);
-		c->snap = dws_step_ref(*merged);
-	}
-}
-
-size_t dws_compaction_count(const dws_compaction *c) { return c->n; }
-
-void dws_compaction_free(dws_compaction *c)
-{
-	if (!c)
-		return;
-	for (size_t i = 0; i < c->n; i++)
-		dws_patch_unref(c->jobs[i].merged);
-	free(c->jobs);
-	dws_step_unref(c->snap);
-	free(c);
 }
 
 /* ---- a chain left undecoded (streaming extract) ---- */
@@ -808,7 +631,7 @@ static int lazy_file(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 		return rc;
 	lf->what = dws_xstrdup(dws_blob_name(raw));
 	uint64_t size;
-	uint64_t patchable = dws_layout_patchable(s->layout);
+	uint64_t patchable = dws_layout_patchable(dws_step_layout(s));
 	rc = dws_delta_size(raw, f->compressed, patchable, bl->o.max_delta_bytes, &size, err);
 	if (!rc && f->compressed) /* exactly that size, into a file mapped below */
 		rc = dws_zstd_st_file(raw, bl->o.tmpdir, size, &b, err);
@@ -842,7 +665,7 @@ static int lazy_file(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 	if (rc)
 		return rc;
 	uint64_t ds = dws_st_data_start(lf->st);
-	ensure_seen(bl, s->layout->nslots);
+	ensure_seen(bl, dws_step_layout(s)->nslots);
 	bl->stamp++;
 	struct resolve_ctx ctx = {bl, s, lf->what, err, false};
 	rc = dws_delta_scan(lf->st, data + ds, lf->len - ds, f->variant, lf->what, resolve, &ctx, &lf->ps, &lf->np, err);
@@ -890,12 +713,13 @@ int dws_builder_lazy_chain(dws_builder *bl, uint64_t step, dws_lazy_chain **out,
 }
 
 dws_catalog *dws_builder_catalog(dws_builder *bl) { return bl->cat; }
+dws_step *dws_builder_newest(dws_builder *bl) { return bl->prev; }
 
 void dws_builder_set_catalog(dws_builder *bl, dws_catalog *c)
 {
 	bl->cat = c;
 	/* keep the previous build only if its chain is unchanged */
-	if (bl->prev && dws_catalog_step_id(c, bl->prev->step) != bl->prev->id) {
+	if (bl->prev && dws_catalog_step_id(c, dws_step_number(bl->prev)) != dws_step_id(bl->prev)) {
 		dws_step_unref(bl->prev);
 		bl->prev = NULL;
 		prune_blobs(bl);

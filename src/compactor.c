@@ -24,29 +24,16 @@ struct dws_compactor {
 static int64_t now_ms(void) { return dws_real_clock.mono_ms(NULL); }
 
 /* One plan, run in slices, each put in place before the next: the runs it
- * replaced are freed as the merged ones come, not after all. Returns the
- * last merged step (a reference), or NULL. */
-static dws_step *run_plan(dws_compactor *cp, dws_compaction *c)
+ * replaced are freed as the merged ones come, not after all. */
+static void run_plan(dws_compactor *cp, dws_compaction *c)
 {
-	dws_step *last = NULL;
 	bool more = true;
 	while (more && !atomic_load(&cp->stopping)) {
 		more = dws_compaction_run(c, SLICE_BYTES, &cp->stopping);
 		if (atomic_load(&cp->stopping))
 			break;
-		dws_step *ns = NULL, *newer = NULL;
-		cp->ops.apply(cp->ops.ctx, c, &ns, &newer);
-		if (newer) {
-			cp->ops.merged(cp->ops.ctx, newer);
-			dws_step_unref(newer);
-		}
-		if (ns) {
-			cp->ops.merged(cp->ops.ctx, ns);
-			dws_step_unref(last);
-			last = ns;
-		}
+		cp->ops.apply(cp->ops.ctx, c);
 	}
-	return last;
 }
 
 /* A merge can make the next level worth merging: a few rounds, one log
@@ -59,16 +46,15 @@ static void merge_rounds(dws_compactor *cp)
 	for (int round = 0; round < ROUNDS && !atomic_load(&cp->stopping); round++) {
 		dws_step *target = cp->ops.target(cp->ops.ctx);
 		dws_compaction *c = dws_compaction_plan(target);
-		dws_step_unref(target);
-		if (!c)
+		if (!c) {
+			dws_step_unref(target);
 			break;
-		dws_step *last = run_plan(cp, c);
+		}
+		run_plan(cp, c);
 		tensors += dws_compaction_count(c);
 		dws_compaction_free(c);
-		if (!last)
-			break;
 		dws_step_unref(done);
-		done = last;
+		done = target;
 	}
 	if (done)
 		dws_log_debug("step %llu: merged the patch runs of %zu tensors in %lld ms (%llu patched elements)",

@@ -1,7 +1,8 @@
 /* The compaction thread: a delta appends one run of patches per tensor, and
  * runs are merged here, off the build path, at idle CPU priority, so a new
  * step never waits for a merge and reads look at few runs whatever the chain
- * length. A merged step has the same id and bytes as the one it replaces. */
+ * length. Merging changes no byte: a step's table of runs is swapped for a
+ * merged one behind its handle (compaction.c). */
 #ifndef DWSFS_COMPACTOR_H
 #define DWSFS_COMPACTOR_H
 
@@ -13,9 +14,7 @@ typedef struct dws_compactor_ops {
 	 * reference), or NULL. */
 	dws_step *(*target)(void *ctx);
 	/* dws_compaction_apply under the builder's lock. */
-	void (*apply)(void *ctx, dws_compaction *c, dws_step **merged, dws_step **newest);
-	/* s (runs merged) takes the place of the held steps of its id. */
-	void (*merged)(void *ctx, dws_step *s);
+	void (*apply)(void *ctx, dws_compaction *c);
 	/* Nothing left to merge. */
 	void (*idle)(void *ctx);
 	void *ctx;

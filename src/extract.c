@@ -317,17 +317,17 @@ static int written_bf16(void *ctx, size_t slot, uint64_t e0, uint64_t n, uint16_
  * that are trained, or patched per `patched`, may be NULL) against the
  * producer's checksum. An F16 output holds patched BF16 values rounded, so
  * where one is trained the digest comes from the step built instead. */
-static int check_written(const struct check *c, const dws_step *s, const uint8_t *patched,
+static int check_written(const struct check *c, dws_step *s, const uint8_t *patched,
 			 const int *fds, dws_error *err)
 {
 	if (!c || !c->want || !c->want[0])
 		return DWS_OK;
-	const dws_layout *L = s->layout;
+	const dws_layout *L = dws_step_layout(s);
 	dws_digest_item *items = dws_xcalloc(L->nslots ? L->nslots : 1, sizeof(*items));
 	size_t n = 0;
 	bool f16 = false;
 	for (size_t i = 0; i < L->nslots; i++)
-		if (s->trained[i] || (patched && patched[i])) {
+		if (dws_step_trained(s, i) || (patched && patched[i])) {
 			items[n++] = (dws_digest_item){L->slots[i].trainer, L->slots[i].numel, i};
 			f16 |= L->slots[i].dtype == DWS_DT_F16;
 		}
@@ -684,7 +684,7 @@ static int stream_extract(dws_lazy_chain *lc, const char *outdir, const dws_prog
 			  const struct check *c, dws_error *err)
 {
 	dws_step *first = lc->first;
-	const dws_layout *L = first->layout;
+	const dws_layout *L = dws_step_layout(first);
 	struct stream S = {.first = first, .L = L, .pr = pr};
 	/* runs grouped by slot (a counting sort that keeps chain order) */
 	S.slot_run = dws_xcalloc(L->nslots + 1, sizeof(size_t));

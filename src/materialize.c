@@ -22,7 +22,7 @@ int dws_step_materialize(dws_step *s, size_t fi, const char *dir, uint64_t min_f
 	*fd_out = -1;
 	const dws_file_info *info = dws_step_file(s, fi);
 	if (!info)
-		return dws_fail(err, DWS_ENOENT, "step %llu: no file %zu", (unsigned long long)s->step, fi);
+		return dws_fail(err, DWS_ENOENT, "step %llu: no file %zu", (unsigned long long)dws_step_number(s), fi);
 	struct statvfs sv;
 	if (statvfs(dir, &sv) != 0)
 		return dws_fail(err, DWS_EIO, "materialize %s: %s: %s", info->path, dir, strerror(errno));
@@ -32,7 +32,7 @@ int dws_step_materialize(dws_step *s, size_t fi, const char *dir, uint64_t min_f
 		avail = 0, need = 1;
 	if (avail < need)
 		return dws_fail(err, DWS_EIO, "materialize %s of step %llu: %s has %llu bytes free, %llu needed with the floor",
-				info->path, (unsigned long long)s->step, dir, (unsigned long long)avail,
+				info->path, (unsigned long long)dws_step_number(s), dir, (unsigned long long)avail,
 				(unsigned long long)need);
 	int fd = open(dir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
 	if (fd < 0)

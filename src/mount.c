@@ -341,35 +341,14 @@ static dws_step *compact_target(void *ctx)
 	return s;
 }
 
-static void compact_apply(void *ctx, dws_compaction *c, dws_step **merged, dws_step **newest)
+/* The merged runs into the planned step and into the builder's newest, which
+ * may share them: the same handles, new tables. */
+static void compact_apply(void *ctx, dws_compaction *c)
 {
 	dws_mount *m = ctx;
 	pthread_mutex_lock(&m->build_lock);
-	dws_compaction_apply(m->bl, c, merged, newest);
+	dws_compaction_apply(c, dws_builder_newest(m->bl));
 	pthread_mutex_unlock(&m->build_lock);
-}
-
-/* s (runs merged: same id, same bytes) in place of every held step of its id. */
-static void compact_merged(void *ctx, dws_step *s)
-{
-	dws_mount *m = ctx;
-	uint64_t id = dws_step_id(s);
-	dws_step *drop[2] = {NULL, NULL};
-	pthread_mutex_lock(&m->lock);
-	if (m->root && dws_step_id(m->root) == id && m->root != s) {
-		drop[0] = m->root;
-		m->root = dws_step_ref(s);
-	}
-	if (m->ready && dws_step_id(m->ready) == id && m->ready != s) {
-		drop[1] = m->ready;
-		m->ready = dws_step_ref(s);
-	}
-	pthread_mutex_unlock(&m->lock);
-	dws_stepcache_replace(m->views, s);
-	dws_step_unref(drop[0]);
-	dws_step_unref(drop[1]);
-	if (m->o.merged)
-		m->o.merged(m->o.ctx, s);
 }
 
 static void compact_idle(void *ctx)
@@ -771,7 +750,7 @@ int dws_mount_open(const dws_mount_opts *o, dws_mount **out, dws_error *err)
 
 int dws_mount_start(dws_mount *m, dws_error *err)
 {
-	dws_compactor_ops cops = {compact_target, compact_apply, compact_merged, compact_idle, m};
+	dws_compactor_ops cops = {compact_target, compact_apply, compact_idle, m};
 	dws_compactor *c = NULL;
 	int rc = dws_compactor_start(&cops, &c, err);
 	pthread_mutex_lock(&m->lock);

@@ -1,4 +1,6 @@
-/* Step internals shared by step.c, builder.c, extract.c and publish.c. */
+/* Steps as the rest of the core sees them: a handle (its insides are the
+ * step module's: step_int.h), built by the builder through the calls below,
+ * read by everyone; its patch runs merged in place by compaction. */
 #ifndef DWSFS_STEP_H
 #define DWSFS_STEP_H
 
@@ -7,20 +9,30 @@
 #include "layout.h"
 #include "patch.h"
 
-struct dws_digest_item;
-/* The trained tensors of s as state digest items (digest.h), ref = slot;
- * *out is malloc'd. */
-size_t dws_step_digest_items(const dws_step *s, struct dws_digest_item **out);
+/* ---- building: on a step nobody else holds yet ---- */
 
-struct dws_step {
-	atomic_long refs;
-	uint64_t step, anchor, id;
-	size_t chain;
-	dws_layout *layout;
-	dws_src *src;        /* per slot */
-	dws_patchset **patch; /* per slot, NULL: unpatched */
-	uint8_t *trained;    /* per slot: the trainer's files provide it */
-};
+/* A step over layout L: every tensor read from the layout's own files,
+ * nothing trained, no patch. */
+dws_step *dws_step_new(dws_layout *L);
+/* The chain goes on from p: a new step with p's sources and patches (shared)
+ * and its place (step, anchor, chain). */
+dws_step *dws_step_clone(dws_step *p);
+/* Tensor slot now reads src (a reference to its blob is taken); its patch
+ * goes. */
+void dws_step_set_source(dws_step *s, size_t slot, const dws_src *src, bool trained);
+dws_patchset *dws_step_patch(dws_step *s, size_t slot);
+/* ps (its reference taken over) as slot's patch; slot is trained. */
+void dws_step_set_patch(dws_step *s, size_t slot, dws_patchset *ps);
+/* Every float tensor is the trainer's (a chain with no anchor, an anchor
+ * that is the whole model). */
+void dws_step_train_floats(dws_step *s);
+void dws_step_place(dws_step *s, uint64_t step, uint64_t anchor, size_t chain);
+void dws_step_set_id(dws_step *s, uint64_t id);
+
+/* ---- reading its shape ---- */
+
+const dws_layout *dws_step_layout(const dws_step *s);
+bool dws_step_trained(dws_step *s, size_t slot);
 
 /* Step files read no further than they can legitimately hold (stepfile.c).
  * A sparse delta holds at most one index (4 bytes at most) and one BF16 value
@@ -67,20 +79,20 @@ int dws_builder_lazy_chain(dws_builder *bl, uint64_t step, dws_lazy_chain **out,
 			   dws_error *err);
 void dws_lazy_chain_free(dws_lazy_chain *c);
 
-/* Compaction off the build path. plan picks what to merge in step s (NULL:
- * nothing); run merges, without any lock, until about budget bytes of merged
- * runs are made (stops early when *stop turns true) and says whether jobs
- * remain; under the build lock, apply gives *merged, the planned step with
- * every run merged so far (same id and bytes, fewer runs), and splices them
- * into the builder's newest step too when it still holds them: *newest is
- * that step when it is another one (built meanwhile). Either may be NULL.
- * Run and apply in turns, so old runs go as new ones come. */
+/* Compaction off the build path (compaction.c). plan picks what to merge in
+ * step s (NULL: nothing); run merges, without any lock, until about budget
+ * bytes of merged runs are made (stops early when *stop turns true) and says
+ * whether jobs remain; apply splices what was merged so far into s, and into
+ * `also` (the builder's newest step, built meanwhile from s: it shares its
+ * runs; may be NULL or s) where it still holds the runs they came from, each
+ * a new table behind the same handle. Run and apply in turns, so old runs go
+ * as new ones come. */
 typedef struct dws_compaction dws_compaction;
 dws_compaction *dws_compaction_plan(dws_step *s);
 bool dws_compaction_run(dws_compaction *c, uint64_t budget, const atomic_bool *stop);
-void dws_compaction_apply(dws_builder *bl, dws_compaction *c, dws_step **merged,
-			  dws_step **newest);
+void dws_compaction_apply(dws_compaction *c, dws_step *also);
 size_t dws_compaction_count(const dws_compaction *c); /* tensors it merges */
+dws_step *dws_compaction_target(const dws_compaction *c); /* its step (borrowed) */
 void dws_compaction_free(dws_compaction *c);
 
 #endif

@@ -77,16 +77,3 @@ void dws_stepcache_put(dws_stepcache *c, dws_step *s)
 	pthread_mutex_unlock(&c->lock);
 	dws_step_unref(drop);
 }
-
-void dws_stepcache_replace(dws_stepcache *c, dws_step *s)
-{
-	dws_step *drop = NULL;
-	pthread_mutex_lock(&c->lock);
-	struct entry *e = find(c, dws_step_id(s));
-	if (e && e->step != s) {
-		drop = e->step;
-		e->step = dws_step_ref(s);
-	}
-	pthread_mutex_unlock(&c->lock);
-	dws_step_unref(drop);
-}

@@ -14,7 +14,5 @@ dws_step *dws_stepcache_get(dws_stepcache *c, uint64_t id);
 /* Keep s (a reference is taken); the least recently used goes if full
  * (open files keep their own references: evicting is safe). */
 void dws_stepcache_put(dws_stepcache *c, dws_step *s);
-/* s in place of the held step with its id (same bytes, runs merged). */
-void dws_stepcache_replace(dws_stepcache *c, dws_step *s);
 
 #endif

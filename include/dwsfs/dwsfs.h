@@ -344,6 +344,8 @@ int dws_builder_build(dws_builder *bl, uint64_t step, dws_step **out,
 		      dws_error *err);
 /* The catalog the builder reads. */
 dws_catalog *dws_builder_catalog(dws_builder *bl);
+/* The step built last (borrowed: valid until the next build or free). */
+dws_step *dws_builder_newest(dws_builder *bl);
 /* Switch to a newer catalog of the same bucket (the caller keeps ownership of
  * both; the old one may be freed after this returns). */
 void dws_builder_set_catalog(dws_builder *bl, dws_catalog *c);
@@ -360,10 +362,10 @@ uint64_t dws_step_number(const dws_step *s);
 uint64_t dws_step_id(const dws_step *s); /* see dws_catalog_step_id */
 uint64_t dws_step_anchor(const dws_step *s);     /* 0: base only */
 size_t dws_step_chain_length(const dws_step *s); /* files applied since anchor */
-uint64_t dws_step_patch_entries(const dws_step *s);
+uint64_t dws_step_patch_entries(dws_step *s);
 /* Tensors of s held whole in memory (patched past a third and merged with
  * their source, which reads then never touch), and their bytes. */
-size_t dws_step_whole_tensors(const dws_step *s, uint64_t *bytes);
+size_t dws_step_whole_tensors(dws_step *s, uint64_t *bytes);
 /* Bytes held by the patch runs of every step object alive in the process:
  * what the patches cost in memory, old objects still referenced included. */
 uint64_t dws_patch_memory(void);
@@ -490,11 +492,6 @@ typedef struct dws_mount_opts {
 	const char *mountpoint;     /* absolute: for the hook's environment and logs */
 	/* Called by the sync thread after a swap, holding no lock. */
 	void (*swapped)(void *ctx, dws_step *old_root, dws_step *new_root);
-	/* Called by the compaction thread, holding no lock, once s (runs
-	 * merged) took the place of the held steps with its id: same bytes,
-	 * less memory. Whoever holds an older object of that id (an open
-	 * file) should move to s so the old runs can go. */
-	void (*merged)(void *ctx, dws_step *s);
 	void *ctx;
 } dws_mount_opts;
 
