@@ -29,7 +29,8 @@ typedef struct dws_http_req {
 	uint64_t range_off, range_len; /* range_len > 0: Range: bytes=off-(off+len-1) */
 	const char *body;         /* POST body */
 	const char *content_type;
-	void *dst;                /* with a range: exactly range_len bytes land here */
+	void *dst;                /* with a range: exactly range_len bytes of a 2xx
+				     land here, never a byte of an error answer */
 	size_t max_body;          /* buffered body cap (default 64 MiB) */
 	bool no_follow;           /* return a 3xx instead of following it */
 	int64_t deadline_ms;      /* absolute CLOCK_MONOTONIC ms; 0: opts default */
@@ -38,7 +39,8 @@ typedef struct dws_http_req {
 
 typedef struct dws_http_resp {
 	long status;
-	char *body;               /* NUL-terminated, malloc'd (when no dst) */
+	char *body;               /* NUL-terminated, malloc'd: a 2xx's body (when no
+				     dst), or the first 4 KiB of an error answer's */
 	size_t len;
 	char *location;           /* absolute redirect target (no_follow) */
 	char *final_url;          /* where the bytes came from after redirects */
