@@ -1,7 +1,9 @@
 /* s3://BUCKET[/PREFIX]: any S3-compatible store (AWS, R2, MinIO, the Hub's
  * S3 endpoint), path-style, SigV4-signed by libcurl. ListObjectsV2 answers
  * XML, parsed with expat; bytes come from ranged GetObject through the block
- * cache, keyed by ETag and size. */
+ * cache, keyed by ETag and size. Every range read is pinned to the listed
+ * ETag (If-Match, and compared after for stores that ignore it) and size:
+ * a rewritten object is an error, never mixed in. */
 #include "bucket.h"
 #include "http.h"
 #include "remote.h"
@@ -25,7 +27,7 @@ struct s3 {
 struct s3_obj {
 	struct s3 *s;
 	char *url;
-	char *etag;
+	dws_range_pin pin;   /* the listed ETag and size */
 	char *what;
 };
 
@@ -199,13 +201,18 @@ static int s3_list(dws_bucket *b, const char *prefix, dws_object **out, size_t *
 static int s3_fetch(void *ctx, uint64_t off, size_t len, void *dst, dws_error *err)
 {
 	struct s3_obj *o = ctx;
-	dws_http_req rq = {.url = o->url, .cls = DWS_HTTP_S3, .range_off = off, .range_len = len, .dst = dst, .what = o->what};
+	char im[170];
+	dws_range_if_match(&o->pin, im, sizeof(im));
+	dws_http_req rq = {.url = o->url, .cls = DWS_HTTP_S3, .range_off = off, .range_len = len, .dst = dst,
+			   .if_match = im[0] ? im : NULL, .what = o->what};
 	dws_http_resp rs;
-	int rc = dws_http_do(o->s->http, &rq, &rs, err);
-	/* a rewritten object has another ETag: never mix it into a step */
-	if (!rc && o->etag[0] && rs.etag[0] && strcmp(rs.etag, o->etag) != 0)
-		rc = dws_fail(err, DWS_ENOENT, "%s: the object changed since it was listed (ETag %s, listed %s)", o->what, rs.etag, o->etag);
+	dws_error e2 = {0};
+	int rc = dws_http_do(o->s->http, &rq, &rs, &e2);
+	/* a rewritten object has another ETag or size: never mix it into a step */
+	rc = dws_range_check(o->what, &o->pin, rc, &rs, &e2);
 	dws_http_resp_free(&rs);
+	if (rc && err && !err->code)
+		*err = e2;
 	return rc;
 }
 
@@ -225,7 +232,6 @@ static void s3_obj_free(void *ctx)
 	struct s3_obj *o = ctx;
 	s3_unref(o->s);
 	free(o->url);
-	free(o->etag);
 	free(o->what);
 	free(o);
 }
@@ -243,7 +249,9 @@ static int s3_open_blob(dws_bucket *b, const dws_object *obj, dws_blob **out,
 	/* ident is "etag:<etag>:<size>" */
 	const char *e = strncmp(obj->ident, "etag:", 5) == 0 ? obj->ident + 5 : "";
 	const char *colon = strrchr(e, ':');
-	o->etag = colon ? dws_xasprintf("%.*s", (int)(colon - e), e) : dws_xstrdup("");
+	o->pin.size = obj->size;
+	if (colon)
+		snprintf(o->pin.etag, sizeof(o->pin.etag), "%.*s", (int)(colon - e), e);
 	char *ident = dws_xasprintf("%s|%s", b->uri, obj->ident);
 	*out = dws_remote_blob(b->cache, o->what, ident, obj->size, s3_fetch, o, s3_obj_free);
 	free(ident);

@@ -316,7 +316,7 @@ static size_t on_header(char *p, size_t sz, size_t n, void *ud)
 	} else if (IS("etag")) {
 		copy_value(x->rs->etag, sizeof(x->rs->etag), v, vl);
 	} else if (IS("x-linked-etag")) {
-		copy_value(x->rs->etag, sizeof(x->rs->etag), v, vl);
+		copy_value(x->rs->linked_etag, sizeof(x->rs->linked_etag), v, vl);
 	} else if (IS("x-xet-hash")) {
 		copy_value(x->rs->xet_hash, sizeof(x->rs->xet_hash), v, vl);
 	} else if (IS("x-error-code")) {
@@ -327,6 +327,11 @@ static size_t on_header(char *p, size_t sz, size_t n, void *ud)
 	} else if (IS("content-length")) {
 		copy_value(tmp, sizeof(tmp), v, vl);
 		x->rs->has_content_length = dws_parse_u64(tmp, &x->rs->content_length);
+	} else if (IS("content-range")) {
+		/* "bytes A-B/TOTAL" ("bytes * /TOTAL" on a 416, TOTAL "*" unknown) */
+		copy_value(tmp, sizeof(tmp), v, vl);
+		char *slash = strrchr(tmp, '/');
+		x->rs->has_range_total = slash && strncasecmp(tmp, "bytes ", 6) == 0 && dws_parse_u64(slash + 1, &x->rs->range_total);
 	} else if (IS("retry-after")) {
 		copy_value(tmp, sizeof(tmp), v, vl);
 		char *end;
@@ -404,6 +409,10 @@ static CURLcode attempt(dws_http *h, const dws_http_req *rq, const char *url,
 		snprintf(line, sizeof(line), "%llu-%llu", (unsigned long long)rq->range_off,
 			 (unsigned long long)(rq->range_off + rq->range_len - 1));
 		curl_easy_setopt(c, CURLOPT_RANGE, line);
+	}
+	if (rq->if_match && strlen(rq->if_match) < sizeof(line) - 16 && !strpbrk(rq->if_match, "\r\n")) {
+		snprintf(line, sizeof(line), "If-Match: %s", rq->if_match);
+		hdr = curl_slist_append(hdr, line);
 	}
 	/* the token goes to the endpoint's host only, never to a redirect target */
 	char *auth = NULL;
@@ -487,9 +496,9 @@ int dws_http_do(dws_http *h, const dws_http_req *rq, dws_http_resp *rs,
 		char *redirect = NULL;
 		long keep_status = 0;
 		rs->status = 0;
-		rs->link_next[0] = rs->etag[0] = rs->xet_hash[0] = rs->error_code[0] = 0;
-		rs->linked_size = rs->content_length = 0;
-		rs->has_linked_size = rs->has_content_length = false;
+		rs->link_next[0] = rs->etag[0] = rs->linked_etag[0] = rs->xet_hash[0] = rs->error_code[0] = 0;
+		rs->linked_size = rs->content_length = rs->range_total = 0;
+		rs->has_linked_size = rs->has_content_length = rs->has_range_total = false;
 		if (atomic_load(&h->cancelled)) {
 			snprintf(why, sizeof(why), "shutting down");
 			rc = DWS_EIO;
