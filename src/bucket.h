@@ -4,6 +4,8 @@
 
 #include "internal.h"
 
+#include <pthread.h>
+
 struct dws_bucket_ops {
 	int (*list)(dws_bucket *b, const char *prefix, dws_object **out,
 		    size_t *n, dws_error *err);
@@ -74,5 +76,19 @@ int dws_range_check(const char *what, const dws_range_pin *p, int rc,
 void dws_range_if_match(const dws_range_pin *p, char *buf, size_t n);
 /* Whether an ETag (W/ and quotes aside) is the content hash `hash`. */
 bool dws_etag_names(const char *etag, const char *hash);
+
+/* Keys a listing ignored, each logged once per bucket however often it is
+ * listed again (bounded: past IGNORED_MAX keys, one line says the rest go
+ * unlogged). */
+typedef struct dws_ignored {
+	pthread_mutex_t lock;
+	dws_strmap seen;
+	char **keys;            /* owned; seen points into them */
+	size_t n;
+} dws_ignored;
+void dws_ignored_init(dws_ignored *ig);
+void dws_ignored_free(dws_ignored *ig);
+/* Logs "URI: ignoring listed object 'KEY': WHY" the first time KEY comes. */
+void dws_ignored_log(dws_ignored *ig, const char *uri, const char *key, const char *why);
 
 #endif

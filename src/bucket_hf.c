@@ -49,6 +49,7 @@ struct hf {
 	char *revision;      /* model repo only */
 	bool model;
 	atomic_bool etag_is_hash; /* an answer's ETag was its listed hash */
+	dws_ignored ignored;
 };
 
 struct hf_obj {
@@ -186,7 +187,7 @@ static int parse_page(dws_bucket *b, const char *body, const char *want, dws_obj
 			continue;
 		const char *key = path + (pl ? pl + 1 : 0);
 		if ((pl && (strncmp(path, h->prefix, pl) != 0 || path[pl] != '/')) || !dws_key_is_safe(key)) {
-			dws_log("%s: ignoring listed object '%s': not a safe path inside the bucket", b->uri, path);
+			dws_ignored_log(&h->ignored, b->uri, path, "not a safe path inside the bucket");
 			continue;
 		}
 		if (!json_is_integer(size) || json_integer_value(size) < 0) {
@@ -453,6 +454,7 @@ static void hf_unref(struct hf *h)
 		free(h->cdn[i].url);
 	}
 	pthread_mutex_destroy(&h->cdn_lock);
+	dws_ignored_free(&h->ignored);
 	free(h->endpoint);
 	free(h->ns);
 	free(h->name);
@@ -521,6 +523,7 @@ int dws_bucket_hf_open(const char *uri, const dws_bucket_opts *bo, dws_bucket **
 	struct hf *h = dws_xcalloc(1, sizeof(*h));
 	atomic_init(&h->refs, 1);
 	pthread_mutex_init(&h->cdn_lock, NULL);
+	dws_ignored_init(&h->ignored);
 	h->endpoint = dws_xstrdup(ep);
 	size_t el = strlen(h->endpoint);
 	while (el && h->endpoint[el - 1] == '/')

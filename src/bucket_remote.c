@@ -1,11 +1,14 @@
 /* What the remote backends (hf://, s3://) share beyond HTTP: range answers
- * pinned to the object the listing named. See bucket.h. */
+ * pinned to the object the listing named, and listed keys they ignore
+ * logged once per bucket. See bucket.h. */
 #include "bucket.h"
 #include "http.h"
 
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+
+#define IGNORED_MAX 10000
 
 /* ---- range answers pinned to the listed object ---- */
 
@@ -97,4 +100,41 @@ int dws_range_check(const char *what, const dws_range_pin *p, int rc,
 		return dws_fail(err, DWS_ENOENT, "%s: the object changed since it was listed (ETag %s, listed hash %.16s...)", what,
 				rs->etag, p->hash);
 	return DWS_OK;
+}
+
+/* ---- ignored keys ---- */
+
+void dws_ignored_init(dws_ignored *ig)
+{
+	memset(ig, 0, sizeof(*ig));
+	pthread_mutex_init(&ig->lock, NULL);
+	dws_strmap_init(&ig->seen);
+}
+
+void dws_ignored_free(dws_ignored *ig)
+{
+	for (size_t i = 0; i < ig->n; i++)
+		free(ig->keys[i]);
+	free(ig->keys);
+	dws_strmap_free(&ig->seen);
+	pthread_mutex_destroy(&ig->lock);
+}
+
+void dws_ignored_log(dws_ignored *ig, const char *uri, const char *key, const char *why)
+{
+	pthread_mutex_lock(&ig->lock);
+	size_t v;
+	bool seen = dws_strmap_get(&ig->seen, key, &v);
+	bool first = !seen && ig->n < IGNORED_MAX, last = !seen && ig->n == IGNORED_MAX;
+	if (first || last) {
+		ig->keys = dws_xrealloc(ig->keys, (ig->n + 1) * sizeof(*ig->keys));
+		ig->keys[ig->n] = dws_xstrdup(key);
+		dws_strmap_put(&ig->seen, ig->keys[ig->n], ig->n);
+		ig->n++;
+	}
+	pthread_mutex_unlock(&ig->lock);
+	if (first)
+		dws_log("%s: ignoring listed object '%s': %s", uri, key, why);
+	else if (last)
+		dws_log("%s: more than %d listed objects ignored; the others are not logged", uri, IGNORED_MAX);
 }
