@@ -4,6 +4,8 @@
 
 #include "internal.h"
 
+#include <pthread.h>
+
 struct dws_bucket_ops {
 	int (*list)(dws_bucket *b, const char *prefix, dws_object **out,
 		    size_t *n, dws_error *err);
@@ -48,5 +50,45 @@ dws_object *dws_objvec_push(dws_objvec *ov, size_t max);
 
 /* "2024-05-01T12:00:00.123Z" -> ns since the epoch; 0 if it does not parse. */
 int64_t dws_parse_time_ns(const char *s);
+
+/* What every range answer for one listed object must show, so that the
+ * block cache, which keys blocks by the listed identity, never holds bytes
+ * of another content (hf and s3 alike): the listed size as Content-Range's
+ * total, the listed content hash wherever the answer names one (X-Xet-Hash,
+ * an ETag that is the hash), and one ETag for every answer (sent as
+ * If-Match, compared after the fact for servers that ignore it). */
+typedef struct dws_range_pin {
+	uint64_t size;          /* listed size */
+	char hash[80];          /* listed content hash (Xet, LFS sha256), "" none */
+	char etag[160];         /* the ETag answers must carry, "" none yet */
+	bool etag_is_hash;      /* this server's ETags are content hashes: one
+				   that is another hash of the listed hash's kind
+				   is another content */
+} dws_range_pin;
+
+struct dws_http_resp;
+/* Check the answer rs to a range read (or a HEAD) of the object pinned by
+ * p, rc being what dws_http_do returned: rc, or DWS_ENOENT with one line
+ * saying what changed (for a 412, in place of dws_http_do's message). */
+int dws_range_check(const char *what, const dws_range_pin *p, int rc,
+		    const struct dws_http_resp *rs, dws_error *err);
+/* The If-Match value for p (a strong ETag, quoted) into buf; "" if none. */
+void dws_range_if_match(const dws_range_pin *p, char *buf, size_t n);
+/* Whether an ETag (W/ and quotes aside) is the content hash `hash`. */
+bool dws_etag_names(const char *etag, const char *hash);
+
+/* Keys a listing ignored, each logged once per bucket however often it is
+ * listed again (bounded: past IGNORED_MAX keys, one line says the rest go
+ * unlogged). */
+typedef struct dws_ignored {
+	pthread_mutex_t lock;
+	dws_strmap seen;
+	char **keys;            /* owned; seen points into them */
+	size_t n;
+} dws_ignored;
+void dws_ignored_init(dws_ignored *ig);
+void dws_ignored_free(dws_ignored *ig);
+/* Logs "URI: ignoring listed object 'KEY': WHY" the first time KEY comes. */
+void dws_ignored_log(dws_ignored *ig, const char *uri, const char *key, const char *why);
 
 #endif

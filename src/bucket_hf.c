@@ -3,8 +3,14 @@
  *
  * Listing uses the tree API (one API call a page); bytes come from resolve
  * with a Range, whose redirect to the CDN is remembered per object so a read
- * costs one CDN request and no resolver call. The redirect's X-Xet-Hash must
- * match the identity the listing gave: a rewritten object is never mixed in. */
+ * costs one CDN request and no resolver call (a resolver that answers with
+ * the bytes itself is read from directly).
+ *
+ * A rewritten object is never mixed in, whether or not its CDN URL names its
+ * content: the resolver's X-Xet-Hash and size must be the listing's, and so
+ * must every range answer's (Content-Range's total, X-Xet-Hash, an ETag that
+ * is the hash); the first answer's ETag is pinned for the object's listed
+ * identity and sent as If-Match after (a 412, or another ETag, is a change). */
 #include "bucket.h"
 #include "http.h"
 #include "remote.h"
@@ -24,8 +30,9 @@
 #define CDN_CACHE 256
 struct cdn_entry {
 	char *key;      /* object key + identity */
-	char *url;
+	char *url;      /* NULL: resolve again */
 	int64_t until;
+	char etag[160]; /* the pinned ETag of this content, "" none yet */
 };
 
 /* Shared by the bucket and every blob it opened (a prefetch may still fetch
@@ -41,47 +48,81 @@ struct hf {
 	char *prefix;        /* inside the bucket, "" for none */
 	char *revision;      /* model repo only */
 	bool model;
+	atomic_bool etag_is_hash; /* an answer's ETag was its listed hash */
+	dws_ignored ignored;
 };
 
 struct hf_obj {
 	struct hf *hf;
 	char *key;           /* relative to the bucket prefix */
-	char *xet;           /* expected X-Xet-Hash, "" unknown */
+	char *hash;          /* listed content hash (X-Xet-Hash), "" unknown */
+	uint64_t size;       /* listed size */
 	char *what;
 	char *cdn_key;       /* key of the shared CDN URL cache */
 };
 
-static char *cdn_get(struct hf *h, const char *key)
+static struct cdn_entry *cdn_find_locked(struct hf *h, const char *key)
+{
+	for (unsigned i = 0; i < CDN_CACHE; i++)
+		if (h->cdn[i].key && !strcmp(h->cdn[i].key, key))
+			return &h->cdn[i];
+	return NULL;
+}
+
+static struct cdn_entry *cdn_add_locked(struct hf *h, const char *key)
+{
+	struct cdn_entry *e = &h->cdn[h->cdn_next];
+	h->cdn_next = (h->cdn_next + 1) % CDN_CACHE;
+	free(e->key);
+	free(e->url);
+	*e = (struct cdn_entry){.key = dws_xstrdup(key)};
+	return e;
+}
+
+/* The URL of key while it is fresh (else NULL); its pinned ETag into pin
+ * either way ("" none). */
+static char *cdn_get(struct hf *h, const char *key, char *pin, size_t pn)
 {
 	char *url = NULL;
 	pthread_mutex_lock(&h->cdn_lock);
-	for (unsigned i = 0; i < CDN_CACHE; i++)
-		if (h->cdn[i].key && !strcmp(h->cdn[i].key, key) && dws_now_ms() < h->cdn[i].until)
-			url = dws_xstrdup(h->cdn[i].url);
+	struct cdn_entry *e = cdn_find_locked(h, key);
+	if (e && e->url && dws_now_ms() < e->until)
+		url = dws_xstrdup(e->url);
+	snprintf(pin, pn, "%s", e ? e->etag : "");
 	pthread_mutex_unlock(&h->cdn_lock);
 	return url;
 }
 
-/* url NULL: forget the key (an expired or stale redirect) */
+/* url NULL: forget the URL (an expired or stale redirect), not the pin */
 static void cdn_put(struct hf *h, const char *key, const char *url)
 {
 	pthread_mutex_lock(&h->cdn_lock);
-	struct cdn_entry *e = NULL;
-	for (unsigned i = 0; i < CDN_CACHE && !e; i++)
-		if (h->cdn[i].key && !strcmp(h->cdn[i].key, key))
-			e = &h->cdn[i];
-	if (!e && url) {
-		e = &h->cdn[h->cdn_next];
-		h->cdn_next = (h->cdn_next + 1) % CDN_CACHE;
-	}
+	struct cdn_entry *e = cdn_find_locked(h, key);
+	if (!e && url)
+		e = cdn_add_locked(h, key);
 	if (e) {
-		free(e->key);
 		free(e->url);
-		e->key = url ? dws_xstrdup(key) : NULL;
 		e->url = url ? dws_xstrdup(url) : NULL;
 		e->until = dws_now_ms() + CDN_URL_TTL_MS;
 	}
 	pthread_mutex_unlock(&h->cdn_lock);
+}
+
+/* Pin etag for key unless another is pinned: true if etag is the pin (the
+ * one pinned copied into pinned either way). Two answers of one content
+ * racing to be first agree; of two contents, the second loses. */
+static bool cdn_pin(struct hf *h, const char *key, const char *etag, char *pinned, size_t pn)
+{
+	pthread_mutex_lock(&h->cdn_lock);
+	struct cdn_entry *e = cdn_find_locked(h, key);
+	if (!e)
+		e = cdn_add_locked(h, key);
+	if (!e->etag[0])
+		snprintf(e->etag, sizeof(e->etag), "%s", etag);
+	bool ok = !strcmp(e->etag, etag);
+	snprintf(pinned, pn, "%s", e->etag);
+	pthread_mutex_unlock(&h->cdn_lock);
+	return ok;
 }
 
 /* ---- URLs ---- */
@@ -146,7 +187,7 @@ static int parse_page(dws_bucket *b, const char *body, const char *want, dws_obj
 			continue;
 		const char *key = path + (pl ? pl + 1 : 0);
 		if ((pl && (strncmp(path, h->prefix, pl) != 0 || path[pl] != '/')) || !dws_key_is_safe(key)) {
-			dws_log("%s: ignoring listed object '%s': not a safe path inside the bucket", b->uri, path);
+			dws_ignored_log(&h->ignored, b->uri, path, "not a safe path inside the bucket");
 			continue;
 		}
 		if (!json_is_integer(size) || json_integer_value(size) < 0) {
@@ -223,38 +264,86 @@ static int hf_list(dws_bucket *b, const char *prefix, dws_object **out, size_t *
 
 /* ---- bytes ---- */
 
+/* Check rs (rc from dws_http_do), an answer with bytes of the object,
+ * against its listing and the pin ("" none yet); pin its ETag if it is the
+ * first. */
+static int checked(struct hf_obj *o, const char *pin, int rc, const dws_http_resp *rs, dws_error *err)
+{
+	struct hf *h = o->hf;
+	dws_range_pin p = {.size = o->size, .etag_is_hash = atomic_load(&h->etag_is_hash)};
+	snprintf(p.hash, sizeof(p.hash), "%s", o->hash);
+	snprintf(p.etag, sizeof(p.etag), "%s", pin);
+	rc = dws_range_check(o->what, &p, rc, rs, err);
+	if (rc || !rs->etag[0])
+		return rc;
+	char pinned[160];
+	if (!cdn_pin(h, o->cdn_key, rs->etag, pinned, sizeof(pinned)))
+		return dws_fail(err, DWS_ENOENT, "%s: the object changed while it was read (ETag %s, earlier %s)", o->what, rs->etag,
+				pinned);
+	if (dws_etag_names(rs->etag, o->hash))
+		atomic_store(&h->etag_is_hash, true); /* this server's ETags name contents */
+	return DWS_OK;
+}
+
+/* Resolve the object and remember where its bytes are: the redirect's
+ * target, or the resolve URL itself when the resolver has the bytes. */
+static int resolve(struct hf_obj *o, const char *pin, char **out, dws_error *err)
+{
+	struct hf *h = o->hf;
+	char *url = resolve_url(h, o->key);
+	dws_http_req rq = {.url = url, .cls = DWS_HTTP_RESOLVE, .no_follow = true, .method = "HEAD", .what = o->what};
+	dws_http_resp rs;
+	int rc = dws_http_do(h->http, &rq, &rs, err);
+	if (!rc && rs.location) {
+		/* a redirect's X-Xet-Hash and X-Linked-Size are the object's */
+		if (rs.xet_hash[0] && o->hash[0] && strcmp(rs.xet_hash, o->hash) != 0)
+			rc = dws_fail(err, DWS_ENOENT, "%s: the object changed since it was listed (xet hash %.16s..., listed %.16s...)",
+				      o->what, rs.xet_hash, o->hash);
+		else if (rs.has_linked_size && rs.linked_size != o->size)
+			rc = dws_fail(err, DWS_ENOENT, "%s: the object changed since it was listed (%llu bytes, listed %llu)", o->what,
+				      (unsigned long long)rs.linked_size, (unsigned long long)o->size);
+		else
+			*out = dws_xstrdup(rs.location);
+	} else if (!rc) {
+		rc = checked(o, pin, rc, &rs, err); /* the bytes are here: as a range answer */
+		if (!rc)
+			*out = dws_xstrdup(url);
+	}
+	dws_http_resp_free(&rs);
+	free(url);
+	if (!rc)
+		cdn_put(h, o->cdn_key, *out);
+	return rc;
+}
+
 static int hf_fetch(void *ctx, uint64_t off, size_t len, void *dst, dws_error *err)
 {
 	struct hf_obj *o = ctx;
 	struct hf *h = o->hf;
 	for (int tries = 0; tries < 2; tries++) {
-		char *cdn = cdn_get(h, o->cdn_key);
+		char pin[160], im[170];
+		char *cdn = cdn_get(h, o->cdn_key, pin, sizeof(pin));
 		if (!cdn) {
-			/* resolve once; remember where it sends us */
-			char *url = resolve_url(h, o->key);
-			dws_http_req rq = {.url = url, .cls = DWS_HTTP_RESOLVE, .no_follow = true, .method = "HEAD", .what = o->what};
-			dws_http_resp rs;
-			int rc = dws_http_do(h->http, &rq, &rs, err);
-			if (!rc && o->xet[0] && rs.xet_hash[0] && strcmp(rs.xet_hash, o->xet) != 0)
-				rc = dws_fail(err, DWS_ENOENT, "%s: the object changed since it was listed (xet hash %.16s..., listed %.16s...)",
-					      o->what, rs.xet_hash, o->xet);
-			if (!rc)
-				cdn = rs.location ? dws_xstrdup(rs.location) : dws_xstrdup(url);
-			dws_http_resp_free(&rs);
-			free(url);
+			int rc = resolve(o, pin, &cdn, err);
 			if (rc)
 				return rc;
-			cdn_put(h, o->cdn_key, cdn);
+			free(cdn_get(h, o->cdn_key, pin, sizeof(pin))); /* the answer may have pinned */
 		}
-		dws_http_req rq = {.url = cdn, .cls = DWS_HTTP_CDN, .range_off = off, .range_len = len, .dst = dst, .what = o->what};
+		dws_range_pin ip = {0};
+		snprintf(ip.etag, sizeof(ip.etag), "%s", pin);
+		dws_range_if_match(&ip, im, sizeof(im));
+		dws_http_req rq = {.url = cdn, .cls = DWS_HTTP_CDN, .range_off = off, .range_len = len, .dst = dst,
+				   .if_match = im[0] ? im : NULL, .what = o->what};
 		dws_http_resp rs;
 		dws_error e2 = {0};
 		int rc = dws_http_do(h->http, &rq, &rs, &e2);
+		bool gone = rc == DWS_ENOENT && (rs.status == 404 || rs.status == 410);
+		rc = checked(o, pin, rc, &rs, &e2);
 		dws_http_resp_free(&rs);
 		free(cdn);
 		if (!rc)
 			return DWS_OK;
-		if (rc == DWS_ENOENT && tries == 0) {
+		if (gone && tries == 0) {
 			/* an expired or stale redirect: resolve again once */
 			cdn_put(h, o->cdn_key, NULL);
 			continue;
@@ -273,7 +362,7 @@ static void hf_obj_free(void *ctx)
 	struct hf_obj *o = ctx;
 	hf_unref(o->hf);
 	free(o->key);
-	free(o->xet);
+	free(o->hash);
 	free(o->what);
 	free(o->cdn_key);
 	free(o);
@@ -288,7 +377,8 @@ static int hf_open_blob(dws_bucket *b, const dws_object *obj, dws_blob **out,
 	atomic_fetch_add(&h->refs, 1);
 	o->hf = h;
 	o->key = dws_xstrdup(obj->key);
-	o->xet = dws_xstrdup(strncmp(obj->ident, "xet:", 4) == 0 ? obj->ident + 4 : "");
+	o->hash = dws_xstrdup(strncmp(obj->ident, "xet:", 4) == 0 ? obj->ident + 4 : "");
+	o->size = obj->size;
 	o->what = dws_xasprintf("%s/%s", b->uri, obj->key);
 	o->cdn_key = dws_xasprintf("%s\n%s", obj->key, obj->ident);
 	char *ident = dws_xasprintf("%s|%s", b->uri, obj->ident);
@@ -340,7 +430,8 @@ static int hf_head(dws_bucket *b, const char *key, dws_object *out, dws_error *e
 		if (is_hex64(rs.xet_hash))
 			snprintf(out->ident, sizeof(out->ident), "xet:%s", rs.xet_hash);
 		else
-			snprintf(out->ident, sizeof(out->ident), "etag:%.80s:%llu", rs.etag, (unsigned long long)out->size);
+			snprintf(out->ident, sizeof(out->ident), "etag:%.80s:%llu", rs.linked_etag[0] ? rs.linked_etag : rs.etag,
+				 (unsigned long long)out->size);
 		if (rs.location) {
 			/* the redirect is where its bytes are: no second resolve to
 			 * fetch the object this HEAD found */
@@ -363,6 +454,7 @@ static void hf_unref(struct hf *h)
 		free(h->cdn[i].url);
 	}
 	pthread_mutex_destroy(&h->cdn_lock);
+	dws_ignored_free(&h->ignored);
 	free(h->endpoint);
 	free(h->ns);
 	free(h->name);
@@ -431,6 +523,7 @@ int dws_bucket_hf_open(const char *uri, const dws_bucket_opts *bo, dws_bucket **
 	struct hf *h = dws_xcalloc(1, sizeof(*h));
 	atomic_init(&h->refs, 1);
 	pthread_mutex_init(&h->cdn_lock, NULL);
+	dws_ignored_init(&h->ignored);
 	h->endpoint = dws_xstrdup(ep);
 	size_t el = strlen(h->endpoint);
 	while (el && h->endpoint[el - 1] == '/')

@@ -1,11 +1,16 @@
 /* s3://BUCKET[/PREFIX]: any S3-compatible store (AWS, R2, MinIO, the Hub's
  * S3 endpoint), path-style, SigV4-signed by libcurl. ListObjectsV2 answers
  * XML, parsed with expat; bytes come from ranged GetObject through the block
- * cache, keyed by ETag and size. */
+ * cache, keyed by ETag and size. Every range read is pinned to the listed
+ * ETag (If-Match, and compared after for stores that ignore it) and size:
+ * a rewritten object is an error, never mixed in. A listed key that cannot
+ * be served (a control character, over 1023 bytes, not a safe path) is
+ * skipped with one log line per bucket, never the whole listing. */
 #include "bucket.h"
 #include "http.h"
 #include "remote.h"
 
+#include <ctype.h>
 #include <expat.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,12 +25,13 @@ struct s3 {
 	atomic_long refs;
 	dws_http *http;
 	char *endpoint, *bucket, *prefix;
+	dws_ignored ignored;
 };
 
 struct s3_obj {
 	struct s3 *s;
 	char *url;
-	char *etag;
+	dws_range_pin pin;   /* the listed ETag and size */
 	char *what;
 };
 
@@ -45,10 +51,12 @@ struct list_state {
 	dws_bucket *b;
 	const char *want;       /* full prefix with a trailing '/' ("" for all) */
 	dws_objvec ov;
-	char text[2048];
+	char text[4096];
 	size_t tl;
+	bool cut;               /* this element's text did not fit in text */
 	bool in_contents, truncated, too_long;
 	char key[1024], etag[128], modified[64], size[32];
+	bool key_too_long;
 	char next[1024];
 	int err;
 };
@@ -59,8 +67,10 @@ static void XMLCALL on_start(void *ud, const XML_Char *name, const XML_Char **at
 	struct list_state *st = ud;
 	st->tl = 0;
 	st->text[0] = 0;
+	st->cut = false;
 	if (!strcmp(name, "Contents")) {
 		st->in_contents = true;
+		st->key_too_long = false;
 		st->key[0] = st->etag[0] = st->modified[0] = st->size[0] = 0;
 	}
 }
@@ -69,34 +79,73 @@ static void XMLCALL on_text(void *ud, const XML_Char *s, int len)
 {
 	struct list_state *st = ud;
 	if (st->tl + (size_t)len >= sizeof(st->text)) {
-		st->too_long = true;
-		return;
+		st->cut = true;
+		len = (int)(sizeof(st->text) - 1 - st->tl);
 	}
 	memcpy(st->text + st->tl, s, (size_t)len);
 	st->tl += (size_t)len;
 	st->text[st->tl] = 0;
 }
 
+/* A Contents entry ended: one more object, or a key skipped (logged once). */
+static void take_entry(struct list_state *st)
+{
+	struct s3 *s = st->b->priv;
+	size_t wl = strlen(st->want), pl = strlen(s->prefix);
+	const char *key = st->key + (pl ? pl + 1 : 0);
+	uint64_t size;
+	if (strncmp(st->key, st->want, wl) != 0 || (pl && (strncmp(st->key, s->prefix, pl) || st->key[pl] != '/')))
+		return;
+	if (st->key_too_long) {
+		dws_ignored_log(&s->ignored, st->b->uri, st->key, "a key over 1023 bytes (its first 200 shown)");
+		return;
+	}
+	for (const char *p = key; *p; p++)
+		if ((unsigned char)*p < 0x20) {
+			dws_ignored_log(&s->ignored, st->b->uri, st->key, "a control character in its key");
+			return;
+		}
+	if (!dws_key_is_safe(key)) {
+		dws_ignored_log(&s->ignored, st->b->uri, st->key, "not a safe path inside the bucket");
+		return;
+	}
+	if (!dws_parse_u64(st->size, &size)) {
+		st->err = DWS_EFORMAT;
+		return;
+	}
+	dws_object *o = dws_objvec_push(&st->ov, MAX_LIST_OBJECTS);
+	if (!o) {
+		st->err = DWS_EFORMAT;
+		return;
+	}
+	o->key = dws_xstrdup(key);
+	o->size = size;
+	o->mtime_ns = dws_parse_time_ns(st->modified);
+	snprintf(o->ident, sizeof(o->ident), "etag:%.80s:%llu", st->etag, (unsigned long long)size);
+}
+
 static void XMLCALL on_end(void *ud, const XML_Char *name)
 {
 	struct list_state *st = ud;
-	struct s3 *s = st->b->priv;
-#define TAKE(field)                                            \
-	do {                                                   \
-		if (st->tl >= sizeof(st->field))               \
-			st->too_long = true; /* refused, never cut */ \
-		else                                           \
-			memcpy(st->field, st->text, st->tl + 1); \
+#define TAKE(field)                                                     \
+	do {                                                            \
+		if (st->cut || st->tl >= sizeof(st->field))             \
+			st->too_long = true; /* refused, never cut */    \
+		else                                                    \
+			memcpy(st->field, st->text, st->tl + 1);         \
 	} while (0)
 	if (st->in_contents) {
-		if (!strcmp(name, "Key"))
-			TAKE(key);
-		else if (!strcmp(name, "ETag"))
+		if (!strcmp(name, "Key")) {
+			/* a key we cannot hold is that entry's problem only */
+			st->key_too_long = st->cut || st->tl >= sizeof(st->key);
+			snprintf(st->key, sizeof(st->key), "%.*s", st->key_too_long ? 200 : (int)st->tl, st->text);
+		} else if (!strcmp(name, "ETag")) {
 			TAKE(etag);
-		else if (!strcmp(name, "LastModified"))
+		} else if (!strcmp(name, "LastModified")) {
 			TAKE(modified);
-		else if (!strcmp(name, "Size"))
+		} else if (!strcmp(name, "Size")) {
 			TAKE(size);
+		}
 	} else if (!strcmp(name, "IsTruncated")) {
 		st->truncated = !strcmp(st->text, "true");
 	} else if (!strcmp(name, "NextContinuationToken")) {
@@ -105,31 +154,37 @@ static void XMLCALL on_end(void *ud, const XML_Char *name)
 #undef TAKE
 	if (!strcmp(name, "Contents")) {
 		st->in_contents = false;
-		size_t wl = strlen(st->want), pl = strlen(s->prefix);
-		const char *key = st->key + (pl ? pl + 1 : 0);
-		uint64_t size;
-		if (strncmp(st->key, st->want, wl) != 0 || (pl && (strncmp(st->key, s->prefix, pl) || st->key[pl] != '/')))
-			return;
-		if (!dws_key_is_safe(key)) {
-			dws_log("%s: ignoring listed object '%s': not a safe path inside the bucket", st->b->uri, st->key);
-			return;
-		}
-		if (!dws_parse_u64(st->size, &size)) {
-			st->err = DWS_EFORMAT;
-			return;
-		}
-		dws_object *o = dws_objvec_push(&st->ov, MAX_LIST_OBJECTS);
-		if (!o) {
-			st->err = DWS_EFORMAT;
-			return;
-		}
-		o->key = dws_xstrdup(key);
-		o->size = size;
-		o->mtime_ns = dws_parse_time_ns(st->modified);
-		snprintf(o->ident, sizeof(o->ident), "etag:%.80s:%llu", st->etag, (unsigned long long)size);
+		take_entry(st);
 	}
 	st->tl = 0;
 	st->text[0] = 0;
+	st->cut = false;
+}
+
+/* XML 1.0 cannot carry most control characters, raw or as references
+ * (&#1;), and expat refuses the whole answer for one: each becomes a tab
+ * in place (a reference keeps its length), which refuses the one key that
+ * holds it, alone. */
+static void tame_controls(char *p, size_t n)
+{
+	for (size_t i = 0; i < n; i++) {
+		unsigned char c = (unsigned char)p[i];
+		if (c < 0x20 && c != '\t' && c != '\n' && c != '\r') {
+			p[i] = '\t';
+			continue;
+		}
+		if (c != '&' || i + 3 >= n || p[i + 1] != '#')
+			continue;
+		bool hex = p[i + 2] == 'x';
+		size_t first = i + 2 + hex, j = first;
+		uint64_t v = 0;
+		for (; j < n && j - first < 16 && (hex ? isxdigit((unsigned char)p[j]) : isdigit((unsigned char)p[j])); j++)
+			v = v * (hex ? 16 : 10) + (uint64_t)(isdigit((unsigned char)p[j]) ? p[j] - '0' : (p[j] | 0x20) - 'a' + 10);
+		if (j == first || j >= n || p[j] != ';' || v >= 0x20 || v == '\t' || v == '\n' || v == '\r')
+			continue;
+		memset(p + first, '0', j - first);
+		p[j - 1] = '9';
+	}
 }
 
 static int s3_list(dws_bucket *b, const char *prefix, dws_object **out, size_t *n,
@@ -164,6 +219,7 @@ static int s3_list(dws_bucket *b, const char *prefix, dws_object **out, size_t *
 		XML_SetUserData(p, &st);
 		XML_SetElementHandler(p, on_start, on_end);
 		XML_SetCharacterDataHandler(p, on_text);
+		tame_controls(rs.body, rs.len);
 		st.truncated = false;
 		st.next[0] = 0;
 		if (XML_Parse(p, rs.body, (int)rs.len, 1) == XML_STATUS_ERROR)
@@ -199,13 +255,18 @@ static int s3_list(dws_bucket *b, const char *prefix, dws_object **out, size_t *
 static int s3_fetch(void *ctx, uint64_t off, size_t len, void *dst, dws_error *err)
 {
 	struct s3_obj *o = ctx;
-	dws_http_req rq = {.url = o->url, .cls = DWS_HTTP_S3, .range_off = off, .range_len = len, .dst = dst, .what = o->what};
+	char im[170];
+	dws_range_if_match(&o->pin, im, sizeof(im));
+	dws_http_req rq = {.url = o->url, .cls = DWS_HTTP_S3, .range_off = off, .range_len = len, .dst = dst,
+			   .if_match = im[0] ? im : NULL, .what = o->what};
 	dws_http_resp rs;
-	int rc = dws_http_do(o->s->http, &rq, &rs, err);
-	/* a rewritten object has another ETag: never mix it into a step */
-	if (!rc && o->etag[0] && rs.etag[0] && strcmp(rs.etag, o->etag) != 0)
-		rc = dws_fail(err, DWS_ENOENT, "%s: the object changed since it was listed (ETag %s, listed %s)", o->what, rs.etag, o->etag);
+	dws_error e2 = {0};
+	int rc = dws_http_do(o->s->http, &rq, &rs, &e2);
+	/* a rewritten object has another ETag or size: never mix it into a step */
+	rc = dws_range_check(o->what, &o->pin, rc, &rs, &e2);
 	dws_http_resp_free(&rs);
+	if (rc && err && !err->code)
+		*err = e2;
 	return rc;
 }
 
@@ -217,6 +278,7 @@ static void s3_unref(struct s3 *s)
 	free(s->endpoint);
 	free(s->bucket);
 	free(s->prefix);
+	dws_ignored_free(&s->ignored);
 	free(s);
 }
 
@@ -225,7 +287,6 @@ static void s3_obj_free(void *ctx)
 	struct s3_obj *o = ctx;
 	s3_unref(o->s);
 	free(o->url);
-	free(o->etag);
 	free(o->what);
 	free(o);
 }
@@ -243,7 +304,9 @@ static int s3_open_blob(dws_bucket *b, const dws_object *obj, dws_blob **out,
 	/* ident is "etag:<etag>:<size>" */
 	const char *e = strncmp(obj->ident, "etag:", 5) == 0 ? obj->ident + 5 : "";
 	const char *colon = strrchr(e, ':');
-	o->etag = colon ? dws_xasprintf("%.*s", (int)(colon - e), e) : dws_xstrdup("");
+	o->pin.size = obj->size;
+	if (colon)
+		snprintf(o->pin.etag, sizeof(o->pin.etag), "%.*s", (int)(colon - e), e);
 	char *ident = dws_xasprintf("%s|%s", b->uri, obj->ident);
 	*out = dws_remote_blob(b->cache, o->what, ident, obj->size, s3_fetch, o, s3_obj_free);
 	free(ident);
@@ -321,6 +384,7 @@ int dws_bucket_s3_open(const char *uri, const dws_bucket_opts *o, dws_bucket **o
 	}
 	struct s3 *s = dws_xcalloc(1, sizeof(*s));
 	atomic_init(&s->refs, 1);
+	dws_ignored_init(&s->ignored);
 	s->endpoint = ep ? dws_xstrdup(ep) : dws_xasprintf("https://s3.%s.amazonaws.com", region);
 	size_t el = strlen(s->endpoint);
 	while (el && s->endpoint[el - 1] == '/')

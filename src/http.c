@@ -18,6 +18,7 @@
 #define POOL_MAX 32
 #define DEFAULT_MAX_BODY (64u << 20)
 #define MAX_HOPS 5
+#define ERR_KEEP 4096 /* bytes of an error answer's body kept */
 
 struct dws_http {
 	dws_http_opts o;
@@ -211,16 +212,44 @@ char *dws_http_escape_path(const char *path)
 struct xfer {
 	const dws_http_req *rq;
 	dws_http_resp *rs;
+	CURL *c;
 	char *buf;
 	size_t len, cap, max;
 	bool overflow;
 	double retry_after;
+	/* the body of an answer that is not a 2xx, never in rq->dst or buf: its
+	 * first ERR_KEEP bytes are kept for the caller, the rest read and
+	 * dropped (the connection stays usable) up to max, then the transfer
+	 * ends (ecut) with the status as it was */
+	char ebuf[ERR_KEEP + 1];
+	size_t elen;
+	uint64_t etotal;
+	bool ecut;
 };
+
+static size_t on_error_body(struct xfer *x, const char *p, size_t k)
+{
+	x->etotal += k;
+	if (x->etotal > x->max) {
+		x->ecut = true;
+		return 0;
+	}
+	size_t keep = ERR_KEEP - x->elen < k ? ERR_KEEP - x->elen : k;
+	memcpy(x->ebuf + x->elen, p, keep);
+	x->elen += keep;
+	return k;
+}
 
 static size_t on_body(char *p, size_t sz, size_t n, void *ud)
 {
 	struct xfer *x = ud;
 	size_t k = sz * n;
+	/* data only from a 2xx: an error answer (or a redirect's) body is no
+	 * bytes of the object, whatever its length */
+	long status = 0;
+	curl_easy_getinfo(x->c, CURLINFO_RESPONSE_CODE, &status);
+	if (status < 200 || status > 299)
+		return on_error_body(x, p, k);
 	if (x->rq->dst && x->rq->range_len) {
 		if (x->len + k > x->rq->range_len) {
 			x->overflow = true;
@@ -287,7 +316,7 @@ static size_t on_header(char *p, size_t sz, size_t n, void *ud)
 	} else if (IS("etag")) {
 		copy_value(x->rs->etag, sizeof(x->rs->etag), v, vl);
 	} else if (IS("x-linked-etag")) {
-		copy_value(x->rs->etag, sizeof(x->rs->etag), v, vl);
+		copy_value(x->rs->linked_etag, sizeof(x->rs->linked_etag), v, vl);
 	} else if (IS("x-xet-hash")) {
 		copy_value(x->rs->xet_hash, sizeof(x->rs->xet_hash), v, vl);
 	} else if (IS("x-error-code")) {
@@ -298,6 +327,11 @@ static size_t on_header(char *p, size_t sz, size_t n, void *ud)
 	} else if (IS("content-length")) {
 		copy_value(tmp, sizeof(tmp), v, vl);
 		x->rs->has_content_length = dws_parse_u64(tmp, &x->rs->content_length);
+	} else if (IS("content-range")) {
+		/* "bytes A-B/TOTAL" ("bytes * /TOTAL" on a 416, TOTAL "*" unknown) */
+		copy_value(tmp, sizeof(tmp), v, vl);
+		char *slash = strrchr(tmp, '/');
+		x->rs->has_range_total = slash && strncasecmp(tmp, "bytes ", 6) == 0 && dws_parse_u64(slash + 1, &x->rs->range_total);
 	} else if (IS("retry-after")) {
 		copy_value(tmp, sizeof(tmp), v, vl);
 		char *end;
@@ -332,6 +366,7 @@ static CURLcode attempt(dws_http *h, const dws_http_req *rq, const char *url,
 	struct curl_slist *hdr = NULL;
 	char line[512];
 	const char *method = rq->method ? rq->method : "GET";
+	x->c = c;
 	curl_easy_setopt(c, CURLOPT_URL, url);
 	curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
 	curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
@@ -374,6 +409,10 @@ static CURLcode attempt(dws_http *h, const dws_http_req *rq, const char *url,
 		snprintf(line, sizeof(line), "%llu-%llu", (unsigned long long)rq->range_off,
 			 (unsigned long long)(rq->range_off + rq->range_len - 1));
 		curl_easy_setopt(c, CURLOPT_RANGE, line);
+	}
+	if (rq->if_match && strlen(rq->if_match) < sizeof(line) - 16 && !strpbrk(rq->if_match, "\r\n")) {
+		snprintf(line, sizeof(line), "If-Match: %s", rq->if_match);
+		hdr = curl_slist_append(hdr, line);
 	}
 	/* the token goes to the endpoint's host only, never to a redirect target */
 	char *auth = NULL;
@@ -457,15 +496,17 @@ int dws_http_do(dws_http *h, const dws_http_req *rq, dws_http_resp *rs,
 		char *redirect = NULL;
 		long keep_status = 0;
 		rs->status = 0;
-		rs->link_next[0] = rs->etag[0] = rs->xet_hash[0] = rs->error_code[0] = 0;
-		rs->linked_size = rs->content_length = 0;
-		rs->has_linked_size = rs->has_content_length = false;
+		rs->link_next[0] = rs->etag[0] = rs->linked_etag[0] = rs->xet_hash[0] = rs->error_code[0] = 0;
+		rs->linked_size = rs->content_length = rs->range_total = 0;
+		rs->has_linked_size = rs->has_content_length = rs->has_range_total = false;
 		if (atomic_load(&h->cancelled)) {
 			snprintf(why, sizeof(why), "shutting down");
 			rc = DWS_EIO;
 			break;
 		}
 		CURLcode cc = attempt(h, rq, url, deadline, &x, &redirect);
+		if (x.ecut && cc == CURLE_WRITE_ERROR)
+			cc = CURLE_OK; /* an endless error body: its status stands */
 		bool retry = false;
 		unsigned wait_ms = 0;
 		if (x.overflow) {
@@ -530,9 +571,11 @@ int dws_http_do(dws_http *h, const dws_http_req *rq, dws_http_resp *rs,
 				wait_ms = (unsigned)(x.retry_after * 1000);
 			if (!retry) {
 				rc = rs->status == 404 || rs->status == 410 ? DWS_ENOENT : rs->status == 416 ? DWS_EFORMAT : DWS_EIO;
-				rs->body = x.buf ? x.buf : dws_xcalloc(1, 1);
-				rs->body[x.len] = 0;
-				rs->len = x.len;
+				rs->body = dws_xmalloc(x.elen + 1);
+				memcpy(rs->body, x.ebuf, x.elen);
+				rs->body[x.elen] = 0;
+				rs->len = x.elen;
+				free(x.buf);
 				break;
 			}
 		}

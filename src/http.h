@@ -29,27 +29,33 @@ typedef struct dws_http_req {
 	uint64_t range_off, range_len; /* range_len > 0: Range: bytes=off-(off+len-1) */
 	const char *body;         /* POST body */
 	const char *content_type;
-	void *dst;                /* with a range: exactly range_len bytes land here */
+	void *dst;                /* with a range: exactly range_len bytes of a 2xx
+				     land here, never a byte of an error answer */
 	size_t max_body;          /* buffered body cap (default 64 MiB) */
 	bool no_follow;           /* return a 3xx instead of following it */
+	const char *if_match;     /* If-Match: a strong ETag (a changed object: 412) */
 	int64_t deadline_ms;      /* absolute CLOCK_MONOTONIC ms; 0: opts default */
 	const char *what;         /* names the object in errors */
 } dws_http_req;
 
 typedef struct dws_http_resp {
 	long status;
-	char *body;               /* NUL-terminated, malloc'd (when no dst) */
+	char *body;               /* NUL-terminated, malloc'd: a 2xx's body (when no
+				     dst), or the first 4 KiB of an error answer's */
 	size_t len;
 	char *location;           /* absolute redirect target (no_follow) */
 	char *final_url;          /* where the bytes came from after redirects */
 	char link_next[2048];     /* Link: <...>; rel="next" */
-	char etag[160];
+	char etag[160];           /* ETag */
+	char linked_etag[160];    /* X-Linked-Etag: the Hub's content hash of an LFS file */
 	char xet_hash[80];
 	char error_code[64];      /* X-Error-Code */
 	uint64_t linked_size;     /* X-Linked-Size */
 	bool has_linked_size;
 	uint64_t content_length;  /* Content-Length */
 	bool has_content_length;
+	uint64_t range_total;     /* Content-Range: bytes A-B/TOTAL */
+	bool has_range_total;
 } dws_http_resp;
 
 int dws_http_new(const dws_http_opts *o, dws_http **out, dws_error *err);

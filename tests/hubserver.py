@@ -18,8 +18,9 @@ files while the server runs):
 Command line:
 
     hubserver.py --root DIR [--port 0] [--cdn-host 127.0.0.2] [--cdn-port 0]
-                 [--cdn-url BASE] [--token TOKEN] [--page-size N] [--ready-file FILE]
-                 [--max-seconds 3600] [--exit-with-parent] [--verbose]
+                 [--cdn-url BASE] [--cdn-by-path] [--resolve-direct] [--token TOKEN]
+                 [--page-size N] [--ready-file FILE] [--max-seconds 3600]
+                 [--exit-with-parent] [--verbose]
 
 prints {"endpoint": "http://127.0.0.1:PORT", "cdn": "http://127.0.0.2:PORT2"} on one
 line when listening (and writes it to --ready-file).
@@ -31,6 +32,20 @@ instead of this server's own CDN: for benchmarks where another server (nginx on
 The own CDN still runs; requests to BASE are neither counted nor faulted here.
 Hub(..., tls=(CERTFILE, KEYFILE)): both servers speak https with that certificate
 (the endpoint and cdn URLs say https://); for the TLS verification tests.
+
+Object bytes are served as the Hub's CDN serves them: a strong ETag ("<sha256>",
+which is also the listing's xetHash and the resolver's X-Xet-Hash here), Range (206
+with Content-Range: bytes A-B/SIZE, 416 past the end), If-Match (412 when it names
+no ETag the object has now) and If-Range (the whole object, 200, when it names
+another content). By default a signed CDN URL names the content it was issued for
+(410 once the object changed), as the Hub's content-addressed CDN URLs do. Two modes
+(constructor arguments or attributes, changeable while running) model servers that
+do not:
+--cdn-by-path (cdn_by_path=True): the CDN serves the object's current bytes
+    whatever content the signed URL named.
+--resolve-direct (resolve_direct=True): a model repository's resolver answers GET
+    and HEAD itself, 200/206 with the bytes (as the Hub does for files not in LFS),
+    no redirect; bucket resolves still redirect.
 In process:
 
     hub = Hub(root, token=None, page_size=1000).start()
@@ -530,6 +545,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 raise HubError(400, "missing revision or path", "BadRequest")
             _, root = self._model_root(segs[0], segs[1], segs[3])
             key = check_rel(urllib.parse.unquote("/".join(segs[4:])))
+            return self._resolve(root, key, direct=self.hub.resolve_direct)
         return self._resolve(root, key)
 
     def _private_marker(self, kind, segs):
@@ -621,15 +637,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 out.append(ent)
         return json_resp(200, out)
 
-    def _resolve(self, root, key):
+    def _resolve(self, root, key, direct=False):
         hub = self.hub
         abspath = os.path.join(root, key)
         obj = hub._open_object(abspath)
         if obj is None:
             raise HubError(404, f"Entry {key} not found", "EntryNotFound")
         f, st, h = obj
-        f.close()
         rel = os.path.relpath(abspath, hub.root).replace(os.sep, "/")
+        if direct:
+            return self._serve_object(rel, f, st, h)
+        f.close()
         url = hub._cdn_url(rel, h)
         headers = [("Location", url), ("X-Xet-Hash", h), ("X-Linked-Size", str(st.st_size)),
                    ("X-Linked-Etag", f'"{h}"'), ("ETag", f'"{h}"'),
@@ -652,14 +670,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if obj is None:
             raise HubError(404, "object gone", "EntryNotFound")
         f, st, h = obj
-        if h != xh:
+        if h != xh and not hub.cdn_by_path:
             f.close()
             raise HubError(410, "object changed since this URL was issued", "ObjectChanged")
+        return self._serve_object(rel, f, st, h)
+
+    def _serve_object(self, rel, f, st, h):
+        """The bytes of open object f (closed with the answer) as a CDN serves them:
+        ETag, If-Match, If-Range, Range."""
         size = st.st_size
+        etag = f'"{h}"'
         base = [("Content-Type", "application/octet-stream"), ("Accept-Ranges", "bytes"),
-                ("ETag", f'"{h}"'), ("Last-Modified", self.date_time_string(st.st_mtime))]
+                ("ETag", etag), ("Last-Modified", self.date_time_string(st.st_mtime))]
+        want = self.headers.get("Range")
+        if_range = self.headers.get("If-Range")
+        if if_range is not None and if_range.strip() != etag:
+            want = None                       # another content: all of this one
         try:
-            rng = parse_range(self.headers.get("Range"), size)
+            if_match = self.headers.get("If-Match")
+            if if_match is not None and not etag_matches(if_match, etag):
+                raise HubError(412, "precondition failed: the object has another ETag now",
+                               "PreconditionFailed", [("ETag", etag)])
+            rng = parse_range(want, size)
         except HubError as e:
             f.close()
             raise e
@@ -670,9 +702,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             start, end = rng
             status = 206
             headers = base + [("Content-Range", f"bytes {start}-{end}/{size}")]
-        if method == "GET":
-            hub._record_range(rel, start, end)
+        if self.command == "GET":
+            self.hub._record_range(rel, start, end)
         return Resp(status, headers, file=f, offset=start, length=end - start + 1)
+
+
+def etag_matches(header, etag):
+    """If-Match: '*' or a list naming `etag` (strong comparison: a W/ tag never matches)."""
+    tags = [t.strip() for t in header.split(",")]
+    return "*" in tags or etag in tags
 
 
 def parse_range(value, size):
@@ -739,12 +777,15 @@ class Hub:
     """The loopback Hub: a main server (API + resolver) and a CDN server."""
 
     def __init__(self, root, port=0, cdn_host="127.0.0.2", cdn_port=0, token=None,
-                 page_size=1000, host="127.0.0.1", verbose=False, cdn_url=None, tls=None):
+                 page_size=1000, host="127.0.0.1", verbose=False, cdn_url=None, tls=None,
+                 cdn_by_path=False, resolve_direct=False):
         self.root = os.path.abspath(str(root))
         self.host = _loopback(host)
         self.cdn_host = _loopback(cdn_host)
         self.cdn_url = _loopback_url(cdn_url) if cdn_url else None
         self.tls = tuple(tls) if tls else None  # (certfile, keyfile): both servers speak https
+        self.cdn_by_path = bool(cdn_by_path)      # the CDN serves current bytes whatever the URL named
+        self.resolve_direct = bool(resolve_direct)  # model resolves answer with the bytes, no redirect
         self.port = int(port)
         self.cdn_port = int(cdn_port)
         self.token = token or None
@@ -1117,6 +1158,10 @@ def main(argv=None):
     ap.add_argument("--cdn-port", type=int, default=0)
     ap.add_argument("--cdn-url", default=None,
                     help="resolve redirects to CDN_URL/<path under --root> instead of the own CDN")
+    ap.add_argument("--cdn-by-path", action="store_true",
+                    help="the CDN serves an object's current bytes whatever content its URL named")
+    ap.add_argument("--resolve-direct", action="store_true",
+                    help="a model repository's resolver answers with the bytes itself (200/206), no redirect")
     ap.add_argument("--token", default=None)
     ap.add_argument("--page-size", type=int, default=1000)
     ap.add_argument("--ready-file", default=None)
@@ -1129,7 +1174,7 @@ def main(argv=None):
 
     hub = Hub(args.root, port=args.port, cdn_host=args.cdn_host, cdn_port=args.cdn_port,
               token=args.token, page_size=args.page_size, verbose=args.verbose,
-              cdn_url=args.cdn_url)
+              cdn_url=args.cdn_url, cdn_by_path=args.cdn_by_path, resolve_direct=args.resolve_direct)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: done.set())
     signal.signal(signal.SIGINT, lambda *a: done.set())

@@ -3,6 +3,7 @@ s3:// against s3rver, through dwsctl and through the mount. Byte-exact against
 the oracle, lazy (bytes fetched), fault-tolerant (never a wrong byte, never a
 hang), with the token kept away from the CDN and the cache under its cap."""
 import collections
+import ctypes
 import json
 import mmap
 import os
@@ -95,13 +96,31 @@ def read_all(path):
         return f.read()
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+
+
 def read_mmap(path):
+    """The whole file through a shared read-only mapping. Copied out by a
+    ctypes call, which releases the GIL: a page fault the daemon serves
+    with bytes from this process's Hub must not hold the Hub's threads
+    (bytes(mmap) copies holding it: the Hub never answered, the daemon's
+    fetch timed out, and the fault was a SIGBUS)."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             return b""
-        with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
-            return bytes(m)
+        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap failed")
+        try:
+            buf = ctypes.create_string_buffer(size)
+            ctypes.memmove(buf, addr, size)
+            return buf.raw
+        finally:
+            _libc.munmap(addr, size)
 
 
 def same_tree(actual_root, expected_root, reader=read_all):

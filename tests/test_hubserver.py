@@ -257,6 +257,58 @@ def test_changed_object_gets_new_url(hub, root):
     assert call(url)[0] == 404
 
 
+def test_conditional_requests(hub, root):
+    """If-Match: 412 unless it names the current ETag (or is '*'); If-Range:
+    the range only while it names the current content, else the whole object."""
+    f = root / "buckets" / "user" / "run" / "deltas" / "step_000005.safetensors"
+    loc = call(f"{hub.endpoint}/buckets/user/run/resolve/deltas/step_000005.safetensors")[1]["location"]
+    etag = f'"{sha(bytes([5]) * 15)}"'
+    st, h, got = call(loc, headers={"Range": "bytes=2-4", "If-Match": etag})
+    assert st == 206 and got == bytes([5]) * 3 and h["etag"] == etag
+    assert call(loc, headers={"Range": "bytes=2-4", "If-Match": f'"x", {etag}'})[0] == 206
+    assert call(loc, headers={"Range": "bytes=2-4", "If-Match": "*"})[0] == 206
+    st, h, _ = call(loc, headers={"Range": "bytes=2-4", "If-Match": '"' + "0" * 64 + '"'})
+    assert st == 412 and h["x-error-code"] == "PreconditionFailed" and h["etag"] == etag
+    assert call(loc, headers={"Range": "bytes=2-4", "If-Match": "W/" + etag})[0] == 412  # strong comparison
+    assert call(loc, headers={"Range": "bytes=2-4", "If-Range": etag})[:3:2] == (206, bytes([5]) * 3)
+    st, h, got = call(loc, headers={"Range": "bytes=2-4", "If-Range": '"other"'})
+    assert st == 200 and got == bytes([5]) * 15 and "content-range" not in h
+    # the signed URL of the old content: 410 by default, the new bytes by path
+    f.write_bytes(b"N" * 15)
+    assert call(loc, headers={"Range": "bytes=2-4"})[0] == 410
+    hub.cdn_by_path = True
+    try:
+        st, h, got = call(loc, headers={"Range": "bytes=2-4"})
+        assert st == 206 and got == b"NNN" and h["etag"] == f'"{sha(b"N" * 15)}"'
+        assert h["content-range"] == "bytes 2-4/15"
+        assert call(loc, headers={"Range": "bytes=2-4", "If-Match": etag})[0] == 412
+        assert call(loc, headers={"Range": "bytes=2-4", "If-Range": etag})[:3:2] == (200, b"N" * 15)
+    finally:
+        hub.cdn_by_path = False
+
+
+def test_model_resolve_direct(hub, root):
+    """resolve_direct: a model repo's resolver answers with the bytes (ranges,
+    ETag, If-Match) and no redirect; bucket resolves still redirect."""
+    url = f"{hub.endpoint}/org/base/resolve/main/sub/w.safetensors"
+    etag = f'"{sha(b"W" * 50)}"'
+    hub.resolve_direct = True
+    try:
+        st, h, got = call(url, method="HEAD")
+        assert st == 200 and "location" not in h and h["content-length"] == "50" and h["etag"] == etag
+        st, h, got = call(url, headers={"Range": "bytes=40-"})
+        assert st == 206 and got == b"W" * 10 and h["content-range"] == "bytes 40-49/50"
+        assert call(url)[:3:2] == (200, b"W" * 50)
+        assert call(url, headers={"Range": "bytes=0-1", "If-Match": '"nope"'})[0] == 412
+        assert call(f"{hub.endpoint}/buckets/user/run/resolve/a/b")[0] == 302
+        assert call(f"{hub.endpoint}/org/base/resolve/main/nope.json")[0] == 404
+        s = hub.stats()
+        assert ["models/org/base/main/sub/w.safetensors", 40, 49] in s["ranges"] and s["cdn"] == 0
+    finally:
+        hub.resolve_direct = False
+    assert call(url)[0] == 302
+
+
 def test_escaped_and_bad_paths(hub):
     key = "we#ird ?%/sp ace.bin"
     st, h, _ = call(f"{hub.endpoint}/buckets/user/run/resolve/{Q(key)}", method="HEAD")
