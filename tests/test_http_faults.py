@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from test_http import DWSCTL, DWSFS, Mount, add_bucket, big_anchor_bucket, ctl, hf_env, hub, read_all  # noqa: F401
+from test_http import DWSCTL, DWSFS, Mount, add_bucket, big_anchor_bucket, ctl, hf_env, read_all  # noqa: F401
 
 BS = 65536
 # empty, shorter than a block, a byte short of it, equal, a byte over, 1 MB

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from test_http import (DWSCTL, DWSFS, Mount, add_bucket, ctl, hf_env, hub, s3, s3_env, s3_put_tree,  # noqa: F401
+from test_http import (DWSCTL, DWSFS, Mount, add_bucket, ctl, hf_env, s3, s3_env, s3_put_tree,  # noqa: F401
                        same_tree, wait_until)
 
 LONG = "/".join(["d" * 200] * 6)  # 1,205 bytes: S3 allows 1,024 at most

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from test_http import (DWSCTL, DWSFS, Mount, add_bucket, big_anchor_bucket, ctl, hf_env, hub, read_all,  # noqa: F401
+from test_http import (DWSCTL, DWSFS, Mount, add_bucket, big_anchor_bucket, ctl, hf_env, read_all,  # noqa: F401
                        s3, s3_env, s3_put_tree, wait_until)
 
 BS = 65536
