@@ -31,7 +31,7 @@ static void usage(FILE *to)
 		"                                         write NEXT as a delta against PREV (or an anchor)\n"
 		"  status MOUNTPOINT                      print where a dwsfs mount stands\n"
 		"  wait MOUNTPOINT STEP [--timeout S]     return once the root serves STEP or later\n"
-		"BUCKET is a local folder (file:// accepted).\n",
+		"BUCKET: a local folder, hf://buckets/NS/NAME[/PREFIX] or s3://BUCKET[/PREFIX].\n",
 		prog);
 }
 

@@ -49,55 +49,55 @@ static int check_1d(const dws_st_tensor *t, dws_dtype want, const char *what,
 	return DWS_OK;
 }
 
-/* Fill p->idx from an index tensor: absolute I32 offsets or U16/U32 gaps. */
-static int decode_idx(dws_delta_param *p, const dws_st_tensor *ti,
-		      const unsigned char *data, uint64_t numel, bool gaps,
-		      uint32_t *pool, const char *what, dws_error *err)
+int dws_idx_order_fail(const dws_delta_param *p, uint64_t k, uint64_t last, const char *what, dws_error *err)
 {
-	const unsigned char *src = data + ti->begin;
-	uint64_t n = p->count;
+	int32_t v;
+	memcpy(&v, p->idx_raw + 4 * k, 4);
+	return dws_fail(err, DWS_EFORMAT, "%s: indices of '%.*s' are not ascending (%lld after %lld at position %llu)", what,
+			p->name_len, p->name, (long long)v, (long long)(int64_t)last, (unsigned long long)k);
+}
+
+int dws_idx_range_fail(const dws_delta_param *p, uint64_t ix, uint64_t numel, const char *what, dws_error *err)
+{
+	return dws_fail(err, DWS_EFORMAT, "%s: index %llu of '%.*s' is out of range (the tensor has %llu elements)", what,
+			(unsigned long long)ix, p->name_len, p->name, (unsigned long long)numel);
+}
+
+/* Entries [0, n) of an index tensor of a constant kind into idx: true, or
+ * false at the first that does not ascend (*at: its position). */
+static inline bool decode_kind(int kind, const unsigned char *raw, uint64_t n, uint32_t *idx, uint64_t *last,
+			       uint64_t *at)
+{
+	uint64_t l = UINT64_MAX, ix;
+	for (uint64_t k = 0; k < n; k++) {
+		if (!dws_idx_entry(kind, raw, k, l, &ix)) {
+			*at = k;
+			*last = l;
+			return false;
+		}
+		idx[k] = (uint32_t)ix;
+		l = ix;
+	}
+	*last = l;
+	return true;
+}
+
+/* Fill p->idx from its index tensor, every entry checked: ascending, and
+ * (the last one) inside the tensor. */
+static int decode_idx(dws_delta_param *p, uint64_t numel, uint32_t *pool, const char *what, dws_error *err)
+{
+	uint64_t n = p->count, last, at;
 	p->pooled = pool != NULL;
 	p->idx = pool ? pool : dws_big_alloc((n ? n : 1) * sizeof(uint32_t));
-	if (!p->idx)
-		return dws_fail(err, DWS_ENOMEM, "%s: no memory for %llu indices of '%.*s'", what, (unsigned long long)n, p->name_len, p->name);
-	if (gaps) {
-		/* idx[k] = idx[k-1] + g[k] + 1 is strictly ascending by construction;
-		 * it fits 64 bits (n < 2^32 gaps of < 2^32 each), so checking the last
-		 * index against numel checks them all */
-		uint64_t cur = UINT64_MAX; /* idx[-1] = -1 */
-		if (ti->dtype == DWS_DT_U16) {
-			for (uint64_t k = 0; k < n; k++) {
-				uint16_t h;
-				memcpy(&h, src + 2 * k, 2);
-				cur += (uint64_t)h + 1;
-				p->idx[k] = (uint32_t)cur;
-			}
-		} else {
-			for (uint64_t k = 0; k < n; k++) {
-				uint32_t g;
-				memcpy(&g, src + 4 * k, 4);
-				cur += (uint64_t)g + 1;
-				p->idx[k] = (uint32_t)cur;
-			}
-		}
-		if (n && cur >= numel)
-			return dws_fail(err, DWS_EFORMAT, "%s: index %llu of '%.*s' is out of range (the tensor has %llu elements)", what,
-					(unsigned long long)cur, p->name_len, p->name, (unsigned long long)numel);
-		return DWS_OK;
-	}
-	int64_t prev = -1;
-	for (uint64_t k = 0; k < n; k++) {
-		int32_t v;
-		memcpy(&v, src + 4 * k, 4);
-		if (v <= prev)
-			return dws_fail(err, DWS_EFORMAT, "%s: indices of '%.*s' are not ascending (%lld after %lld at position %llu)", what,
-					p->name_len, p->name, (long long)v, (long long)prev, (unsigned long long)k);
-		prev = v;
-		p->idx[k] = (uint32_t)v;
-	}
-	if (n && (uint64_t)prev >= numel)
-		return dws_fail(err, DWS_EFORMAT, "%s: index %lld of '%.*s' is out of range (the tensor has %llu elements)", what,
-				(long long)prev, p->name_len, p->name, (unsigned long long)numel);
+	bool ok = p->idx_kind == DWS_IDX_GAP16   ? decode_kind(DWS_IDX_GAP16, p->idx_raw, n, p->idx, &last, &at)
+		  : p->idx_kind == DWS_IDX_GAP32 ? decode_kind(DWS_IDX_GAP32, p->idx_raw, n, p->idx, &last, &at)
+						 : decode_kind(DWS_IDX_I32, p->idx_raw, n, p->idx, &last, &at);
+	if (!ok)
+		return dws_idx_order_fail(p, at, last, what, err);
+	/* indices fit 64 bits (n < 2^32 gaps of < 2^32 each): the last one
+	 * inside the tensor puts them all there */
+	if (n && last >= numel)
+		return dws_idx_range_fail(p, last, numel, what, err);
 	return DWS_OK;
 }
 
@@ -292,7 +292,7 @@ static int delta_walk(const dws_st_file *st, const unsigned char *data,
 		np++;
 		if (scan)
 			continue;
-		rc = decode_idx(p, ti, data, numel, gaps, pool ? pool + pool_used : NULL, what, err);
+		rc = decode_idx(p, numel, pool ? pool + pool_used : NULL, what, err);
 		pool_used += p->count;
 		if (rc)
 			goto out;

@@ -4,6 +4,8 @@
 
 #include "internal.h"
 
+#include <string.h>
+
 typedef struct dws_delta_param {
 	const char *name;           /* value tensor name (borrowed from st) */
 	int name_len;               /* length of the parameter name within it */
@@ -18,6 +20,42 @@ typedef struct dws_delta_param {
 
 /* How a param's index tensor is encoded. */
 enum { DWS_IDX_I32, DWS_IDX_GAP16, DWS_IDX_GAP32 };
+
+/* Entry k of an index tensor of this kind, after the index `last` (the one
+ * of entry k-1; UINT64_MAX before the first): the format's rule, in this one
+ * place. I32 entries are absolute offsets, which must ascend strictly (false
+ * when one does not); U16/U32 entries are gaps, idx[k] = idx[k-1] + g[k] + 1
+ * with idx[-1] = -1, ascending by construction. An index past the tensor is
+ * the caller's to check (the last one suffices). Called with a constant kind
+ * in the hot loops, so the switch folds away. */
+static inline bool dws_idx_entry(int kind, const unsigned char *raw, uint64_t k, uint64_t last, uint64_t *out)
+{
+	switch (kind) {
+	case DWS_IDX_GAP16: {
+		uint16_t g;
+		memcpy(&g, raw + 2 * k, 2);
+		*out = last + g + 1; /* UINT64_MAX + g + 1 wraps to g */
+		return true;
+	}
+	case DWS_IDX_GAP32: {
+		uint32_t g;
+		memcpy(&g, raw + 4 * k, 4);
+		*out = last + g + 1;
+		return true;
+	}
+	default: {
+		int32_t v;
+		memcpy(&v, raw + 4 * k, 4);
+		*out = (uint64_t)(int64_t)v;
+		return (int64_t)v > (int64_t)last; /* (int64_t)UINT64_MAX is -1 */
+	}
+	}
+}
+
+/* The errors of that rule, one line each naming the object (what), the
+ * param and the place. */
+int dws_idx_order_fail(const dws_delta_param *p, uint64_t k, uint64_t last, const char *what, dws_error *err);
+int dws_idx_range_fail(const dws_delta_param *p, uint64_t ix, uint64_t numel, const char *what, dws_error *err);
 
 /* Maps a trainer parameter name to the output tensor it patches: returns 0 and
  * fills slot and numel, or -1 if the model has no such tensor. */

@@ -516,40 +516,9 @@ static void stream_put(struct stream *S, struct wbuf *w)
 }
 
 /* The index of entry k of a param, or false if it breaks the order. */
-static inline bool entry_index(const dws_delta_param *p, uint64_t k, uint64_t last,
-			       uint64_t *out)
-{
-	const unsigned char *ix = p->idx_raw;
-	switch (p->idx_kind) {
-	case DWS_IDX_GAP16: {
-		uint16_t g;
-		memcpy(&g, ix + 2 * k, 2);
-		*out = last + g + 1; /* last = UINT64_MAX before the first: wraps to g */
-		return true;
-	}
-	case DWS_IDX_GAP32: {
-		uint32_t g;
-		memcpy(&g, ix + 4 * k, 4);
-		*out = last + g + 1;
-		return true;
-	}
-	default: {
-		int32_t v;
-		memcpy(&v, ix + 4 * k, 4);
-		if ((int64_t)v <= (int64_t)last) /* (int64_t)UINT64_MAX is -1 */
-			return false;
-		*out = (uint64_t)v;
-		return true;
-	}
-	}
-}
-
 static int order_error(const struct srun *r, const struct scur *c, dws_error *err)
 {
-	int32_t v;
-	memcpy(&v, r->p->idx_raw + 4 * c->pos, 4);
-	return dws_fail(err, DWS_EFORMAT, "%s: indices of '%.*s' are not ascending (%lld after %lld at position %llu)", r->what,
-			r->p->name_len, r->p->name, (long long)v, (long long)(int64_t)c->last, (unsigned long long)c->pos);
+	return dws_idx_order_fail(r->p, c->pos, c->last, r->what, err);
 }
 
 /* Apply the entries of run r with index in [w0, w1) to buf, which holds
@@ -563,21 +532,17 @@ static int apply_window(const struct srun *r, struct scur *c, uint64_t w0, uint6
 	if (out == DWS_DT_BF16 && ((uintptr_t)buf & 1) == 0) {
 		uint16_t *d = (uint16_t *)(void *)buf;
 		if (p->idx_kind == DWS_IDX_GAP16) {
-			/* the common case, kept tight */
-			const unsigned char *g = p->idx_raw;
+			/* the common case, kept tight: the kind is a constant */
 			for (; pos < n; pos++) {
-				uint16_t h, v;
-				memcpy(&h, g + 2 * pos, 2);
-				ix = last + h + 1;
+				dws_idx_entry(DWS_IDX_GAP16, p->idx_raw, pos, last, &ix);
 				if (ix >= w1)
 					break;
-				memcpy(&v, val + 2 * pos, 2);
-				d[ix - w0] = v;
+				memcpy(&d[ix - w0], val + 2 * pos, 2);
 				last = ix;
 			}
 		} else {
 			for (; pos < n; pos++) {
-				if (!entry_index(p, pos, last, &ix)) {
+				if (!dws_idx_entry(p->idx_kind, p->idx_raw, pos, last, &ix)) {
 					*c = (struct scur){pos, last};
 					return order_error(r, c, err);
 				}
@@ -590,7 +555,7 @@ static int apply_window(const struct srun *r, struct scur *c, uint64_t w0, uint6
 	} else {
 		size_t osz = dws_dtype_size(out);
 		for (; pos < n; pos++) {
-			if (!entry_index(p, pos, last, &ix)) {
+			if (!dws_idx_entry(p->idx_kind, p->idx_raw, pos, last, &ix)) {
 				*c = (struct scur){pos, last};
 				return order_error(r, c, err);
 			}
@@ -622,10 +587,9 @@ static int check_consumed(const struct srun *r, const struct scur *c, uint64_t n
 	if (c->pos >= r->p->count)
 		return DWS_OK;
 	uint64_t ix;
-	if (!entry_index(r->p, c->pos, c->last, &ix))
+	if (!dws_idx_entry(r->p->idx_kind, r->p->idx_raw, c->pos, c->last, &ix))
 		return order_error(r, c, err);
-	return dws_fail(err, DWS_EFORMAT, "%s: index %llu of '%.*s' is out of range (the tensor has %llu elements)", r->what,
-			(unsigned long long)ix, r->p->name_len, r->p->name, (unsigned long long)numel);
+	return dws_idx_range_fail(r->p, ix, numel, r->what, err);
 }
 
 static int stream_item(struct stream *S, const struct sitem *it, dws_error *err)

@@ -4,7 +4,6 @@
  * silently: without a syslog socket the lines stay on stderr, and a log file
  * that cannot be (re)opened says so on stderr. */
 #include "log.h"
-#include "internal.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -62,13 +61,16 @@ static FILE *open_file(const char *path)
 int dws_log_to_file(const char *path, dws_error *err)
 {
 	FILE *f = open_file(path);
-	if (!f)
-		return dws_fail(err, DWS_EIO, "log_file %s: %s", path, strerror(errno));
+	if (!f) { /* by hand: the log calls nothing of the other modules */
+		err->code = DWS_EIO;
+		snprintf(err->msg, sizeof(err->msg), "log_file %s: %s", path, strerror(errno));
+		return DWS_EIO;
+	}
 	pthread_mutex_lock(&L.lock);
 	if (L.file)
 		fclose(L.file);
 	free(L.path);
-	L.path = strdup(path);
+	L.path = strdup(path); /* NULL on no memory: then nothing reopens */
 	L.file = f;
 	L.sink = SINK_FILE;
 	pthread_mutex_unlock(&L.lock);
@@ -93,7 +95,7 @@ void dws_log_reopen(void) { atomic_store(&L.reopen, true); }
 /* Under L.lock: a log file reopened after rotation (SIGHUP). */
 static void reopen_locked(void)
 {
-	if (!atomic_exchange(&L.reopen, false) || L.sink != SINK_FILE)
+	if (!atomic_exchange(&L.reopen, false) || L.sink != SINK_FILE || !L.path)
 		return;
 	FILE *f = open_file(L.path);
 	if (!f) {

@@ -1,5 +1,6 @@
 /* Errors, checked allocation, small parsers and a string map. */
 #include "internal.h"
+#include "log.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -47,8 +48,12 @@ int dws_fail(dws_error *err, int code, const char *fmt, ...)
 	return code;
 }
 
+/* The out-of-memory policy: no caller handles a failed allocation; the
+ * process says so in one line, where its log goes, and aborts (a mount that
+ * cannot allocate cannot serve a right byte either). */
 static void oom(void)
 {
+	dws_log_error("out of memory: aborting");
 	fputs("dwsfs: out of memory\n", stderr);
 	abort();
 }

@@ -746,7 +746,7 @@ def test_s3_extract_and_mount(s3, scenarios, tmp_path):
 
 def test_polling_budget(hub, scenarios, tmp_path):
     """An idle mount polls with one resolver HEAD a poll and one API call an
-    info_poll, nothing else: the README's calls-per-minute figures. Measured
+    info_poll, nothing else: the calls-per-minute figures of docs/remote.md. Measured
     here with short intervals (1 s, 4 s) and scaled by the test."""
     h, root = hub
     sdir, info = scenarios["v1"]

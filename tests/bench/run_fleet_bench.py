@@ -754,7 +754,7 @@ def write_report(a, res, raw):
           f"{api_expected:.0f} (measured above: {api5_steady:.0f}); independent of the step rate while the HEADs "
           "find every step. A fleet that starts inside the 5 minutes adds its start-up calls "
           f"({su['api']} here): {api_expected + su['api']:.0f}.",
-          f"- Against the README's quota arithmetic (\"Polling within Hub quotas\": a step every 30 s, resolver "
+          f"- Against the quota arithmetic of docs/remote.md (\"Polling within Hub quotas\": a step every 30 s, resolver "
           f"{n} × (50 HEADs + 10 new objects) = {n * 60:,}, API {n} × (5 probes + 1.5 relists × 3) ≈ {n * 9.5:.0f}): "
           f"resolver {res5_at(30):.0f} here (a new step costs {extra:.1f} resolver calls a mount, not 1), "
           f"API {api_expected:.0f} (no relist was triggered by a probe in this run).", ""]
