@@ -26,6 +26,9 @@ static void usage(FILE *to)
 		"                                         written\n"
 		"  verify BUCKET [--step N] [--base SRC] [--map-prefix FROM=TO]...\n"
 		"                                         check a step against the producer's checksums\n"
+		"  patch BUCKET OUT --from M --to N [--base SRC] [--map-prefix FROM=TO]... [--verify MODE]\n"
+		"                                         what differs from step M to step N, as one\n"
+		"                                         safetensors file (docs/patches.md)\n"
 		"  publish PREV NEXT BUCKET_DIR --step N [--format gap_delta|raw|v1|anchor]\n"
 		"          [--zstd[=LEVEL]] [--run-id ID] [--parent N]\n"
 		"                                         write NEXT as a delta against PREV (or an anchor)\n"
@@ -75,7 +78,7 @@ static int parse_step(const char *s, uint64_t *out)
 	return 0;
 }
 
-enum { OPT_STEP = 1000, OPT_BASE, OPT_MAP, OPT_ALL, OPT_FORMAT, OPT_ZSTD, OPT_RUN, OPT_PARENT, OPT_VERIFY };
+enum { OPT_STEP = 1000, OPT_BASE, OPT_MAP, OPT_ALL, OPT_FORMAT, OPT_ZSTD, OPT_RUN, OPT_PARENT, OPT_VERIFY, OPT_FROM, OPT_TO };
 
 static int parse_build_opt(int c, struct build_args *a)
 {
@@ -291,6 +294,48 @@ static int cmd_verify(int argc, char **argv)
 	return rc ? die(&err) : 0;
 }
 
+/* ---- patch ---- */
+
+static int cmd_patch(int argc, char **argv)
+{
+	static const struct option lo[] = {
+		{"from", required_argument, 0, OPT_FROM}, {"to", required_argument, 0, OPT_TO},
+		{"base", required_argument, 0, OPT_BASE}, {"map-prefix", required_argument, 0, OPT_MAP},
+		{"verify", required_argument, 0, OPT_VERIFY}, {0}};
+	struct build_args a = {.verify = true};
+	uint64_t from = 0, to = 0;
+	bool has_from = false, has_to = false;
+	int c;
+	while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
+		if (c == OPT_FROM || c == OPT_TO) {
+			if (parse_step(optarg, c == OPT_FROM ? &from : &to))
+				return bad_usage("--%s needs a step number, not '%s'", c == OPT_FROM ? "from" : "to", optarg);
+			*(c == OPT_FROM ? &has_from : &has_to) = true;
+		} else if (parse_build_opt(c, &a)) {
+			return 2;
+		}
+	}
+	if (argc - optind != 2 || !has_from || !has_to)
+		return bad_usage("patch takes BUCKET OUT --from M --to N");
+	if (from >= to)
+		return bad_usage("--from %" PRIu64 " must come before --to %" PRIu64, from, to);
+	a.step = to;
+	a.has_step = true;
+	struct session s;
+	dws_error err = {0};
+	if (session_open_build(&s, argv[optind], &a, false, &err)) {
+		session_close(&s);
+		return die(&err);
+	}
+	uint64_t changed = 0;
+	int rc = dws_patch_write(s.bl, from, to, argv[optind + 1], &changed, &err);
+	session_close(&s);
+	if (rc)
+		return die(&err);
+	printf("%s: %" PRIu64 " elements from step %" PRIu64 " to step %" PRIu64 "\n", argv[optind + 1], changed, from, to);
+	return 0;
+}
+
 /* ---- publish ---- */
 
 static int cmd_publish(int argc, char **argv)
@@ -463,6 +508,8 @@ int main(int argc, char **argv)
 		return cmd_verify(argc, argv);
 	if (!strcmp(cmd, "publish"))
 		return cmd_publish(argc, argv);
+	if (!strcmp(cmd, "patch"))
+		return cmd_patch(argc, argv);
 	if (!strcmp(cmd, "status"))
 		return cmd_status(argc, argv);
 	if (!strcmp(cmd, "wait"))

@@ -712,6 +712,42 @@ int dws_builder_lazy_chain(dws_builder *bl, uint64_t step, dws_lazy_chain **out,
 	return DWS_OK;
 }
 
+int dws_builder_span(dws_builder *bl, dws_step *to, uint64_t from, dws_lazy_chain **out, dws_error *err)
+{
+	*out = NULL;
+	const dws_catalog *c = bl->cat;
+	uint64_t step = dws_step_number(to);
+	const dws_stepfile *a = dws_catalog_anchor_for(c, step);
+	uint64_t astep = a ? a->step : 0;
+	if (from < astep || from >= step)
+		return DWS_OK; /* another chain */
+	for (size_t i = 0; i < dws_catalog_count(c); i++) {
+		const dws_stepfile *f = dws_catalog_at(c, i);
+		if (f->step > from && f->step <= step && (f->error[0] || f->variant == DWS_VAR_DENSE))
+			return DWS_OK;
+	}
+	dws_lazy_chain *lc = dws_xcalloc(1, sizeof(*lc));
+	lc->first = dws_step_ref(to);
+	int rc = DWS_OK;
+	for (size_t i = 0; !rc && i < dws_catalog_count(c); i++) {
+		const dws_stepfile *f = dws_catalog_at(c, i);
+		if (f->step <= from)
+			continue;
+		if (f->step > step)
+			break;
+		lc->files = dws_xrealloc(lc->files, (lc->nfiles + 1) * sizeof(*lc->files));
+		dws_lazy_file *lf = &lc->files[lc->nfiles++];
+		memset(lf, 0, sizeof(*lf));
+		rc = lazy_file(bl, to, f, lf, err);
+	}
+	if (rc) {
+		dws_lazy_chain_free(lc);
+		return rc;
+	}
+	*out = lc;
+	return DWS_OK;
+}
+
 dws_catalog *dws_builder_catalog(dws_builder *bl) { return bl->cat; }
 dws_step *dws_builder_newest(dws_builder *bl) { return bl->prev; }
 

@@ -77,6 +77,12 @@ typedef struct dws_lazy_chain {
  * the caller then builds the step. */
 int dws_builder_lazy_chain(dws_builder *bl, uint64_t step, dws_lazy_chain **out,
 			   dws_error *err);
+/* The files of the chain after step `from` up to step `to` (built), as
+ * dws_builder_lazy_chain gives them, `first` being `to`: what changed
+ * between the two. *out is left NULL when they are not one chain of sparse
+ * files (another anchor, a dense file between): the caller compares them
+ * whole. */
+int dws_builder_span(dws_builder *bl, dws_step *to, uint64_t from, dws_lazy_chain **out, dws_error *err);
 void dws_lazy_chain_free(dws_lazy_chain *c);
 
 /* Compaction off the build path (compaction.c). plan picks what to merge in

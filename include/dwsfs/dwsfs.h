@@ -439,6 +439,19 @@ int dws_extract(dws_step *s, const char *outdir, const dws_progress *pr,
 int dws_extract_step(dws_builder *bl, uint64_t step, const char *outdir, bool verify,
 		     const dws_progress *pr, dws_error *err);
 
+/* A catch-up patch: what differs between two steps, as one safetensors file
+ * in the coordinates of the served model (format: docs/patches.md). */
+typedef struct dws_patchfile dws_patchfile;
+/* The patch from step `from` to step `to` (from < to) of bl's catalog,
+ * written to path atomically. *changed: elements in it. */
+int dws_patch_write(dws_builder *bl, uint64_t from, uint64_t to, const char *path, uint64_t *changed,
+		    dws_error *err);
+uint64_t dws_patchfile_size(const dws_patchfile *p);
+/* Bytes [off, off+len): the count (short only at the end), or < 0. */
+int64_t dws_patchfile_read(dws_patchfile *p, uint64_t off, void *buf, size_t len, dws_error *err);
+dws_patchfile *dws_patchfile_ref(dws_patchfile *p);
+void dws_patchfile_unref(dws_patchfile *p);
+
 typedef enum dws_pub_format {
 	DWS_PUB_GAP_DELTA = 0, DWS_PUB_RAW, DWS_PUB_V1, DWS_PUB_ANCHOR
 } dws_pub_format;
