@@ -26,7 +26,7 @@ struct fs {
 	gid_t gid;
 };
 
-enum handle_kind { H_FILE, H_STATUS, H_DIR };
+enum handle_kind { H_FILE, H_STATUS, H_DIR, H_PATCH };
 
 struct handle {
 	struct handle *prev, *next;
@@ -39,6 +39,7 @@ struct handle {
 	fuse_ino_t ino;
 	uint64_t id;
 	int backing;
+	dws_patchfile *patch; /* H_PATCH */
 	char *buf; /* status snapshot or directory listing */
 	size_t len;
 };

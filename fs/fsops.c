@@ -97,18 +97,60 @@ static void fill_status(struct fs *f, struct stat *st)
 	free(j);
 }
 
+/* The patch from step `from` to `to` (a new reference), or an errno. */
+static int patch_of(struct fs *f, uint64_t from, uint64_t to, dws_patchfile **out)
+{
+	dws_error err = {0};
+	int rc = dws_mount_patch(f->m, from, to, out, &err);
+	if (rc && rc != DWS_ENOENT && rc != DWS_EINVAL)
+		dws_log_at(DWS_LOG_WARN, "patch %llu-%llu: %s", (unsigned long long)from, (unsigned long long)to, err.msg);
+	return rc ? errno_of(rc) : 0;
+}
+
+static int patch_attr(struct fs *f, struct stat *st, fuse_ino_t ino, uint64_t from, uint64_t to)
+{
+	dws_patchfile *p;
+	int e = patch_of(f, from, to, &p);
+	if (e)
+		return e;
+	fill_dir(f, st, ino);
+	st->st_mode = S_IFREG | 0444;
+	st->st_nlink = 1;
+	st->st_size = (off_t)dws_patchfile_size(p);
+	st->st_blocks = (st->st_size + 511) / 512;
+	dws_patchfile_unref(p);
+	return 0;
+}
+
+/* "000012-000014.safetensors" -> 12, 14 */
+static bool parse_patch_name(const char *name, uint64_t *from, uint64_t *to)
+{
+	const char *dash = strchr(name, '-'), *suf = ".safetensors";
+	size_t n = strlen(name), sl = strlen(suf);
+	if (!dash || n <= sl || strcmp(name + n - sl, suf) || (size_t)(dash - name) >= 24 || n - sl - (size_t)(dash - name) - 1 >= 24)
+		return false;
+	char a[24], b[24];
+	snprintf(a, sizeof(a), "%.*s", (int)(dash - name), name);
+	snprintf(b, sizeof(b), "%.*s", (int)(n - sl - (size_t)(dash - name) - 1), dash + 1);
+	return dws_parse_step_dir(a, from) && dws_parse_step_dir(b, to);
+}
+
 static int getattr_of(struct fs *f, fuse_ino_t ino, struct stat *st)
 {
 	switch (ino) {
 	case INO_ROOT:
 	case INO_STEPS:
 	case INO_META:
+	case INO_PATCHES:
 		fill_dir(f, st, ino);
 		return 0;
 	case INO_STATUS:
 		fill_status(f, st);
 		return 0;
 	}
+	uint64_t from, to;
+	if (ino_patch_steps(ino, &from, &to))
+		return patch_attr(f, st, ino, from, to);
 	if (!ino_is_step(ino))
 		return ENOENT;
 	dws_step *s;
@@ -130,7 +172,7 @@ static void reply_entry(fuse_req_t req, struct fs *f, fuse_ino_t ino, double tim
 		return;
 	}
 	e.ino = ino;
-	e.attr_timeout = ino == INO_STATUS ? 0 : ino <= INO_META ? f->name_timeout : IMMUTABLE_TIMEOUT;
+	e.attr_timeout = ino == INO_STATUS ? 0 : ino <= INO_PATCHES || !ino_is_step(ino) ? f->name_timeout : IMMUTABLE_TIMEOUT;
 	e.entry_timeout = timeout;
 	fuse_reply_entry(req, &e);
 }
@@ -173,7 +215,15 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 	if (parent == INO_META) {
 		if (!strcmp(name, "status"))
 			return reply_entry(req, f, INO_STATUS, 0);
+		if (!strcmp(name, "patches"))
+			return reply_entry(req, f, INO_PATCHES, IMMUTABLE_TIMEOUT);
 		return (void)fuse_reply_err(req, ENOENT);
+	}
+	if (parent == INO_PATCHES) {
+		uint64_t from, to;
+		if (!parse_patch_name(name, &from, &to))
+			return (void)fuse_reply_err(req, ENOENT);
+		return reply_entry(req, f, ino_patch(from, to), f->name_timeout);
 	}
 	if (!ino_is_step(parent))
 		return (void)fuse_reply_err(req, ENOENT);
@@ -197,7 +247,7 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 	int e = getattr_of(f, ino, &st);
 	if (e)
 		return (void)fuse_reply_err(req, e);
-	double t = ino == INO_STATUS ? 0 : ino <= INO_META ? f->name_timeout : IMMUTABLE_TIMEOUT;
+	double t = ino == INO_STATUS ? 0 : ino <= INO_PATCHES || !ino_is_step(ino) ? f->name_timeout : IMMUTABLE_TIMEOUT;
 	fuse_reply_attr(req, &st, t);
 }
 
@@ -257,6 +307,17 @@ static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 		free(v);
 	} else if (ino == INO_META) {
 		dir_add(req, &b, "status", INO_STATUS, S_IFREG);
+		dir_add(req, &b, "patches", INO_PATCHES, S_IFDIR);
+	} else if (ino == INO_PATCHES) {
+		uint64_t from[16], to;
+		size_t n = dws_mount_patch_list(f->m, from, 16, &to);
+		for (size_t i = 0; i < n; i++) {
+			char a[24], c[24], name[64];
+			dws_step_dir_name(from[i], a, sizeof(a));
+			dws_step_dir_name(to, c, sizeof(c));
+			snprintf(name, sizeof(name), "%s-%s.safetensors", a, c);
+			dir_add(req, &b, name, ino_patch(from[i], to), S_IFREG);
+		}
 	} else if (ino_is_step(ino)) {
 		dws_step *s;
 		int e = step_of(f, ino, &s);
@@ -279,7 +340,7 @@ static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 	h->buf = b.p;
 	h->len = b.len;
 	fi->fh = (uintptr_t)h;
-	fi->cache_readdir = ino != INO_ROOT && ino != INO_STEPS;
+	fi->cache_readdir = ino != INO_ROOT && ino != INO_STEPS && ino != INO_PATCHES;
 	fi->keep_cache = fi->cache_readdir;
 	if (fuse_reply_open(req, fi) == -ENOENT) /* interrupted: no release will come */
 		handle_free(f, h);
@@ -342,8 +403,21 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 			handle_free(f, h);
 		return;
 	}
+	uint64_t from, to;
+	if (ino_patch_steps(ino, &from, &to)) {
+		dws_patchfile *p;
+		int e = patch_of(f, from, to, &p);
+		if (e)
+			return (void)fuse_reply_err(req, e);
+		struct handle *h = handle_new(f, H_PATCH, NULL);
+		h->patch = p;
+		fi->fh = (uintptr_t)h;
+		if (fuse_reply_open(req, fi) == -ENOENT)
+			handle_free(f, h);
+		return;
+	}
 	if (!ino_is_step(ino))
-		return (void)fuse_reply_err(req, ino <= INO_META ? EISDIR : ENOENT);
+		return (void)fuse_reply_err(req, ino <= INO_PATCHES ? EISDIR : ENOENT);
 	dws_step *s;
 	int e = step_of(f, ino, &s);
 	if (e)
@@ -414,6 +488,17 @@ static char *read_buffer(size_t size)
 	return b->p;
 }
 
+static void read_patch(fuse_req_t req, struct handle *h, char *buf, size_t size, off_t off)
+{
+	dws_error err = {0};
+	int64_t n = dws_patchfile_read(h->patch, (uint64_t)off, buf, size, &err);
+	if (n < 0) {
+		dws_log_at(DWS_LOG_ERROR, "read of a patch failed: %s", err.msg);
+		return (void)fuse_reply_err(req, EIO);
+	}
+	fuse_reply_buf(req, buf, (size_t)n);
+}
+
 static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
 {
 	(void)ino;
@@ -424,10 +509,12 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
 		size_t n = h->len - (size_t)off < size ? h->len - (size_t)off : size;
 		return reply_copy(req, h->buf + off, n);
 	}
-	pt_count_read();
 	char *buf = read_buffer(size);
 	if (!buf)
 		return (void)fuse_reply_err(req, ENOMEM);
+	if (h->kind == H_PATCH)
+		return read_patch(req, h, buf, size, off);
+	pt_count_read();
 	dws_error err = {0};
 	/* unpatched bytes the block cache holds are sent from there: no copy */
 	struct iovec iov[32];

@@ -37,6 +37,7 @@ void handle_free(struct fs *f, struct handle *h)
 	if (h->kind == H_FILE)
 		pt_release(h->ino, h->id, h->file, h->backing);
 	dws_step_unref(h->step);
+	dws_patchfile_unref(h->patch);
 	free(h->buf);
 	free(h);
 }

@@ -8,7 +8,8 @@
 #define VIEW_ROOT (1ULL << 63)
 #define NODE_BITS 24
 #define NODE_MASK ((1ULL << NODE_BITS) - 1)
-#define INDEX_MAX ((1ULL << 39) - 1)
+#define INDEX_MAX ((1ULL << 37) - 1) /* bits 61 and 62 stay clear */
+#define PATCH_INO (1ULL << 61)
 
 static struct {
 	pthread_mutex_t lock;
@@ -67,12 +68,53 @@ static uint64_t index_of(uint64_t id)
 	return idx;
 }
 
+static struct {
+	pthread_mutex_t lock;
+	uint64_t (*pairs)[2];
+	size_t n, cap;
+} P = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+fuse_ino_t ino_patch(uint64_t from, uint64_t to)
+{
+	pthread_mutex_lock(&P.lock);
+	size_t i = 0;
+	while (i < P.n && (P.pairs[i][0] != from || P.pairs[i][1] != to))
+		i++;
+	if (i == P.n) {
+		if (P.n == P.cap) {
+			P.cap = P.cap ? 2 * P.cap : 64;
+			P.pairs = realloc(P.pairs, P.cap * sizeof(*P.pairs));
+			if (!P.pairs)
+				abort();
+		}
+		P.pairs[P.n][0] = from;
+		P.pairs[P.n++][1] = to;
+	}
+	pthread_mutex_unlock(&P.lock);
+	return PATCH_INO | (i + 1);
+}
+
+bool ino_patch_steps(fuse_ino_t ino, uint64_t *from, uint64_t *to)
+{
+	if ((ino & ~(PATCH_INO - 1)) != PATCH_INO)
+		return false;
+	uint64_t i = (ino & (PATCH_INO - 1)) - 1;
+	pthread_mutex_lock(&P.lock);
+	bool ok = i < P.n;
+	if (ok) {
+		*from = P.pairs[i][0];
+		*to = P.pairs[i][1];
+	}
+	pthread_mutex_unlock(&P.lock);
+	return ok;
+}
+
 fuse_ino_t ino_make(bool root_view, uint64_t id, uint32_t node)
 {
 	return (root_view ? VIEW_ROOT : 0) | ((index_of(id) & INDEX_MAX) << NODE_BITS) | (node & NODE_MASK);
 }
 
-bool ino_is_step(fuse_ino_t ino) { return (ino & ~VIEW_ROOT) > NODE_MASK; }
+bool ino_is_step(fuse_ino_t ino) { return (ino & ~VIEW_ROOT) > NODE_MASK && !(ino & PATCH_INO); }
 uint32_t ino_node(fuse_ino_t ino) { return (uint32_t)(ino & NODE_MASK); }
 bool ino_root_view(fuse_ino_t ino) { return (ino & VIEW_ROOT) != 0; }
 
@@ -96,4 +138,9 @@ void ino_table_free(void)
 	T.slots = NULL;
 	T.n = T.cap = T.nslots = 0;
 	pthread_mutex_unlock(&T.lock);
+	pthread_mutex_lock(&P.lock);
+	free(P.pairs);
+	P.pairs = NULL;
+	P.n = P.cap = 0;
+	pthread_mutex_unlock(&P.lock);
 }

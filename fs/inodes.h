@@ -1,5 +1,6 @@
 /* Inode numbers, the FUSE layer's own business: 1 the root, 2 steps/, 3
- * .dwsfs/, 4 .dwsfs/status; every other inode is
+ * .dwsfs/, 4 .dwsfs/status, 5 .dwsfs/patches; (1 << 61) | index: a patch
+ * file of .dwsfs/patches; every other inode is
  * (view << 63) | (step index << 24) | tree node, where the step index is a
  * small number this table gives each step id (64 bits, the core's) the
  * first time it is seen, for the mount's life. A step's files are
@@ -18,6 +19,12 @@
 #define INO_STEPS 2
 #define INO_META 3
 #define INO_STATUS 4
+#define INO_PATCHES 5
+
+/* The inode of patch file FROM-TO in .dwsfs/patches (its own number space). */
+fuse_ino_t ino_patch(uint64_t from, uint64_t to);
+/* Its two steps; false if ino is no patch inode given out. */
+bool ino_patch_steps(fuse_ino_t ino, uint64_t *from, uint64_t *to);
 
 /* The inode of tree node `node` of the step with this id. */
 fuse_ino_t ino_make(bool root_view, uint64_t id, uint32_t node);

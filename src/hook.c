@@ -57,7 +57,7 @@ static char **envp_new(const dws_hook *h, uint64_t step, uint64_t prev)
 	size_t n = 0;
 	while (environ[n])
 		n++;
-	char **e = dws_xcalloc(n + 5, sizeof(*e));
+	char **e = dws_xcalloc(n + 6, sizeof(*e));
 	size_t k = 0;
 	for (size_t i = 0; i < n; i++)
 		if (!ours(environ[i]) && (h->o.keep_secrets || !secret(environ[i])))
@@ -65,8 +65,14 @@ static char **envp_new(const dws_hook *h, uint64_t step, uint64_t prev)
 	e[k++] = dws_xasprintf("DWSFS_STEP=%llu", (unsigned long long)step);
 	e[k++] = dws_xasprintf("DWSFS_PREV_STEP=%llu", (unsigned long long)prev);
 	e[k++] = dws_xasprintf("DWSFS_MOUNT=%s", h->mountpoint ? h->mountpoint : "");
-	e[k++] = dws_xasprintf("DWSFS_STEP_DIR=%s/steps/%06llu", h->mountpoint ? h->mountpoint : "",
-			       (unsigned long long)step);
+	char a[24], b[24];
+	dws_step_dir_name(prev, a, sizeof(a));
+	dws_step_dir_name(step, b, sizeof(b));
+	const char *mp = h->mountpoint ? h->mountpoint : "";
+	e[k++] = dws_xasprintf("DWSFS_STEP_DIR=%s/steps/%s", mp, b);
+	/* the patch from what the server holds; none when it holds this step */
+	e[k++] = prev < step ? dws_xasprintf("DWSFS_PATCH=%s/.dwsfs/patches/%s-%s.safetensors", mp, a, b)
+			     : dws_xstrdup("DWSFS_PATCH=");
 	return e;
 }
 

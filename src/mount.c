@@ -17,6 +17,7 @@
 #include "hook.h"
 #include "log.h"
 #include "materializer.h"
+#include "patchfile.h"
 #include "poller.h"
 #include "status.h"
 #include "step.h"
@@ -27,7 +28,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { POLL_BACKOFF_CAP_MS = 60000 };
+enum { POLL_BACKOFF_CAP_MS = 60000, ROOT_HISTORY = 8, PATCHES_KEPT = 4 };
+
+/* A catch-up patch made for .dwsfs/patches, by the ids of its two steps. */
+struct kept_patch {
+	uint64_t from_id, to_id;
+	dws_patchfile *p;
+};
 
 struct step_entry {
 	uint64_t step, id;
@@ -67,6 +74,11 @@ struct dws_mount {
 	dws_poller *poller;       /* remote buckets */
 
 	dws_stepcache *views;     /* steps/N */
+	uint64_t history[ROOT_HISTORY]; /* the root's last steps, newest last */
+	size_t nhistory;
+	pthread_mutex_t patch_lock; /* serializes making patches */
+	struct kept_patch patches[PATCHES_KEPT]; /* under lock, newest last */
+	size_t npatches;
 	dws_compactor *compactor;
 	dws_materializer *mat;    /* once dws_mount_materialize */
 	dws_hook *hook;
@@ -413,6 +425,80 @@ bool dws_mount_is_materialized(dws_mount *m, uint64_t id)
 	return m->mat && dws_materializer_has(m->mat, id);
 }
 
+/* ---- catch-up patches (patchfile.h) ---- */
+
+static dws_patchfile *patch_kept_locked(dws_mount *m, uint64_t from_id, uint64_t to_id)
+{
+	for (size_t i = 0; i < m->npatches; i++)
+		if (m->patches[i].from_id == from_id && m->patches[i].to_id == to_id)
+			return dws_patchfile_ref(m->patches[i].p);
+	return NULL;
+}
+
+static void patch_keep(dws_mount *m, uint64_t from_id, uint64_t to_id, dws_patchfile *p)
+{
+	dws_patchfile *drop = NULL;
+	pthread_mutex_lock(&m->lock);
+	if (m->npatches == PATCHES_KEPT) { /* the oldest goes; open files keep their own */
+		drop = m->patches[0].p;
+		memmove(m->patches, m->patches + 1, (PATCHES_KEPT - 1) * sizeof(*m->patches));
+		m->npatches--;
+	}
+	m->patches[m->npatches++] = (struct kept_patch){from_id, to_id, dws_patchfile_ref(p)};
+	pthread_mutex_unlock(&m->lock);
+	dws_patchfile_unref(drop);
+}
+
+int dws_mount_patch(dws_mount *m, uint64_t from, uint64_t to, dws_patchfile **out, dws_error *err)
+{
+	*out = NULL;
+	if (from >= to)
+		return dws_fail(err, DWS_EINVAL, "patch from step %llu to step %llu: the first must come before the second",
+				(unsigned long long)from, (unsigned long long)to);
+	dws_step *f = NULL, *t = NULL;
+	int rc = dws_mount_get_step(m, from, &f, err);
+	if (!rc)
+		rc = dws_mount_get_step(m, to, &t, err);
+	if (!rc) {
+		pthread_mutex_lock(&m->patch_lock); /* one at a time: the same one is made once */
+		pthread_mutex_lock(&m->lock);
+		*out = patch_kept_locked(m, dws_step_id(f), dws_step_id(t));
+		pthread_mutex_unlock(&m->lock);
+		if (!*out) {
+			int64_t t0 = now_ms(m);
+			pthread_mutex_lock(&m->build_lock);
+			rc = dws_patchfile_make(m->bl, f, t, m->tmpdir, out, err);
+			pthread_mutex_unlock(&m->build_lock);
+			if (!rc) {
+				patch_keep(m, dws_step_id(f), dws_step_id(t), *out);
+				dws_log_info("patch %llu-%llu: %llu elements, %llu bytes, made in %lld ms", (unsigned long long)from,
+					     (unsigned long long)to, (unsigned long long)dws_patchfile_changed(*out),
+					     (unsigned long long)dws_patchfile_size(*out), (long long)(now_ms(m) - t0));
+			}
+		}
+		pthread_mutex_unlock(&m->patch_lock);
+	}
+	dws_step_unref(f);
+	dws_step_unref(t);
+	return rc;
+}
+
+size_t dws_mount_patch_list(dws_mount *m, uint64_t *from, size_t max, uint64_t *to)
+{
+	pthread_mutex_lock(&m->lock);
+	*to = dws_step_number(m->root);
+	size_t n = 0;
+	for (size_t i = m->nhistory; i-- > 0 && n < max;) {
+		bool seen = false;
+		for (size_t k = 0; k < n && !seen; k++)
+			seen = from[k] == m->history[i];
+		if (!seen && m->history[i] < *to)
+			from[n++] = m->history[i];
+	}
+	pthread_mutex_unlock(&m->lock);
+	return n;
+}
+
 /* ---- polling ---- */
 
 static void poll_failed(dws_mount *m, const dws_error *err)
@@ -534,6 +620,9 @@ static void swap_unlock(dws_mount *m, dws_swap_verdict v)
 	m->root = m->ready;
 	m->ready = NULL;
 	m->swaps++;
+	if (m->nhistory == ROOT_HISTORY)
+		memmove(m->history, m->history + 1, (ROOT_HISTORY - 1) * sizeof(*m->history));
+	m->history[m->nhistory < ROOT_HISTORY ? m->nhistory++ : ROOT_HISTORY - 1] = dws_step_number(old);
 	m->root_since_ns = m->clock.wall_ns(m->clock.ctx);
 	m->last_error[0] = 0;
 	dws_step *now_root = dws_step_ref(m->root);
@@ -709,6 +798,7 @@ int dws_mount_open_env(const dws_mount_opts *o, const dws_mount_env *env, dws_mo
 	m->failed = dws_failures_new();
 	pthread_mutex_init(&m->lock, NULL);
 	pthread_mutex_init(&m->build_lock, NULL);
+	pthread_mutex_init(&m->patch_lock, NULL);
 	pthread_condattr_t ca;
 	pthread_condattr_init(&ca);
 	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
@@ -808,8 +898,11 @@ void dws_mount_close(dws_mount *m)
 	free(m->tmpdir);
 	free(m->on_swap);
 	free(m->mountpoint);
+	for (size_t i = 0; i < m->npatches; i++)
+		dws_patchfile_unref(m->patches[i].p);
 	pthread_mutex_destroy(&m->lock);
 	pthread_mutex_destroy(&m->build_lock);
+	pthread_mutex_destroy(&m->patch_lock);
 	pthread_cond_destroy(&m->cond);
 	free(m);
 }

@@ -549,6 +549,13 @@ void dws_mount_materialize(dws_mount *m, const char *dir, uint64_t max_bytes);
  * when that step is not the one materialized. */
 int dws_mount_materialized_fd(dws_mount *m, uint64_t id, size_t file);
 bool dws_mount_is_materialized(dws_mount *m, uint64_t id);
+/* The catch-up patch from step `from` to step `to` of the catalog (a new
+ * reference): made on first use (both steps verified), the last few kept.
+ * DWS_EINVAL when from >= to, DWS_ENOENT for a step not in the bucket. */
+int dws_mount_patch(dws_mount *m, uint64_t from, uint64_t to, dws_patchfile **out, dws_error *err);
+/* The patches to list in .dwsfs/patches: from the root's last steps (up to
+ * max, newest first, into from) to the root's step (*to). */
+size_t dws_mount_patch_list(dws_mount *m, uint64_t *from, size_t max, uint64_t *to);
 /* .dwsfs/status as a JSON document (malloc'd), with extra fields last. */
 char *dws_mount_status_json(dws_mount *m, const dws_status_field *extra, size_t nextra);
 
