@@ -9,6 +9,7 @@
 #include "step.h"
 
 #include <errno.h>
+#include <jansson.h>
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,6 +24,8 @@ struct entry {
 	uint32_t ndim;
 	uint64_t shape[16];
 	uint64_t nbytes;
+	uint32_t full_ndim; /* T's own shape */
+	uint64_t full_shape[16];
 };
 
 struct dws_patchfile {
@@ -102,6 +105,8 @@ static void out_entry(struct out *o, const dws_slot *sl, const char *suffix, dws
 		e->shape[0] = n;
 	}
 	e->nbytes = n * dws_dtype_size(dt);
+	e->full_ndim = sl->ndim <= 16 ? sl->ndim : 0;
+	memcpy(e->full_shape, sl->shape, e->full_ndim * sizeof(uint64_t));
 }
 
 /* ---- within a chain: the deltas' entries ---- */
@@ -344,6 +349,28 @@ static int from_whole(struct out *o, dws_step *from, dws_step *to, dws_error *er
 
 /* ---- the file ---- */
 
+/* {"T": [dims], ...} of the sparse tensors: a reader that updates the
+ * model in place needs each tensor's full shape (vLLM's patches do). */
+static char *shapes_json(const struct out *o)
+{
+	json_t *j = json_object();
+	for (size_t i = 0; i < o->n; i++) {
+		const struct entry *e = &o->e[i];
+		size_t nl = strlen(e->name);
+		if (nl < 8 || strcmp(e->name + nl - 8, ".indices"))
+			continue;
+		json_t *dims = json_array();
+		for (uint32_t d = 0; d < e->full_ndim; d++)
+			json_array_append_new(dims, json_integer((json_int_t)e->full_shape[d]));
+		char *name = dws_xasprintf("%.*s", (int)(nl - 8), e->name);
+		json_object_set_new(j, name, dims);
+		free(name);
+	}
+	char *s = json_dumps(j, JSON_COMPACT | JSON_SORT_KEYS);
+	json_decref(j);
+	return s ? s : dws_xstrdup("{}");
+}
+
 static int make_header(dws_patchfile *p, const struct out *o, dws_error *err)
 {
 	dws_st_out_tensor *ts = dws_xcalloc(o->n ? o->n : 1, sizeof(*ts));
@@ -355,9 +382,12 @@ static int make_header(dws_patchfile *p, const struct out *o, dws_error *err)
 	snprintf(v[2], sizeof(v[2]), "%zu", o->sparse);
 	snprintf(v[3], sizeof(v[3]), "%zu", o->dense);
 	snprintf(v[4], sizeof(v[4]), "%llu", (unsigned long long)o->changed);
+	char *shapes = shapes_json(o);
 	dws_st_meta meta[] = {{"format", "dwsfs_patch"}, {"version", "1"}, {"from_step", v[0]}, {"to_step", v[1]},
-			      {"sparse_tensors", v[2]}, {"dense_tensors", v[3]}, {"changed_elements", v[4]}};
+			      {"sparse_tensors", v[2]}, {"dense_tensors", v[3]}, {"changed_elements", v[4]},
+			      {"shapes", shapes}};
 	int rc = dws_st_build_header(ts, o->n, meta, DWS_ARRAY_LEN(meta), &p->header, &p->hlen, err);
+	free(shapes);
 	free(ts);
 	return rc;
 }

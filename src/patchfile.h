@@ -6,8 +6,8 @@
  * dtype), or, past a third of its elements changed across an anchor, `T.values`
  * alone with every element (T's shape). Unchanged tensors are absent.
  * `__metadata__`: format dwsfs_patch, version 1, from_step, to_step,
- * sparse_tensors, dense_tensors, changed_elements. Applied to FROM's files
- * it gives TO's bytes. */
+ * sparse_tensors, dense_tensors, changed_elements, shapes (JSON: each sparse
+ * tensor's full shape). Applied to FROM's files it gives TO's bytes. */
 #ifndef DWSFS_PATCHFILE_H
 #define DWSFS_PATCHFILE_H
 
