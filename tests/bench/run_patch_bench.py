@@ -1,0 +1,206 @@
+#!/usr/bin/python3
+"""Benchmark of catch-up patches (issue #18). Not a test.
+
+    tests/bench/run_patch_bench.py          # Qwen3-0.6B-shaped model, 1% steps, 5 rounds
+    SMOKE=1 tests/bench/run_patch_bench.py  # ~20M params, 2 rounds (CI)
+
+A local-folder bucket from make_model.py (--base: the root is the base's two
+shards) is mounted with poll=POLL, swap_idle=0 and an on_swap hook that reads
+$DWSFS_PATCH as an inference server's patch recipe would: it notes the time
+it starts, the time the first byte arrives and the time the last does. Each
+round publishes one held 1% delta. Figures, per round, median and min-max:
+
+  first byte   the hook's first byte of the patch - 'step N ready' in the log
+               (target: <= 50 ms)
+  read speed   patch bytes / the hook's read time, next to `cat` of a copy of
+               the same bytes in /dev/shm (target: >= 1 GB/s)
+  size         patch bytes / (changed elements x (8 + 2)) (target: <= 1.1)
+  vs reload    bytes and time of the patch read, next to `cat` of every file of
+               steps/N/ right after (what a full reload reads), cold
+               (drop_caches before) and as found
+
+Writes OUT (default bench-results/patch.md) and the raw figures beside it as
+JSON. Environment: SMOKE, PARAMS, ROUNDS, BUILD (build/), KEEP=1, OUT.
+"""
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PY = "/usr/bin/python3"
+SMOKE = os.environ.get("SMOKE", "0") == "1"
+PARAMS = float(os.environ.get("PARAMS", "2e7" if SMOKE else "600e6"))
+ROUNDS = int(os.environ.get("ROUNDS", "2" if SMOKE else "5"))
+BUILD = os.path.abspath(os.environ.get("BUILD", os.path.join(ROOT, "build")))
+os.environ["DWSFS"] = os.path.join(BUILD, "dwsfs")
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+import mountutil  # noqa: E402
+OUT = os.environ.get("OUT", os.path.join(ROOT, "bench-results", "tmp" if SMOKE else "", "patch.md"))
+POLL = "0.2"
+T0 = time.monotonic()
+
+# The hook: three timestamps (start, first byte, last byte) and the size.
+HOOK = r'''#!/bin/sh
+t0=$(date +%s%N)
+exec 3< "$DWSFS_PATCH" || exit 1
+head -c 1 <&3 >/dev/null
+t1=$(date +%s%N)
+n=$(cat <&3 | wc -c)
+t2=$(date +%s%N)
+echo "$DWSFS_STEP $t0 $t1 $t2 $((n + 1))" >> "$BENCH_TIMES"
+'''
+
+LOG_TS = re.compile(r"^dwsfs (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\.(\d{3})Z \w+ step (\d+) ready")
+
+
+def log(msg):
+    print(f"patch-bench {time.monotonic() - T0:6.1f}s: {msg}", file=sys.stderr, flush=True)
+
+
+def kv(text):
+    return dict(ln.split("=", 1) for ln in text.splitlines() if "=" in ln)
+
+
+def ready_ns(text, step):
+    """Wall-clock ns of 'step N ready' in the daemon's log (ms precision)."""
+    import calendar
+    for ln in text.splitlines():
+        m = LOG_TS.match(ln)
+        if m and int(m.group(3)) == step:
+            secs = calendar.timegm(time.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S"))
+            return secs * 10**9 + int(m.group(2)) * 10**6
+    return None
+
+
+def timed_cat(files):
+    t0 = time.perf_counter()
+    subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - t0
+
+
+def drop_caches():
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+
+
+def header_meta(path):
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n)).get("__metadata__", {})
+
+
+def wait(cond, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def one_round(m, work, times, src, step):
+    lines_before = len(open(times).read().splitlines())
+    os.link(src, os.path.join(work, "bucket", "deltas", os.path.basename(src)))
+    wait(lambda: len(open(times).read().splitlines()) > lines_before, 120, f"the hook's run for step {step}")
+    st, t0, t1, t2, size = (int(x) for x in open(times).read().splitlines()[-1].split())
+    assert st == step, (st, step)
+    ready = ready_ns(m.log(), step)
+    made = re.search(rf"patch {step - 1}-{step}: .* made in (\d+) ms", m.log())
+    patch = m.path(".dwsfs", "patches", f"{step - 1:06d}-{step:06d}.safetensors")
+    meta = header_meta(patch)
+    changed = int(meta["changed_elements"])
+    shm = tempfile.NamedTemporaryFile(dir="/dev/shm", delete=False)
+    shutil.copyfileobj(open(patch, "rb"), shm)
+    shm.close()
+    local = statistics.median(timed_cat([shm.name]) for _ in range(3))
+    os.unlink(shm.name)
+    files = sorted(os.path.join(m.path("steps", f"{step:06d}"), n)
+                   for n in os.listdir(m.path("steps", f"{step:06d}")))
+    full_bytes = sum(os.path.getsize(f) for f in files)
+    full_found = timed_cat(files)
+    drop_caches()
+    full_cold = timed_cat(files)
+    r = {"step": step, "first_byte_ms": (t1 - ready) / 1e6, "hook_start_ms": (t0 - ready) / 1e6,
+         "read_s": (t2 - t1) / 1e9, "bytes": size, "local_read_s": local, "changed": changed,
+         "size_ratio": size / (changed * 10), "dense_tensors": int(meta["dense_tensors"]),
+         "full_bytes": full_bytes, "full_found_s": full_found, "full_cold_s": full_cold,
+         "patch_total_s": (t2 - t0) / 1e9, "made_ms": int(made.group(1)) if made else None}
+    log(f"step {step}: patch made in {r['made_ms']} ms; first byte {r['first_byte_ms']:.1f} ms after ready (hook at {r['hook_start_ms']:.1f}), "
+        f"{size:,} B in {r['read_s'] * 1e3:.1f} ms, size {r['size_ratio']:.3f}x; full reload {full_bytes:,} B "
+        f"{full_found:.3f} s (cold {full_cold:.3f} s)")
+    return r
+
+
+def med(rs, k):
+    xs = [r[k] for r in rs]
+    return f"{statistics.median(xs):.3g} ({min(xs):.3g}-{max(xs):.3g})"
+
+
+def report(rs, model):
+    gbps = [r["bytes"] / r["read_s"] / 1e9 for r in rs]
+    local = [r["bytes"] / r["local_read_s"] / 1e9 for r in rs]
+    lines = [
+        "# Catch-up patches: benchmark (tests/bench/run_patch_bench.py)", "",
+        f"- model: `make_model.py --params {PARAMS:g} --base`: {int(model['params']):,} params, "
+        f"1% of the elements changed per step; local-folder bucket, `-o poll={POLL},swap_idle=0`",
+        f"- {len(rs)} rounds; median (min-max); machine: {os.cpu_count()} CPUs", "",
+        "| figure | measured | target |", "|---|---|---|",
+        f"| first byte of the patch after 'step N ready' (ms), read by the on_swap hook | {med(rs, 'first_byte_ms')} | <= 50 |",
+        f"| of which: until the hook started (ms) | {med(rs, 'hook_start_ms')} | |",
+        f"| patch read speed (GB/s) | {statistics.median(gbps):.2f} ({min(gbps):.2f}-{max(gbps):.2f}) | >= 1 |",
+        f"| same bytes from /dev/shm (GB/s), same round | {statistics.median(local):.2f} | |",
+        f"| size / (changed x (8 + 2)) | {med(rs, 'size_ratio')} | <= 1.1 |",
+        f"| patch bytes | {med(rs, 'bytes')} | |",
+        f"| full reload bytes (steps/N/) | {med(rs, 'full_bytes')} | |",
+        f"| bytes: patch / full reload | {statistics.median(r['bytes'] / r['full_bytes'] for r in rs):.4f} | |",
+        f"| time: patch, hook start to last byte (s) | {med(rs, 'patch_total_s')} | |",
+        f"| time: full reload read, as found right after (s) | {med(rs, 'full_found_s')} | |",
+        f"| time: full reload read, cold (s) | {med(rs, 'full_cold_s')} | |",
+        f"| time: patch / full reload cold | {statistics.median(r['patch_total_s'] / r['full_cold_s'] for r in rs):.4f} | |",
+        ""]
+    return "\n".join(lines)
+
+
+def main():
+    work = tempfile.mkdtemp(prefix="dwsfs-patch-bench-")
+    try:
+        log(f"generating: make_model.py --params {PARAMS:g} --deltas {ROUNDS + 1} --hold {ROUNDS} --base")
+        out = subprocess.run([PY, os.path.join(ROOT, "tests", "bench", "make_model.py"), os.path.join(work, "bucket"),
+                              "--params", str(PARAMS), "--deltas", str(ROUNDS + 1), "--hold", str(ROUNDS), "--base"],
+                             capture_output=True, text=True, check=True).stdout
+        model = kv(out)
+        last = int(model["last_step"])
+        held = [os.path.join(work, "bucket.pending", "deltas", f"step_{s:06d}.safetensors")
+                for s in range(last + 1, last + 1 + ROUNDS)]
+        hook, times = os.path.join(work, "hook.sh"), os.path.join(work, "times")
+        with open(hook, "w") as f:
+            f.write(HOOK)
+        os.chmod(hook, 0o755)
+        open(times, "w").close()
+        rs = []
+        with mountutil.mounted(os.path.join(work, "bucket"), os.path.join(work, "mnt"), f"poll={POLL}", "swap_idle=0",
+                               f"on_swap={hook}", env={"BENCH_TIMES": times}, mount_timeout=300) as m:
+            for k, src in enumerate(held):
+                rs.append(one_round(m, work, times, src, last + 1 + k))
+        text = report(rs, model)
+        os.makedirs(os.path.dirname(OUT), exist_ok=True)
+        with open(OUT, "w") as f:
+            f.write(text)
+        with open(os.path.splitext(OUT)[0] + ".json", "w") as f:
+            json.dump({"model": model, "rounds": rs}, f, indent=1)
+        print(text)
+        log(f"wrote {OUT}")
+    finally:
+        if os.environ.get("KEEP") != "1":
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(work + ".pending", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
