@@ -715,14 +715,6 @@ static void prefetch(dws_blob *b, uint64_t first, unsigned n)
 
 /* ---- the blob ---- */
 
-static _Thread_local uint64_t ra_limit = UINT64_MAX;
-
-static _Thread_local bool direct_reads, quiet_reads;
-
-void dws_blob_readahead_limit(uint64_t end) { ra_limit = end; }
-void dws_blob_direct_reads(bool on) { direct_reads = on; }
-void dws_blob_quiet_reads(bool on) { quiet_reads = on; }
-
 static bool block_cached(dws_cache *c, const struct remote *r, uint64_t blk)
 {
 	char key[64];
@@ -766,14 +758,15 @@ static bool remote_cached(dws_blob *b, uint64_t off, uint64_t len)
 }
 
 static int remote_read_ref(dws_blob *b, uint64_t off, void *buf, size_t len,
-			   const void **ref, dws_pin *pin, dws_error *err)
+			   const dws_read_hint *h, const void **ref, dws_pin *pin, dws_error *err)
 {
 	struct remote *r = b->priv;
 	dws_cache *c = r->c;
 	uint64_t bs = c->o.block_size;
 	uint64_t first = off / bs, last = (off + len - 1) / bs;
+	uint64_t ra_limit = h->ra_limit;
 
-	if (direct_reads && first == last && !block_cached(c, r, first)) {
+	if (h->mode == DWS_READ_DIRECT && first == last && !block_cached(c, r, first)) {
 		int rc = r->fetch(r->ctx, off, len, buf, err);
 		if (!rc) {
 			pthread_mutex_lock(&c->lock);
@@ -783,7 +776,7 @@ static int remote_read_ref(dws_blob *b, uint64_t off, void *buf, size_t len,
 		return rc;
 	}
 
-	if (quiet_reads)
+	if (h->mode == DWS_READ_QUIET)
 		return read_blocks(b, off, len, buf, false, err);
 
 	pthread_mutex_lock(&r->lock);
@@ -843,9 +836,10 @@ static int remote_read_ref(dws_blob *b, uint64_t off, void *buf, size_t len,
 	return read_blocks(b, off, len, buf, window > 0 || scan, err);
 }
 
-static int remote_read(dws_blob *b, uint64_t off, void *buf, size_t len, dws_error *err)
+static int remote_read(dws_blob *b, uint64_t off, void *buf, size_t len, const dws_read_hint *h,
+		       dws_error *err)
 {
-	return remote_read_ref(b, off, buf, len, NULL, NULL, err);
+	return remote_read_ref(b, off, buf, len, h, NULL, NULL, err);
 }
 
 static void remote_destroy(dws_blob *b)
