@@ -11,6 +11,16 @@
 #include <xxhash.h>
 #include <zstd.h>
 
+struct dws_blob {
+	const struct dws_blob_ops *ops;
+	atomic_long refs;
+	uint64_t size;
+	char *name;
+	void *priv;
+	int fd;
+	bool counted; /* reads count as fetched from the bucket */
+};
+
 dws_blob *dws_blob_new(const struct dws_blob_ops *ops, const char *name,
 		       uint64_t size, void *priv)
 {
@@ -81,6 +91,16 @@ void dws_pin_release(dws_pin *p)
 
 uint64_t dws_blob_size(const dws_blob *b) { return b->size; }
 const char *dws_blob_name(const dws_blob *b) { return b->name; }
+void *dws_blob_priv(const dws_blob *b) { return b->priv; }
+int dws_blob_fd(const dws_blob *b) { return b->fd; }
+bool dws_blob_shared(const dws_blob *b) { return atomic_load(&((dws_blob *)b)->refs) > 1; }
+void dws_blob_set_counted(dws_blob *b) { b->counted = true; }
+
+void dws_blob_count_fetched(dws_blob *b, uint64_t n)
+{
+	if (b->counted)
+		dws_stats_add_fetched(n);
+}
 
 dws_blob *dws_blob_ref(dws_blob *b)
 {

@@ -383,7 +383,6 @@ static int hf_open_blob(dws_bucket *b, const dws_object *obj, dws_blob **out,
 	o->cdn_key = dws_xasprintf("%s\n%s", obj->key, obj->ident);
 	char *ident = dws_xasprintf("%s|%s", b->uri, obj->ident);
 	*out = dws_remote_blob(b->cache, o->what, ident, obj->size, hf_fetch, o, hf_obj_free);
-	(*out)->counted = false; /* the cache counts what it fetched */
 	free(ident);
 	return DWS_OK;
 }

@@ -111,7 +111,7 @@ static int local_open_blob(dws_bucket *b, const dws_object *obj, dws_blob **out,
 	}
 	char *name = dws_xasprintf("%s/%s", b->uri, obj->key);
 	*out = dws_blob_from_fd(name, fd, (uint64_t)st.st_size);
-	(*out)->counted = true;
+	dws_blob_set_counted(*out);
 	free(name);
 	return DWS_OK;
 }

@@ -102,7 +102,7 @@ static void sniff(dws_bucket *b, dws_stepfile *f)
 		/* the frame header gives the size; without it the real check waits
 		 * until the step is built from the whole decompressed file */
 		unsigned char fh[32];
-		size_t fl = blob->size < sizeof(fh) ? (size_t)blob->size : sizeof(fh);
+		size_t fl = dws_blob_size(blob) < sizeof(fh) ? (size_t)dws_blob_size(blob) : sizeof(fh);
 		rc = dws_blob_read_hint(blob, 0, fh, fl, &hint, &err);
 		if (rc)
 			goto out;

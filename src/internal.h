@@ -117,20 +117,23 @@ struct dws_blob_ops {
 			dws_error *err);
 	void (*destroy)(dws_blob *b);
 };
-struct dws_blob {
-	const struct dws_blob_ops *ops;
-	atomic_long refs;
-	uint64_t size;
-	char *name;
-	void *priv;
-	int fd;
-	bool counted; /* reads count as fetched from the bucket */
-};
-void dws_stats_add_fetched(uint64_t n);
+/* A blob over ops, its backend's state in priv (ops->destroy frees it).
+ * struct dws_blob is blob.c's own: backends reach a blob through these. */
 dws_blob *dws_blob_new(const struct dws_blob_ops *ops, const char *name,
 		       uint64_t size, void *priv);
+void *dws_blob_priv(const dws_blob *b);
 /* A blob over an open file descriptor (the blob owns it). */
 dws_blob *dws_blob_from_fd(const char *name, int fd, uint64_t size);
+/* That descriptor (to map the file), -1 for other blobs. */
+int dws_blob_fd(const dws_blob *b);
+/* Whether anyone but the caller holds a reference (a hint, unless the
+ * caller knows nobody else can take one meanwhile). */
+bool dws_blob_shared(const dws_blob *b);
+/* b's reads count as fetched from its bucket (a local file of it). */
+void dws_blob_set_counted(dws_blob *b);
+/* n bytes of b had otherwise (mapped): counted as fetched if b's reads are. */
+void dws_blob_count_fetched(dws_blob *b, uint64_t n);
+void dws_stats_add_fetched(uint64_t n);
 
 /* Read a safetensors header from a blob (validated against the blob size). */
 int dws_st_read_blob(dws_blob *b, const char *what, dws_st_file **out,

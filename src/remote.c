@@ -330,7 +330,7 @@ static bool time_left(int64_t deadline) { return mono_ms() < deadline; }
 static uint64_t block_len(const dws_blob *b, dws_cache *c, uint64_t blk)
 {
 	uint64_t off = blk * c->o.block_size;
-	uint64_t n = b->size - off;
+	uint64_t n = dws_blob_size(b) - off;
 	return n < c->o.block_size ? n : c->o.block_size;
 }
 
@@ -373,7 +373,7 @@ static void hot_give_unlock(dws_cache *c, struct hot *h, uint64_t off, void *buf
 static int get_block(dws_blob *b, uint64_t blk, uint64_t off, void *buf, size_t len,
 		     bool prefetch, bool whole, const void **ref, dws_pin *pin, dws_error *err)
 {
-	struct remote *r = b->priv;
+	struct remote *r = dws_blob_priv(b);
 	dws_cache *c = r->c;
 	char key[64];
 	snprintf(key, sizeof(key), "%s-%llu", r->ident_hash, (unsigned long long)blk);
@@ -425,7 +425,7 @@ static int get_block(dws_blob *b, uint64_t blk, uint64_t off, void *buf, size_t 
 				}
 				flight_end_unlock(c, lf, ok ? DWS_OK : DWS_ENOENT); /* waiters look again */
 				if (!ok) {
-					dws_log("cache: block %s of %s was bad on disk; fetching it again", key, b->name);
+					dws_log("cache: block %s of %s was bad on disk; fetching it again", key, dws_blob_name(b));
 					continue;
 				}
 				pthread_mutex_lock(&c->lock);
@@ -451,7 +451,7 @@ static int get_block(dws_blob *b, uint64_t blk, uint64_t off, void *buf, size_t 
 			if (dws_strmap_get(&c->index, key, &i))
 				drop_locked(c, i);
 			pthread_mutex_unlock(&c->lock);
-			dws_log("cache: block %s of %s was bad on disk; fetching it again", key, b->name);
+			dws_log("cache: block %s of %s was bad on disk; fetching it again", key, dws_blob_name(b));
 			continue;
 		}
 		struct flight *f = flight_find(c, key);
@@ -486,13 +486,13 @@ static int get_block(dws_blob *b, uint64_t blk, uint64_t off, void *buf, size_t 
 			}
 			pthread_mutex_unlock(&c->lock);
 			if (!done)
-				return dws_fail(err, DWS_ETIMEDOUT, "%s: block %llu (bytes %llu+%llu) did not arrive within %u ms", b->name,
+				return dws_fail(err, DWS_ETIMEDOUT, "%s: block %llu (bytes %llu+%llu) did not arrive within %u ms", dws_blob_name(b),
 						(unsigned long long)blk, (unsigned long long)(blk * c->o.block_size),
 						(unsigned long long)blen, c->o.wait_ms);
 			if (frc == DWS_ENOENT && time_left(deadline))
 				continue; /* a bad block on disk, or a 404: look again */
 			if (frc && frc != DWS_OK)
-				return dws_fail(err, frc, "%s: block %llu could not be fetched (see the log)", b->name, (unsigned long long)blk);
+				return dws_fail(err, frc, "%s: block %llu could not be fetched (see the log)", dws_blob_name(b), (unsigned long long)blk);
 			continue; /* now in the index */
 		}
 		/* a prefetch the reader has overtaken (it read the block itself,
@@ -677,9 +677,9 @@ static void *prefetch_main(void *arg)
 
 static void prefetch(dws_blob *b, uint64_t first, unsigned n)
 {
-	struct remote *r = b->priv;
+	struct remote *r = dws_blob_priv(b);
 	dws_cache *c = r->c;
-	uint64_t nblk = (b->size + c->o.block_size - 1) / c->o.block_size;
+	uint64_t nblk = (dws_blob_size(b) + c->o.block_size - 1) / c->o.block_size;
 	pthread_mutex_lock(&c->lock);
 	/* no more ahead than the hot set holds beside the blocks being read: a
 	 * block fetched beyond that pushes out one read ahead before it, which
@@ -730,7 +730,7 @@ static bool block_cached(dws_cache *c, const struct remote *r, uint64_t blk)
  * into the hot set (a scan). */
 static int read_blocks(dws_blob *b, uint64_t off, size_t len, void *buf, bool whole, dws_error *err)
 {
-	struct remote *r = b->priv;
+	struct remote *r = dws_blob_priv(b);
 	uint64_t bs = r->c->o.block_size;
 	char *dst = buf;
 	for (uint64_t blk = off / bs; blk <= (off + len - 1) / bs; blk++) {
@@ -747,7 +747,7 @@ static int read_blocks(dws_blob *b, uint64_t off, size_t len, void *buf, bool wh
 
 static bool remote_cached(dws_blob *b, uint64_t off, uint64_t len)
 {
-	struct remote *r = b->priv;
+	struct remote *r = dws_blob_priv(b);
 	uint64_t bs = r->c->o.block_size;
 	if (!len)
 		return true;
@@ -760,7 +760,7 @@ static bool remote_cached(dws_blob *b, uint64_t off, uint64_t len)
 static int remote_read_ref(dws_blob *b, uint64_t off, void *buf, size_t len,
 			   const dws_read_hint *h, const void **ref, dws_pin *pin, dws_error *err)
 {
-	struct remote *r = b->priv;
+	struct remote *r = dws_blob_priv(b);
 	dws_cache *c = r->c;
 	uint64_t bs = c->o.block_size;
 	uint64_t first = off / bs, last = (off + len - 1) / bs;
@@ -844,7 +844,7 @@ static int remote_read(dws_blob *b, uint64_t off, void *buf, size_t len, const d
 
 static void remote_destroy(dws_blob *b)
 {
-	struct remote *r = b->priv;
+	struct remote *r = dws_blob_priv(b);
 	if (r->free_ctx)
 		r->free_ctx(r->ctx);
 	pthread_mutex_destroy(&r->lock);
