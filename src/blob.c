@@ -18,7 +18,7 @@ struct dws_blob {
 	char *name;
 	void *priv;
 	int fd;
-	bool counted; /* reads count as fetched from the bucket */
+	dws_fetch_count *count; /* where reads count as fetched; NULL: nowhere */
 };
 
 dws_blob *dws_blob_new(const struct dws_blob_ops *ops, const char *name,
@@ -94,12 +94,48 @@ const char *dws_blob_name(const dws_blob *b) { return b->name; }
 void *dws_blob_priv(const dws_blob *b) { return b->priv; }
 int dws_blob_fd(const dws_blob *b) { return b->fd; }
 bool dws_blob_shared(const dws_blob *b) { return atomic_load(&((dws_blob *)b)->refs) > 1; }
-void dws_blob_set_counted(dws_blob *b) { b->counted = true; }
+
+struct dws_fetch_count {
+	atomic_long refs;
+	atomic_ullong bytes;
+};
+
+dws_fetch_count *dws_fetch_count_new(void)
+{
+	dws_fetch_count *c = dws_xcalloc(1, sizeof(*c));
+	atomic_init(&c->refs, 1);
+	atomic_init(&c->bytes, 0);
+	return c;
+}
+
+dws_fetch_count *dws_fetch_count_ref(dws_fetch_count *c)
+{
+	if (c)
+		atomic_fetch_add(&c->refs, 1);
+	return c;
+}
+
+void dws_fetch_count_unref(dws_fetch_count *c)
+{
+	if (c && atomic_fetch_sub(&c->refs, 1) == 1)
+		free(c);
+}
+
+uint64_t dws_fetch_count_get(const dws_fetch_count *c)
+{
+	return c ? atomic_load(&((dws_fetch_count *)c)->bytes) : 0;
+}
+
+void dws_blob_count_into(dws_blob *b, dws_fetch_count *c)
+{
+	dws_fetch_count_unref(b->count);
+	b->count = dws_fetch_count_ref(c);
+}
 
 void dws_blob_count_fetched(dws_blob *b, uint64_t n)
 {
-	if (b->counted)
-		dws_stats_add_fetched(n);
+	if (b->count)
+		atomic_fetch_add(&b->count->bytes, n);
 }
 
 dws_blob *dws_blob_ref(dws_blob *b)
@@ -117,14 +153,10 @@ void dws_blob_unref(dws_blob *b)
 		b->ops->destroy(b);
 	if (b->fd >= 0)
 		close(b->fd);
+	dws_fetch_count_unref(b->count);
 	free(b->name);
 	free(b);
 }
-
-static atomic_ullong bytes_fetched;
-
-uint64_t dws_stats_bytes_fetched(void) { return atomic_load(&bytes_fetched); }
-void dws_stats_add_fetched(uint64_t n) { atomic_fetch_add(&bytes_fetched, n); }
 
 /* ---- file descriptor ---- */
 
@@ -145,8 +177,7 @@ static int fd_read(dws_blob *b, uint64_t off, void *buf, size_t len,
 		p += r;
 		off += (uint64_t)r;
 		len -= (size_t)r;
-		if (b->counted)
-			dws_stats_add_fetched((uint64_t)r);
+		dws_blob_count_fetched(b, (uint64_t)r);
 	}
 	return DWS_OK;
 }

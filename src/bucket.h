@@ -25,7 +25,12 @@ struct dws_bucket {
 	void *priv;
 	struct dws_cache *cache; /* remote buckets */
 	struct dws_http *http;
+	dws_fetch_count *fetched; /* local buckets: bytes read from their files */
 };
+
+/* Reads of b's files count in into's bytes fetched from now on (a base
+ * model folder read beside the bucket), where into counts its own. */
+void dws_bucket_count_into(dws_bucket *b, const dws_bucket *into);
 
 int dws_bucket_local_open(const char *path, dws_bucket **out, dws_error *err);
 int dws_bucket_hf_open(const char *uri, const dws_bucket_opts *o, dws_bucket **out,

@@ -747,6 +747,8 @@ int dws_builder_new(dws_catalog *c, const dws_build_opts *opts,
 		rc = dws_bucket_open_opts(opts->base, opts->bucket_opts, &bl->base_bucket, &be);
 		if (rc) /* "the base model", not "the bucket" */
 			dws_fail(err, rc, "base model %s", be.msg);
+		else /* its reads are the mount's too */
+			dws_bucket_count_into(bl->base_bucket, dws_catalog_bucket(c));
 		bl->base_prefix = dws_xstrdup("");
 	} else if (dws_catalog_has_base(c)) {
 		bl->base_prefix = dws_xstrdup("base");

@@ -129,11 +129,19 @@ int dws_blob_fd(const dws_blob *b);
 /* Whether anyone but the caller holds a reference (a hint, unless the
  * caller knows nobody else can take one meanwhile). */
 bool dws_blob_shared(const dws_blob *b);
-/* b's reads count as fetched from its bucket (a local file of it). */
-void dws_blob_set_counted(dws_blob *b);
+
+/* Bytes read from a local bucket's files (dws_bucket_stats' bytes_fetched):
+ * made by the bucket and shared with the blobs it opens, which may outlive
+ * it; freed with the last reference. */
+typedef struct dws_fetch_count dws_fetch_count;
+dws_fetch_count *dws_fetch_count_new(void);
+dws_fetch_count *dws_fetch_count_ref(dws_fetch_count *c);
+void dws_fetch_count_unref(dws_fetch_count *c);
+uint64_t dws_fetch_count_get(const dws_fetch_count *c);
+/* b's reads count into c (b a local file of c's bucket); c NULL: none. */
+void dws_blob_count_into(dws_blob *b, dws_fetch_count *c);
 /* n bytes of b had otherwise (mapped): counted as fetched if b's reads are. */
 void dws_blob_count_fetched(dws_blob *b, uint64_t n);
-void dws_stats_add_fetched(uint64_t n);
 
 /* Read a safetensors header from a blob (validated against the blob size). */
 int dws_st_read_blob(dws_blob *b, const char *what, dws_st_file **out,
