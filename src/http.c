@@ -356,6 +356,17 @@ static size_t on_header(char *p, size_t sz, size_t n, void *ud)
 	return k;
 }
 
+/* An attempt's answer starts with no status and no headers. */
+static void headers_reset(dws_http_resp *rs)
+{
+	rs->status = 0;
+	rs->link_next[0] = rs->etag[0] = rs->error_code[0] = 0;
+	for (int i = 0; i < DWS_HTTP_CAPTURE; i++)
+		rs->captured[i][0] = 0;
+	rs->content_length = rs->range_total = 0;
+	rs->has_content_length = rs->has_range_total = false;
+}
+
 static bool same_host(dws_http *h, const char *url)
 {
 	char *host = NULL;
@@ -502,12 +513,7 @@ int dws_http_do(dws_http *h, const dws_http_req *rq, dws_http_resp *rs,
 		struct xfer x = {.h = h, .rq = rq, .rs = rs, .max = rq->max_body ? rq->max_body : DEFAULT_MAX_BODY};
 		char *redirect = NULL;
 		long keep_status = 0;
-		rs->status = 0;
-		rs->link_next[0] = rs->etag[0] = rs->error_code[0] = 0;
-		for (int i = 0; i < DWS_HTTP_CAPTURE; i++)
-			rs->captured[i][0] = 0;
-		rs->content_length = rs->range_total = 0;
-		rs->has_content_length = rs->has_range_total = false;
+		headers_reset(rs);
 		if (atomic_load(&h->cancelled)) {
 			snprintf(why, sizeof(why), "shutting down");
 			rc = DWS_EIO;
