@@ -11,6 +11,16 @@
 #include <xxhash.h>
 #include <zstd.h>
 
+struct dws_blob {
+	const struct dws_blob_ops *ops;
+	atomic_long refs;
+	uint64_t size;
+	char *name;
+	void *priv;
+	int fd;
+	dws_fetch_count *count; /* where reads count as fetched; NULL: nowhere */
+};
+
 dws_blob *dws_blob_new(const struct dws_blob_ops *ops, const char *name,
 		       uint64_t size, void *priv)
 {
@@ -24,8 +34,10 @@ dws_blob *dws_blob_new(const struct dws_blob_ops *ops, const char *name,
 	return b;
 }
 
-int dws_blob_read(dws_blob *b, uint64_t off, void *buf, size_t len,
-		  dws_error *err)
+static const dws_read_hint normal = {DWS_READ_NORMAL, UINT64_MAX};
+
+int dws_blob_read_hint(dws_blob *b, uint64_t off, void *buf, size_t len,
+		       const dws_read_hint *h, dws_error *err)
 {
 	uint64_t end;
 	if (!dws_add_ok(off, len, &end) || end > b->size)
@@ -33,20 +45,33 @@ int dws_blob_read(dws_blob *b, uint64_t off, void *buf, size_t len,
 				(unsigned long long)off, (unsigned long long)b->size);
 	if (!len)
 		return DWS_OK;
-	return b->ops->read(b, off, buf, len, err);
+	return b->ops->read(b, off, buf, len, h ? h : &normal, err);
+}
+
+int dws_blob_read(dws_blob *b, uint64_t off, void *buf, size_t len,
+		  dws_error *err)
+{
+	return dws_blob_read_hint(b, off, buf, len, NULL, err);
+}
+
+int dws_blob_read_ref_hint(dws_blob *b, uint64_t off, void *buf, size_t len,
+			   const dws_read_hint *h, const void **ref, dws_pin *pin,
+			   dws_error *err)
+{
+	*pin = (dws_pin){0};
+	*ref = buf;
+	if (!b->ops->read_ref || !len)
+		return dws_blob_read_hint(b, off, buf, len, h, err);
+	uint64_t end;
+	if (!dws_add_ok(off, len, &end) || end > b->size)
+		return dws_blob_read_hint(b, off, buf, len, h, err); /* its error */
+	return b->ops->read_ref(b, off, buf, len, h ? h : &normal, ref, pin, err);
 }
 
 int dws_blob_read_ref(dws_blob *b, uint64_t off, void *buf, size_t len,
 		      const void **ref, dws_pin *pin, dws_error *err)
 {
-	*pin = (dws_pin){0};
-	*ref = buf;
-	if (!b->ops->read_ref || !len)
-		return dws_blob_read(b, off, buf, len, err);
-	uint64_t end;
-	if (!dws_add_ok(off, len, &end) || end > b->size)
-		return dws_blob_read(b, off, buf, len, err); /* its error */
-	return b->ops->read_ref(b, off, buf, len, ref, pin, err);
+	return dws_blob_read_ref_hint(b, off, buf, len, NULL, ref, pin, err);
 }
 
 bool dws_blob_local(dws_blob *b, uint64_t off, uint64_t len)
@@ -66,6 +91,52 @@ void dws_pin_release(dws_pin *p)
 
 uint64_t dws_blob_size(const dws_blob *b) { return b->size; }
 const char *dws_blob_name(const dws_blob *b) { return b->name; }
+void *dws_blob_priv(const dws_blob *b) { return b->priv; }
+int dws_blob_fd(const dws_blob *b) { return b->fd; }
+bool dws_blob_shared(const dws_blob *b) { return atomic_load(&((dws_blob *)b)->refs) > 1; }
+
+struct dws_fetch_count {
+	atomic_long refs;
+	atomic_ullong bytes;
+};
+
+dws_fetch_count *dws_fetch_count_new(void)
+{
+	dws_fetch_count *c = dws_xcalloc(1, sizeof(*c));
+	atomic_init(&c->refs, 1);
+	atomic_init(&c->bytes, 0);
+	return c;
+}
+
+dws_fetch_count *dws_fetch_count_ref(dws_fetch_count *c)
+{
+	if (c)
+		atomic_fetch_add(&c->refs, 1);
+	return c;
+}
+
+void dws_fetch_count_unref(dws_fetch_count *c)
+{
+	if (c && atomic_fetch_sub(&c->refs, 1) == 1)
+		free(c);
+}
+
+uint64_t dws_fetch_count_get(const dws_fetch_count *c)
+{
+	return c ? atomic_load(&((dws_fetch_count *)c)->bytes) : 0;
+}
+
+void dws_blob_count_into(dws_blob *b, dws_fetch_count *c)
+{
+	dws_fetch_count_unref(b->count);
+	b->count = dws_fetch_count_ref(c);
+}
+
+void dws_blob_count_fetched(dws_blob *b, uint64_t n)
+{
+	if (b->count)
+		atomic_fetch_add(&b->count->bytes, n);
+}
 
 dws_blob *dws_blob_ref(dws_blob *b)
 {
@@ -82,19 +153,15 @@ void dws_blob_unref(dws_blob *b)
 		b->ops->destroy(b);
 	if (b->fd >= 0)
 		close(b->fd);
+	dws_fetch_count_unref(b->count);
 	free(b->name);
 	free(b);
 }
 
-static atomic_ullong bytes_fetched;
-
-uint64_t dws_stats_bytes_fetched(void) { return atomic_load(&bytes_fetched); }
-void dws_stats_add_fetched(uint64_t n) { atomic_fetch_add(&bytes_fetched, n); }
-
 /* ---- file descriptor ---- */
 
 static int fd_read(dws_blob *b, uint64_t off, void *buf, size_t len,
-		   dws_error *err)
+		   const dws_read_hint *h, dws_error *err)
 {
 	char *p = buf;
 	while (len) {
@@ -110,8 +177,7 @@ static int fd_read(dws_blob *b, uint64_t off, void *buf, size_t len,
 		p += r;
 		off += (uint64_t)r;
 		len -= (size_t)r;
-		if (b->counted)
-			dws_stats_add_fetched((uint64_t)r);
+		dws_blob_count_fetched(b, (uint64_t)r);
 	}
 	return DWS_OK;
 }
@@ -128,9 +194,9 @@ dws_blob *dws_blob_from_fd(const char *name, int fd, uint64_t size)
 /* ---- memory ---- */
 
 static int mem_read(dws_blob *b, uint64_t off, void *buf, size_t len,
-		    dws_error *err)
+		    const dws_read_hint *h, dws_error *err)
 {
-	(void)err;
+	(void)h, (void)err;
 	memcpy(buf, (const char *)b->priv + off, len);
 	return DWS_OK;
 }
@@ -186,11 +252,12 @@ int dws_blob_xxh3(dws_blob *b, uint64_t off, uint64_t len, uint64_t *out,
 
 /* ---- zstd ---- */
 
-/* Stream-decompress src; hand each output chunk to sink until it returns
- * nonzero (stop early, not an error) or the stream ends. Output past max_out
- * is an error, raised before the sink sees it. exact: max_out is the size the
- * content's safetensors header declares; ending short of it is an error too. */
-static int zstd_stream(dws_blob *src, uint64_t max_out, bool exact,
+/* Stream-decompress src (read with hint h); hand each output chunk to sink
+ * until it returns nonzero (stop early, not an error) or the stream ends.
+ * Output past max_out is an error, raised before the sink sees it. exact:
+ * max_out is the size the content's safetensors header declares; ending
+ * short of it is an error too. */
+static int zstd_stream(dws_blob *src, const dws_read_hint *h, uint64_t max_out, bool exact,
 		       int (*sink)(void *ctx, const void *p, size_t n, dws_error *err),
 		       void *ctx, dws_error *err)
 {
@@ -211,7 +278,7 @@ static int zstd_stream(dws_blob *src, uint64_t max_out, bool exact,
 	ZSTD_DCtx_setParameter(dc, ZSTD_d_windowLogMax, wlog);
 	while (off < src->size && !stopped) {
 		size_t n = src->size - off < incap ? (size_t)(src->size - off) : incap;
-		rc = dws_blob_read(src, off, in, n, err);
+		rc = dws_blob_read_hint(src, off, in, n, h, err);
 		if (rc)
 			break;
 		off += n;
@@ -322,7 +389,7 @@ static int zstd_to_file(dws_blob *src, const char *tmpdir, uint64_t max_size, bo
 	if (rc)
 		return rc;
 	struct fd_sink s = {fd, 0, src->name};
-	rc = zstd_stream(src, max_size, exact, sink_fd, &s, err);
+	rc = zstd_stream(src, NULL, max_size, exact, sink_fd, &s, err);
 	if (rc) {
 		close(fd);
 		return rc;
@@ -354,11 +421,11 @@ static int sink_mem(void *ctx, const void *p, size_t n, dws_error *err)
 	return s->len == s->want;
 }
 
-int dws_zstd_prefix(dws_blob *src, size_t want, void **out, size_t *out_len,
-		    dws_error *err)
+int dws_zstd_prefix_hint(dws_blob *src, size_t want, const dws_read_hint *h,
+			 void **out, size_t *out_len, dws_error *err)
 {
 	struct mem_sink s = {dws_xmalloc(want ? want : 1), 0, want};
-	int rc = zstd_stream(src, UINT64_MAX, false, sink_mem, &s, err);
+	int rc = zstd_stream(src, h, UINT64_MAX, false, sink_mem, &s, err);
 	if (rc) {
 		free(s.p);
 		return rc;
@@ -366,6 +433,12 @@ int dws_zstd_prefix(dws_blob *src, size_t want, void **out, size_t *out_len,
 	*out = s.p;
 	*out_len = s.len;
 	return DWS_OK;
+}
+
+int dws_zstd_prefix(dws_blob *src, size_t want, void **out, size_t *out_len,
+		    dws_error *err)
+{
+	return dws_zstd_prefix_hint(src, want, NULL, out, out_len, err);
 }
 
 /* ---- zstd objects holding one safetensors file ---- */
@@ -411,7 +484,7 @@ static int sink_buf(void *ctx, const void *p, size_t n, dws_error *err)
 int dws_zstd_st_read(dws_blob *src, void *buf, uint64_t size, dws_error *err)
 {
 	struct buf_sink s = {buf, 0};
-	return zstd_stream(src, size, true, sink_buf, &s, err);
+	return zstd_stream(src, NULL, size, true, sink_buf, &s, err);
 }
 
 int dws_zstd_st_file(dws_blob *src, const char *tmpdir, uint64_t size,

@@ -47,26 +47,34 @@ int dws_bucket_head(dws_bucket *b, const char *key, dws_object *out,
 
 bool dws_bucket_is_remote(const dws_bucket *b) { return b->http != NULL; }
 
-void dws_bucket_http_counts(const dws_bucket *b, uint64_t req[4], uint64_t bytes[4])
+void dws_bucket_stats_get(const dws_bucket *b, dws_bucket_stats *out)
 {
-	for (int c = 0; c < 4; c++) {
-		req[c] = bytes[c] = 0;
-		if (b->http)
-			dws_http_counts(b->http, (dws_http_class)c, &req[c], &bytes[c]);
+	*out = (dws_bucket_stats){0};
+	out->bytes_fetched = dws_fetch_count_get(b->fetched);
+	if (b->http) {
+		out->bytes_fetched = 0;
+		for (int c = 0; c < DWS_HTTP_NCLASS; c++) {
+			dws_http_counts(b->http, (dws_http_class)c, &out->requests[c], &out->bytes[c]);
+			out->bytes_fetched += out->bytes[c];
+		}
 	}
+	if (b->cache)
+		dws_cache_stats(b->cache, &out->cache);
 }
 
-void dws_bucket_cache_stats(const dws_bucket *b, dws_cache_counts *out)
+void dws_bucket_count_into(dws_bucket *b, const dws_bucket *into)
 {
-	*out = (dws_cache_counts){0};
-	if (b->cache)
-		dws_cache_stats(b->cache, out);
+	if (!into->fetched)
+		return;
+	dws_fetch_count_unref(b->fetched);
+	b->fetched = dws_fetch_count_ref(into->fetched);
 }
 
 void dws_bucket_close(dws_bucket *b)
 {
 	if (!b)
 		return;
+	dws_fetch_count_unref(b->fetched);
 	b->ops->close(b);
 }
 

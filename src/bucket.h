@@ -25,7 +25,12 @@ struct dws_bucket {
 	void *priv;
 	struct dws_cache *cache; /* remote buckets */
 	struct dws_http *http;
+	dws_fetch_count *fetched; /* local buckets: bytes read from their files */
 };
+
+/* Reads of b's files count in into's bytes fetched from now on (a base
+ * model folder read beside the bucket), where into counts its own. */
+void dws_bucket_count_into(dws_bucket *b, const dws_bucket *into);
 
 int dws_bucket_local_open(const char *path, dws_bucket **out, dws_error *err);
 int dws_bucket_hf_open(const char *uri, const dws_bucket_opts *o, dws_bucket **out,
@@ -68,10 +73,11 @@ typedef struct dws_range_pin {
 
 struct dws_http_resp;
 /* Check the answer rs to a range read (or a HEAD) of the object pinned by
- * p, rc being what dws_http_do returned: rc, or DWS_ENOENT with one line
- * saying what changed (for a 412, in place of dws_http_do's message). */
+ * p, rc being what dws_http_do returned, hash the content hash the answer
+ * names (the Hub's X-Xet-Hash; NULL or "" none): rc, or DWS_ENOENT with one
+ * line saying what changed (for a 412, in place of dws_http_do's message). */
 int dws_range_check(const char *what, const dws_range_pin *p, int rc,
-		    const struct dws_http_resp *rs, dws_error *err);
+		    const struct dws_http_resp *rs, const char *hash, dws_error *err);
 /* The If-Match value for p (a strong ETag, quoted) into buf; "" if none. */
 void dws_range_if_match(const dws_range_pin *p, char *buf, size_t n);
 /* Whether an ETag (W/ and quotes aside) is the content hash `hash`. */

@@ -22,6 +22,13 @@
 #include <time.h>
 
 #define CDN_URL_TTL_MS (10 * 60 * 1000)
+
+/* The Hub's answer headers read here, kept by the http object for us
+ * (dws_http_opts' capture, in this order): the content hash of a Xet
+ * object, and the size and hash of an LFS file a redirect points to. */
+enum { XET_HASH, LINKED_SIZE, LINKED_ETAG };
+static const char *const hub_headers[] = {"X-Xet-Hash", "X-Linked-Size", "X-Linked-Etag"};
+#define HUB_ERROR_HEADER "X-Error-Code" /* "EntryNotFound" and the like */
 #define MAX_PAGES 100000
 #define MAX_LIST_OBJECTS (10u * 1000 * 1000)
 
@@ -157,6 +164,12 @@ static bool is_hex64(const char *s)
 	return true;
 }
 
+/* X-Linked-Size of an answer, if it has one that parses. */
+static bool linked_size(const dws_http_resp *rs, uint64_t *size)
+{
+	return dws_parse_u64(rs->captured[LINKED_SIZE], size);
+}
+
 /* ---- listing ---- */
 
 static int parse_page(dws_bucket *b, const char *body, const char *want, dws_objvec *ov,
@@ -273,7 +286,7 @@ static int checked(struct hf_obj *o, const char *pin, int rc, const dws_http_res
 	dws_range_pin p = {.size = o->size, .etag_is_hash = atomic_load(&h->etag_is_hash)};
 	snprintf(p.hash, sizeof(p.hash), "%s", o->hash);
 	snprintf(p.etag, sizeof(p.etag), "%s", pin);
-	rc = dws_range_check(o->what, &p, rc, rs, err);
+	rc = dws_range_check(o->what, &p, rc, rs, rs->captured[XET_HASH], err);
 	if (rc || !rs->etag[0])
 		return rc;
 	char pinned[160];
@@ -296,12 +309,14 @@ static int resolve(struct hf_obj *o, const char *pin, char **out, dws_error *err
 	int rc = dws_http_do(h->http, &rq, &rs, err);
 	if (!rc && rs.location) {
 		/* a redirect's X-Xet-Hash and X-Linked-Size are the object's */
-		if (rs.xet_hash[0] && o->hash[0] && strcmp(rs.xet_hash, o->hash) != 0)
+		const char *xet = rs.captured[XET_HASH];
+		uint64_t size;
+		if (xet[0] && o->hash[0] && strcmp(xet, o->hash) != 0)
 			rc = dws_fail(err, DWS_ENOENT, "%s: the object changed since it was listed (xet hash %.16s..., listed %.16s...)",
-				      o->what, rs.xet_hash, o->hash);
-		else if (rs.has_linked_size && rs.linked_size != o->size)
+				      o->what, xet, o->hash);
+		else if (linked_size(&rs, &size) && size != o->size)
 			rc = dws_fail(err, DWS_ENOENT, "%s: the object changed since it was listed (%llu bytes, listed %llu)", o->what,
-				      (unsigned long long)rs.linked_size, (unsigned long long)o->size);
+				      (unsigned long long)size, (unsigned long long)o->size);
 		else
 			*out = dws_xstrdup(rs.location);
 	} else if (!rc) {
@@ -383,7 +398,6 @@ static int hf_open_blob(dws_bucket *b, const dws_object *obj, dws_blob **out,
 	o->cdn_key = dws_xasprintf("%s\n%s", obj->key, obj->ident);
 	char *ident = dws_xasprintf("%s|%s", b->uri, obj->ident);
 	*out = dws_remote_blob(b->cache, o->what, ident, obj->size, hf_fetch, o, hf_obj_free);
-	(*out)->counted = false; /* the cache counts what it fetched */
 	free(ident);
 	return DWS_OK;
 }
@@ -425,12 +439,14 @@ static int hf_head(dws_bucket *b, const char *key, dws_object *out, dws_error *e
 	if (!rc) {
 		memset(out, 0, sizeof(*out));
 		out->key = dws_xstrdup(key);
-		out->size = rs.has_linked_size ? rs.linked_size : rs.content_length;
+		if (!linked_size(&rs, &out->size))
+			out->size = rs.content_length;
 		out->mtime_ns = (int64_t)time(NULL) * 1000000000; /* just appeared: newest */
-		if (is_hex64(rs.xet_hash))
-			snprintf(out->ident, sizeof(out->ident), "xet:%s", rs.xet_hash);
+		const char *xet = rs.captured[XET_HASH], *linked_etag = rs.captured[LINKED_ETAG];
+		if (is_hex64(xet))
+			snprintf(out->ident, sizeof(out->ident), "xet:%s", xet);
 		else
-			snprintf(out->ident, sizeof(out->ident), "etag:%.80s:%llu", rs.linked_etag[0] ? rs.linked_etag : rs.etag,
+			snprintf(out->ident, sizeof(out->ident), "etag:%.80s:%llu", linked_etag[0] ? linked_etag : rs.etag,
 				 (unsigned long long)out->size);
 		if (rs.location) {
 			/* the redirect is where its bytes are: no second resolve to
@@ -476,6 +492,46 @@ static void hf_close(dws_bucket *b)
 static const struct dws_bucket_ops hf_ops = {
 	.list = hf_list, .open_blob = hf_open_blob, .close = hf_close, .probe = hf_probe, .head = hf_head,
 };
+
+/* ---- token ---- */
+
+
+static char *read_token_file(const char *path)
+{
+	FILE *fp = fopen(path, "r");
+	if (!fp)
+		return NULL;
+	char buf[4096];
+	size_t n = fread(buf, 1, sizeof(buf) - 1, fp);
+	fclose(fp);
+	buf[n] = 0;
+	while (n && (buf[n - 1] == '\n' || buf[n - 1] == '\r' || buf[n - 1] == ' '))
+		buf[--n] = 0;
+	char *t = n ? dws_xstrdup(buf) : NULL;
+	explicit_bzero(buf, sizeof(buf));
+	return t;
+}
+
+/* The token from $HF_TOKEN, $HF_TOKEN_PATH, $HF_HOME/token or
+ * ~/.cache/huggingface/token (malloc'd, NULL if none). */
+static char *hub_token(void)
+{
+	const char *t = getenv("HF_TOKEN");
+	if (t && *t)
+		return dws_xstrdup(t);
+	const char *p = getenv("HF_TOKEN_PATH");
+	if (p && *p)
+		return read_token_file(p);
+	const char *home = getenv("HF_HOME");
+	char *path = NULL;
+	if (home && *home)
+		path = dws_xasprintf("%s/token", home);
+	else if (getenv("HOME"))
+		path = dws_xasprintf("%s/.cache/huggingface/token", getenv("HOME"));
+	char *tok = path ? read_token_file(path) : NULL;
+	free(path);
+	return tok;
+}
 
 static bool name_ok(const char *s)
 {
@@ -534,10 +590,12 @@ int dws_bucket_hf_open(const char *uri, const dws_bucket_opts *bo, dws_bucket **
 	h->revision = model ? dws_xstrdup(rev ? rev : "main") : NULL;
 	h->model = model;
 	free(dup);
-	char *token = dws_hf_token();
+	char *token = hub_token();
 	dws_http_opts ho = {.token = token, .endpoint = h->endpoint, .ca_file = bo ? bo->ca_file : NULL,
 			    .stall_timeout_ms = bo ? bo->stall_timeout_ms : 0,
-			    .deadline_ms = bo ? bo->read_deadline_ms : 0};
+			    .deadline_ms = bo ? bo->read_deadline_ms : 0,
+			    .capture = {hub_headers[XET_HASH], hub_headers[LINKED_SIZE], hub_headers[LINKED_ETAG]},
+			    .error_header = HUB_ERROR_HEADER};
 	int rc = dws_http_new(&ho, &h->http, err);
 	if (token) {
 		explicit_bzero(token, strlen(token));

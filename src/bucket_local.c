@@ -111,7 +111,7 @@ static int local_open_blob(dws_bucket *b, const dws_object *obj, dws_blob **out,
 	}
 	char *name = dws_xasprintf("%s/%s", b->uri, obj->key);
 	*out = dws_blob_from_fd(name, fd, (uint64_t)st.st_size);
-	(*out)->counted = true;
+	dws_blob_count_into(*out, b->fetched);
 	free(name);
 	return DWS_OK;
 }
@@ -139,6 +139,7 @@ int dws_bucket_local_open(const char *path, dws_bucket **out, dws_error *err)
 	l->dirfd = fd;
 	b->ops = &local_ops;
 	b->priv = l;
+	b->fetched = dws_fetch_count_new();
 	size_t n = strlen(path);
 	while (n > 1 && path[n - 1] == '/')
 		n--;

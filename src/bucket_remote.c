@@ -69,7 +69,7 @@ void dws_range_if_match(const dws_range_pin *p, char *buf, size_t n)
 }
 
 int dws_range_check(const char *what, const dws_range_pin *p, int rc,
-		    const dws_http_resp *rs, dws_error *err)
+		    const dws_http_resp *rs, const char *hash, dws_error *err)
 {
 	if (rc && rs->status == 412) {
 		if (err)
@@ -85,9 +85,9 @@ int dws_range_check(const char *what, const dws_range_pin *p, int rc,
 	if (sized && size != p->size)
 		return dws_fail(err, DWS_ENOENT, "%s: the object changed since it was listed (%llu bytes, listed %llu)", what,
 				(unsigned long long)size, (unsigned long long)p->size);
-	if (rs->xet_hash[0] && p->hash[0] && strcasecmp(rs->xet_hash, p->hash) != 0)
-		return dws_fail(err, DWS_ENOENT, "%s: the object changed since it was listed (xet hash %.16s..., listed %.16s...)", what,
-				rs->xet_hash, p->hash);
+	if (hash && hash[0] && p->hash[0] && strcasecmp(hash, p->hash) != 0)
+		return dws_fail(err, DWS_ENOENT, "%s: the object changed since it was listed (content hash %.16s..., listed %.16s...)",
+				what, hash, p->hash);
 	if (!rs->etag[0])
 		return DWS_OK;
 	if (p->etag[0] && !same_etag(rs->etag, p->etag))

@@ -263,7 +263,7 @@ static int s3_fetch(void *ctx, uint64_t off, size_t len, void *dst, dws_error *e
 	dws_error e2 = {0};
 	int rc = dws_http_do(o->s->http, &rq, &rs, &e2);
 	/* a rewritten object has another ETag or size: never mix it into a step */
-	rc = dws_range_check(o->what, &o->pin, rc, &rs, &e2);
+	rc = dws_range_check(o->what, &o->pin, rc, &rs, NULL, &e2);
 	dws_http_resp_free(&rs);
 	if (rc && err && !err->code)
 		*err = e2;

@@ -111,7 +111,7 @@ static void prune_blobs(dws_builder *bl)
 {
 	size_t k = 0;
 	for (size_t i = 0; i < bl->nblobs; i++) {
-		if (atomic_load(&bl->blobs[i].blob->refs) > 1) {
+		if (dws_blob_shared(bl->blobs[i].blob)) {
 			bl->blobs[k++] = bl->blobs[i];
 			continue;
 		}
@@ -640,14 +640,13 @@ static int lazy_file(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 	dws_blob_unref(raw);
 	if (rc)
 		return rc;
-	if (b->fd >= 0 && size) {
-		void *m = mmap(NULL, (size_t)size, PROT_READ, MAP_PRIVATE, b->fd, 0);
+	if (dws_blob_fd(b) >= 0 && size) {
+		void *m = mmap(NULL, (size_t)size, PROT_READ, MAP_PRIVATE, dws_blob_fd(b), 0);
 		if (m != MAP_FAILED) {
 			lf->data = m;
 			lf->len = (size_t)size;
 			lf->mapped = true;
-			if (b->counted)
-				dws_stats_add_fetched(size);
+			dws_blob_count_fetched(b, size);
 		}
 	}
 	if (!rc && !lf->data)
@@ -784,6 +783,8 @@ int dws_builder_new(dws_catalog *c, const dws_build_opts *opts,
 		rc = dws_bucket_open_opts(opts->base, opts->bucket_opts, &bl->base_bucket, &be);
 		if (rc) /* "the base model", not "the bucket" */
 			dws_fail(err, rc, "base model %s", be.msg);
+		else /* its reads are the mount's too */
+			dws_bucket_count_into(bl->base_bucket, dws_catalog_bucket(c));
 		bl->base_prefix = dws_xstrdup("");
 	} else if (dws_catalog_has_base(c)) {
 		bl->base_prefix = dws_xstrdup("base");

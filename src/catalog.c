@@ -88,7 +88,7 @@ static void sniff(dws_bucket *b, dws_stepfile *f)
 	void *buf = NULL;
 	/* an anchor's header is no reason to fetch whole blocks of it; a delta
 	 * is fetched whole anyway, so its first block goes to the cache */
-	dws_blob_direct_reads(f->in_anchors);
+	const dws_read_hint hint = {f->in_anchors ? DWS_READ_DIRECT : DWS_READ_NORMAL, UINT64_MAX};
 	int rc = dws_bucket_open_blob(b, &f->obj, &blob, &err);
 	if (rc)
 		goto out;
@@ -96,14 +96,14 @@ static void sniff(dws_bucket *b, dws_stepfile *f)
 	if (f->compressed) {
 		size_t got = 0;
 		uint64_t need = 0, size;
-		rc = dws_zstd_prefix(blob, 4096, &buf, &got, &err);
+		rc = dws_zstd_prefix_hint(blob, 4096, &hint, &buf, &got, &err);
 		if (rc)
 			goto out;
 		/* the frame header gives the size; without it the real check waits
 		 * until the step is built from the whole decompressed file */
 		unsigned char fh[32];
-		size_t fl = blob->size < sizeof(fh) ? (size_t)blob->size : sizeof(fh);
-		rc = dws_blob_read(blob, 0, fh, fl, &err);
+		size_t fl = dws_blob_size(blob) < sizeof(fh) ? (size_t)dws_blob_size(blob) : sizeof(fh);
+		rc = dws_blob_read_hint(blob, 0, fh, fl, &hint, &err);
 		if (rc)
 			goto out;
 		unsigned long long cs = ZSTD_getFrameContentSize(fh, fl);
@@ -112,12 +112,12 @@ static void sniff(dws_bucket *b, dws_stepfile *f)
 		if (rc == 1) {
 			free(buf);
 			buf = NULL;
-			rc = dws_zstd_prefix(blob, (size_t)need, &buf, &got, &err);
+			rc = dws_zstd_prefix_hint(blob, (size_t)need, &hint, &buf, &got, &err);
 			if (!rc)
 				rc = dws_st_parse(buf, got, size, what, &st, NULL, &err);
 		}
 	} else {
-		rc = dws_st_read_blob(blob, what, &st, &err);
+		rc = dws_st_read_blob_hint(blob, what, &hint, &st, &err);
 	}
 	if (rc)
 		goto out;
@@ -189,7 +189,6 @@ static void sniff(dws_bucket *b, dws_stepfile *f)
 		}
 	}
 out:
-	dws_blob_direct_reads(false);
 	if (rc) {
 		snprintf(f->error, sizeof(f->error), "%s", err.msg);
 		f->error_code = dws_code_of(&err, rc);

@@ -23,6 +23,7 @@
 struct dws_http {
 	dws_http_opts o;
 	char *token, *endpoint, *ca_file, *sigv4, *userpwd;
+	char *capture[DWS_HTTP_CAPTURE], *error_header;
 	char *ep_host;
 	long ep_port;
 	char *user_agent;
@@ -100,6 +101,9 @@ int dws_http_new(const dws_http_opts *o, dws_http **out, dws_error *err)
 	h->ca_file = dup_or_null(o->ca_file);
 	h->sigv4 = dup_or_null(o->aws_sigv4);
 	h->userpwd = dup_or_null(o->aws_userpwd);
+	for (int i = 0; i < DWS_HTTP_CAPTURE && o->capture[i]; i++)
+		h->capture[i] = dws_xstrdup(o->capture[i]);
+	h->error_header = dup_or_null(o->error_header);
 	h->user_agent = dws_xasprintf("dwsfs/%s", DWSFS_VERSION);
 	if (h->endpoint && !url_host(h->endpoint, &h->ep_host, &h->ep_port)) {
 		dws_http_free(h);
@@ -127,6 +131,9 @@ void dws_http_free(dws_http *h)
 		explicit_bzero(h->userpwd, strlen(h->userpwd));
 		free(h->userpwd);
 	}
+	for (int i = 0; i < DWS_HTTP_CAPTURE; i++)
+		free(h->capture[i]);
+	free(h->error_header);
 	free(h->ep_host);
 	free(h->user_agent);
 	pthread_mutex_destroy(&h->lock);
@@ -210,6 +217,7 @@ char *dws_http_escape_path(const char *path)
 /* ---- one attempt ---- */
 
 struct xfer {
+	const dws_http *h;
 	const dws_http_req *rq;
 	dws_http_resp *rs;
 	CURL *c;
@@ -300,6 +308,7 @@ static size_t on_header(char *p, size_t sz, size_t n, void *ud)
 	size_t vl = k - nl - 1;
 	char tmp[2048];
 #define IS(name) (nl == sizeof(name) - 1 && strncasecmp(p, name, nl) == 0)
+#define IS_NAMED(name) (nl == strlen(name) && strncasecmp(p, name, nl) == 0)
 	if (IS("link")) {
 		copy_value(tmp, sizeof(tmp), v, vl);
 		/* <url>; rel="next" (possibly among several links) */
@@ -315,15 +324,8 @@ static size_t on_header(char *p, size_t sz, size_t n, void *ud)
 		}
 	} else if (IS("etag")) {
 		copy_value(x->rs->etag, sizeof(x->rs->etag), v, vl);
-	} else if (IS("x-linked-etag")) {
-		copy_value(x->rs->linked_etag, sizeof(x->rs->linked_etag), v, vl);
-	} else if (IS("x-xet-hash")) {
-		copy_value(x->rs->xet_hash, sizeof(x->rs->xet_hash), v, vl);
-	} else if (IS("x-error-code")) {
+	} else if (x->h->error_header && IS_NAMED(x->h->error_header)) {
 		copy_value(x->rs->error_code, sizeof(x->rs->error_code), v, vl);
-	} else if (IS("x-linked-size")) {
-		copy_value(tmp, sizeof(tmp), v, vl);
-		x->rs->has_linked_size = dws_parse_u64(tmp, &x->rs->linked_size);
 	} else if (IS("content-length")) {
 		copy_value(tmp, sizeof(tmp), v, vl);
 		x->rs->has_content_length = dws_parse_u64(tmp, &x->rs->content_length);
@@ -344,9 +346,25 @@ static size_t on_header(char *p, size_t sz, size_t n, void *ud)
 		char *t = strstr(tmp, ";t=");
 		if (t && x->retry_after <= 0)
 			x->retry_after = strtod(t + 3, NULL);
+	} else {
+		for (int i = 0; i < DWS_HTTP_CAPTURE && x->h->capture[i]; i++)
+			if (IS_NAMED(x->h->capture[i]))
+				copy_value(x->rs->captured[i], sizeof(x->rs->captured[i]), v, vl);
 	}
+#undef IS_NAMED
 #undef IS
 	return k;
+}
+
+/* An attempt's answer starts with no status and no headers. */
+static void headers_reset(dws_http_resp *rs)
+{
+	rs->status = 0;
+	rs->link_next[0] = rs->etag[0] = rs->error_code[0] = 0;
+	for (int i = 0; i < DWS_HTTP_CAPTURE; i++)
+		rs->captured[i][0] = 0;
+	rs->content_length = rs->range_total = 0;
+	rs->has_content_length = rs->has_range_total = false;
 }
 
 static bool same_host(dws_http *h, const char *url)
@@ -492,13 +510,10 @@ int dws_http_do(dws_http *h, const dws_http_req *rq, dws_http_resp *rs,
 	int hops = 0;
 	int rc = DWS_EIO;
 	for (unsigned att = 0;; att++) {
-		struct xfer x = {.rq = rq, .rs = rs, .max = rq->max_body ? rq->max_body : DEFAULT_MAX_BODY};
+		struct xfer x = {.h = h, .rq = rq, .rs = rs, .max = rq->max_body ? rq->max_body : DEFAULT_MAX_BODY};
 		char *redirect = NULL;
 		long keep_status = 0;
-		rs->status = 0;
-		rs->link_next[0] = rs->etag[0] = rs->linked_etag[0] = rs->xet_hash[0] = rs->error_code[0] = 0;
-		rs->linked_size = rs->content_length = rs->range_total = 0;
-		rs->has_linked_size = rs->has_content_length = rs->has_range_total = false;
+		headers_reset(rs);
 		if (atomic_load(&h->cancelled)) {
 			snprintf(why, sizeof(why), "shutting down");
 			rc = DWS_EIO;
@@ -623,41 +638,4 @@ int dws_http_do(dws_http *h, const dws_http_req *rq, dws_http_resp *rs,
 	free(url);
 	free(logurl);
 	return rc;
-}
-
-/* ---- token ---- */
-
-static char *read_token_file(const char *path)
-{
-	FILE *fp = fopen(path, "r");
-	if (!fp)
-		return NULL;
-	char buf[4096];
-	size_t n = fread(buf, 1, sizeof(buf) - 1, fp);
-	fclose(fp);
-	buf[n] = 0;
-	while (n && (buf[n - 1] == '\n' || buf[n - 1] == '\r' || buf[n - 1] == ' '))
-		buf[--n] = 0;
-	char *t = n ? dws_xstrdup(buf) : NULL;
-	explicit_bzero(buf, sizeof(buf));
-	return t;
-}
-
-char *dws_hf_token(void)
-{
-	const char *t = getenv("HF_TOKEN");
-	if (t && *t)
-		return dws_xstrdup(t);
-	const char *p = getenv("HF_TOKEN_PATH");
-	if (p && *p)
-		return read_token_file(p);
-	const char *home = getenv("HF_HOME");
-	char *path = NULL;
-	if (home && *home)
-		path = dws_xasprintf("%s/token", home);
-	else if (getenv("HOME"))
-		path = dws_xasprintf("%s/.cache/huggingface/token", getenv("HOME"));
-	char *tok = path ? read_token_file(path) : NULL;
-	free(path);
-	return tok;
 }

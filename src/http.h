@@ -6,6 +6,8 @@
 
 typedef struct dws_http dws_http;
 
+#define DWS_HTTP_CAPTURE 4 /* answer headers a client may name to keep */
+
 typedef struct dws_http_opts {
 	const char *token;        /* Bearer token; sent to the endpoint host only */
 	const char *endpoint;     /* scheme://host[:port] the token belongs to */
@@ -18,6 +20,11 @@ typedef struct dws_http_opts {
 	unsigned backoff_base_ms;    /* default 200 */
 	unsigned backoff_cap_ms;     /* default 10000 */
 	unsigned deadline_ms;        /* a whole request with retries; 60000 */
+	/* further answer headers kept in every dws_http_resp (captured[i] is
+	 * capture[i]'s value); NULL ends the list early */
+	const char *capture[DWS_HTTP_CAPTURE];
+	const char *error_header; /* names a failure: its value in error_code,
+				     and in the message after the status */
 } dws_http_opts;
 
 typedef enum dws_http_class { DWS_HTTP_API, DWS_HTTP_RESOLVE, DWS_HTTP_CDN, DWS_HTTP_S3, DWS_HTTP_NCLASS } dws_http_class;
@@ -47,11 +54,8 @@ typedef struct dws_http_resp {
 	char *final_url;          /* where the bytes came from after redirects */
 	char link_next[2048];     /* Link: <...>; rel="next" */
 	char etag[160];           /* ETag */
-	char linked_etag[160];    /* X-Linked-Etag: the Hub's content hash of an LFS file */
-	char xet_hash[80];
-	char error_code[64];      /* X-Error-Code */
-	uint64_t linked_size;     /* X-Linked-Size */
-	bool has_linked_size;
+	char error_code[64];      /* the opts' error_header */
+	char captured[DWS_HTTP_CAPTURE][160]; /* the opts' capture headers, "" absent */
 	uint64_t content_length;  /* Content-Length */
 	bool has_content_length;
 	uint64_t range_total;     /* Content-Range: bytes A-B/TOTAL */
@@ -76,9 +80,6 @@ char *dws_http_escape_path(const char *path);
 /* Requests and bytes per class since start. */
 void dws_http_counts(const dws_http *h, dws_http_class c, uint64_t *requests,
 		     uint64_t *bytes);
-/* The token from $HF_TOKEN, $HF_TOKEN_PATH, $HF_HOME/token or
- * ~/.cache/huggingface/token (malloc'd, NULL if none). */
-char *dws_hf_token(void);
 
 int64_t dws_now_ms(void);
 

@@ -75,16 +75,27 @@ void dws_strmap_free(dws_strmap *m);
 void dws_strmap_put(dws_strmap *m, const char *key, size_t val);
 bool dws_strmap_get(const dws_strmap *m, const char *key, size_t *val);
 
-/* Readahead of remote blobs stops at this offset for reads made by this
- * thread until it is reset to UINT64_MAX (the end of the tensor being read). */
-void dws_blob_readahead_limit(uint64_t end);
-/* While on, remote blob reads by this thread that miss the cache fetch just
- * the bytes asked for and keep nothing (reading headers while cataloguing). */
-void dws_blob_direct_reads(bool on);
-/* While on, remote blob reads by this thread leave the blob's readahead
- * alone (no window, no prefetch): background reads that must not make a
- * reader's scan look random. */
-void dws_blob_quiet_reads(bool on);
+/* What a blob read is for, passed with it: how a remote blob's cache and
+ * readahead treat it. A NULL hint is DWS_READ_NORMAL with no limit. */
+typedef enum dws_read_mode {
+	DWS_READ_NORMAL, /* through the cache, the readahead following the reads */
+	DWS_READ_DIRECT, /* a read within one block the cache lacks fetches just
+			    these bytes and keeps nothing (headers read while
+			    cataloguing) */
+	DWS_READ_QUIET,  /* the blob's readahead left alone (no window, no
+			    prefetch): background reads that must not make a
+			    reader's scan look random */
+} dws_read_mode;
+typedef struct dws_read_hint {
+	dws_read_mode mode;
+	uint64_t ra_limit; /* readahead stops here: the end of the tensor being
+			      read; UINT64_MAX: no limit */
+} dws_read_hint;
+int dws_blob_read_hint(dws_blob *b, uint64_t off, void *buf, size_t len,
+		       const dws_read_hint *h, dws_error *err);
+int dws_blob_read_ref_hint(dws_blob *b, uint64_t off, void *buf, size_t len,
+			   const dws_read_hint *h, const void **ref, dws_pin *pin,
+			   dws_error *err);
 /* Whether [off, off+len) of b can be read without a fetch: a local file, or
  * every block of it in the remote cache (a hint: a block may go meanwhile). */
 bool dws_blob_local(dws_blob *b, uint64_t off, uint64_t len);
@@ -95,33 +106,51 @@ int dws_blob_slurp(dws_blob *b, uint64_t cap, void **out, size_t *len,
 
 /* Blob construction for backends. */
 struct dws_blob_ops {
+	/* h is never NULL here */
 	int (*read)(dws_blob *b, uint64_t off, void *buf, size_t len,
-		    dws_error *err);
+		    const dws_read_hint *h, dws_error *err);
 	/* optional: see dws_blob_local */
 	bool (*cached)(dws_blob *b, uint64_t off, uint64_t len);
 	/* optional: see dws_blob_read_ref */
 	int (*read_ref)(dws_blob *b, uint64_t off, void *buf, size_t len,
-			const void **ref, dws_pin *pin, dws_error *err);
+			const dws_read_hint *h, const void **ref, dws_pin *pin,
+			dws_error *err);
 	void (*destroy)(dws_blob *b);
 };
-struct dws_blob {
-	const struct dws_blob_ops *ops;
-	atomic_long refs;
-	uint64_t size;
-	char *name;
-	void *priv;
-	int fd;
-	bool counted; /* reads count as fetched from the bucket */
-};
-void dws_stats_add_fetched(uint64_t n);
+/* A blob over ops, its backend's state in priv (ops->destroy frees it).
+ * struct dws_blob is blob.c's own: backends reach a blob through these. */
 dws_blob *dws_blob_new(const struct dws_blob_ops *ops, const char *name,
 		       uint64_t size, void *priv);
+void *dws_blob_priv(const dws_blob *b);
 /* A blob over an open file descriptor (the blob owns it). */
 dws_blob *dws_blob_from_fd(const char *name, int fd, uint64_t size);
+/* That descriptor (to map the file), -1 for other blobs. */
+int dws_blob_fd(const dws_blob *b);
+/* Whether anyone but the caller holds a reference (a hint, unless the
+ * caller knows nobody else can take one meanwhile). */
+bool dws_blob_shared(const dws_blob *b);
+
+/* Bytes read from a local bucket's files (dws_bucket_stats' bytes_fetched):
+ * made by the bucket and shared with the blobs it opens, which may outlive
+ * it; freed with the last reference. */
+typedef struct dws_fetch_count dws_fetch_count;
+dws_fetch_count *dws_fetch_count_new(void);
+dws_fetch_count *dws_fetch_count_ref(dws_fetch_count *c);
+void dws_fetch_count_unref(dws_fetch_count *c);
+uint64_t dws_fetch_count_get(const dws_fetch_count *c);
+/* b's reads count into c (b a local file of c's bucket); c NULL: none. */
+void dws_blob_count_into(dws_blob *b, dws_fetch_count *c);
+/* n bytes of b had otherwise (mapped): counted as fetched if b's reads are. */
+void dws_blob_count_fetched(dws_blob *b, uint64_t n);
 
 /* Read a safetensors header from a blob (validated against the blob size). */
 int dws_st_read_blob(dws_blob *b, const char *what, dws_st_file **out,
 		     dws_error *err);
+int dws_st_read_blob_hint(dws_blob *b, const char *what, const dws_read_hint *h,
+			  dws_st_file **out, dws_error *err);
+/* dws_zstd_prefix, its reads made with hint h. */
+int dws_zstd_prefix_hint(dws_blob *src, size_t want, const dws_read_hint *h,
+			 void **out, size_t *out_len, dws_error *err);
 /* The raw header bytes [0, data_start) of the file the header came from. */
 const void *dws_st_raw(const dws_st_file *f);
 

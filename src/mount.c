@@ -706,17 +706,17 @@ static void status_steps_locked(dws_mount *m, dws_status *st)
 
 static void status_io(dws_mount *m, dws_status *st)
 {
+	dws_bucket_stats bs;
+	dws_bucket_stats_get(m->bucket, &bs);
 	st->remote = m->remote;
+	st->bytes_fetched = bs.bytes_fetched;
 	if (!m->remote) {
-		st->bytes_fetched = dws_stats_bytes_fetched();
 		st->cache_hits = m->view_hits;
 		st->cache_misses = m->view_misses;
 		return;
 	}
-	uint64_t bytes[4];
-	dws_bucket_http_counts(m->bucket, st->requests, bytes);
-	dws_bucket_cache_stats(m->bucket, &st->cache);
-	st->bytes_fetched = bytes[0] + bytes[1] + bytes[2] + bytes[3];
+	memcpy(st->requests, bs.requests, sizeof(st->requests));
+	st->cache = bs.cache;
 	st->cache_hits = st->cache.hits;
 	st->cache_misses = st->cache.misses;
 }

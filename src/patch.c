@@ -285,11 +285,11 @@ static bool make_full(dws_patch *p, const dws_src *src)
 	enum { CH = 64 * 1024 }; /* elements per read, a multiple of 64 */
 	uint16_t *buf = dws_xmalloc(CH * sizeof(uint16_t));
 	bool ok = true;
-	dws_blob_quiet_reads(true); /* a remote source's blocks, from the cache */
+	const dws_read_hint quiet = {DWS_READ_QUIET, UINT64_MAX}; /* a remote source's blocks, from the cache */
 	for (uint64_t e = 0; e < p->numel && ok; e += CH) {
 		uint64_t n = p->numel - e < CH ? p->numel - e : CH;
 		dws_error err = {0};
-		if (dws_blob_read(src->blob, src->off + e * 2, buf, (size_t)n * 2, &err) != DWS_OK) {
+		if (dws_blob_read_hint(src->blob, src->off + e * 2, buf, (size_t)n * 2, &quiet, &err) != DWS_OK) {
 			ok = false;
 			break;
 		}
@@ -297,7 +297,6 @@ static bool make_full(dws_patch *p, const dws_src *src)
 		dense_apply_bf16(p, e, n, buf);
 		memcpy(p->val + e, buf, (size_t)n * 2);
 	}
-	dws_blob_quiet_reads(false);
 	free(buf);
 	if (!ok)
 		return false;

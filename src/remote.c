@@ -2,11 +2,10 @@
  * under cache_dir/blocks, keyed by (content identity, block number), so a
  * rewritten object is never served from a stale block.
  *
- * - A fetched block goes into a small in-memory hot set first: the readers
- *   waiting for it are served from there at once, and the fetching thread
- *   then writes it to disk with O_DIRECT (no page cache filled, no copy) off
- *   the read path. Block buffers are pooled and page aligned, so a scan does
- *   not fault fresh memory in for every block.
+ * - A fetched block goes into a small in-memory hot set first (hotset.c):
+ *   the readers waiting for it are served from there at once, and a writer
+ *   thread then writes it to disk with O_DIRECT (no page cache filled, no
+ *   copy) off the read path.
  * - The files are src/blockstore.c's: folders opened without following a
  *   link and refused unless only the daemon's user can write them; a block
  *   written to a temporary file and renamed into place (a kill -9
@@ -19,105 +18,17 @@
  * - A hard byte cap and a free-space floor, LRU eviction, room made for a
  *   block (and its bytes counted) before it is written; the index is rebuilt
  *   from the files at start, so the cache survives remounts.
- * - Readahead per blob: the window doubles on sequential reads up to
- *   max_window blocks and drops to nothing on a random read (mmap faults).
+ * - Readahead per blob and the prefetching threads: readahead.c.
  * - memory_only: no disk at all, the hot set is the cache (a node whose disk
- *   is small or slower than its network). */
-#include "remote.h"
+ *   is small or slower than its network).
+ *
+ * This file: the index of blocks on disk, getting a block (dws_block_get),
+ * the disk writers, and the cache's life. */
+#include "cache_int.h"
 
-#include "blockstore.h"
-
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <time.h>
-#include <xxhash.h>
-
-#define ALIGN 4096 /* a block buffer's room past the data: its trailer and zeros on disk */
-#define QUEUE_MAX 256
-#define WRITES_MAX 64 /* write_backlog at most */
-#define WRITERS 2     /* the disk takes two direct writes at once faster than one */
-
-struct entry {
-	char *key;          /* "<ident hash>-<block>" */
-	uint64_t bytes;     /* on disk, trailer included */
-	uint64_t last_use;
-	dws_block_stamp checked; /* the file last checked whole in this process */
-};
-
-struct flight {
-	char *key;
-	bool done;
-	int rc;
-	int waiters;
-	struct flight *next;
-};
-
-/* A block held in memory: just fetched, or being written to disk. */
-struct hot {
-	char key[64];
-	unsigned char *buf;     /* a pool buffer */
-	uint64_t len;
-	int refs;               /* readers copying out, the writer */
-	uint64_t last_use;
-	bool used;              /* a reader has had bytes of it */
-	struct hot *next;
-};
-
-struct job {
-	dws_blob *blob;
-	uint64_t block;
-};
-
-struct dws_cache {
-	dws_cache_opts o;
-	char *dir;
-	dws_blockstore *store; /* NULL: memory only */
-	pthread_mutex_t lock;
-	pthread_cond_t cond;   /* flights finishing */
-	pthread_cond_t jobs;   /* prefetch jobs queued, stop */
-	struct entry *e;
-	size_t n, cap_e;
-	dws_strmap index;      /* key -> entry index */
-	uint64_t total, clock;
-	uint64_t reserved;     /* of the cap: blocks being written */
-	struct flight *flights;
-	struct hot *hot;
-	unsigned nhot, hot_cap;
-	unsigned reading;       /* of hot_cap: blocks the reads in progress touch */
-	unsigned char **pool;  /* free block buffers */
-	unsigned npool, pool_cap;
-	struct job queue[QUEUE_MAX];
-	size_t qhead, qlen;
-	pthread_t *threads;
-	unsigned nthreads;
-	pthread_cond_t writes; /* blocks to write, stop */
-	struct hot *wq[WRITES_MAX]; /* each held (refs) until written */
-	unsigned wq_head, wq_len;
-	unsigned nwriting;     /* blocks being written */
-	pthread_t writer[WRITERS];
-	unsigned nwriters;
-	bool stop;
-	uint64_t hits, misses, fetched;
-	uint64_t unkept, unkept_bytes; /* fetched blocks the disk had no room for */
-	uint64_t waits, wait_ms;       /* reads held up by a block in flight */
-};
-
-struct remote {
-	dws_cache *c;
-	char *ident_hash;       /* hex of XXH3-128(ident) */
-	dws_fetch_fn fetch;
-	void *ctx;
-	void (*free_ctx)(void *);
-	pthread_mutex_t lock;   /* readahead state */
-	uint64_t last_end;
-	uint64_t last_limit;    /* readahead limit of the last read: its tensor */
-	unsigned window;
-	unsigned crossed;       /* tensor boundaries crossed by contiguous reads */
-	uint64_t run_start;     /* where the current contiguous run began */
-	uint64_t tensor_start;  /* where it entered the current tensor */
-};
 
 static int64_t mono_ms(void)
 {
@@ -180,109 +91,9 @@ static void insert_locked(dws_cache *c, const char *key, uint64_t bytes, const d
 	c->total += bytes;
 }
 
-/* ---- memory: pooled block buffers and the hot set (under lock) ---- */
-
-static unsigned char *buf_get_locked(dws_cache *c)
-{
-	if (c->npool)
-		return c->pool[--c->npool];
-	/* on huge pages where the kernel gives them (THP "madvise"): the
-	 * fetch's copy in, and the kernel pinning the pages of every reply
-	 * that points here, walk fewer page tables (about 10% less CPU for a
-	 * cold read) */
-	void *p = NULL;
-	size_t sz = (size_t)c->o.block_size + ALIGN, huge = 2u << 20;
-	bool thp = c->o.block_size >= huge;
-	if (posix_memalign(&p, thp ? huge : ALIGN, sz) != 0) {
-		dws_log("out of memory for a %u byte block buffer", c->o.block_size);
-		abort();
-	}
-	if (thp)
-		madvise(p, sz & ~(huge - 1), MADV_HUGEPAGE);
-	return p;
-}
-
-static void buf_put_locked(dws_cache *c, unsigned char *b)
-{
-	if (c->npool < c->pool_cap)
-		c->pool[c->npool++] = b;
-	else
-		free(b);
-}
-
-static struct hot *hot_find_locked(dws_cache *c, const char *key)
-{
-	for (struct hot *h = c->hot; h; h = h->next)
-		if (!strcmp(h->key, key))
-			return h;
-	return NULL;
-}
-
-/* A block read ahead that no reader has come to in this many clock ticks
- * (a tick per block touched: a scan ticks about once per FUSE read) was read
- * ahead for a reader that went elsewhere. */
-static bool hot_stale(const dws_cache *c, const struct hot *h)
-{
-	return !h->used && c->clock - h->last_use > 16ull * c->hot_cap;
-}
-
-/* Room for one more: the least recently used blocks nobody is using go,
- * those a reader has had bytes of (or stale) first. A block read ahead and
- * not yet read stays: under plain LRU the block the reader just finished
- * (touched last) outlived the ones fetched for it ahead of it, which then
- * went to disk and came back with a read. Blocks held for the disk writers
- * are on top of `keep`. (With every block in use the set grows past its cap
- * for a moment.) */
-static void hot_trim_locked(dws_cache *c, unsigned keep)
-{
-	keep += c->wq_len + c->nwriting;
-	while (c->nhot > keep) {
-		struct hot **victim = NULL;
-		for (struct hot **pp = &c->hot; *pp; pp = &(*pp)->next) {
-			struct hot *h = *pp, *v = victim ? *victim : NULL;
-			bool hu = h->used || hot_stale(c, h), vu = v && (v->used || hot_stale(c, v));
-			if (!h->refs && (!v || (hu && !vu) || (hu == vu && h->last_use < v->last_use)))
-				victim = pp;
-		}
-		if (!victim)
-			return;
-		struct hot *h = *victim;
-		*victim = h->next;
-		buf_put_locked(c, h->buf);
-		free(h);
-		c->nhot--;
-	}
-}
-
-/* Under lock: blocks read ahead and not read yet, being fetched, or queued
- * to be: what the readahead already has in hand. */
-static unsigned ahead_locked(dws_cache *c)
-{
-	unsigned n = (unsigned)c->qlen;
-	for (struct flight *f = c->flights; f; f = f->next)
-		n++;
-	for (struct hot *h = c->hot; h; h = h->next)
-		n += !h->used && !hot_stale(c, h);
-	return n;
-}
-
-static struct hot *hot_add_locked(dws_cache *c, const char *key, unsigned char *buf, uint64_t len)
-{
-	hot_trim_locked(c, c->hot_cap ? c->hot_cap - 1 : 0);
-	struct hot *h = dws_xcalloc(1, sizeof(*h));
-	snprintf(h->key, sizeof(h->key), "%s", key);
-	h->buf = buf;
-	h->len = len;
-	h->last_use = ++c->clock;
-	h->next = c->hot;
-	c->hot = h;
-	c->nhot++;
-	return h;
-}
-
 /* ---- blocks ---- */
 
-static struct flight *flight_find(dws_cache *c, const char *key)
+struct flight *dws_flight_find_locked(dws_cache *c, const char *key)
 {
 	for (struct flight *f = c->flights; f; f = f->next)
 		if (!strcmp(f->key, key))
@@ -325,232 +136,267 @@ static void flight_end_unlock(dws_cache *c, struct flight *f, int rc)
 	}
 }
 
-static bool time_left(int64_t deadline) { return mono_ms() < deadline; }
+/* Under lock: a wait for a flight to end, until the deadline; false once
+ * it has passed. */
+static bool wait_until_locked(dws_cache *c, int64_t deadline)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	int64_t left = deadline - mono_ms();
+	if (left <= 0)
+		return false;
+	ts.tv_sec += left / 1000;
+	ts.tv_nsec += (left % 1000) * 1000000;
+	if (ts.tv_nsec >= 1000000000) {
+		ts.tv_sec++;
+		ts.tv_nsec -= 1000000000;
+	}
+	pthread_cond_timedwait(&c->cond, &c->lock, &ts);
+	return true;
+}
 
 static uint64_t block_len(const dws_blob *b, dws_cache *c, uint64_t blk)
 {
 	uint64_t off = blk * c->o.block_size;
-	uint64_t n = b->size - off;
+	uint64_t n = dws_blob_size(b) - off;
 	return n < c->o.block_size ? n : c->o.block_size;
 }
 
 static void store_block(dws_cache *c, struct hot *h);
 
-/* A reader's pin on a hot block (dws_pin). */
-static void hot_unpin(void *cv, void *hv)
+/* A dws_block_get under way. It looks for the block in memory, on disk,
+ * in flight, and fetches it where it is nowhere; each step below either
+ * ends the call (a code, the lock released) or says why not. */
+struct get {
+	dws_blob *b;
+	struct remote *r;
+	dws_cache *c;
+	const dws_block_req *q;
+	char key[64];
+	uint64_t blen;       /* the block's length */
+	int64_t deadline;    /* a reader waits for a block in flight until then */
+	dws_error *err;
+};
+
+enum {
+	NOT_HERE = 1, /* not this step's: the lock still held */
+	AGAIN = 2,    /* the lock released: look again (a flight ended, or a
+			 block on disk was bad and is forgotten) */
+};
+
+/* Under lock: the block in memory. */
+static int from_hot_locked(struct get *g)
 {
-	dws_cache *c = cv;
-	struct hot *h = hv;
-	pthread_mutex_lock(&c->lock);
-	h->refs--;
-	hot_trim_locked(c, c->hot_cap);
-	pthread_mutex_unlock(&c->lock);
+	dws_cache *c = g->c;
+	struct hot *h = dws_hot_find_locked(c, g->key);
+	if (!h)
+		return NOT_HERE;
+	/* a prefetch finding the block here is no use of it: a job the reader
+	 * overtook (it fetched the block itself) touching it would make a block
+	 * the reader is done with look newer than the one it is in, and the
+	 * next readahead to arrive would push out that one, not yet kept, for
+	 * a fetch again */
+	if (g->q->use == DWS_BLOCK_PREFETCH) {
+		pthread_mutex_unlock(&c->lock);
+		return DWS_OK;
+	}
+	h->last_use = ++c->clock;
+	c->hits++;
+	h->refs++;
+	dws_hot_give_unlock(c, h, g->q->off, g->q->buf, g->q->len, g->q->ref, g->q->pin);
+	return DWS_OK;
 }
 
-/* Under lock: the reader's bytes of hot block h, [off, off+len): into buf,
- * or, when ref is given, pointed to with h pinned (a reference the caller
- * holds already, h->refs counted, is handed over to the pin). Returns with
- * the lock released and the caller's reference dropped unless pinned. */
-static void hot_give_unlock(dws_cache *c, struct hot *h, uint64_t off, void *buf, size_t len,
-			    const void **ref, dws_pin *pin)
+/* Under lock, which it releases: the block from disk whole into the hot
+ * set with one read (a scan: for this read and the ones that follow), the
+ * reader's bytes from there. */
+static int load_whole_unlock(struct get *g, dws_block_stamp checked)
 {
-	h->used = true;
-	if (ref) {
-		*ref = h->buf + off;
-		*pin = (dws_pin){hot_unpin, c, h};
-		pthread_mutex_unlock(&c->lock);
-		return;
+	dws_cache *c = g->c;
+	const dws_block_req *q = g->q;
+	size_t i;
+	struct flight *f = flight_start_locked(c, g->key);
+	unsigned char *data = dws_buf_get_locked(c);
+	pthread_mutex_unlock(&c->lock);
+	bool ok = dws_block_load(c->store, g->key, g->blen, data, &checked);
+	pthread_mutex_lock(&c->lock);
+	struct hot *h = NULL;
+	if (ok) {
+		h = dws_hot_add_locked(c, g->key, data, g->blen);
+		h->refs++;
+		if (dws_strmap_get(&c->index, g->key, &i))
+			c->e[i].checked = checked;
+	} else {
+		dws_buf_put_locked(c, data);
+		if (dws_strmap_get(&c->index, g->key, &i))
+			drop_locked(c, i);
+	}
+	flight_end_unlock(c, f, ok ? DWS_OK : DWS_ENOENT); /* waiters look again */
+	if (!ok) {
+		dws_log("cache: block %s of %s was bad on disk; fetching it again", g->key, dws_blob_name(g->b));
+		return AGAIN;
+	}
+	pthread_mutex_lock(&c->lock);
+	if (q->buf || q->ref) {
+		dws_hot_give_unlock(c, h, q->off, q->buf, q->len, q->ref, q->pin);
+		return DWS_OK;
+	}
+	h->refs--;
+	dws_hot_trim_locked(c, c->hot_cap);
+	pthread_mutex_unlock(&c->lock);
+	return DWS_OK;
+}
+
+/* Under lock, which it releases: the reader's bytes read from the block's
+ * file. */
+static int read_part_unlock(struct get *g, dws_block_stamp checked)
+{
+	dws_cache *c = g->c;
+	const dws_block_req *q = g->q;
+	size_t i;
+	pthread_mutex_unlock(&c->lock);
+	bool ok = dws_block_read(c->store, g->key, g->blen, q->off, q->buf, q->len, &checked) == DWS_OK;
+	pthread_mutex_lock(&c->lock);
+	if (dws_strmap_get(&c->index, g->key, &i)) {
+		if (ok)
+			c->e[i].checked = checked;
+		else
+			drop_locked(c, i); /* gone or corrupt on disk: forget it and fetch again */
 	}
 	pthread_mutex_unlock(&c->lock);
-	memcpy(buf, h->buf + off, len);
-	hot_unpin(c, h);
+	if (ok)
+		return DWS_OK;
+	dws_log("cache: block %s of %s was bad on disk; fetching it again", g->key, dws_blob_name(g->b));
+	return AGAIN;
 }
 
-/* Bytes [off, off+len) of block blk of blob b into buf (buf may be NULL for a
- * prefetch), or, with ref, pointed to in the hot set when the block is (or
- * is made) hot, *pin keeping it there; ref is left alone when the bytes were
- * copied into buf instead. */
-static int get_block(dws_blob *b, uint64_t blk, uint64_t off, void *buf, size_t len,
-		     bool prefetch, bool whole, const void **ref, dws_pin *pin, dws_error *err)
+/* Under lock: the block on disk, nobody loading it. */
+static int from_disk_locked(struct get *g)
 {
-	struct remote *r = b->priv;
-	dws_cache *c = r->c;
-	char key[64];
-	snprintf(key, sizeof(key), "%s-%llu", r->ident_hash, (unsigned long long)blk);
-	uint64_t blen = block_len(b, c, blk);
-	int64_t deadline = mono_ms() + c->o.wait_ms;
-	for (;;) {
-		pthread_mutex_lock(&c->lock);
-		size_t i;
-		struct hot *h = hot_find_locked(c, key);
-		if (h) {
-			/* a prefetch finding the block here is no use of it: a job
-			 * the reader overtook (it fetched the block itself) touching
-			 * it would make a block the reader is done with look newer
-			 * than the one it is in, and the next readahead to arrive
-			 * would push out that one, not yet kept, for a fetch again */
-			if (prefetch) {
-				pthread_mutex_unlock(&c->lock);
-				return DWS_OK;
-			}
-			h->last_use = ++c->clock;
-			c->hits++;
-			h->refs++;
-			hot_give_unlock(c, h, off, buf, len, ref, pin);
-			return DWS_OK;
-		}
-		if (dws_strmap_get(&c->index, key, &i) && !flight_find(c, key)) {
-			c->e[i].last_use = ++c->clock;
-			dws_block_stamp checked = c->e[i].checked;
-			if (!prefetch)
-				c->hits++;
-			if (prefetch || whole) {
-				/* a scan: the whole block into the hot set with one
-				 * read, for this read and the ones that follow */
-				struct flight *lf = flight_start_locked(c, key);
-				unsigned char *data = buf_get_locked(c);
-				pthread_mutex_unlock(&c->lock);
-				bool ok = dws_block_load(c->store, key, blen, data, &checked);
-				pthread_mutex_lock(&c->lock);
-				struct hot *lh = NULL;
-				if (ok) {
-					lh = hot_add_locked(c, key, data, blen);
-					lh->refs++;
-					if (dws_strmap_get(&c->index, key, &i))
-						c->e[i].checked = checked;
-				} else {
-					buf_put_locked(c, data);
-					if (dws_strmap_get(&c->index, key, &i))
-						drop_locked(c, i);
-				}
-				flight_end_unlock(c, lf, ok ? DWS_OK : DWS_ENOENT); /* waiters look again */
-				if (!ok) {
-					dws_log("cache: block %s of %s was bad on disk; fetching it again", key, b->name);
-					continue;
-				}
-				pthread_mutex_lock(&c->lock);
-				if (buf || ref) {
-					hot_give_unlock(c, lh, off, buf, len, ref, pin);
-					return DWS_OK;
-				}
-				lh->refs--;
-				hot_trim_locked(c, c->hot_cap);
-				pthread_mutex_unlock(&c->lock);
-				return DWS_OK;
-			}
-			pthread_mutex_unlock(&c->lock);
-			if (dws_block_read(c->store, key, blen, off, buf, len, &checked) == DWS_OK) {
-				pthread_mutex_lock(&c->lock);
-				if (dws_strmap_get(&c->index, key, &i))
-					c->e[i].checked = checked;
-				pthread_mutex_unlock(&c->lock);
-				return DWS_OK;
-			}
-			/* gone or corrupt on disk: forget it and fetch again */
-			pthread_mutex_lock(&c->lock);
-			if (dws_strmap_get(&c->index, key, &i))
-				drop_locked(c, i);
-			pthread_mutex_unlock(&c->lock);
-			dws_log("cache: block %s of %s was bad on disk; fetching it again", key, b->name);
-			continue;
-		}
-		struct flight *f = flight_find(c, key);
-		if (f) {
-			if (prefetch) {
-				pthread_mutex_unlock(&c->lock);
-				return DWS_OK;
-			}
-			f->waiters++;
-			int64_t t_wait = mono_ms();
-			while (!f->done) {
-				struct timespec ts;
-				clock_gettime(CLOCK_MONOTONIC, &ts);
-				int64_t left = deadline - mono_ms();
-				if (left <= 0)
-					break;
-				ts.tv_sec += left / 1000;
-				ts.tv_nsec += (left % 1000) * 1000000;
-				if (ts.tv_nsec >= 1000000000) {
-					ts.tv_sec++;
-					ts.tv_nsec -= 1000000000;
-				}
-				pthread_cond_timedwait(&c->cond, &c->lock, &ts);
-			}
-			bool done = f->done;
-			int frc = f->rc;
-			c->waits++;
-			c->wait_ms += (uint64_t)(mono_ms() - t_wait);
-			if (--f->waiters == 0 && f->done) {
-				free(f->key);
-				free(f);
-			}
-			pthread_mutex_unlock(&c->lock);
-			if (!done)
-				return dws_fail(err, DWS_ETIMEDOUT, "%s: block %llu (bytes %llu+%llu) did not arrive within %u ms", b->name,
-						(unsigned long long)blk, (unsigned long long)(blk * c->o.block_size),
-						(unsigned long long)blen, c->o.wait_ms);
-			if (frc == DWS_ENOENT && time_left(deadline))
-				continue; /* a bad block on disk, or a 404: look again */
-			if (frc && frc != DWS_OK)
-				return dws_fail(err, frc, "%s: block %llu could not be fetched (see the log)", b->name, (unsigned long long)blk);
-			continue; /* now in the index */
-		}
-		/* a prefetch the reader has overtaken (it read the block itself,
-		 * and the block may have left memory since) is dropped; checked
-		 * here, under the lock a reader takes to fetch, so a prefetching
-		 * thread held up between its job and this point fetches nothing
-		 * twice. (Lock order: c->lock, then r->lock; nothing takes
-		 * c->lock holding r->lock.) */
-		if (prefetch) {
-			pthread_mutex_lock(&r->lock);
-			bool passed = r->run_start <= blk * c->o.block_size && (blk + 1) * c->o.block_size <= r->last_end;
-			pthread_mutex_unlock(&r->lock);
-			if (passed) {
-				pthread_mutex_unlock(&c->lock);
-				return DWS_OK;
-			}
-		}
-		/* this thread fetches */
-		f = flight_start_locked(c, key);
-		if (!prefetch)
-			c->misses++;
-		pthread_mutex_unlock(&c->lock);
+	dws_cache *c = g->c;
+	size_t i;
+	if (!dws_strmap_get(&c->index, g->key, &i) || dws_flight_find_locked(c, g->key))
+		return NOT_HERE;
+	c->e[i].last_use = ++c->clock;
+	dws_block_stamp checked = c->e[i].checked;
+	if (g->q->use != DWS_BLOCK_PREFETCH)
+		c->hits++;
+	if (g->q->use == DWS_BLOCK_PART)
+		return read_part_unlock(g, checked);
+	return load_whole_unlock(g, checked);
+}
 
-		pthread_mutex_lock(&c->lock);
-		unsigned char *data = buf_get_locked(c);
+/* Under lock: the block being fetched (or loaded). A reader waits for it
+ * up to the deadline, then looks again; a prefetch leaves it. */
+static int wait_flight_locked(struct get *g)
+{
+	dws_cache *c = g->c;
+	struct flight *f = dws_flight_find_locked(c, g->key);
+	if (!f)
+		return NOT_HERE;
+	if (g->q->use == DWS_BLOCK_PREFETCH) {
 		pthread_mutex_unlock(&c->lock);
-		dws_error ferr = {0};
-		int rc = r->fetch(r->ctx, blk * c->o.block_size, (size_t)blen, data, &ferr);
-		if (rc)
-			dws_log("%s", ferr.msg);
-		pthread_mutex_lock(&c->lock);
-		h = NULL;
-		if (!rc) {
-			/* in memory for the waiters now; on disk in a moment */
-			h = hot_add_locked(c, key, data, blen);
+		return DWS_OK;
+	}
+	f->waiters++;
+	int64_t t_wait = mono_ms();
+	while (!f->done && wait_until_locked(c, g->deadline))
+		;
+	bool done = f->done;
+	int frc = f->rc;
+	c->waits++;
+	c->wait_ms += (uint64_t)(mono_ms() - t_wait);
+	if (--f->waiters == 0 && f->done) {
+		free(f->key);
+		free(f);
+	}
+	pthread_mutex_unlock(&c->lock);
+	const char *name = dws_blob_name(g->b);
+	if (!done)
+		return dws_fail(g->err, DWS_ETIMEDOUT, "%s: block %llu (bytes %llu+%llu) did not arrive within %u ms", name,
+				(unsigned long long)g->q->blk, (unsigned long long)(g->q->blk * c->o.block_size),
+				(unsigned long long)g->blen, c->o.wait_ms);
+	if (frc == DWS_ENOENT && mono_ms() < g->deadline)
+		return AGAIN; /* a bad block on disk, or a 404: look again */
+	if (frc)
+		return dws_fail(g->err, frc, "%s: block %llu could not be fetched (see the log)", name,
+				(unsigned long long)g->q->blk);
+	return AGAIN; /* now in the index */
+}
+
+/* Under lock, which it releases: the block is nowhere; this thread fetches
+ * it into the hot set (the reader's bytes and the waiters served from
+ * there), then to disk. */
+static int fetch_unlock(struct get *g)
+{
+	dws_cache *c = g->c;
+	const dws_block_req *q = g->q;
+	bool prefetch = q->use == DWS_BLOCK_PREFETCH;
+	uint64_t at = q->blk * c->o.block_size;
+	/* a prefetch the reader has overtaken (it read the block itself, and
+	 * the block may have left memory since) is dropped; checked here,
+	 * under the lock a reader takes to fetch, so a prefetching thread held
+	 * up between its job and this point fetches nothing twice */
+	if (prefetch && dws_readahead_passed(g->r, at, at + c->o.block_size)) {
+		pthread_mutex_unlock(&c->lock);
+		return DWS_OK;
+	}
+	struct flight *f = flight_start_locked(c, g->key);
+	if (!prefetch)
+		c->misses++;
+	unsigned char *data = dws_buf_get_locked(c);
+	pthread_mutex_unlock(&c->lock);
+	dws_error ferr = {0};
+	int rc = g->r->fetch(g->r->ctx, at, (size_t)g->blen, data, &ferr);
+	if (rc)
+		dws_log("%s", ferr.msg);
+	pthread_mutex_lock(&c->lock);
+	struct hot *h = NULL;
+	if (!rc) {
+		/* in memory for the waiters now; on disk in a moment */
+		h = dws_hot_add_locked(c, g->key, data, g->blen);
+		h->refs++;
+		c->fetched += g->blen;
+		if (q->ref) {
 			h->refs++;
-			c->fetched += blen;
-			if (ref) {
-				h->refs++;
-				h->used = true;
-				*ref = data + off;
-				*pin = (dws_pin){hot_unpin, c, h};
-			} else if (buf) {
-				h->used = true;
-				memcpy(buf, data + off, len);
-			}
-		} else {
-			buf_put_locked(c, data);
+			h->used = true;
+			*q->ref = data + q->off;
+			*q->pin = (dws_pin){dws_hot_unpin, c, h};
+		} else if (q->buf) {
+			h->used = true;
+			memcpy(q->buf, data + q->off, q->len);
 		}
-		flight_end_unlock(c, f, rc);
-		if (!rc)
-			store_block(c, h);
-		if (rc && !prefetch) {
-			if (err && !err->code)
-				*err = ferr;
-			return rc;
-		}
+	} else {
+		dws_buf_put_locked(c, data);
+	}
+	flight_end_unlock(c, f, rc);
+	if (rc) {
+		if (!prefetch && g->err && !g->err->code)
+			*g->err = ferr;
 		return rc;
+	}
+	store_block(c, h);
+	return DWS_OK;
+}
+
+int dws_block_get(dws_blob *b, const dws_block_req *q, dws_error *err)
+{
+	struct remote *r = dws_blob_priv(b);
+	struct get g = {.b = b, .r = r, .c = r->c, .q = q, .err = err};
+	dws_block_key(g.key, r, q->blk);
+	g.blen = block_len(b, g.c, q->blk);
+	g.deadline = mono_ms() + g.c->o.wait_ms;
+	for (;;) {
+		pthread_mutex_lock(&g.c->lock);
+		int rc = from_hot_locked(&g);
+		if (rc == NOT_HERE)
+			rc = from_disk_locked(&g);
+		if (rc == NOT_HERE)
+			rc = wait_flight_locked(&g);
+		if (rc == NOT_HERE)
+			rc = fetch_unlock(&g);
+		if (rc != AGAIN)
+			return rc;
 	}
 }
 
@@ -592,7 +438,7 @@ static void write_hot(dws_cache *c, struct hot *h)
 	}
 	c->nwriting--;
 	h->refs--;
-	hot_trim_locked(c, c->hot_cap);
+	dws_hot_trim_locked(c, c->hot_cap);
 	pthread_mutex_unlock(&c->lock);
 }
 
@@ -614,12 +460,12 @@ static void store_block(dws_cache *c, struct hot *h)
 			c->unkept_bytes += h->len;
 		}
 		h->refs--;
-		hot_trim_locked(c, c->hot_cap);
+		dws_hot_trim_locked(c, c->hot_cap);
 		pthread_mutex_unlock(&c->lock);
 		return;
 	}
 	if (c->nwriters && !c->stop) {
-		c->wq[(c->wq_head + c->wq_len) % WRITES_MAX] = h;
+		c->wq[(c->wq_head + c->wq_len) % DWS_WRITES_MAX] = h;
 		c->wq_len++;
 		pthread_cond_signal(&c->writes);
 		pthread_mutex_unlock(&c->lock);
@@ -640,7 +486,7 @@ static void *writer_main(void *arg)
 		if (!c->wq_len)
 			break; /* stopping, and every queued block written */
 		struct hot *h = c->wq[c->wq_head];
-		c->wq_head = (c->wq_head + 1) % WRITES_MAX;
+		c->wq_head = (c->wq_head + 1) % DWS_WRITES_MAX;
 		c->wq_len--;
 		c->nwriting++;
 		pthread_mutex_unlock(&c->lock);
@@ -649,232 +495,6 @@ static void *writer_main(void *arg)
 	}
 	pthread_mutex_unlock(&c->lock);
 	return NULL;
-}
-
-/* ---- prefetch ---- */
-
-static void *prefetch_main(void *arg)
-{
-	dws_cache *c = arg;
-	pthread_mutex_lock(&c->lock);
-	for (;;) {
-		while (!c->stop && !c->qlen)
-			pthread_cond_wait(&c->jobs, &c->lock);
-		if (c->stop)
-			break;
-		struct job j = c->queue[c->qhead];
-		c->qhead = (c->qhead + 1) % QUEUE_MAX;
-		c->qlen--;
-		pthread_mutex_unlock(&c->lock);
-		dws_error err = {0};
-		get_block(j.blob, j.block, 0, NULL, 0, true, true, NULL, NULL, &err);
-		dws_blob_unref(j.blob);
-		pthread_mutex_lock(&c->lock);
-	}
-	pthread_mutex_unlock(&c->lock);
-	return NULL;
-}
-
-static void prefetch(dws_blob *b, uint64_t first, unsigned n)
-{
-	struct remote *r = b->priv;
-	dws_cache *c = r->c;
-	uint64_t nblk = (b->size + c->o.block_size - 1) / c->o.block_size;
-	pthread_mutex_lock(&c->lock);
-	/* no more ahead than the hot set holds beside the blocks being read: a
-	 * block fetched beyond that pushes out one read ahead before it, which
-	 * is then fetched again */
-	unsigned ahead = ahead_locked(c), added = 0;
-	unsigned room = c->hot_cap > c->reading + ahead ? c->hot_cap - c->reading - ahead : 0;
-	for (unsigned k = 0; k < n && added < room && first + k < nblk && c->qlen < QUEUE_MAX; k++) {
-		char key[64];
-		size_t i;
-		snprintf(key, sizeof(key), "%s-%llu", r->ident_hash, (unsigned long long)(first + k));
-		(void)i; /* blocks on disk are loaded into memory ahead too */
-		if (flight_find(c, key) || hot_find_locked(c, key))
-			continue;
-		bool queued = false;
-		for (size_t q = 0; q < c->qlen; q++) {
-			struct job *j = &c->queue[(c->qhead + q) % QUEUE_MAX];
-			if (j->blob == b && j->block == first + k)
-				queued = true;
-		}
-		if (queued)
-			continue;
-		c->queue[(c->qhead + c->qlen) % QUEUE_MAX] = (struct job){dws_blob_ref(b), first + k};
-		c->qlen++;
-		added++;
-	}
-	/* a thread per job: every FUSE read comes here, and most add nothing
-	 * (a broadcast then woke every idle prefetcher to find an empty queue:
-	 * a third of a cold read's context switches) */
-	for (unsigned k = 0; k < added; k++)
-		pthread_cond_signal(&c->jobs);
-	pthread_mutex_unlock(&c->lock);
-}
-
-/* ---- the blob ---- */
-
-static _Thread_local uint64_t ra_limit = UINT64_MAX;
-
-static _Thread_local bool direct_reads, quiet_reads;
-
-void dws_blob_readahead_limit(uint64_t end) { ra_limit = end; }
-void dws_blob_direct_reads(bool on) { direct_reads = on; }
-void dws_blob_quiet_reads(bool on) { quiet_reads = on; }
-
-static bool block_cached(dws_cache *c, const struct remote *r, uint64_t blk)
-{
-	char key[64];
-	size_t i;
-	snprintf(key, sizeof(key), "%s-%llu", r->ident_hash, (unsigned long long)blk);
-	pthread_mutex_lock(&c->lock);
-	bool hit = dws_strmap_get(&c->index, key, &i) || hot_find_locked(c, key);
-	pthread_mutex_unlock(&c->lock);
-	return hit;
-}
-
-/* [off, off+len) block by block into buf; whole: load blocks on disk whole
- * into the hot set (a scan). */
-static int read_blocks(dws_blob *b, uint64_t off, size_t len, void *buf, bool whole, dws_error *err)
-{
-	struct remote *r = b->priv;
-	uint64_t bs = r->c->o.block_size;
-	char *dst = buf;
-	for (uint64_t blk = off / bs; blk <= (off + len - 1) / bs; blk++) {
-		uint64_t bo = blk * bs;
-		uint64_t s = off > bo ? off - bo : 0;
-		uint64_t e = off + len < bo + bs ? off + len - bo : bs;
-		int rc = get_block(b, blk, s, dst, (size_t)(e - s), false, whole, NULL, NULL, err);
-		if (rc)
-			return rc;
-		dst += e - s;
-	}
-	return DWS_OK;
-}
-
-static bool remote_cached(dws_blob *b, uint64_t off, uint64_t len)
-{
-	struct remote *r = b->priv;
-	uint64_t bs = r->c->o.block_size;
-	if (!len)
-		return true;
-	for (uint64_t blk = off / bs; blk <= (off + len - 1) / bs; blk++)
-		if (!block_cached(r->c, r, blk))
-			return false;
-	return true;
-}
-
-static int remote_read_ref(dws_blob *b, uint64_t off, void *buf, size_t len,
-			   const void **ref, dws_pin *pin, dws_error *err)
-{
-	struct remote *r = b->priv;
-	dws_cache *c = r->c;
-	uint64_t bs = c->o.block_size;
-	uint64_t first = off / bs, last = (off + len - 1) / bs;
-
-	if (direct_reads && first == last && !block_cached(c, r, first)) {
-		int rc = r->fetch(r->ctx, off, len, buf, err);
-		if (!rc) {
-			pthread_mutex_lock(&c->lock);
-			c->fetched += len;
-			pthread_mutex_unlock(&c->lock);
-		}
-		return rc;
-	}
-
-	if (quiet_reads)
-		return read_blocks(b, off, len, buf, false, err);
-
-	pthread_mutex_lock(&r->lock);
-	/* sequential: at or near where the last read ended (the kernel's
-	 * readahead sends several requests at once; they arrive out of order) */
-	bool seq = r->last_end && off + bs >= r->last_end && off <= r->last_end + bs;
-	/* Readahead stays inside the tensor being read, so reading one tensor
-	 * costs about its bytes, until a contiguous run has crossed two tensor
-	 * boundaries and is long (page-aligned kernel reads straddle the ends of
-	 * even a single tensor): then this is a scan of the file (a loader's
-	 * cat, or safetensors touching every tensor in order), and the window
-	 * runs on across tensors. A jump elsewhere starts over. */
-	if (!seq) {
-		r->crossed = 0;
-		r->run_start = off;
-		r->tensor_start = off;
-	} else if (ra_limit != r->last_limit) {
-		r->tensor_start = off;
-		if (r->crossed < 2)
-			r->crossed++;
-	}
-	uint64_t scan_len = 4 * bs > (32u << 20) ? 4 * bs : (32u << 20);
-	bool scan = r->crossed >= 2 && off + len - r->run_start >= scan_len;
-	if (ra_limit != r->last_limit && !scan)
-		seq = false; /* a new tensor, not yet a scan: a new window */
-	r->last_limit = ra_limit;
-	if (seq)
-		r->window = r->window ? (r->window * 2 > c->o.max_window ? c->o.max_window : r->window * 2) : 1;
-	else
-		r->window = 0;
-	r->last_end = seq && r->last_end > off + len ? r->last_end : off + len;
-	unsigned window = r->window;
-	pthread_mutex_unlock(&r->lock);
-
-	/* the blocks this read needs beyond the first go to the prefetchers so
-	 * several transfers run at once, as many as the hot set has room for
-	 * (more would push each other out before this read got to them) */
-	if (last > first)
-		prefetch(b, first + 1, last - first < c->hot_cap - 1 ? (unsigned)(last - first) : c->hot_cap - 1);
-	if (window && ra_limit != UINT64_MAX && !scan) {
-		uint64_t lim_blk = ra_limit ? (ra_limit - 1) / bs : 0; /* last block worth having */
-		window = lim_blk > last ? (unsigned)(lim_blk - last < window ? lim_blk - last : window) : 0;
-		/* and no more ahead than this tensor has been read, less a block:
-		 * the kernel's own readahead running past a tensor's end does not
-		 * pull in the next one */
-		uint64_t read_blocks = (off + len - r->tensor_start) / bs;
-		uint64_t cap = read_blocks ? read_blocks - 1 : 0;
-		if (window > cap)
-			window = (unsigned)cap;
-	}
-	if (window)
-		prefetch(b, last + 1, window);
-
-	/* one block's bytes in a scan: pointed to in the hot set, not copied */
-	if (ref && first == last && (window > 0 || scan))
-		return get_block(b, first, off - first * bs, buf, len, false, true, ref, pin, err);
-	return read_blocks(b, off, len, buf, window > 0 || scan, err);
-}
-
-static int remote_read(dws_blob *b, uint64_t off, void *buf, size_t len, dws_error *err)
-{
-	return remote_read_ref(b, off, buf, len, NULL, NULL, err);
-}
-
-static void remote_destroy(dws_blob *b)
-{
-	struct remote *r = b->priv;
-	if (r->free_ctx)
-		r->free_ctx(r->ctx);
-	pthread_mutex_destroy(&r->lock);
-	free(r->ident_hash);
-	free(r);
-}
-
-static const struct dws_blob_ops remote_ops = {.read = remote_read, .read_ref = remote_read_ref,
-					       .cached = remote_cached, .destroy = remote_destroy};
-
-dws_blob *dws_remote_blob(dws_cache *c, const char *name, const char *ident,
-			  uint64_t size, dws_fetch_fn fetch, void *ctx,
-			  void (*free_ctx)(void *ctx))
-{
-	struct remote *r = dws_xcalloc(1, sizeof(*r));
-	XXH128_hash_t h = XXH3_128bits(ident, strlen(ident));
-	r->ident_hash = dws_xasprintf("%016llx%016llx", (unsigned long long)h.high64, (unsigned long long)h.low64);
-	r->c = c;
-	r->fetch = fetch;
-	r->ctx = ctx;
-	r->free_ctx = free_ctx;
-	pthread_mutex_init(&r->lock, NULL);
-	dws_blob *b = dws_blob_new(&remote_ops, name, size, r);
-	return b;
 }
 
 /* ---- life cycle ---- */
@@ -930,8 +550,8 @@ int dws_cache_open(const dws_cache_opts *o, dws_cache **out, dws_error *err)
 		c->o.wait_ms = 60000;
 	if (!c->o.write_backlog)
 		c->o.write_backlog = 4;
-	if (c->o.write_backlog > WRITES_MAX)
-		c->o.write_backlog = WRITES_MAX;
+	if (c->o.write_backlog > DWS_WRITES_MAX)
+		c->o.write_backlog = DWS_WRITES_MAX;
 	/* the readahead window and the blocks being read fit in memory: the
 	 * kernel has two reads of up to 1 MiB (FUSE's largest) out at once on a
 	 * scan, often out of order, and they straddle block ends. Counted as 2
@@ -971,9 +591,9 @@ int dws_cache_open(const dws_cache_opts *o, dws_cache **out, dws_error *err)
 	}
 	c->threads = dws_xcalloc(c->o.prefetch_threads, sizeof(pthread_t));
 	for (unsigned i = 0; i < c->o.prefetch_threads; i++)
-		if (pthread_create(&c->threads[i], NULL, prefetch_main, c) == 0)
+		if (pthread_create(&c->threads[i], NULL, dws_prefetch_main, c) == 0)
 			c->nthreads++;
-	for (unsigned i = 0; i < (c->o.memory_only ? 0 : WRITERS); i++)
+	for (unsigned i = 0; i < (c->o.memory_only ? 0 : DWS_WRITERS); i++)
 		if (pthread_create(&c->writer[c->nwriters], NULL, writer_main, c) == 0)
 			c->nwriters++;
 	*out = c;
@@ -1066,7 +686,7 @@ void dws_cache_close(dws_cache *c)
 	for (unsigned i = 0; i < c->nwriters; i++)
 		pthread_join(c->writer[i], NULL); /* after the fetchers: they drain their last blocks */
 	for (size_t q = 0; q < c->qlen; q++)
-		dws_blob_unref(c->queue[(c->qhead + q) % QUEUE_MAX].blob);
+		dws_blob_unref(c->queue[(c->qhead + q) % DWS_QUEUE_MAX].blob);
 	for (size_t i = 0; i < c->n; i++)
 		free(c->e[i].key);
 	free(c->e);

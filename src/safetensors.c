@@ -285,18 +285,24 @@ out:
 int dws_st_read_blob(dws_blob *b, const char *what, dws_st_file **out,
 		     dws_error *err)
 {
+	return dws_st_read_blob_hint(b, what, NULL, out, err);
+}
+
+int dws_st_read_blob_hint(dws_blob *b, const char *what, const dws_read_hint *h,
+			  dws_st_file **out, dws_error *err)
+{
 	uint64_t size = dws_blob_size(b);
 	unsigned char first[4096];
 	size_t n = size < sizeof(first) ? (size_t)size : sizeof(first);
 	uint64_t need = 0;
-	int rc = dws_blob_read(b, 0, first, n, err);
+	int rc = dws_blob_read_hint(b, 0, first, n, h, err);
 	if (rc)
 		return rc;
 	rc = dws_st_parse(first, n, size, what, out, &need, err);
 	if (rc != 1)
 		return rc;
 	void *buf = dws_xmalloc((size_t)need);
-	rc = dws_blob_read(b, 0, buf, (size_t)need, err);
+	rc = dws_blob_read_hint(b, 0, buf, (size_t)need, h, err);
 	if (!rc)
 		rc = dws_st_parse(buf, (size_t)need, size, what, out, NULL, err);
 	free(buf);

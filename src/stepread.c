@@ -65,23 +65,19 @@ static int produce(const dws_layout *L, const dws_steptab *t, size_t slot, uint6
 		return DWS_OK;
 	}
 	/* read ahead within this tensor only: one tensor costs about its bytes */
-	dws_blob_readahead_limit(src->off + sl->numel * ssz);
+	const dws_read_hint hint = {DWS_READ_NORMAL, src->off + sl->numel * ssz};
 	if (src->dtype == sl->dtype) {
-		rc = dws_blob_read(src->blob, src->off + e0 * ssz, dst, cnt * ssz, err);
-		if (rc) {
-			dws_blob_readahead_limit(UINT64_MAX);
+		rc = dws_blob_read_hint(src->blob, src->off + e0 * ssz, dst, cnt * ssz, &hint, err);
+		if (rc)
 			return rc;
-		}
 	} else {
 		/* only BF16 sources are converted (checked at build) */
 		uint16_t scratch[CONV_CHUNK];
 		for (uint64_t done = 0; done < cnt;) {
 			uint64_t n = cnt - done < CONV_CHUNK ? cnt - done : CONV_CHUNK;
-			rc = dws_blob_read(src->blob, src->off + (e0 + done) * 2, scratch, n * 2, err);
-			if (rc) {
-				dws_blob_readahead_limit(UINT64_MAX);
+			rc = dws_blob_read_hint(src->blob, src->off + (e0 + done) * 2, scratch, n * 2, &hint, err);
+			if (rc)
 				return rc;
-			}
 			unsigned char *d = dst + done * dws_dtype_size(sl->dtype);
 			if (sl->dtype == DWS_DT_F32) {
 				uint32_t *o = (uint32_t *)(void *)d;
@@ -96,7 +92,6 @@ static int produce(const dws_layout *L, const dws_steptab *t, size_t slot, uint6
 			done += n;
 		}
 	}
-	dws_blob_readahead_limit(UINT64_MAX);
 	const dws_patchset *ps = t->patch[slot];
 	if (!ps || !cnt)
 		return DWS_OK;
@@ -255,10 +250,8 @@ static int read_extent(const dws_layout *L, const dws_steptab *t, const dws_out_
 	}
 	if (ref_ok && plain_tensor(L, t, (size_t)x->slot)) {
 		const dws_src *src = &t->src[x->slot];
-		dws_blob_readahead_limit(src->off + x->len);
-		int rc = dws_blob_read_ref(src->blob, src->off + (pos - x->off), dst, n, ref, pin, err);
-		dws_blob_readahead_limit(UINT64_MAX);
-		return rc;
+		const dws_read_hint hint = {DWS_READ_NORMAL, src->off + x->len}; /* this tensor's end */
+		return dws_blob_read_ref_hint(src->blob, src->off + (pos - x->off), dst, n, &hint, ref, pin, err);
 	}
 	return read_tensor(L, t, (size_t)x->slot, pos - x->off, n, dst, err);
 }

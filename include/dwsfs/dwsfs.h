@@ -62,8 +62,6 @@ int dws_log_to_file(const char *path, dws_error *err);
 /* Reopen the log file before the next line (log rotation): async-signal-safe,
  * for a SIGHUP handler. */
 void dws_log_reopen(void);
-/* Bytes read from bucket objects since start (all buckets of the process). */
-uint64_t dws_stats_bytes_fetched(void);
 
 /* ---- dtypes ------------------------------------------------------------ */
 
@@ -211,8 +209,6 @@ int dws_bucket_probe(dws_bucket *b, char *token, size_t len, dws_error *err);
 int dws_bucket_head(dws_bucket *b, const char *key, dws_object *out,
 		    dws_error *err);
 bool dws_bucket_is_remote(const dws_bucket *b);
-/* Requests and bytes by class: api, resolve, cdn, s3 (remote buckets). */
-void dws_bucket_http_counts(const dws_bucket *b, uint64_t req[4], uint64_t bytes[4]);
 /* The block cache of a remote bucket (all zero for a local one). */
 typedef struct dws_cache_counts {
 	uint64_t hits, misses;      /* block reads served by the cache; fetched */
@@ -222,7 +218,15 @@ typedef struct dws_cache_counts {
 	uint64_t waits, wait_ms;    /* reads that waited for a block being fetched
 				     * (read ahead, or for another reader), and how long */
 } dws_cache_counts;
-void dws_bucket_cache_stats(const dws_bucket *b, dws_cache_counts *out);
+/* What a bucket has read since it was opened. */
+typedef struct dws_bucket_stats {
+	uint64_t bytes_fetched;       /* local: bytes read from its files (and a base
+				       * model folder read beside it); remote: the
+				       * bytes of its HTTP answers */
+	uint64_t requests[4], bytes[4]; /* HTTP by class: api, resolve, cdn, s3 */
+	dws_cache_counts cache;       /* its block cache (all zero for a local one) */
+} dws_bucket_stats;
+void dws_bucket_stats_get(const dws_bucket *b, dws_bucket_stats *out);
 void dws_bucket_close(dws_bucket *b);
 const char *dws_bucket_uri(const dws_bucket *b);
 /* Every object under prefix ("" = all), recursively, sorted by key. */

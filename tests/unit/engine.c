@@ -66,16 +66,17 @@ static const dws_clock fake_clock = {fake_mono, fake_wall, NULL};
 static char fail_key[128];
 static atomic_int fail_left;
 
-static int failing_read(dws_blob *b, uint64_t off, void *buf, size_t len, dws_error *err)
+static int failing_read(dws_blob *b, uint64_t off, void *buf, size_t len, const dws_read_hint *h,
+			dws_error *err)
 {
 	if (atomic_load(&fail_left) > 0) {
 		atomic_fetch_sub(&fail_left, 1);
 		return dws_fail(err, DWS_EIO, "%s: injected read failure", dws_blob_name(b));
 	}
-	return dws_blob_read(b->priv, off, buf, len, err);
+	return dws_blob_read_hint(dws_blob_priv(b), off, buf, len, h, err);
 }
 
-static void failing_destroy(dws_blob *b) { dws_blob_unref(b->priv); }
+static void failing_destroy(dws_blob *b) { dws_blob_unref(dws_blob_priv(b)); }
 
 static const struct dws_blob_ops failing_blob_ops = {.read = failing_read, .destroy = failing_destroy};
 

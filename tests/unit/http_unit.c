@@ -134,42 +134,45 @@ static void test_range_check(void)
 	snprintf(p.hash, sizeof(p.hash), "%s", H);
 	dws_http_resp rs = {.status = 206, .has_range_total = true, .range_total = 100};
 	dws_error e = {0};
-	CHECK(dws_range_check("o", &p, DWS_OK, &rs, &e) == DWS_OK, "a plain answer of the listed size");
+	CHECK(dws_range_check("o", &p, DWS_OK, &rs, NULL, &e) == DWS_OK, "a plain answer of the listed size");
 	rs.range_total = 101;
-	CHECK(dws_range_check("o", &p, DWS_OK, &rs, &e) == DWS_ENOENT && strstr(e.msg, "101 bytes, listed 100"),
+	CHECK(dws_range_check("o", &p, DWS_OK, &rs, NULL, &e) == DWS_ENOENT && strstr(e.msg, "101 bytes, listed 100"),
 	      "another total size is a change: %s", e.msg);
 	rs = (dws_http_resp){.status = 200, .has_content_length = true, .content_length = 99};
 	memset(&e, 0, sizeof(e));
-	CHECK(dws_range_check("o", &p, DWS_OK, &rs, &e) == DWS_ENOENT, "a whole-object 200 of another size is a change");
+	CHECK(dws_range_check("o", &p, DWS_OK, &rs, NULL, &e) == DWS_ENOENT, "a whole-object 200 of another size is a change");
 	rs = (dws_http_resp){.status = 206};
-	snprintf(rs.xet_hash, sizeof(rs.xet_hash), "ff%s", H + 2);
+	char other[80];
+	snprintf(other, sizeof(other), "ff%s", H + 2);
 	memset(&e, 0, sizeof(e));
-	CHECK(dws_range_check("o", &p, DWS_OK, &rs, &e) == DWS_ENOENT && strstr(e.msg, "xet hash"), "another X-Xet-Hash");
+	CHECK(dws_range_check("o", &p, DWS_OK, &rs, other, &e) == DWS_ENOENT && strstr(e.msg, "content hash"),
+	      "another content hash named (X-Xet-Hash)");
+	CHECK(dws_range_check("o", &p, DWS_OK, &rs, H, &e) == DWS_OK, "the listed hash named");
 	rs = (dws_http_resp){.status = 206};
 	snprintf(rs.etag, sizeof(rs.etag), "\"abc\"");
-	CHECK(dws_range_check("o", &p, DWS_OK, &rs, &e) == DWS_OK, "an ETag that names no hash, nothing pinned: unknown, taken");
+	CHECK(dws_range_check("o", &p, DWS_OK, &rs, NULL, &e) == DWS_OK, "an ETag that names no hash, nothing pinned: unknown, taken");
 	p.etag_is_hash = true;
-	CHECK(dws_range_check("o", &p, DWS_OK, &rs, &e) == DWS_OK, "where ETags are hashes, one that is no hash says nothing");
+	CHECK(dws_range_check("o", &p, DWS_OK, &rs, NULL, &e) == DWS_OK, "where ETags are hashes, one that is no hash says nothing");
 	snprintf(rs.etag, sizeof(rs.etag), "\"%s11\"", H + 2);
 	memset(&e, 0, sizeof(e));
-	CHECK(dws_range_check("o", &p, DWS_OK, &rs, &e) == DWS_ENOENT && strstr(e.msg, "listed hash"),
+	CHECK(dws_range_check("o", &p, DWS_OK, &rs, NULL, &e) == DWS_ENOENT && strstr(e.msg, "listed hash"),
 	      "where ETags are hashes, another hash is another content: %s", e.msg);
 	snprintf(rs.etag, sizeof(rs.etag), "W/\"%s\"", H);
-	CHECK(dws_range_check("o", &p, DWS_OK, &rs, &e) == DWS_OK && dws_etag_names(rs.etag, H), "the hash as a weak ETag");
+	CHECK(dws_range_check("o", &p, DWS_OK, &rs, NULL, &e) == DWS_OK && dws_etag_names(rs.etag, H), "the hash as a weak ETag");
 	snprintf(p.etag, sizeof(p.etag), "\"abc\"");
 	snprintf(rs.etag, sizeof(rs.etag), "abc");
-	CHECK(dws_range_check("o", &p, DWS_OK, &rs, &e) == DWS_OK, "the pinned ETag, quoted or not");
+	CHECK(dws_range_check("o", &p, DWS_OK, &rs, NULL, &e) == DWS_OK, "the pinned ETag, quoted or not");
 	snprintf(rs.etag, sizeof(rs.etag), "\"abd\"");
 	memset(&e, 0, sizeof(e));
-	CHECK(dws_range_check("o", &p, DWS_OK, &rs, &e) == DWS_ENOENT && strstr(e.msg, "changed while it was read"),
+	CHECK(dws_range_check("o", &p, DWS_OK, &rs, NULL, &e) == DWS_ENOENT && strstr(e.msg, "changed while it was read"),
 	      "another ETag than the pinned one: %s", e.msg);
 	rs = (dws_http_resp){.status = 412};
 	dws_fail(&e, DWS_EIO, "o: GET ...: HTTP 412");
-	CHECK(dws_range_check("o", &p, DWS_EIO, &rs, &e) == DWS_ENOENT && strstr(e.msg, "no longer has ETag \"abc\""),
+	CHECK(dws_range_check("o", &p, DWS_EIO, &rs, NULL, &e) == DWS_ENOENT && strstr(e.msg, "no longer has ETag \"abc\""),
 	      "a 412 is a change, said so: %s", e.msg);
 	rs = (dws_http_resp){.status = 403};
 	memset(&e, 0, sizeof(e));
-	CHECK(dws_range_check("o", &p, DWS_EIO, &rs, &e) == DWS_EIO, "other failures pass through");
+	CHECK(dws_range_check("o", &p, DWS_EIO, &rs, NULL, &e) == DWS_EIO, "other failures pass through");
 	char im[200];
 	dws_range_if_match(&p, im, sizeof(im));
 	CHECK(!strcmp(im, "\"abc\""), "If-Match is the pinned ETag: %s", im);

@@ -557,6 +557,61 @@ static void test_catalog(void)
 	free(cmd);
 }
 
+/* A local bucket's statistics: the bytes read from its files, those of a
+ * base model folder counted into it, and blobs that outlive the bucket. */
+static void test_bucket_stats(void)
+{
+	char dir[] = "/tmp/dwsfs-unit-XXXXXX";
+	if (!mkdtemp(dir)) {
+		CHECK(0, "mkdtemp");
+		return;
+	}
+	const char *json = "{\"w\":{\"dtype\":\"BF16\",\"shape\":[2],\"data_offsets\":[0,4]}}";
+	put_file(dir, "main/a.safetensors", json, 1700000000);
+	put_file(dir, "base/b.safetensors", json, 1700000000);
+	char *mdir = dws_xasprintf("%s/main", dir), *bdir = dws_xasprintf("%s/base", dir);
+	dws_bucket *m = NULL, *base = NULL;
+	dws_object *mo = NULL, *bo = NULL;
+	size_t mn = 0, bn = 0;
+	dws_blob *mb = NULL, *bb = NULL;
+	dws_error e = {0};
+	int rc = dws_bucket_open(mdir, &m, &e);
+	rc = rc ? rc : dws_bucket_open(bdir, &base, &e);
+	rc = rc ? rc : dws_bucket_list(m, "", &mo, &mn, &e);
+	rc = rc ? rc : dws_bucket_list(base, "", &bo, &bn, &e);
+	rc = rc ? rc : dws_bucket_open_blob(m, &mo[0], &mb, &e);
+	if (!rc)
+		dws_bucket_count_into(base, m);
+	rc = rc ? rc : dws_bucket_open_blob(base, &bo[0], &bb, &e);
+	CHECK(!rc && mn == 1 && bn == 1, "two local buckets, one file each: %s", e.msg);
+	if (!rc) {
+		char buf[16];
+		dws_bucket_stats st;
+		dws_bucket_stats_get(m, &st);
+		CHECK(st.bytes_fetched == 0, "nothing read yet: %llu", (unsigned long long)st.bytes_fetched);
+		CHECK(dws_blob_read(mb, 0, buf, 10, &e) == DWS_OK && dws_blob_read(bb, 2, buf, 6, &e) == DWS_OK, "reads");
+		dws_bucket_stats_get(m, &st);
+		CHECK(st.bytes_fetched == 16 && !st.requests[0] && !st.cache.hits,
+		      "the bucket's reads and its base's: %llu bytes", (unsigned long long)st.bytes_fetched);
+		dws_bucket_close(m);
+		dws_bucket_close(base);
+		m = base = NULL;
+		CHECK(dws_blob_read(mb, 0, buf, 8, &e) == DWS_OK && dws_blob_read(bb, 0, buf, 8, &e) == DWS_OK,
+		      "blobs read after their buckets closed");
+	}
+	dws_blob_unref(mb);
+	dws_blob_unref(bb);
+	dws_objects_free(mo, mn);
+	dws_objects_free(bo, bn);
+	dws_bucket_close(m);
+	dws_bucket_close(base);
+	free(mdir);
+	free(bdir);
+	char *cmd = dws_xasprintf("rm -rf '%s'", dir);
+	CHECK(system(cmd) == 0, "cleanup");
+	free(cmd);
+}
+
 /* A dense merge from the oldest run, given the tensor's local BF16 source,
  * becomes full: the source folded in, reads never touch the source again,
  * and newer runs still apply over it. */
@@ -942,6 +997,7 @@ int main(void)
 	test_patch_full();
 	test_gap_delta();
 	test_catalog();
+	test_bucket_stats();
 	test_block_cache();
 	test_block_cache_slow_disk();
 	test_block_cache_reads_out_of_order();
