@@ -209,7 +209,7 @@ def test_mount_serves_oracle(dwsfs, scenarios, tmp_path, name):
         assert isinstance(st["last_poll"], str) and st["anchor"] <= latest and st["chain_length"] >= 0, st
 
         assert set(os.listdir(m.mnt)) == set(os.listdir(expected / str(latest))) | META_ENTRIES
-        assert os.listdir(m.path(".dwsfs")) == ["status"]
+        assert sorted(os.listdir(m.path(".dwsfs"))) == ["patches", "status"]
         assert sorted(os.listdir(m.path("steps"))) == ["%06d" % s for s in info["steps"]]
 
         check_folder(m.mnt, expected / str(latest), top_exclude=META_ENTRIES)
