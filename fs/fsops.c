@@ -411,8 +411,10 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 			return (void)fuse_reply_err(req, e);
 		struct handle *h = handle_new(f, H_PATCH, NULL);
 		h->patch = p;
+		h->ino = ino;
+		h->backing = pt_open_fd(ino, dws_patchfile_fd(p)); /* the kernel reads it */
 		fi->fh = (uintptr_t)h;
-		if (fuse_reply_open(req, fi) == -ENOENT)
+		if (pt_reply_open(req, fi, h->backing) == -ENOENT)
 			handle_free(f, h);
 		return;
 	}

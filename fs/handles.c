@@ -36,6 +36,8 @@ void handle_free(struct fs *f, struct handle *h)
 		dws_mount_root_released(f->m);
 	if (h->kind == H_FILE)
 		pt_release(h->ino, h->id, h->file, h->backing);
+	else if (h->kind == H_PATCH)
+		pt_release_fd(h->ino, h->backing);
 	dws_step_unref(h->step);
 	dws_patchfile_unref(h->patch);
 	free(h->buf);

@@ -21,7 +21,7 @@ enum kind { K_STR, K_FLAG, K_SIZE, K_DURATION, K_UINT, K_ENUM, K_MAP };
 
 enum opt_id {
 	O_BASE, O_POLL, O_INFO_POLL, O_SWAP_IDLE, O_SWAP_MAX_DELAY, O_ON_SWAP, O_ON_SWAP_TIMEOUT,
-	O_ON_SWAP_KEEP_SECRETS, O_VERIFY, O_MAP_PREFIX, O_MAX_STEPS, O_READ_AHEAD, O_CACHE_DIR,
+	O_ON_SWAP_KEEP_SECRETS, O_PATCH_AHEAD, O_VERIFY, O_MAP_PREFIX, O_MAX_STEPS, O_READ_AHEAD, O_CACHE_DIR,
 	O_CACHE_SIZE, O_BLOCK_SIZE, O_READ_TIMEOUT, O_STALL_TIMEOUT, O_CA_FILE, O_MAT_MAX, O_MAT_DIR,
 	O_LOG_LEVEL, O_LOG_FILE, O_NONEMPTY, O_COUNT
 };
@@ -45,6 +45,7 @@ static const struct optdef defs[O_COUNT] = {
 	[O_ON_SWAP] = {"on_swap", K_STR, 0, 0, false, "a shell command"},
 	[O_ON_SWAP_TIMEOUT] = {"on_swap_timeout", K_DURATION, 1000, DAY_MS, true, "a duration from 1s to 1d, or never"},
 	[O_ON_SWAP_KEEP_SECRETS] = {"on_swap_keep_secrets", K_FLAG, 0, 0, false, "no value"},
+	[O_PATCH_AHEAD] = {"patch_ahead", K_ENUM, 0, 0, false, "auto, on or off"},
 	[O_VERIFY] = {"verify", K_ENUM, 0, 0, false, "none, payload or state"},
 	[O_MAP_PREFIX] = {"map_prefix", K_MAP, 0, 0, false, "FROM=TO (up to 16 of them)"},
 	[O_MAX_STEPS] = {"max_steps", K_UINT, 1, 1024, false, "a count from 1 to 1024"},
@@ -191,6 +192,8 @@ static bool enum_ok(int id, const char *s)
 	dws_log_level lv;
 	if (id == O_LOG_LEVEL)
 		return dws_log_level_parse(s, &lv);
+	if (id == O_PATCH_AHEAD)
+		return s && (!strcmp(s, "auto") || !strcmp(s, "on") || !strcmp(s, "off"));
 	return s && (!strcmp(s, "none") || !strcmp(s, "payload") || !strcmp(s, "state"));
 }
 
@@ -298,6 +301,8 @@ static void apply(struct config *c, const struct raw *r, const int64_t *n)
 	mo->on_swap_keep_secrets = r->set[O_ON_SWAP_KEEP_SECRETS];
 	mo->tmpdir = r->val[O_CACHE_DIR];
 	apply_verify(c, r->val[O_VERIFY]);
+	if (r->val[O_PATCH_AHEAD])
+		mo->patch_ahead = !strcmp(r->val[O_PATCH_AHEAD], "on") ? 1 : !strcmp(r->val[O_PATCH_AHEAD], "off") ? 0 : -1;
 	for (size_t i = 0; i < r->nmaps; i++) {
 		char *m = keep(c, strdup(r->maps[i])), *eq = strchr(m, '=');
 		*eq = 0;
@@ -382,6 +387,7 @@ static void usage(const char *prog)
 		[O_ON_SWAP] = "run `sh -c CMD` after each swap, one run at a time (docs/inference.md)",
 		[O_ON_SWAP_TIMEOUT] = "kill an on_swap run past this (10m); never",
 		[O_ON_SWAP_KEEP_SECRETS] = "pass HF_TOKEN and AWS_* keys on to on_swap",
+		[O_PATCH_AHEAD] = "make the patch from the root with each step: auto (once one was read), on, off",
 		[O_VERIFY] = "none, payload or state (state; payload for remote buckets)",
 		[O_MAP_PREFIX] = "FROM=TO: trainer name prefix FROM is TO in the checkpoint",
 		[O_MAX_STEPS] = "step views kept in memory for steps/ (8)",
@@ -401,6 +407,7 @@ static void usage(const char *prog)
 	static const char *const meta[O_COUNT] = {
 		[O_BASE] = "SRC", [O_POLL] = "TIME", [O_INFO_POLL] = "TIME", [O_SWAP_IDLE] = "TIME",
 		[O_SWAP_MAX_DELAY] = "TIME", [O_ON_SWAP] = "CMD", [O_ON_SWAP_TIMEOUT] = "TIME", [O_VERIFY] = "MODE",
+		[O_PATCH_AHEAD] = "WHEN",
 		[O_MAP_PREFIX] = "FROM=TO", [O_MAX_STEPS] = "N", [O_READ_AHEAD] = "KB", [O_CACHE_DIR] = "DIR",
 		[O_CACHE_SIZE] = "SIZE", [O_BLOCK_SIZE] = "SIZE", [O_READ_TIMEOUT] = "TIME", [O_STALL_TIMEOUT] = "TIME",
 		[O_CA_FILE] = "FILE", [O_MAT_MAX] = "SIZE", [O_MAT_DIR] = "DIR", [O_LOG_LEVEL] = "LEVEL",

@@ -300,6 +300,42 @@ void pt_release(fuse_ino_t ino, uint64_t id, size_t file, int backing)
 	pthread_mutex_unlock(&pt.lock);
 }
 
+int pt_open_fd(fuse_ino_t ino, int fd)
+{
+	pthread_mutex_lock(&pt.lock);
+	struct inode_mode *im = mode_of(ino);
+	int kid = -1;
+	if (!im->cached && atomic_load(&pt.active)) {
+		struct k_backing_map map = {.fd = fd};
+		kid = ioctl(pt.devfd, IOC_BACKING_OPEN, &map);
+	}
+	if (kid >= 0) {
+		im->passed++;
+		atomic_fetch_add(&pt.opens, 1);
+	} else {
+		im->cached++;
+	}
+	pthread_mutex_unlock(&pt.lock);
+	return kid;
+}
+
+void pt_release_fd(fuse_ino_t ino, int backing)
+{
+	pthread_mutex_lock(&pt.lock);
+	struct inode_mode *im = mode_of(ino);
+	if (backing >= 0) {
+		uint32_t kid = (uint32_t)backing;
+		if (ioctl(pt.devfd, IOC_BACKING_CLOSE, &kid) != 0)
+			dws_log_at(DWS_LOG_WARN, "passthrough: give back backing id %d: %s", backing, strerror(errno));
+		if (im->passed)
+			im->passed--;
+	} else if (im->cached) {
+		im->cached--;
+	}
+	mode_drop_if_idle(im);
+	pthread_mutex_unlock(&pt.lock);
+}
+
 const char *pt_state(void) { return atomic_load(&pt.state); }
 uint64_t pt_opens(void) { return atomic_load(&pt.opens); }
 void pt_count_read(void) { atomic_fetch_add(&pt.reads, 1); }

@@ -27,6 +27,11 @@ int pt_open(fuse_ino_t ino, uint64_t id, size_t file);
  * (from pt_open; -1: a plain open). */
 int pt_reply_open(fuse_req_t req, struct fuse_file_info *fi, int backing);
 void pt_release(fuse_ino_t ino, uint64_t id, size_t file, int backing);
+/* An open through inode ino of a file the daemon holds open as fd (a
+ * catch-up patch): a backing id of its own for the kernel to read fd, or -1
+ * for an open the daemon serves; pt_release_fd gives it back. */
+int pt_open_fd(fuse_ino_t ino, int fd);
+void pt_release_fd(fuse_ino_t ino, int backing);
 /* For .dwsfs/status: "on", or why not; opens passed through; reads the
  * daemon served. */
 const char *pt_state(void);

@@ -200,3 +200,18 @@ uint32_t dws_layout_node_lookup(const dws_layout *L, uint32_t dir, const char *n
 	free(key);
 	return ok ? (uint32_t)i : DWS_NODE_NONE;
 }
+
+bool dws_layout_same(const dws_layout *a, const dws_layout *b)
+{
+	if (a == b)
+		return true;
+	if (a->nslots != b->nslots || a->nfiles != b->nfiles)
+		return false;
+	for (size_t i = 0; i < a->nslots; i++) {
+		const dws_slot *x = &a->slots[i], *y = &b->slots[i];
+		if (strcmp(x->name, y->name) || x->file != y->file || x->off != y->off || x->dtype != y->dtype ||
+		    x->numel != y->numel || x->ndim != y->ndim || memcmp(x->shape, y->shape, x->ndim * sizeof(uint64_t)))
+			return false;
+	}
+	return true;
+}

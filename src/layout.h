@@ -62,6 +62,9 @@ void dws_layout_unref(dws_layout *L);
 /* Elements of the layout's float tensors (what a sparse delta may patch) and
  * bytes of all its tensors (what a dense file applied onto it may hold). */
 uint64_t dws_layout_patchable(const dws_layout *L);
+/* The same tensors in the same order (names, dtypes, shapes, places): two
+ * builds of one anchor's layout are. */
+bool dws_layout_same(const dws_layout *a, const dws_layout *b);
 uint64_t dws_layout_tensor_bytes(const dws_layout *L);
 /* Child of folder node dir named name, or DWS_NODE_NONE. */
 uint32_t dws_layout_node_lookup(const dws_layout *L, uint32_t dir, const char *name);

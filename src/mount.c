@@ -17,6 +17,7 @@
 #include "hook.h"
 #include "log.h"
 #include "materializer.h"
+#include "patchcache.h"
 #include "patchfile.h"
 #include "poller.h"
 #include "status.h"
@@ -29,12 +30,6 @@
 #include <string.h>
 
 enum { POLL_BACKOFF_CAP_MS = 60000, ROOT_HISTORY = 8, PATCHES_KEPT = 4 };
-
-/* A catch-up patch made for .dwsfs/patches, by the ids of its two steps. */
-struct kept_patch {
-	uint64_t from_id, to_id;
-	dws_patchfile *p;
-};
 
 struct step_entry {
 	uint64_t step, id;
@@ -76,9 +71,7 @@ struct dws_mount {
 	dws_stepcache *views;     /* steps/N */
 	uint64_t history[ROOT_HISTORY]; /* the root's last steps, newest last */
 	size_t nhistory;
-	pthread_mutex_t patch_lock; /* serializes making patches */
-	struct kept_patch patches[PATCHES_KEPT]; /* under lock, newest last */
-	size_t npatches;
+	dws_patchcache *patches;
 	dws_compactor *compactor;
 	dws_materializer *mat;    /* once dws_mount_materialize */
 	dws_hook *hook;
@@ -99,6 +92,7 @@ void dws_mount_opts_init(dws_mount_opts *o)
 		.max_steps = 8,
 		.verify = DWS_VERIFY_AUTO,
 		.on_swap_timeout_ms = 600000,
+		.patch_ahead = -1,
 	};
 }
 
@@ -163,6 +157,31 @@ static int verify_state(dws_mount *m, dws_step *s, dws_error *err)
 	return dws_step_check_state(s, want, m->bucket_uri, err);
 }
 
+/* The patch from the root to s, made before s is ready when patches are
+ * wanted, so a server reads it the moment s is: within a chain only (across
+ * an anchor it compares whole tensors: left to a reader who asks). Its ms,
+ * or -1 when none was made. */
+static int64_t patch_ahead(dws_mount *m, dws_step *s)
+{
+	if (!m->o.patch_ahead || (m->o.patch_ahead < 0 && !dws_patchcache_read_any(m->patches)))
+		return -1;
+	dws_step *root = dws_mount_root(m);
+	int64_t ms = -1;
+	if (root && dws_step_number(root) < dws_step_number(s)) {
+		int64_t t0 = now_ms(m);
+		dws_patchfile *p = NULL;
+		dws_error err = {0};
+		int rc = dws_patchcache_get(m->patches, m->bl, root, s, true, false, &p, &err);
+		if (rc && rc != DWS_EUNSUP)
+			dws_log_warn("patch %llu-%llu not made ahead: %s", (unsigned long long)dws_step_number(root),
+				     (unsigned long long)dws_step_number(s), err.msg);
+		ms = rc ? -1 : now_ms(m) - t0;
+		dws_patchfile_unref(p);
+	}
+	dws_step_unref(root);
+	return ms;
+}
+
 /* Build step n and verify it; a failure is remembered against its id and
  * logged (not at start-up: quiet, the caller reports it). NULL on failure. */
 static dws_step *build_verified(dws_mount *m, uint64_t n, uint64_t id, bool quiet, dws_error *err)
@@ -186,9 +205,13 @@ static dws_step *build_verified(dws_mount *m, uint64_t n, uint64_t id, bool quie
 	}
 	pthread_mutex_unlock(&m->lock);
 	if (!rc) {
-		dws_log_info("step %llu ready: anchor %llu, %zu files since, %llu patched elements, built in %lld ms",
+		int64_t built = now_ms(m) - t0, pms = patch_ahead(m, s);
+		char ahead[64] = "";
+		if (pms >= 0)
+			snprintf(ahead, sizeof(ahead), ", patch from the root made in %lld ms", (long long)pms);
+		dws_log_info("step %llu ready: anchor %llu, %zu files since, %llu patched elements, built in %lld ms%s",
 			     (unsigned long long)n, (unsigned long long)dws_step_anchor(s), dws_step_chain_length(s),
-			     (unsigned long long)dws_step_patch_entries(s), (long long)(now_ms(m) - t0));
+			     (unsigned long long)dws_step_patch_entries(s), (long long)built, ahead);
 		return s;
 	}
 	dws_step_unref(s);
@@ -295,14 +318,21 @@ int dws_mount_get_step_by_id(dws_mount *m, uint64_t id, dws_step **out, dws_erro
 	return DWS_OK;
 }
 
-int dws_mount_get_step(dws_mount *m, uint64_t step, dws_step **out, dws_error *err)
+/* The content id of step n of the catalog, 0 if none. */
+static uint64_t step_id(dws_mount *m, uint64_t n)
 {
 	uint64_t id = 0;
 	pthread_mutex_lock(&m->lock);
 	for (size_t i = 0; i < m->ntable; i++)
-		if (m->table[i].step == step)
+		if (m->table[i].step == n)
 			id = m->table[i].id;
 	pthread_mutex_unlock(&m->lock);
+	return id;
+}
+
+int dws_mount_get_step(dws_mount *m, uint64_t step, dws_step **out, dws_error *err)
+{
+	uint64_t id = step_id(m, step);
 	if (!id)
 		return dws_fail(err, DWS_ENOENT, "%s: no step %llu", m->bucket_uri, (unsigned long long)step);
 	return dws_mount_get_step_by_id(m, id, out, err);
@@ -427,57 +457,22 @@ bool dws_mount_is_materialized(dws_mount *m, uint64_t id)
 
 /* ---- catch-up patches (patchfile.h) ---- */
 
-static dws_patchfile *patch_kept_locked(dws_mount *m, uint64_t from_id, uint64_t to_id)
-{
-	for (size_t i = 0; i < m->npatches; i++)
-		if (m->patches[i].from_id == from_id && m->patches[i].to_id == to_id)
-			return dws_patchfile_ref(m->patches[i].p);
-	return NULL;
-}
-
-static void patch_keep(dws_mount *m, uint64_t from_id, uint64_t to_id, dws_patchfile *p)
-{
-	dws_patchfile *drop = NULL;
-	pthread_mutex_lock(&m->lock);
-	if (m->npatches == PATCHES_KEPT) { /* the oldest goes; open files keep their own */
-		drop = m->patches[0].p;
-		memmove(m->patches, m->patches + 1, (PATCHES_KEPT - 1) * sizeof(*m->patches));
-		m->npatches--;
-	}
-	m->patches[m->npatches++] = (struct kept_patch){from_id, to_id, dws_patchfile_ref(p)};
-	pthread_mutex_unlock(&m->lock);
-	dws_patchfile_unref(drop);
-}
-
 int dws_mount_patch(dws_mount *m, uint64_t from, uint64_t to, dws_patchfile **out, dws_error *err)
 {
 	*out = NULL;
 	if (from >= to)
 		return dws_fail(err, DWS_EINVAL, "patch from step %llu to step %llu: the first must come before the second",
 				(unsigned long long)from, (unsigned long long)to);
+	/* a kept one needs neither step built (the old root is often gone) */
+	*out = dws_patchcache_find(m->patches, step_id(m, from), step_id(m, to), true);
+	if (*out)
+		return DWS_OK;
 	dws_step *f = NULL, *t = NULL;
 	int rc = dws_mount_get_step(m, from, &f, err);
 	if (!rc)
 		rc = dws_mount_get_step(m, to, &t, err);
-	if (!rc) {
-		pthread_mutex_lock(&m->patch_lock); /* one at a time: the same one is made once */
-		pthread_mutex_lock(&m->lock);
-		*out = patch_kept_locked(m, dws_step_id(f), dws_step_id(t));
-		pthread_mutex_unlock(&m->lock);
-		if (!*out) {
-			int64_t t0 = now_ms(m);
-			pthread_mutex_lock(&m->build_lock);
-			rc = dws_patchfile_make(m->bl, f, t, m->tmpdir, out, err);
-			pthread_mutex_unlock(&m->build_lock);
-			if (!rc) {
-				patch_keep(m, dws_step_id(f), dws_step_id(t), *out);
-				dws_log_info("patch %llu-%llu: %llu elements, %llu bytes, made in %lld ms", (unsigned long long)from,
-					     (unsigned long long)to, (unsigned long long)dws_patchfile_changed(*out),
-					     (unsigned long long)dws_patchfile_size(*out), (long long)(now_ms(m) - t0));
-			}
-		}
-		pthread_mutex_unlock(&m->patch_lock);
-	}
+	if (!rc)
+		rc = dws_patchcache_get(m->patches, m->bl, f, t, false, true, out, err);
 	dws_step_unref(f);
 	dws_step_unref(t);
 	return rc;
@@ -798,7 +793,7 @@ int dws_mount_open_env(const dws_mount_opts *o, const dws_mount_env *env, dws_mo
 	m->failed = dws_failures_new();
 	pthread_mutex_init(&m->lock, NULL);
 	pthread_mutex_init(&m->build_lock, NULL);
-	pthread_mutex_init(&m->patch_lock, NULL);
+	m->patches = dws_patchcache_new(PATCHES_KEPT, m->tmpdir, &m->build_lock);
 	pthread_condattr_t ca;
 	pthread_condattr_init(&ca);
 	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
@@ -898,11 +893,9 @@ void dws_mount_close(dws_mount *m)
 	free(m->tmpdir);
 	free(m->on_swap);
 	free(m->mountpoint);
-	for (size_t i = 0; i < m->npatches; i++)
-		dws_patchfile_unref(m->patches[i].p);
+	dws_patchcache_free(m->patches);
 	pthread_mutex_destroy(&m->lock);
 	pthread_mutex_destroy(&m->build_lock);
-	pthread_mutex_destroy(&m->patch_lock);
 	pthread_cond_destroy(&m->cond);
 	free(m);
 }

@@ -3,8 +3,12 @@
  * merged per tensor (newest value wins), are exactly the elements that may
  * differ, and their values are TO's; no tensor is read. Otherwise (another
  * anchor, a dense file between) each tensor of TO is compared with FROM's
- * whole, window by window. The data goes to an unnamed file as it is made;
- * the header, made last, is held in memory and served before it. */
+ * whole, window by window. The whole file is an unnamed file: the data goes
+ * in as it is made, after room for the header, which can only be made last:
+ * the room is the size of the header every tensor that may appear would
+ * have, with the widest numbers, and the header is padded with spaces to
+ * fill it (safetensors allows that). One file, so the mount can hand it to
+ * the kernel to read (passthrough) and dwsctl can link it into place. */
 #include "patchfile.h"
 #include "step.h"
 
@@ -13,6 +17,7 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 enum { WINDOW = 1 << 20 };   /* elements compared at a time */
@@ -31,10 +36,8 @@ struct entry {
 struct dws_patchfile {
 	atomic_long refs;
 	uint64_t from, to;
-	char *header;      /* with its length prefix */
-	size_t hlen;
-	int fd;            /* the data, after the header */
-	uint64_t dlen;
+	int fd;            /* the whole file */
+	uint64_t size;
 	uint64_t changed;  /* elements written */
 	size_t sparse, dense;
 };
@@ -172,8 +175,14 @@ static int merge_params(const dws_slot *sl, const dws_delta_param *const *ps, co
 	uint64_t m = 0;
 	int rc = DWS_OK;
 	for (size_t k = 0; k < np && !rc; k++) {
+		if (k == 0) { /* nothing to merge with yet */
+			rc = decode_param(ps[k], sl->numel, what[k], ai, err);
+			memcpy(av, ps[k]->val, ps[k]->count * 2); /* unaligned in the file */
+			m = ps[k]->count;
+			continue;
+		}
 		rc = decode_param(ps[k], sl->numel, what[k], pi, err);
-		memcpy(pv, ps[k]->val, ps[k]->count * 2); /* unaligned in the file */
+		memcpy(pv, ps[k]->val, ps[k]->count * 2);
 		merge(ai, av, m, pi, pv, ps[k]->count, oi, ov, &m);
 		uint32_t *si = ai;
 		ai = oi, oi = si;
@@ -199,14 +208,21 @@ static int sparse_slot(struct out *o, const dws_slot *sl, const dws_delta_param 
 	uint64_t n;
 	int rc = merge_params(sl, ps, what, np, &idx, &val, &n, err);
 	size_t osz = dws_dtype_size(sl->dtype);
-	for (uint64_t k = 0; k < n && !rc; k++) {
-		uint64_t ix = idx[k];
-		rc = out_put(o, &ix, 8, err);
+	uint64_t chunk[1024];
+	for (uint64_t k = 0; k < n && !rc; k += 1024) {
+		size_t c = n - k < 1024 ? (size_t)(n - k) : 1024;
+		for (size_t i = 0; i < c; i++)
+			chunk[i] = idx[k + i];
+		rc = out_put(o, chunk, c * 8, err);
 	}
-	for (uint64_t k = 0; k < n && !rc; k++) {
-		unsigned char v[4];
-		put_value(v, sl->dtype, val[k]);
-		rc = out_put(o, v, osz, err);
+	if (sl->dtype == DWS_DT_BF16 && !rc) {
+		rc = out_put(o, val, n * 2, err);
+	} else {
+		for (uint64_t k = 0; k < n && !rc; k++) {
+			unsigned char v[4];
+			put_value(v, sl->dtype, val[k]);
+			rc = out_put(o, v, osz, err);
+		}
 	}
 	free(idx);
 	free(val);
@@ -371,24 +387,80 @@ static char *shapes_json(const struct out *o)
 	return s ? s : dws_xstrdup("{}");
 }
 
-static int make_header(dws_patchfile *p, const struct out *o, dws_error *err)
+/* The header of entries e[0..n) with these numbers, length prefix included. */
+static int build_header(const struct entry *e, size_t n, const uint64_t nums[5], char **out, size_t *len,
+			dws_error *err)
 {
-	dws_st_out_tensor *ts = dws_xcalloc(o->n ? o->n : 1, sizeof(*ts));
-	for (size_t i = 0; i < o->n; i++)
-		ts[i] = (dws_st_out_tensor){o->e[i].name, o->e[i].dtype, o->e[i].ndim, o->e[i].shape, o->e[i].nbytes};
+	struct out o = {.e = (struct entry *)e, .n = n};
+	dws_st_out_tensor *ts = dws_xcalloc(n ? n : 1, sizeof(*ts));
+	for (size_t i = 0; i < n; i++)
+		ts[i] = (dws_st_out_tensor){e[i].name, e[i].dtype, e[i].ndim, e[i].shape, e[i].nbytes};
 	char v[5][24];
-	snprintf(v[0], sizeof(v[0]), "%llu", (unsigned long long)p->from);
-	snprintf(v[1], sizeof(v[1]), "%llu", (unsigned long long)p->to);
-	snprintf(v[2], sizeof(v[2]), "%zu", o->sparse);
-	snprintf(v[3], sizeof(v[3]), "%zu", o->dense);
-	snprintf(v[4], sizeof(v[4]), "%llu", (unsigned long long)o->changed);
-	char *shapes = shapes_json(o);
+	for (int i = 0; i < 5; i++)
+		snprintf(v[i], sizeof(v[i]), "%llu", (unsigned long long)nums[i]);
+	char *shapes = shapes_json(&o);
 	dws_st_meta meta[] = {{"format", "dwsfs_patch"}, {"version", "1"}, {"from_step", v[0]}, {"to_step", v[1]},
 			      {"sparse_tensors", v[2]}, {"dense_tensors", v[3]}, {"changed_elements", v[4]},
 			      {"shapes", shapes}};
-	int rc = dws_st_build_header(ts, o->n, meta, DWS_ARRAY_LEN(meta), &p->header, &p->hlen, err);
+	int rc = dws_st_build_header(ts, n, meta, DWS_ARRAY_LEN(meta), out, len, err);
 	free(shapes);
 	free(ts);
+	return rc;
+}
+
+/* Room for the header: the header of both entries of every slot in
+ * slots[0..n) (NULL: all of L's), with the widest numbers (a first entry of
+ * 10^18 bytes puts every later offset at 19 digits), plus slack for the
+ * first entry's offset of 0. */
+static int header_room(const dws_layout *L, const size_t *slots, size_t n, uint64_t *room, dws_error *err)
+{
+	struct entry *e = dws_xcalloc(2 * n + 1, sizeof(*e));
+	for (size_t i = 0; i < n; i++) {
+		const dws_slot *sl = &L->slots[slots ? slots[i] : i];
+		struct entry *x = &e[2 * i], *v = &e[2 * i + 1];
+		x->name = dws_xasprintf("%s.indices", sl->name);
+		x->dtype = DWS_DT_I64;
+		x->ndim = 1;
+		x->shape[0] = sl->numel;
+		v->name = dws_xasprintf("%s.values", sl->name);
+		v->dtype = sl->dtype;
+		v->ndim = x->full_ndim = sl->ndim <= 16 ? sl->ndim : 0;
+		memcpy(v->shape, sl->shape, v->ndim * sizeof(uint64_t));
+		memcpy(x->full_shape, sl->shape, v->ndim * sizeof(uint64_t));
+	}
+	if (n)
+		e[0].nbytes = 1000000000000000000ull;
+	const uint64_t widest[5] = {INT64_MAX, INT64_MAX, INT64_MAX, INT64_MAX, INT64_MAX};
+	char *h = NULL;
+	size_t len = 0;
+	int rc = build_header(e, 2 * n, widest, &h, &len, err);
+	for (size_t i = 0; i < 2 * n; i++)
+		free(e[i].name);
+	free(e);
+	free(h);
+	*room = (len + 64 + 7) & ~(uint64_t)7;
+	return rc;
+}
+
+/* The real header, padded with spaces to fill the room, at the file's start. */
+static int write_header(dws_patchfile *p, const struct out *o, uint64_t room, dws_error *err)
+{
+	const uint64_t nums[5] = {p->from, p->to, o->sparse, o->dense, o->changed};
+	char *h = NULL;
+	size_t len = 0;
+	int rc = build_header(o->e, o->n, nums, &h, &len, err);
+	if (!rc && len > room)
+		rc = dws_fail(err, DWS_EIO, "patch %llu-%llu: header of %zu bytes over its room of %llu", (unsigned long long)p->from,
+			      (unsigned long long)p->to, len, (unsigned long long)room);
+	if (!rc) {
+		h = dws_xrealloc(h, (size_t)room);
+		memset(h + len, ' ', (size_t)room - len);
+		for (int i = 0; i < 8; i++)
+			h[i] = (char)((room - 8) >> (8 * i));
+		struct out w = {.fd = p->fd, .buf = (unsigned char *)h, .blen = (size_t)room};
+		rc = out_flush(&w, err);
+	}
+	free(h);
 	return rc;
 }
 
@@ -404,37 +476,75 @@ static int open_data(const char *tmpdir, int *fd, dws_error *err)
 	return DWS_OK;
 }
 
-int dws_patchfile_make(dws_builder *bl, dws_step *from, dws_step *to, const char *tmpdir, dws_patchfile **out,
-		       dws_error *err)
+/* The slots the chain's files name, each once (*n of them). */
+static size_t *chain_slots(const dws_layout *L, const dws_lazy_chain *lc, size_t *n)
+{
+	bool *seen = dws_xcalloc(L->nslots ? L->nslots : 1, sizeof(bool));
+	size_t *out = dws_xcalloc(L->nslots ? L->nslots : 1, sizeof(size_t)), k = 0;
+	for (size_t f = 0; f < lc->nfiles; f++)
+		for (size_t i = 0; i < lc->files[f].np; i++) {
+			size_t sl = lc->files[f].ps[i].slot;
+			if (sl < L->nslots && !seen[sl]) {
+				seen[sl] = true;
+				out[k++] = sl;
+			}
+		}
+	free(seen);
+	*n = k;
+	return out;
+}
+
+/* The data of the patch into o, after room for its header (*room). */
+static int make_data(struct out *o, dws_lazy_chain *lc, dws_step *from, dws_step *to, uint64_t *room,
+		     dws_error *err)
+{
+	const dws_layout *L = dws_step_layout(to);
+	size_t n = L->nslots, *slots = lc ? chain_slots(L, lc, &n) : NULL;
+	int rc = header_room(L, slots, n, room, err);
+	free(slots);
+	if (rc)
+		return rc;
+	o->off = *room;
+	o->buf = dws_xmalloc(WINDOW);
+	rc = lc ? from_chain(o, lc, err) : from_whole(o, from, to, err);
+	if (!rc)
+		rc = out_flush(o, err);
+	return rc;
+}
+
+int dws_patchfile_make(dws_builder *bl, dws_step *from, dws_step *to, const char *tmpdir, bool chain_only,
+		       dws_patchfile **out, dws_error *err)
 {
 	*out = NULL;
 	uint64_t fs = dws_step_number(from), ts = dws_step_number(to);
 	if (fs >= ts)
 		return dws_fail(err, DWS_EINVAL, "patch from step %llu to step %llu: the first must come before the second",
 				(unsigned long long)fs, (unsigned long long)ts);
-	struct out o = {.fd = -1};
-	int rc = open_data(tmpdir, &o.fd, err);
 	dws_lazy_chain *lc = NULL;
-	if (!rc && dws_step_layout(from) == dws_step_layout(to))
+	int rc = DWS_OK;
+	if (dws_layout_same(dws_step_layout(from), dws_step_layout(to)))
 		rc = dws_builder_span(bl, to, fs, &lc, err);
-	if (!rc) {
-		o.buf = dws_xmalloc(WINDOW);
-		rc = lc ? from_chain(&o, lc, err) : from_whole(&o, from, to, err);
-		if (!rc)
-			rc = out_flush(&o, err);
-	}
+	if (!rc && !lc && chain_only)
+		rc = dws_fail(err, DWS_EUNSUP, "patch %llu-%llu: not within one chain of deltas", (unsigned long long)fs,
+			      (unsigned long long)ts);
+	struct out o = {.fd = -1};
+	if (!rc)
+		rc = open_data(tmpdir, &o.fd, err);
+	uint64_t room = 0;
+	if (!rc)
+		rc = make_data(&o, lc, from, to, &room, err);
 	dws_lazy_chain_free(lc);
 	dws_patchfile *p = dws_xcalloc(1, sizeof(*p));
 	atomic_init(&p->refs, 1);
 	p->from = fs;
 	p->to = ts;
 	p->fd = o.fd;
-	p->dlen = o.off;
+	p->size = o.off;
 	p->changed = o.changed;
 	p->sparse = o.sparse;
 	p->dense = o.dense;
 	if (!rc)
-		rc = make_header(p, &o, err);
+		rc = write_header(p, &o, room, err);
 	for (size_t i = 0; i < o.n; i++)
 		free(o.e[i].name);
 	free(o.e);
@@ -447,25 +557,19 @@ int dws_patchfile_make(dws_builder *bl, dws_step *from, dws_step *to, const char
 	return DWS_OK;
 }
 
-uint64_t dws_patchfile_size(const dws_patchfile *p) { return p->hlen + p->dlen; }
+uint64_t dws_patchfile_size(const dws_patchfile *p) { return p->size; }
+int dws_patchfile_fd(const dws_patchfile *p) { return p->fd; }
 uint64_t dws_patchfile_changed(const dws_patchfile *p) { return p->changed; }
 
 int64_t dws_patchfile_read(dws_patchfile *p, uint64_t off, void *buf, size_t len, dws_error *err)
 {
-	uint64_t size = dws_patchfile_size(p);
-	if (off >= size)
+	if (off >= p->size)
 		return 0;
-	if (len > size - off)
-		len = (size_t)(size - off);
+	if (len > p->size - off)
+		len = (size_t)(p->size - off);
 	unsigned char *dst = buf;
-	size_t done = 0;
-	if (off < p->hlen) {
-		size_t k = p->hlen - off < len ? (size_t)(p->hlen - off) : len;
-		memcpy(dst, p->header + off, k);
-		done = k;
-	}
-	while (done < len) {
-		ssize_t r = pread(p->fd, dst + done, len - done, (off_t)(off + done - p->hlen));
+	for (size_t done = 0; done < len;) {
+		ssize_t r = pread(p->fd, dst + done, len - done, (off_t)(off + done));
 		if (r < 0 && errno == EINTR)
 			continue;
 		if (r <= 0)
@@ -476,9 +580,30 @@ int64_t dws_patchfile_read(dws_patchfile *p, uint64_t off, void *buf, size_t len
 	return (int64_t)len;
 }
 
+/* The unnamed file linked at tmp (same filesystem), or -1. */
+static int link_at(dws_patchfile *p, const char *tmp)
+{
+	char proc[64];
+	snprintf(proc, sizeof(proc), "/proc/self/fd/%d", p->fd);
+	if (linkat(AT_FDCWD, proc, AT_FDCWD, tmp, AT_SYMLINK_FOLLOW) != 0)
+		return -1;
+	if (chmod(tmp, 0644) != 0) {
+		unlink(tmp);
+		return -1;
+	}
+	return 0;
+}
+
 int dws_patchfile_write(dws_patchfile *p, const char *path, dws_error *err)
 {
 	char *tmp = dws_xasprintf("%s.tmp.%ld", path, (long)getpid());
+	if (link_at(p, tmp) == 0) {
+		int rc = rename(tmp, path) == 0 ? DWS_OK : dws_fail(err, DWS_EIO, "%s: %s", path, strerror(errno));
+		if (rc)
+			unlink(tmp);
+		free(tmp);
+		return rc;
+	}
 	int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
 	if (fd < 0) {
 		int rc = dws_fail(err, DWS_EIO, "%s: %s", tmp, strerror(errno));
@@ -528,7 +653,6 @@ void dws_patchfile_unref(dws_patchfile *p)
 		return;
 	if (p->fd >= 0)
 		close(p->fd);
-	free(p->header);
 	free(p);
 }
 
@@ -543,7 +667,14 @@ int dws_patch_write(dws_builder *bl, uint64_t from, uint64_t to, const char *pat
 	if (!rc)
 		rc = dws_builder_build(bl, to, &t, err);
 	if (!rc)
-		rc = dws_patchfile_make(bl, f, t, NULL, &p, err);
+	{
+		/* made beside its place, it is linked there: no copy */
+		char *dir = dws_xstrdup(path), *slash = strrchr(dir, '/');
+		if (slash)
+			slash[slash == dir] = '\0';
+		rc = dws_patchfile_make(bl, f, t, slash ? dir : ".", false, &p, err);
+		free(dir);
+	}
 	if (!rc)
 		rc = dws_patchfile_write(p, path, err);
 	if (!rc && changed)

@@ -14,9 +14,11 @@
 #include "internal.h"
 
 /* The patch from built step `from` to built step `to` (from < to) of bl's
- * catalog, its data in an unnamed file under tmpdir (NULL: $TMPDIR, /tmp). */
-int dws_patchfile_make(dws_builder *bl, dws_step *from, dws_step *to, const char *tmpdir, dws_patchfile **out,
-		       dws_error *err);
+ * catalog, in an unnamed file under tmpdir (NULL: $TMPDIR, /tmp). chain_only:
+ * only from the deltas between them (DWS_EUNSUP if they are not within one
+ * chain), never by comparing tensors. */
+int dws_patchfile_make(dws_builder *bl, dws_step *from, dws_step *to, const char *tmpdir, bool chain_only,
+		       dws_patchfile **out, dws_error *err);
 uint64_t dws_patchfile_changed(const dws_patchfile *p); /* elements written */
 /* The whole file at path, atomically (a temp name renamed). */
 int dws_patchfile_write(dws_patchfile *p, const char *path, dws_error *err);

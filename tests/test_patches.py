@@ -7,6 +7,7 @@ bigger than its changed elements need."""
 import errno
 import json
 import os
+import re
 import struct
 import subprocess
 import time
@@ -158,3 +159,25 @@ def test_mount_serves_patches(dwsctl, scenarios, tmp_path):
             with pytest.raises(OSError) as e:
                 open(m.path(".dwsfs", "patches", bad), "rb").read()
             assert e.value.errno == err, (bad, e.value)
+
+
+@pytest.mark.parametrize("mode", ["auto", "on", "off"])
+def test_patch_made_ahead(dwsctl, scenarios, tmp_path, mode):
+    """patch_ahead: the patch from the root made before the new step is
+    ready (on; auto once a patch was read; never with off), and the same
+    bytes as one made when read."""
+    root, info = scenarios["gaps"]
+    expected, s = root / "expected", info["steps"]
+    bucket = tmp_path / "bucket"
+    publish(dwsctl, None, expected / str(s[0]), bucket, s[0], "anchor")
+    opts = ("poll=1", "swap_idle=0.1") + (() if mode == "auto" else (f"patch_ahead={mode}",))
+    with mounted(bucket, tmp_path / "mnt", *opts) as m:
+        made = []
+        for prev, cur in zip(s, s[1:4]):
+            publish(dwsctl, expected / str(prev), expected / str(cur), bucket, cur)
+            m.wait_step(cur, 10 * SLOW)
+            made.append(bool(re.search(rf" step {cur} ready: .*, patch from the root made in \d+ ms$", m.log(),
+                                       flags=re.M)))
+            check(m.path(".dwsfs", "patches", f"{prev:06d}-{cur:06d}.safetensors"), expected, prev, cur)
+        want = {"on": [True] * 3, "off": [False] * 3, "auto": [False, True, True]}[mode]
+        assert made == want, (made, m.log())

@@ -453,6 +453,9 @@ int dws_patch_write(dws_builder *bl, uint64_t from, uint64_t to, const char *pat
 uint64_t dws_patchfile_size(const dws_patchfile *p);
 /* Bytes [off, off+len): the count (short only at the end), or < 0. */
 int64_t dws_patchfile_read(dws_patchfile *p, uint64_t off, void *buf, size_t len, dws_error *err);
+/* The open file holding the whole patch (for the kernel to read it
+ * directly); owned by p, valid while p is referenced. */
+int dws_patchfile_fd(const dws_patchfile *p);
 dws_patchfile *dws_patchfile_ref(dws_patchfile *p);
 void dws_patchfile_unref(dws_patchfile *p);
 
@@ -506,6 +509,8 @@ typedef struct dws_mount_opts {
 	const char *on_swap;        /* sh -c command after each swap */
 	int64_t on_swap_timeout_ms; /* a run is killed past it; 0: never; 600000 */
 	bool on_swap_keep_secrets;  /* pass HF_TOKEN and AWS_* keys on to it */
+	int patch_ahead;            /* the patch root -> new step made before it is
+				     * ready: 1 yes, 0 no, -1 once a patch was read */
 	const char *mountpoint;     /* absolute: for the hook's environment and logs */
 	/* Called by the sync thread after a swap, holding no lock. */
 	void (*swapped)(void *ctx, dws_step *old_root, dws_step *new_root);
