@@ -1,5 +1,6 @@
-/* Bucket dispatch: a URI names a backend. Only the local folder exists in
- * this file; HTTP backends plug in through the same ops table. */
+/* What every bucket shares: its calls through the backend's ops table, its
+ * statistics, and the helpers backends list with. Which backend a URI names
+ * is bucket_open.c's. */
 #include "bucket.h"
 #include "http.h"
 #include "remote.h"
@@ -7,28 +8,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-
-int dws_bucket_open_opts(const char *uri, const dws_bucket_opts *o,
-			 dws_bucket **out, dws_error *err)
-{
-	*out = NULL;
-	if (!uri || !*uri)
-		return dws_fail(err, DWS_EINVAL, "bucket: empty location");
-	if (strncmp(uri, "file://", 7) == 0)
-		return dws_bucket_local_open(uri + 7, out, err);
-	if (strncmp(uri, "hf://", 5) == 0)
-		return dws_bucket_hf_open(uri, o, out, err);
-	if (strncmp(uri, "s3://", 5) == 0)
-		return dws_bucket_s3_open(uri, o, out, err);
-	if (strstr(uri, "://"))
-		return dws_fail(err, DWS_EUNSUP, "%s: unsupported bucket scheme (a folder, file://, hf:// or s3://)", uri);
-	return dws_bucket_local_open(uri, out, err);
-}
-
-int dws_bucket_open(const char *uri, dws_bucket **out, dws_error *err)
-{
-	return dws_bucket_open_opts(uri, NULL, out, err);
-}
 
 int dws_bucket_probe(dws_bucket *b, char *token, size_t len, dws_error *err)
 {

@@ -4,43 +4,13 @@
  * Step N = the latest complete anchor A <= N (or the base model alone when the
  * run has no anchor yet), then every file with A < step <= N: dense files
  * replace the tensors they hold, sparse files merge into the patch index. */
-#include "bucket.h"
-#include "delta.h"
-#include "step.h"
+#include "builder_int.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <xxhash.h>
-
-struct cached_blob {
-	char *key;      /* object key + identity: a rewritten object is new */
-	dws_blob *blob;
-};
-
-struct dws_builder {
-	dws_catalog *cat;
-	dws_build_opts o;
-	dws_prefix_map *maps;
-	dws_bucket *base_bucket;   /* owned when the base is outside the bucket */
-	char *base_prefix;         /* "base" inside the bucket, "" outside */
-	dws_layout *base_layout;
-	dws_step *prev;
-	struct cached_blob *blobs;
-	size_t nblobs;
-	uint32_t *seen;            /* per slot: stamp of the file that last named it */
-	size_t nseen;
-	uint32_t stamp;
-	unsigned char *scratch;    /* a delta file's bytes, reused from one to the next */
-	size_t scratch_cap;
-	/* a build applying several files: per slot, the dense run it made
-	 * (dws_patchset_add_build); NULL when not folding */
-	dws_patch **own;
-	size_t nown;
-	bool folding;
-};
 
 /* A sparse step file whole in bl->scratch (grown as needed; its pages stay
  * faulted in from one delta to the next), no bigger than a delta of the
@@ -193,15 +163,8 @@ static int layout_from_base(dws_builder *bl, dws_error *err)
 
 /* ---- steps ---- */
 
-struct resolve_ctx {
-	dws_builder *bl;
-	dws_step *s;
-	const char *what;
-	dws_error *err;
-	bool dup;
-};
 
-static void ensure_seen(dws_builder *bl, size_t n)
+void dws_bl_ensure_seen(dws_builder *bl, size_t n)
 {
 	if (bl->nseen < n) {
 		bl->seen = dws_xrealloc(bl->seen, n * sizeof(*bl->seen));
@@ -210,7 +173,7 @@ static void ensure_seen(dws_builder *bl, size_t n)
 	}
 }
 
-static int resolve(void *ctx, const char *name, size_t *slot, uint64_t *numel)
+int dws_bl_resolve(void *ctx, const char *name, size_t *slot, uint64_t *numel)
 {
 	struct resolve_ctx *rc = ctx;
 	char *out = map_name(rc->bl, name);
@@ -247,7 +210,7 @@ static int check_payload(dws_builder *bl, dws_blob *b, const dws_st_file *st,
 }
 
 /* The same for a file held in memory. */
-static int check_payload_mem(dws_builder *bl, const dws_st_file *st, const unsigned char *data,
+int dws_bl_check_payload_mem(dws_builder *bl, const dws_st_file *st, const unsigned char *data,
 			     size_t len, const char *what, dws_error *err)
 {
 	const char *want = dws_st_meta_get(st, "dwsfs.payload_xxh3");
@@ -258,7 +221,7 @@ static int check_payload_mem(dws_builder *bl, const dws_st_file *st, const unsig
 }
 
 /* What a sparse file's params may patch: one tensor each, a float one. */
-static int check_patchable(const dws_step *s, const dws_delta_param *ps, size_t np, bool dup,
+int dws_bl_check_patchable(const dws_step *s, const dws_delta_param *ps, size_t np, bool dup,
 			   const char *what, dws_error *err)
 {
 	if (dup)
@@ -285,14 +248,14 @@ static int apply_dense(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 	rc = dws_st_read_blob(b, what, &st, err);
 	if (!rc)
 		rc = check_payload(bl, b, st, what, err);
-	ensure_seen(bl, dws_step_layout(s)->nslots);
+	dws_bl_ensure_seen(bl, dws_step_layout(s)->nslots);
 	bl->stamp++;
 	struct resolve_ctx ctx = {bl, s, what, err, false};
 	for (size_t i = 0; !rc && i < dws_st_count(st); i++) {
 		const dws_st_tensor *t = dws_st_at(st, i);
 		size_t slot;
 		uint64_t numel;
-		if (resolve(&ctx, t->name, &slot, &numel) != 0) {
+		if (dws_bl_resolve(&ctx, t->name, &slot, &numel) != 0) {
 			rc = dws_fail(err, DWS_EFORMAT, "%s: unknown tensor '%s': the model has no such parameter (trainer names that differ by a prefix need --map-prefix)", what, t->name);
 			break;
 		}
@@ -409,10 +372,10 @@ static int apply_sparse(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 		rc = dws_delta_check(st, dws_layout_patchable(dws_step_layout(s)), what, err);
 	if (rc)
 		goto out;
-	rc = check_payload_mem(bl, st, data, len, what, err);
+	rc = dws_bl_check_payload_mem(bl, st, data, len, what, err);
 	if (rc)
 		goto out;
-	ensure_seen(bl, dws_step_layout(s)->nslots);
+	dws_bl_ensure_seen(bl, dws_step_layout(s)->nslots);
 	bl->stamp++;
 	struct resolve_ctx ctx = {bl, s, what, err, false};
 	uint64_t ds = dws_st_data_start(st);
@@ -422,9 +385,9 @@ static int apply_sparse(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 	arena = dws_arena_new((size_t)total * (sizeof(uint32_t) + sizeof(uint16_t)));
 	uint32_t *idx_pool = arena->mem;
 	uint16_t *val_pool = (uint16_t *)(void *)(idx_pool + total);
-	rc = dws_delta_decode_pool(st, data + ds, len - ds, f->variant, what, resolve, &ctx, idx_pool, &ps, &np, err);
+	rc = dws_delta_decode_pool(st, data + ds, len - ds, f->variant, what, dws_bl_resolve, &ctx, idx_pool, &ps, &np, err);
 	if (!rc)
-		rc = check_patchable(s, ps, np, ctx.dup, what, err);
+		rc = dws_bl_check_patchable(s, ps, np, ctx.dup, what, err);
 	if (rc)
 		goto out;
 	uint64_t *first = dws_xcalloc(np ? np : 1, sizeof(*first));
@@ -596,154 +559,6 @@ int dws_builder_build(dws_builder *bl, uint64_t step, dws_step **out,
 	bl->prev = dws_step_ref(s);
 	prune_blobs(bl);
 	*out = s;
-	return DWS_OK;
-}
-
-/* ---- a chain left undecoded (streaming extract) ---- */
-
-void dws_lazy_chain_free(dws_lazy_chain *c)
-{
-	if (!c)
-		return;
-	for (size_t i = 0; i < c->nfiles; i++) {
-		dws_lazy_file *f = &c->files[i];
-		dws_delta_free(f->ps, f->np);
-		dws_st_free(f->st);
-		if (f->mapped)
-			munmap(f->data, f->len);
-		else
-			free(f->data);
-		free(f->what);
-	}
-	free(c->files);
-	dws_step_unref(c->first);
-	free(c);
-}
-
-/* A sparse file of the chain in memory (mapped when it is a local file),
- * checked as apply_sparse checks it, its indices left as they are. */
-static int lazy_file(dws_builder *bl, dws_step *s, const dws_stepfile *f,
-		     dws_lazy_file *lf, dws_error *err)
-{
-	dws_blob *raw = NULL, *b = NULL;
-	int rc = dws_bucket_open_blob(dws_catalog_bucket(bl->cat), &f->obj, &raw, err);
-	if (rc)
-		return rc;
-	lf->what = dws_xstrdup(dws_blob_name(raw));
-	uint64_t size;
-	uint64_t patchable = dws_layout_patchable(dws_step_layout(s));
-	rc = dws_delta_size(raw, f->compressed, patchable, bl->o.max_delta_bytes, &size, err);
-	if (!rc && f->compressed) /* exactly that size, into a file mapped below */
-		rc = dws_zstd_st_file(raw, bl->o.tmpdir, size, &b, err);
-	else if (!rc)
-		b = dws_blob_ref(raw);
-	dws_blob_unref(raw);
-	if (rc)
-		return rc;
-	if (dws_blob_fd(b) >= 0 && size) {
-		void *m = mmap(NULL, (size_t)size, PROT_READ, MAP_PRIVATE, dws_blob_fd(b), 0);
-		if (m != MAP_FAILED) {
-			lf->data = m;
-			lf->len = (size_t)size;
-			lf->mapped = true;
-			dws_blob_count_fetched(b, size);
-		}
-	}
-	if (!rc && !lf->data)
-		rc = dws_blob_slurp(b, bl->o.max_delta_bytes, &lf->data, &lf->len, err);
-	dws_blob_unref(b);
-	if (rc)
-		return rc;
-	const unsigned char *data = lf->data;
-	rc = dws_st_parse(data, lf->len, lf->len, lf->what, &lf->st, NULL, err);
-	if (!rc)
-		rc = dws_delta_check(lf->st, patchable, lf->what, err);
-	if (rc)
-		return rc;
-	rc = check_payload_mem(bl, lf->st, data, lf->len, lf->what, err);
-	if (rc)
-		return rc;
-	uint64_t ds = dws_st_data_start(lf->st);
-	ensure_seen(bl, dws_step_layout(s)->nslots);
-	bl->stamp++;
-	struct resolve_ctx ctx = {bl, s, lf->what, err, false};
-	rc = dws_delta_scan(lf->st, data + ds, lf->len - ds, f->variant, lf->what, resolve, &ctx, &lf->ps, &lf->np, err);
-	return rc ? rc : check_patchable(s, lf->ps, lf->np, ctx.dup, lf->what, err);
-}
-
-int dws_builder_lazy_chain(dws_builder *bl, uint64_t step, dws_lazy_chain **out,
-			   dws_error *err)
-{
-	*out = NULL;
-	const dws_catalog *c = bl->cat;
-	const dws_stepfile *target = dws_catalog_find(c, step);
-	const dws_stepfile *a = dws_catalog_anchor_for(c, step);
-	if (!target || target->error[0] || !a || a->step == step)
-		return DWS_OK;
-	for (size_t i = 0; i < dws_catalog_count(c); i++) {
-		const dws_stepfile *f = dws_catalog_at(c, i);
-		if (f->step > a->step && f->step <= step && (f->error[0] || f->variant == DWS_VAR_DENSE))
-			return DWS_OK;
-	}
-	dws_lazy_chain *lc = dws_xcalloc(1, sizeof(*lc));
-	int rc = dws_builder_build(bl, a->step, &lc->first, err);
-	uint64_t at = a->step;
-	for (size_t i = 0; !rc && i < dws_catalog_count(c); i++) {
-		const dws_stepfile *f = dws_catalog_at(c, i);
-		if (f->step <= a->step)
-			continue;
-		if (f->step > step)
-			break;
-		lc->files = dws_xrealloc(lc->files, (lc->nfiles + 1) * sizeof(*lc->files));
-		dws_lazy_file *lf = &lc->files[lc->nfiles++];
-		memset(lf, 0, sizeof(*lf));
-		rc = lazy_file(bl, lc->first, f, lf, err);
-		if (!rc && bl->o.verify && f->parent_step >= 0 && (uint64_t)f->parent_step != at)
-			rc = dws_fail(err, DWS_EVERIFY, "%s/%s: chain broken: its parent is step %lld but the previous step in the bucket is %llu (a step is missing)",
-				      dws_bucket_uri(dws_catalog_bucket(c)), f->obj.key, (long long)f->parent_step, (unsigned long long)at);
-		at = f->step;
-	}
-	if (rc) {
-		dws_lazy_chain_free(lc);
-		return rc;
-	}
-	*out = lc;
-	return DWS_OK;
-}
-
-int dws_builder_span(dws_builder *bl, dws_step *to, uint64_t from, dws_lazy_chain **out, dws_error *err)
-{
-	*out = NULL;
-	const dws_catalog *c = bl->cat;
-	uint64_t step = dws_step_number(to);
-	const dws_stepfile *a = dws_catalog_anchor_for(c, step);
-	uint64_t astep = a ? a->step : 0;
-	if (from < astep || from >= step)
-		return DWS_OK; /* another chain */
-	for (size_t i = 0; i < dws_catalog_count(c); i++) {
-		const dws_stepfile *f = dws_catalog_at(c, i);
-		if (f->step > from && f->step <= step && (f->error[0] || f->variant == DWS_VAR_DENSE))
-			return DWS_OK;
-	}
-	dws_lazy_chain *lc = dws_xcalloc(1, sizeof(*lc));
-	lc->first = dws_step_ref(to);
-	int rc = DWS_OK;
-	for (size_t i = 0; !rc && i < dws_catalog_count(c); i++) {
-		const dws_stepfile *f = dws_catalog_at(c, i);
-		if (f->step <= from)
-			continue;
-		if (f->step > step)
-			break;
-		lc->files = dws_xrealloc(lc->files, (lc->nfiles + 1) * sizeof(*lc->files));
-		dws_lazy_file *lf = &lc->files[lc->nfiles++];
-		memset(lf, 0, sizeof(*lf));
-		rc = lazy_file(bl, to, f, lf, err);
-	}
-	if (rc) {
-		dws_lazy_chain_free(lc);
-		return rc;
-	}
-	*out = lc;
 	return DWS_OK;
 }
 

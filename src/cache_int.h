@@ -156,12 +156,4 @@ void dws_hot_give_unlock(dws_cache *c, struct hot *h, uint64_t off, void *buf, s
 /* A reader's pin on a hot block (dws_pin's release; takes the lock). */
 void dws_hot_unpin(void *cv, void *hv);
 
-/* ---- readahead.c: remote blobs ---- */
-
-/* A prefetching thread. */
-void *dws_prefetch_main(void *arg);
-/* Whether the reader of r has read past [start, end) in its current run
- * (a prefetch of it comes too late). Takes r->lock. */
-bool dws_readahead_passed(struct remote *r, uint64_t start, uint64_t end);
-
 #endif

@@ -138,17 +138,32 @@ int dws_delta_decode(const dws_st_file *st, const unsigned char *data,
 	return dws_delta_decode_pool(st, data, data_len, v, what, resolve, ctx, NULL, out, nout, err);
 }
 
-static int delta_walk(const dws_st_file *st, const unsigned char *data,
-		      uint64_t data_len, dws_variant v, const char *what,
-		      dws_resolve_fn resolve, void *ctx, uint32_t *pool, bool scan,
-		      dws_delta_param **out, size_t *nout, dws_error *err);
+/* A walk over a sparse file's tensors: what it checks against, and how far. */
+struct walk {
+	const dws_st_file *st;
+	const unsigned char *data;
+	dws_variant v;
+	const char *what;
+	dws_resolve_fn resolve;
+	void *ctx;
+	uint32_t *pool;     /* where decoded indices go (NULL: their own arrays) */
+	uint64_t pool_used;
+	bool scan;          /* every check but the index values: nothing decoded */
+	const char *isuf, *vsuf;
+	json_t *listed;     /* v1: changed_params */
+	dws_strmap listed_set;
+};
+
+static int delta_walk(struct walk *w, dws_delta_param **out, size_t *nout, dws_error *err);
 
 int dws_delta_decode_pool(const dws_st_file *st, const unsigned char *data,
 			  uint64_t data_len, dws_variant v, const char *what,
 			  dws_resolve_fn resolve, void *ctx, uint32_t *pool,
 			  dws_delta_param **out, size_t *nout, dws_error *err)
 {
-	return delta_walk(st, data, data_len, v, what, resolve, ctx, pool, false, out, nout, err);
+	(void)data_len; /* the parser already bounded every tensor by it */
+	struct walk w = {.st = st, .data = data, .v = v, .what = what, .resolve = resolve, .ctx = ctx, .pool = pool};
+	return delta_walk(&w, out, nout, err);
 }
 
 int dws_delta_scan(const dws_st_file *st, const unsigned char *data,
@@ -156,162 +171,169 @@ int dws_delta_scan(const dws_st_file *st, const unsigned char *data,
 		   dws_resolve_fn resolve, void *ctx, dws_delta_param **out,
 		   size_t *nout, dws_error *err)
 {
-	return delta_walk(st, data, data_len, v, what, resolve, ctx, NULL, true, out, nout, err);
+	(void)data_len;
+	struct walk w = {.st = st, .data = data, .v = v, .what = what, .resolve = resolve, .ctx = ctx, .scan = true};
+	return delta_walk(&w, out, nout, err);
+}
+
+/* The tensor name suffixes of w's variant. */
+static int walk_suffixes(struct walk *w, dws_error *err)
+{
+	switch (w->v) {
+	case DWS_VAR_V1:
+		w->isuf = ".indices";
+		w->vsuf = ".values";
+		return DWS_OK;
+	case DWS_VAR_RAW:
+	case DWS_VAR_GAP_DELTA:
+		w->isuf = ".idx";
+		w->vsuf = ".val";
+		return DWS_OK;
+	case DWS_VAR_NVCOMP:
+		return dws_fail(err, DWS_EUNSUP, "%s: encoding nvcomp_cascaded is a GPU-only compressed stream; dwsfs cannot decode it (publish with encoding raw or gap_delta)", w->what);
+	default:
+		return dws_fail(err, DWS_EINVAL, "%s: not a sparse file", w->what);
+	}
+}
+
+/* v1: metadata changed_params, a list of names each with both tensors. */
+static int walk_listed(struct walk *w, dws_error *err)
+{
+	const char *cp = dws_st_meta_get(w->st, "changed_params");
+	json_error_t je;
+	w->listed = cp ? json_loads(cp, JSON_REJECT_DUPLICATES, &je) : NULL;
+	if (!json_is_array(w->listed))
+		return dws_fail(err, DWS_EFORMAT, "%s: metadata changed_params is not a JSON list of names", w->what);
+	size_t i;
+	json_t *e;
+	json_array_foreach(w->listed, i, e) {
+		if (!json_is_string(e))
+			return dws_fail(err, DWS_EFORMAT, "%s: metadata changed_params holds a non-string", w->what);
+		const char *name = json_string_value(e);
+		size_t sl = strlen(name);
+		if (!find_stem(w->st, name, sl, w->isuf) || !find_stem(w->st, name, sl, w->vsuf))
+			return dws_fail(err, DWS_EFORMAT, "%s: changed param '%s' is missing its %s or %s tensor", w->what, name,
+					w->isuf, w->vsuf);
+		dws_strmap_put(&w->listed_set, name, i);
+	}
+	return DWS_OK;
+}
+
+/* The dtypes and counts of a values tensor t and its index tensor ti. */
+static int walk_check_pair(struct walk *w, const dws_st_tensor *t, const dws_st_tensor *ti, size_t stem,
+			   dws_error *err)
+{
+	if (w->listed) {
+		char *pn = dws_xasprintf("%.*s", (int)stem, t->name);
+		size_t k;
+		bool found = dws_strmap_get(&w->listed_set, pn, &k);
+		free(pn);
+		if (!found)
+			return dws_fail(err, DWS_EFORMAT, "%s: tensor '%s' is not listed in changed_params", w->what, t->name);
+	}
+	int rc = check_1d(t, DWS_DT_BF16, w->what, err);
+	if (rc)
+		return rc;
+	if (w->v == DWS_VAR_GAP_DELTA) {
+		if (ti->dtype != DWS_DT_U16 && ti->dtype != DWS_DT_U32)
+			return dws_fail(err, DWS_EFORMAT, "%s: gap_delta index '%s' has dtype %s, expected U16 or U32", w->what,
+					ti->name, dws_dtype_name(ti->dtype));
+		rc = check_1d(ti, ti->dtype, w->what, err);
+	} else {
+		rc = check_1d(ti, DWS_DT_I32, w->what, err);
+	}
+	if (rc)
+		return rc;
+	if (ti->numel != t->numel)
+		return dws_fail(err, DWS_EFORMAT, "%s: count mismatch for '%.*s': %llu indices but %llu values", w->what,
+				(int)stem, t->name, (unsigned long long)ti->numel, (unsigned long long)t->numel);
+	return DWS_OK;
+}
+
+/* The param of values tensor t (index tensor ti) into *p: resolved to the
+ * model's tensor, its indices decoded unless scanning. */
+static int walk_param(struct walk *w, const dws_st_tensor *t, const dws_st_tensor *ti, size_t stem,
+		      dws_delta_param *p, dws_error *err)
+{
+	char *pname = dws_xasprintf("%.*s", (int)stem, t->name);
+	uint64_t numel = 0;
+	int r = w->resolve(w->ctx, pname, &p->slot, &numel);
+	free(pname);
+	if (r != 0)
+		return dws_fail(err, DWS_EFORMAT, "%s: unknown tensor '%.*s': the model has no such parameter (trainer names that differ by a prefix need --map-prefix)",
+				w->what, (int)stem, t->name);
+	if (numel > (uint64_t)UINT32_MAX)
+		return dws_fail(err, DWS_EUNSUP, "%s: tensor '%.*s' has %llu elements; patches support fewer than 2^32", w->what,
+				(int)stem, t->name, (unsigned long long)numel);
+	bool gaps = w->v == DWS_VAR_GAP_DELTA;
+	p->name = t->name;
+	p->name_len = (int)stem;
+	p->count = t->numel;
+	p->val = w->data + t->begin;
+	p->idx_raw = w->data + ti->begin;
+	p->idx_kind = !gaps ? DWS_IDX_I32 : ti->dtype == DWS_DT_U16 ? DWS_IDX_GAP16 : DWS_IDX_GAP32;
+	if (w->scan)
+		return DWS_OK;
+	int rc = decode_idx(p, numel, w->pool ? w->pool + w->pool_used : NULL, w->what, err);
+	w->pool_used += p->count;
+	return rc;
+}
+
+/* Tensor i: one half of a pair; for the values half, its param into
+ * ps[*np] (*np grows). */
+static int walk_tensor(struct walk *w, size_t i, dws_delta_param *ps, size_t *np, dws_error *err)
+{
+	const dws_st_tensor *t = dws_st_at(w->st, i);
+	size_t stem;
+	bool is_val = ends_with(t->name, w->vsuf, &stem);
+	if (!is_val && !ends_with(t->name, w->isuf, &stem))
+		return dws_fail(err, DWS_EFORMAT, "%s: unknown tensor '%s' (neither %s nor %s)", w->what, t->name, w->isuf,
+				w->vsuf);
+	const dws_st_tensor *other = find_stem(w->st, t->name, stem, is_val ? w->isuf : w->vsuf);
+	if (!other)
+		return dws_fail(err, DWS_EFORMAT, "%s: tensor '%s' is missing its %s partner", w->what, t->name,
+				is_val ? w->isuf : w->vsuf);
+	if (!is_val)
+		return DWS_OK;
+	int rc = walk_check_pair(w, t, other, stem, err);
+	if (!rc)
+		rc = walk_param(w, t, other, stem, &ps[*np], err);
+	if (ps[*np].name) /* filled in, even if its decoding failed: freed with the rest */
+		(*np)++;
+	return rc;
+}
+
+/* The counts the metadata declares, against what the file holds. */
+static int walk_counts(struct walk *w, const dws_delta_param *ps, size_t np, dws_error *err)
+{
+	uint64_t total = 0;
+	for (size_t i = 0; i < np; i++)
+		total += ps[i].count;
+	if (w->listed && json_array_size(w->listed) != np)
+		return dws_fail(err, DWS_EFORMAT, "%s: count mismatch: changed_params lists %zu params but the file holds %zu",
+				w->what, json_array_size(w->listed), np);
+	int rc = expect_count(w->st, "num_changed_params", np, w->what, err);
+	if (!rc)
+		rc = expect_count(w->st, "total_changed_elements", total, w->what, err);
+	return rc;
 }
 
 /* Every check of the format except the index values themselves; unless
  * scanning, the indices are decoded (and checked) too. */
-static int delta_walk(const dws_st_file *st, const unsigned char *data,
-		      uint64_t data_len, dws_variant v, const char *what,
-		      dws_resolve_fn resolve, void *ctx, uint32_t *pool, bool scan,
-		      dws_delta_param **out, size_t *nout, dws_error *err)
+static int delta_walk(struct walk *w, dws_delta_param **out, size_t *nout, dws_error *err)
 {
-	uint64_t pool_used = 0;
-	(void)data_len; /* the parser already bounded every tensor by it */
-	size_t nt = dws_st_count(st);
-	dws_delta_param *ps = dws_xcalloc(nt, sizeof(*ps));
-	size_t np = 0;
-	int rc = DWS_OK;
-	const char *isuf, *vsuf;
-	json_t *listed = NULL;
-	dws_strmap listed_set;
-	dws_strmap_init(&listed_set);
-
-	switch (v) {
-	case DWS_VAR_V1:
-		isuf = ".indices";
-		vsuf = ".values";
-		break;
-	case DWS_VAR_RAW:
-	case DWS_VAR_GAP_DELTA:
-		isuf = ".idx";
-		vsuf = ".val";
-		break;
-	case DWS_VAR_NVCOMP:
-		rc = dws_fail(err, DWS_EUNSUP, "%s: encoding nvcomp_cascaded is a GPU-only compressed stream; dwsfs cannot decode it (publish with encoding raw or gap_delta)", what);
-		goto out;
-	default:
-		rc = dws_fail(err, DWS_EINVAL, "%s: not a sparse file", what);
-		goto out;
-	}
-
-	if (v == DWS_VAR_V1) {
-		const char *cp = dws_st_meta_get(st, "changed_params");
-		json_error_t je;
-		listed = cp ? json_loads(cp, JSON_REJECT_DUPLICATES, &je) : NULL;
-		if (!json_is_array(listed)) {
-			rc = dws_fail(err, DWS_EFORMAT, "%s: metadata changed_params is not a JSON list of names", what);
-			goto out;
-		}
-		size_t i;
-		json_t *e;
-		json_array_foreach(listed, i, e) {
-			if (!json_is_string(e)) {
-				rc = dws_fail(err, DWS_EFORMAT, "%s: metadata changed_params holds a non-string", what);
-				goto out;
-			}
-			const char *name = json_string_value(e);
-			size_t sl = strlen(name);
-			if (!find_stem(st, name, sl, isuf) || !find_stem(st, name, sl, vsuf)) {
-				rc = dws_fail(err, DWS_EFORMAT, "%s: changed param '%s' is missing its %s or %s tensor", what, name, isuf, vsuf);
-				goto out;
-			}
-			dws_strmap_put(&listed_set, name, i);
-		}
-	}
-
-	/* every tensor must be one half of a pair */
-	for (size_t i = 0; i < nt; i++) {
-		const dws_st_tensor *t = dws_st_at(st, i);
-		size_t stem;
-		bool is_val = ends_with(t->name, vsuf, &stem);
-		if (!is_val && !ends_with(t->name, isuf, &stem)) {
-			rc = dws_fail(err, DWS_EFORMAT, "%s: unknown tensor '%s' (neither %s nor %s)", what, t->name, isuf, vsuf);
-			goto out;
-		}
-		const dws_st_tensor *other = find_stem(st, t->name, stem, is_val ? isuf : vsuf);
-		if (!other) {
-			rc = dws_fail(err, DWS_EFORMAT, "%s: tensor '%s' is missing its %s partner", what, t->name, is_val ? isuf : vsuf);
-			goto out;
-		}
-		if (!is_val)
-			continue;
-		const dws_st_tensor *ti = other;
-		if (listed) {
-			char *pn = dws_xasprintf("%.*s", (int)stem, t->name);
-			size_t k;
-			bool found = dws_strmap_get(&listed_set, pn, &k);
-			free(pn);
-			if (!found) {
-				rc = dws_fail(err, DWS_EFORMAT, "%s: tensor '%s' is not listed in changed_params", what, t->name);
-				goto out;
-			}
-		}
-		rc = check_1d(t, DWS_DT_BF16, what, err);
-		if (rc)
-			goto out;
-		bool gaps = v == DWS_VAR_GAP_DELTA;
-		if (gaps) {
-			if (ti->dtype != DWS_DT_U16 && ti->dtype != DWS_DT_U32) {
-				rc = dws_fail(err, DWS_EFORMAT, "%s: gap_delta index '%s' has dtype %s, expected U16 or U32", what, ti->name,
-					      dws_dtype_name(ti->dtype));
-				goto out;
-			}
-			rc = check_1d(ti, ti->dtype, what, err);
-		} else {
-			rc = check_1d(ti, DWS_DT_I32, what, err);
-		}
-		if (rc)
-			goto out;
-		if (ti->numel != t->numel) {
-			rc = dws_fail(err, DWS_EFORMAT, "%s: count mismatch for '%.*s': %llu indices but %llu values", what, (int)stem, t->name,
-				      (unsigned long long)ti->numel, (unsigned long long)t->numel);
-			goto out;
-		}
-		dws_delta_param *p = &ps[np];
-		char *pname = dws_xasprintf("%.*s", (int)stem, t->name);
-		uint64_t numel = 0;
-		int r = resolve(ctx, pname, &p->slot, &numel);
-		free(pname);
-		if (r != 0) {
-			rc = dws_fail(err, DWS_EFORMAT, "%s: unknown tensor '%.*s': the model has no such parameter (trainer names that differ by a prefix need --map-prefix)",
-				      what, (int)stem, t->name);
-			goto out;
-		}
-		if (numel > (uint64_t)UINT32_MAX) {
-			rc = dws_fail(err, DWS_EUNSUP, "%s: tensor '%.*s' has %llu elements; patches support fewer than 2^32", what, (int)stem,
-				      t->name, (unsigned long long)numel);
-			goto out;
-		}
-		p->name = t->name;
-		p->name_len = (int)stem;
-		p->count = t->numel;
-		p->val = data + t->begin;
-		p->idx_raw = data + ti->begin;
-		p->idx_kind = !gaps ? DWS_IDX_I32 : ti->dtype == DWS_DT_U16 ? DWS_IDX_GAP16 : DWS_IDX_GAP32;
-		np++;
-		if (scan)
-			continue;
-		rc = decode_idx(p, numel, pool ? pool + pool_used : NULL, what, err);
-		pool_used += p->count;
-		if (rc)
-			goto out;
-	}
-
-	uint64_t total = 0;
-	for (size_t i = 0; i < np; i++)
-		total += ps[i].count;
-	if (listed && json_array_size(listed) != np) {
-		rc = dws_fail(err, DWS_EFORMAT, "%s: count mismatch: changed_params lists %zu params but the file holds %zu", what,
-			      json_array_size(listed), np);
-		goto out;
-	}
-	rc = expect_count(st, "num_changed_params", np, what, err);
+	size_t nt = dws_st_count(w->st), np = 0;
+	dws_delta_param *ps = dws_xcalloc(nt ? nt : 1, sizeof(*ps));
+	dws_strmap_init(&w->listed_set);
+	int rc = walk_suffixes(w, err);
+	if (!rc && w->v == DWS_VAR_V1)
+		rc = walk_listed(w, err);
+	for (size_t i = 0; i < nt && !rc; i++)
+		rc = walk_tensor(w, i, ps, &np, err);
 	if (!rc)
-		rc = expect_count(st, "total_changed_elements", total, what, err);
-out:
-	dws_strmap_free(&listed_set);
-	json_decref(listed);
+		rc = walk_counts(w, ps, np, err);
+	dws_strmap_free(&w->listed_set);
+	json_decref(w->listed);
 	if (rc) {
 		dws_delta_free(ps, np);
 		return rc;

@@ -498,53 +498,149 @@ static unsigned jitter(unsigned ms)
 	return ms / 2 + (ms ? r % (ms / 2 + 1) : 0);
 }
 
+/* The one error line of a request that failed. */
+static void fail_line(const dws_http_req *rq, const char *why, int rc, dws_error *err)
+{
+	char *logurl = url_for_log(rq->url);
+	const char *what = rq->what ? rq->what : "request", *method = rq->method ? rq->method : "GET";
+	if (rq->range_len)
+		dws_fail(err, rc, "%s: %s %s bytes %llu-%llu: %s", what, method, logurl, (unsigned long long)rq->range_off,
+			 (unsigned long long)(rq->range_off + rq->range_len - 1), why);
+	else
+		dws_fail(err, rc, "%s: %s %s: %s", what, method, logurl, why);
+	free(logurl);
+}
+
+/* What an attempt came to. */
+enum outcome { O_DONE, O_RETRY, O_REDIRECT };
+
+/* A 2xx answer: kept in rs (O_DONE), or a short range read to try again. */
+static enum outcome judge_ok(const dws_http_req *rq, dws_http_resp *rs, struct xfer *x, const char *url, char *why,
+			     size_t wl, int *rc)
+{
+	long status = rs->status;
+	if (rq->range_len && rq->dst) {
+		if (status == 200 && rq->range_off != 0) {
+			snprintf(why, wl, "the server ignored the Range header");
+			*rc = DWS_EIO;
+			free(x->buf);
+			return O_DONE;
+		}
+		if (x->len != rq->range_len) {
+			snprintf(why, wl, "truncated answer: %zu of %llu bytes", x->len, (unsigned long long)rq->range_len);
+			return O_RETRY;
+		}
+	}
+	bool direct = rq->dst && rq->range_len;
+	rs->body = x->buf ? x->buf : dws_xcalloc(1, 1);
+	rs->len = direct ? 0 : x->len;
+	rs->body[rs->len] = 0;
+	rs->final_url = dws_xstrdup(url);
+	rs->status = status;
+	*rc = DWS_OK;
+	return O_DONE;
+}
+
+/* An error status: the error body kept in rs (O_DONE), or one to try again
+ * (*wait_ms from Retry-After). */
+static enum outcome judge_error(dws_http_resp *rs, struct xfer *x, char *why, size_t wl, unsigned *wait_ms, int *rc)
+{
+	snprintf(why, wl, "HTTP %ld%s%s", rs->status, rs->error_code[0] ? " " : "", rs->error_code);
+	if (retryable_status(rs->status)) {
+		if (rs->status == 429 && x->retry_after > 0)
+			*wait_ms = (unsigned)(x->retry_after * 1000);
+		return O_RETRY;
+	}
+	*rc = rs->status == 404 || rs->status == 410 ? DWS_ENOENT : rs->status == 416 ? DWS_EFORMAT : DWS_EIO;
+	rs->body = dws_xmalloc(x->elen + 1);
+	memcpy(rs->body, x->ebuf, x->elen);
+	rs->body[x->elen] = 0;
+	rs->len = x->elen;
+	free(x->buf);
+	return O_DONE;
+}
+
+/* One attempt's result: O_DONE with *rc (x's buffer taken or freed),
+ * O_REDIRECT with *redirect to follow, or O_RETRY. */
+static enum outcome judge(const dws_http_req *rq, dws_http_resp *rs, struct xfer *x, CURLcode cc, int64_t deadline,
+			  char **redirect, const char *url, char *why, size_t wl, unsigned *wait_ms, int *rc)
+{
+	*rc = DWS_EIO;
+	if (x->overflow) {
+		snprintf(why, wl, rq->range_len ? "the server sent more than the %llu bytes asked for" : "the answer is larger than %llu bytes",
+			 (unsigned long long)(rq->range_len ? rq->range_len : x->max));
+		free(x->buf);
+		return O_DONE;
+	}
+	if (cc != CURLE_OK) {
+		snprintf(why, wl, "%s", curl_easy_strerror(cc));
+		bool retry = retryable_curl(cc) && !(cc == CURLE_OPERATION_TIMEDOUT && dws_now_ms() >= deadline);
+		free(x->buf);
+		return retry ? O_RETRY : O_DONE;
+	}
+	if (rs->status >= 300 && rs->status < 400 && *redirect) {
+		free(x->buf);
+		if (rq->no_follow) {
+			rs->location = *redirect;
+			*redirect = NULL;
+			*rc = DWS_OK;
+			return O_DONE;
+		}
+		return O_REDIRECT;
+	}
+	enum outcome o = rs->status >= 200 && rs->status < 300 ? judge_ok(rq, rs, x, url, why, wl, rc)
+							       : judge_error(rs, x, why, wl, wait_ms, rc);
+	if (o == O_RETRY)
+		free(x->buf);
+	return o;
+}
+
+/* Wait before attempt att+1: DWS_OK, or why not (attempts or the deadline
+ * used up). A shutdown cuts the wait short. */
+static int backoff(dws_http *h, unsigned att, unsigned wait_ms, int64_t deadline, char *why, size_t wl)
+{
+	if (att + 1 >= h->o.max_attempts)
+		return DWS_EIO;
+	if (!wait_ms) {
+		uint64_t b = (uint64_t)h->o.backoff_base_ms << (att < 16 ? att : 16);
+		wait_ms = jitter(b > h->o.backoff_cap_ms ? h->o.backoff_cap_ms : (unsigned)b);
+	}
+	int64_t now = dws_now_ms();
+	if (now + wait_ms >= deadline) {
+		snprintf(why + strlen(why), wl - strlen(why), "; deadline reached");
+		return DWS_ETIMEDOUT;
+	}
+	for (int64_t until = now + wait_ms; !atomic_load(&h->cancelled) && dws_now_ms() < until;) {
+		int64_t left = until - dws_now_ms();
+		int64_t slice = left < 50 ? (left > 0 ? left : 0) : 50;
+		struct timespec ts = {0, (long)slice * 1000000};
+		nanosleep(&ts, NULL);
+	}
+	return DWS_OK;
+}
+
 int dws_http_do(dws_http *h, const dws_http_req *rq, dws_http_resp *rs,
 		dws_error *err)
 {
 	memset(rs, 0, sizeof(*rs));
 	int64_t deadline = rq->deadline_ms ? rq->deadline_ms : dws_now_ms() + h->o.deadline_ms;
-	const char *what = rq->what ? rq->what : "request";
 	char *url = dws_xstrdup(rq->url);
-	char *logurl = url_for_log(url);
 	char why[256] = "";
-	int hops = 0;
-	int rc = DWS_EIO;
+	int hops = 0, rc = DWS_EIO;
 	for (unsigned att = 0;; att++) {
 		struct xfer x = {.h = h, .rq = rq, .rs = rs, .max = rq->max_body ? rq->max_body : DEFAULT_MAX_BODY};
 		char *redirect = NULL;
-		long keep_status = 0;
+		unsigned wait_ms = 0;
 		headers_reset(rs);
 		if (atomic_load(&h->cancelled)) {
 			snprintf(why, sizeof(why), "shutting down");
-			rc = DWS_EIO;
 			break;
 		}
 		CURLcode cc = attempt(h, rq, url, deadline, &x, &redirect);
 		if (x.ecut && cc == CURLE_WRITE_ERROR)
 			cc = CURLE_OK; /* an endless error body: its status stands */
-		bool retry = false;
-		unsigned wait_ms = 0;
-		if (x.overflow) {
-			snprintf(why, sizeof(why), rq->range_len ? "the server sent more than the %llu bytes asked for" : "the answer is larger than %llu bytes",
-				 (unsigned long long)(rq->range_len ? rq->range_len : x.max));
-			free(x.buf);
-			free(redirect);
-			rc = DWS_EIO;
-			break;
-		}
-		if (cc != CURLE_OK) {
-			snprintf(why, sizeof(why), "%s", curl_easy_strerror(cc));
-			retry = retryable_curl(cc);
-			if (cc == CURLE_OPERATION_TIMEDOUT && dws_now_ms() >= deadline)
-				retry = false;
-		} else if (rs->status >= 300 && rs->status < 400 && redirect) {
-			if (rq->no_follow) {
-				rs->location = redirect;
-				free(x.buf);
-				rc = DWS_OK;
-				break;
-			}
-			free(x.buf);
+		enum outcome o = judge(rq, rs, &x, cc, deadline, &redirect, url, why, sizeof(why), &wait_ms, &rc);
+		if (o == O_REDIRECT) {
 			if (++hops > MAX_HOPS) {
 				free(redirect);
 				snprintf(why, sizeof(why), "more than %d redirects", MAX_HOPS);
@@ -555,72 +651,11 @@ int dws_http_do(dws_http *h, const dws_http_req *rq, dws_http_resp *rs,
 			url = redirect;
 			att--; /* a redirect is not a failed attempt */
 			continue;
-		} else if (rs->status >= 200 && rs->status < 300) {
-			keep_status = rs->status;
-			if (rq->range_len && rq->dst) {
-				if (rs->status == 200 && rq->range_off != 0) {
-					snprintf(why, sizeof(why), "the server ignored the Range header");
-					rc = DWS_EIO;
-					free(x.buf);
-					break;
-				}
-				if (x.len != rq->range_len) {
-					snprintf(why, sizeof(why), "truncated answer: %zu of %llu bytes", x.len, (unsigned long long)rq->range_len);
-					retry = true;
-				}
-			}
-			if (!retry) {
-				bool direct = rq->dst && rq->range_len;
-				rs->body = x.buf ? x.buf : dws_xcalloc(1, 1);
-				rs->len = direct ? 0 : x.len;
-				rs->body[rs->len] = 0;
-				rs->final_url = dws_xstrdup(url);
-				rs->status = keep_status;
-				rc = DWS_OK;
-				break;
-			}
-		} else {
-			snprintf(why, sizeof(why), "HTTP %ld%s%s", rs->status, rs->error_code[0] ? " " : "", rs->error_code);
-			retry = retryable_status(rs->status);
-			if (rs->status == 429 && x.retry_after > 0)
-				wait_ms = (unsigned)(x.retry_after * 1000);
-			if (!retry) {
-				rc = rs->status == 404 || rs->status == 410 ? DWS_ENOENT : rs->status == 416 ? DWS_EFORMAT : DWS_EIO;
-				rs->body = dws_xmalloc(x.elen + 1);
-				memcpy(rs->body, x.ebuf, x.elen);
-				rs->body[x.elen] = 0;
-				rs->len = x.elen;
-				free(x.buf);
-				break;
-			}
 		}
-		free(x.buf);
 		free(redirect);
-		if (!retry) {
-			rc = DWS_EIO;
+		if (o == O_DONE || (rc = backoff(h, att, wait_ms, deadline, why, sizeof(why))) != DWS_OK)
 			break;
-		}
-		if (att + 1 >= h->o.max_attempts) {
-			rc = DWS_EIO;
-			break;
-		}
-		if (!wait_ms) {
-			uint64_t b = (uint64_t)h->o.backoff_base_ms << (att < 16 ? att : 16);
-			wait_ms = jitter(b > h->o.backoff_cap_ms ? h->o.backoff_cap_ms : (unsigned)b);
-		}
-		int64_t now = dws_now_ms();
-		if (now + wait_ms >= deadline) {
-			rc = DWS_ETIMEDOUT;
-			snprintf(why + strlen(why), sizeof(why) - strlen(why), "; deadline reached");
-			break;
-		}
-		/* in slices: a shutdown does not wait for the backoff */
-		for (int64_t until = now + wait_ms; !atomic_load(&h->cancelled) && dws_now_ms() < until;) {
-			int64_t left = until - dws_now_ms();
-			int64_t slice = left < 50 ? (left > 0 ? left : 0) : 50;
-			struct timespec ts = {0, (long)slice * 1000000};
-			nanosleep(&ts, NULL);
-		}
+		rc = DWS_EIO;
 		/* retry from the original URL: a redirect target may have expired */
 		if (hops) {
 			free(url);
@@ -628,14 +663,8 @@ int dws_http_do(dws_http *h, const dws_http_req *rq, dws_http_resp *rs,
 			hops = 0;
 		}
 	}
-	if (rc != DWS_OK) {
-		if (rq->range_len)
-			dws_fail(err, rc, "%s: %s %s bytes %llu-%llu: %s", what, rq->method ? rq->method : "GET", logurl,
-				 (unsigned long long)rq->range_off, (unsigned long long)(rq->range_off + rq->range_len - 1), why);
-		else
-			dws_fail(err, rc, "%s: %s %s: %s", what, rq->method ? rq->method : "GET", logurl, why);
-	}
+	if (rc != DWS_OK)
+		fail_line(rq, why, rc, err);
 	free(url);
-	free(logurl);
 	return rc;
 }

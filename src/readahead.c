@@ -10,8 +10,9 @@
  * - A read's hint may also ask for a direct read (a miss within one block
  *   fetches just its bytes, keeps nothing) or a quiet one (no readahead,
  *   and the blob's readahead state left alone). See dws_read_hint.
- * - Prefetching goes through a bounded queue to a few threads, never more
- *   blocks ahead than the hot set holds beside the blocks being read. */
+ * - Prefetching goes through a bounded queue to a few threads (remote.c),
+ *   never more blocks ahead than the hot set holds beside the blocks being
+ *   read. */
 #include "cache_int.h"
 
 #include <stdlib.h>
@@ -19,28 +20,6 @@
 #include <xxhash.h>
 
 /* ---- prefetch ---- */
-
-void *dws_prefetch_main(void *arg)
-{
-	dws_cache *c = arg;
-	pthread_mutex_lock(&c->lock);
-	for (;;) {
-		while (!c->stop && !c->qlen)
-			pthread_cond_wait(&c->jobs, &c->lock);
-		if (c->stop)
-			break;
-		struct job j = c->queue[c->qhead];
-		c->qhead = (c->qhead + 1) % DWS_QUEUE_MAX;
-		c->qlen--;
-		pthread_mutex_unlock(&c->lock);
-		dws_error err = {0};
-		dws_block_get(j.blob, &(dws_block_req){.blk = j.block, .use = DWS_BLOCK_PREFETCH}, &err);
-		dws_blob_unref(j.blob);
-		pthread_mutex_lock(&c->lock);
-	}
-	pthread_mutex_unlock(&c->lock);
-	return NULL;
-}
 
 /* Under lock: blocks read ahead and not read yet, being fetched, or queued
  * to be: what the readahead already has in hand. */
@@ -94,14 +73,6 @@ static void prefetch(dws_blob *b, uint64_t first, unsigned n)
 }
 
 /* ---- the readahead policy ---- */
-
-bool dws_readahead_passed(struct remote *r, uint64_t start, uint64_t end)
-{
-	pthread_mutex_lock(&r->lock);
-	bool passed = r->run_start <= start && end <= r->last_end;
-	pthread_mutex_unlock(&r->lock);
-	return passed;
-}
 
 /* What a read makes of the readahead. */
 struct ra {

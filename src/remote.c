@@ -324,6 +324,16 @@ static int wait_flight_locked(struct get *g)
 	return AGAIN; /* now in the index */
 }
 
+/* Whether the reader of r has read past [start, end) already (its run
+ * covers it): a prefetch of it is late. */
+static bool reader_passed(struct remote *r, uint64_t start, uint64_t end)
+{
+	pthread_mutex_lock(&r->lock);
+	bool passed = r->run_start <= start && end <= r->last_end;
+	pthread_mutex_unlock(&r->lock);
+	return passed;
+}
+
 /* Under lock, which it releases: the block is nowhere; this thread fetches
  * it into the hot set (the reader's bytes and the waiters served from
  * there), then to disk. */
@@ -337,7 +347,7 @@ static int fetch_unlock(struct get *g)
 	 * the block may have left memory since) is dropped; checked here,
 	 * under the lock a reader takes to fetch, so a prefetching thread held
 	 * up between its job and this point fetches nothing twice */
-	if (prefetch && dws_readahead_passed(g->r, at, at + c->o.block_size)) {
+	if (prefetch && reader_passed(g->r, at, at + c->o.block_size)) {
 		pthread_mutex_unlock(&c->lock);
 		return DWS_OK;
 	}
@@ -398,6 +408,29 @@ int dws_block_get(dws_blob *b, const dws_block_req *q, dws_error *err)
 		if (rc != AGAIN)
 			return rc;
 	}
+}
+
+/* A prefetching thread: the jobs readahead.c queues. */
+static void *prefetch_main(void *arg)
+{
+	dws_cache *c = arg;
+	pthread_mutex_lock(&c->lock);
+	for (;;) {
+		while (!c->stop && !c->qlen)
+			pthread_cond_wait(&c->jobs, &c->lock);
+		if (c->stop)
+			break;
+		struct job j = c->queue[c->qhead];
+		c->qhead = (c->qhead + 1) % DWS_QUEUE_MAX;
+		c->qlen--;
+		pthread_mutex_unlock(&c->lock);
+		dws_error err = {0};
+		dws_block_get(j.blob, &(dws_block_req){.blk = j.block, .use = DWS_BLOCK_PREFETCH}, &err);
+		dws_blob_unref(j.blob);
+		pthread_mutex_lock(&c->lock);
+	}
+	pthread_mutex_unlock(&c->lock);
+	return NULL;
 }
 
 /* ---- writing blocks to disk ---- */
@@ -591,7 +624,7 @@ int dws_cache_open(const dws_cache_opts *o, dws_cache **out, dws_error *err)
 	}
 	c->threads = dws_xcalloc(c->o.prefetch_threads, sizeof(pthread_t));
 	for (unsigned i = 0; i < c->o.prefetch_threads; i++)
-		if (pthread_create(&c->threads[i], NULL, dws_prefetch_main, c) == 0)
+		if (pthread_create(&c->threads[i], NULL, prefetch_main, c) == 0)
 			c->nthreads++;
 	for (unsigned i = 0; i < (c->o.memory_only ? 0 : DWS_WRITERS); i++)
 		if (pthread_create(&c->writer[c->nwriters], NULL, writer_main, c) == 0)

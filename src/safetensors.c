@@ -156,6 +156,49 @@ static int parse_tensor(dws_st_file *f, arena *ar, const char *what,
 	return DWS_OK;
 }
 
+/* __metadata__: an object of strings, copied into the arena. */
+static int parse_meta(dws_st_file *f, arena *ar, const char *what, json_t *v, dws_error *err)
+{
+	if (!json_is_object(v))
+		return dws_fail(err, DWS_EFORMAT, "%s: __metadata__ is not an object", what);
+	f->meta = dws_xcalloc(json_object_size(v) ? json_object_size(v) : 1, sizeof(*f->meta));
+	const char *mk;
+	json_t *mv;
+	json_object_foreach(v, mk, mv) {
+		if (!json_is_string(mv))
+			return dws_fail(err, DWS_EFORMAT, "%s: __metadata__ value of '%.64s' is not a string", what, mk);
+		dws_st_meta *m = &f->meta[f->nmeta];
+		m->key = arena_str(ar, mk);
+		m->value = arena_str(ar, json_string_value(mv));
+		if (!m->key || !m->value)
+			return dws_fail(err, DWS_EFORMAT, "%s: header too dense", what);
+		f->nmeta++;
+	}
+	return DWS_OK;
+}
+
+/* No two tensors may share a byte. */
+static int check_overlaps(const dws_st_file *f, const char *what, dws_error *err)
+{
+	const dws_st_tensor **by = dws_xcalloc(f->n ? f->n : 1, sizeof(*by));
+	for (size_t i = 0; i < f->n; i++)
+		by[i] = &f->t[i];
+	qsort(by, f->n, sizeof(*by), cmp_begin);
+	uint64_t prev_end = 0;
+	const char *prev = NULL;
+	int rc = DWS_OK;
+	for (size_t i = 0; i < f->n && !rc; i++) {
+		if (by[i]->begin == by[i]->end)
+			continue;
+		if (prev && by[i]->begin < prev_end)
+			rc = dws_fail(err, DWS_EFORMAT, "%s: data of tensors '%s' and '%s' overlap", what, prev, by[i]->name);
+		prev_end = by[i]->end;
+		prev = by[i]->name;
+	}
+	free(by);
+	return rc;
+}
+
 int dws_st_parse(const void *prefix, size_t prefix_len, uint64_t file_size,
 		 const char *what, dws_st_file **out, uint64_t *need,
 		 dws_error *err)
@@ -210,27 +253,9 @@ int dws_st_parse(const void *prefix, size_t prefix_len, uint64_t file_size,
 			goto out;
 		}
 		if (strcmp(key, "__metadata__") == 0) {
-			if (!json_is_object(v)) {
-				rc = dws_fail(err, DWS_EFORMAT, "%s: __metadata__ is not an object", what);
+			rc = parse_meta(f, &ar, what, v, err);
+			if (rc)
 				goto out;
-			}
-			f->meta = dws_xcalloc(json_object_size(v), sizeof(*f->meta));
-			const char *mk;
-			json_t *mv;
-			json_object_foreach(v, mk, mv) {
-				if (!json_is_string(mv)) {
-					rc = dws_fail(err, DWS_EFORMAT, "%s: __metadata__ value of '%.64s' is not a string", what, mk);
-					goto out;
-				}
-				dws_st_meta *m = &f->meta[f->nmeta];
-				m->key = arena_str(&ar, mk);
-				m->value = arena_str(&ar, json_string_value(mv));
-				if (!m->key || !m->value) {
-					rc = dws_fail(err, DWS_EFORMAT, "%s: header too dense", what);
-					goto out;
-				}
-				f->nmeta++;
-			}
 			continue;
 		}
 		rc = parse_tensor(f, &ar, what, key, v, data_len, err);
@@ -238,24 +263,7 @@ int dws_st_parse(const void *prefix, size_t prefix_len, uint64_t file_size,
 			goto out;
 	}
 
-	/* no two tensors may share a byte */
-	dws_st_tensor **by = dws_xcalloc(f->n, sizeof(*by));
-	for (size_t i = 0; i < f->n; i++)
-		by[i] = &f->t[i];
-	qsort(by, f->n, sizeof(*by), cmp_begin);
-	uint64_t prev_end = 0;
-	const char *prev = NULL;
-	for (size_t i = 0; i < f->n; i++) {
-		if (by[i]->begin == by[i]->end)
-			continue;
-		if (prev && by[i]->begin < prev_end) {
-			rc = dws_fail(err, DWS_EFORMAT, "%s: data of tensors '%s' and '%s' overlap", what, prev, by[i]->name);
-			break;
-		}
-		prev_end = by[i]->end;
-		prev = by[i]->name;
-	}
-	free(by);
+	rc = check_overlaps(f, what, err);
 	if (rc)
 		goto out;
 	for (size_t i = 0; i < f->n; i++)

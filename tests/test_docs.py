@@ -145,3 +145,11 @@ def test_every_dwsctl_command_is_documented():
     missing_man = [c for c in cmds if not re.search(rf"^\.B(?: dwsctl)? {c}\s*$", man, flags=re.M)]
     assert not missing_md, f"no section in docs/dwsctl.md: {missing_md}"
     assert not missing_man, f"not in docs/dwsctl.1: {missing_man}"
+
+
+def test_every_source_file_is_in_the_architecture():
+    arch = text(DOCS / "architecture.md")
+    files = sorted(f"{d}/{p.name}" for d in ("src", "fs") for p in (REPO / d).glob("*.c"))
+    missing = [f for f in files if f"`{f}`" not in arch and not re.search(rf"`{re.escape(f)}`", arch)
+               and f.split("/")[1] not in arch]
+    assert not missing, f"not in docs/architecture.md's file table: {missing}"
