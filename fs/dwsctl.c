@@ -145,7 +145,12 @@ static int session_open_build(struct session *s, const char *uri, struct build_a
 		}
 		a->step = dws_catalog_at(s->cat, n - 1)->step;
 	}
-	dws_build_opts bo = {.base = a->base, .maps = a->maps, .nmaps = a->nmaps, .verify = a->verify};
+	dws_build_opts bo;
+	dws_build_opts_init(&bo);
+	bo.base = a->base;
+	bo.maps = a->maps;
+	bo.nmaps = a->nmaps;
+	bo.verify = a->verify;
 	rc = dws_builder_new(s->cat, &bo, &s->bl, err);
 	if (!rc && build)
 		rc = dws_builder_build(s->bl, a->step, &s->step, err);
@@ -344,7 +349,8 @@ static int cmd_publish(int argc, char **argv)
 		{"step", required_argument, 0, OPT_STEP}, {"format", required_argument, 0, OPT_FORMAT},
 		{"zstd", optional_argument, 0, OPT_ZSTD}, {"run-id", required_argument, 0, OPT_RUN},
 		{"parent", required_argument, 0, OPT_PARENT}, {0}};
-	dws_publish_opts o = {.parent_step = -1, .zstd_level = 3};
+	dws_publish_opts o;
+	dws_publish_opts_init(&o);
 	bool has_step = false;
 	int c;
 	while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {

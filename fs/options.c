@@ -312,11 +312,16 @@ static void apply(struct config *c, const struct raw *r, const int64_t *n)
 	mo->nmaps = r->nmaps;
 	bo->cache_dir = r->val[O_CACHE_DIR];
 	bo->ca_file = r->val[O_CA_FILE];
-	bo->block_size = (uint32_t)n[O_BLOCK_SIZE];
-	bo->memory_cache = r->set[O_CACHE_SIZE] && n[O_CACHE_SIZE] == 0;
-	bo->cache_size = (uint64_t)n[O_CACHE_SIZE];
-	bo->read_deadline_ms = (unsigned)n[O_READ_TIMEOUT];
-	bo->stall_timeout_ms = (unsigned)n[O_STALL_TIMEOUT];
+	if (r->set[O_BLOCK_SIZE])
+		bo->block_size = (uint32_t)n[O_BLOCK_SIZE];
+	if (r->set[O_CACHE_SIZE]) {
+		bo->memory_cache = n[O_CACHE_SIZE] == 0;
+		bo->cache_size = (uint64_t)n[O_CACHE_SIZE];
+	}
+	if (r->set[O_READ_TIMEOUT])
+		bo->read_deadline_ms = (unsigned)n[O_READ_TIMEOUT];
+	if (r->set[O_STALL_TIMEOUT])
+		bo->stall_timeout_ms = (unsigned)n[O_STALL_TIMEOUT];
 	c->mat_max = r->set[O_MAT_MAX] ? (uint64_t)n[O_MAT_MAX] : 4ull << 30;
 	c->read_ahead_kb = r->set[O_READ_AHEAD] ? (int)n[O_READ_AHEAD] : 1024;
 	c->nonempty = r->set[O_NONEMPTY];
@@ -440,6 +445,7 @@ int config_parse(int argc, char **argv, struct config *c)
 	memset(c, 0, sizeof(*c));
 	c->args = (struct fuse_args)FUSE_ARGS_INIT(argc, argv);
 	dws_mount_opts_init(&c->mo);
+	dws_bucket_opts_init(&c->bo);
 	struct raw r = {.c = c};
 	int64_t num[O_COUNT] = {0};
 	if (fuse_opt_parse(&c->args, &r, NULL, opt_proc) != 0)

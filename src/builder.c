@@ -576,15 +576,23 @@ void dws_builder_set_catalog(dws_builder *bl, dws_catalog *c)
 	}
 }
 
+void dws_build_opts_init(dws_build_opts *o)
+{
+	*o = (dws_build_opts){.size = sizeof(*o), .max_delta_bytes = DEFAULT_MAX_DELTA};
+}
+
 int dws_builder_new(dws_catalog *c, const dws_build_opts *opts,
 		    dws_builder **out, dws_error *err)
 {
+	*out = NULL;
+	if (opts && dws_opts_size(opts->size, sizeof(*opts), "dws_build_opts", err))
+		return DWS_EINVAL;
 	dws_builder *bl = dws_xcalloc(1, sizeof(*bl));
 	bl->cat = c;
 	if (opts)
 		bl->o = *opts;
-	if (!bl->o.max_delta_bytes)
-		bl->o.max_delta_bytes = DEFAULT_MAX_DELTA;
+	else
+		dws_build_opts_init(&bl->o);
 	bl->maps = dws_xcalloc(bl->o.nmaps ? bl->o.nmaps : 1, sizeof(*bl->maps));
 	for (size_t i = 0; i < bl->o.nmaps; i++) {
 		bl->maps[i].from = dws_xstrdup(opts->maps[i].from);

@@ -351,14 +351,21 @@ static bool reuse(const dws_catalog *prev, bool reread_failed, dws_stepfile *f)
 	return false;
 }
 
+void dws_catalog_opts_init(dws_catalog_opts *o)
+{
+	*o = (dws_catalog_opts){.size = sizeof(*o), .run_tolerance_ns = 60LL * 1000000000};
+}
+
 int dws_catalog_load(dws_bucket *b, const dws_catalog_opts *opts,
 		     dws_catalog **out, dws_error *err)
 {
 	static const char *const dirs[] = {"anchors", "deltas"};
-	int64_t tol = opts && opts->run_tolerance_ns ? opts->run_tolerance_ns : 60LL * 1000000000;
+	*out = NULL;
+	if (opts && dws_opts_size(opts->size, sizeof(*opts), "dws_catalog_opts", err))
+		return DWS_EINVAL;
+	int64_t tol = opts ? opts->run_tolerance_ns : 60LL * 1000000000;
 	dws_stepfile *all = NULL;
 	size_t nall = 0;
-	*out = NULL;
 	const dws_catalog *prev = opts ? opts->prev : NULL;
 	bool reuse_listing = opts && opts->reuse_listing && prev;
 	for (size_t d = 0; d < DWS_ARRAY_LEN(dirs); d++) {

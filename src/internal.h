@@ -2,7 +2,7 @@
 #ifndef DWSFS_INTERNAL_H
 #define DWSFS_INTERNAL_H
 
-#include "dwsfs/dwsfs.h"
+#include "core.h"
 
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -16,6 +16,16 @@ int dws_fail(dws_error *err, int code, const char *fmt, ...) DWS_PRINTF(3, 4);
 static inline int dws_code_of(const dws_error *err, int code)
 {
 	return err && err->code ? err->code : code;
+}
+
+/* An options struct's size against the library's (see dws_bucket_opts):
+ * DWS_EINVAL naming the struct when it was not set up by its init. */
+static inline int dws_opts_size(uint32_t got, size_t want, const char *name, dws_error *err)
+{
+	if (got == want)
+		return DWS_OK;
+	return dws_fail(err, DWS_EINVAL, "%s: not set up with %s_init (size %u, this library's is %zu)", name, name, got,
+			want);
 }
 
 static inline bool dws_mul_ok(uint64_t a, uint64_t b, uint64_t *out)

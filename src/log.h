@@ -10,4 +10,8 @@
 #define dws_log_info(...) dws_log_at(DWS_LOG_INFO, __VA_ARGS__)
 #define dws_log_debug(...) dws_log_at(DWS_LOG_DEBUG, __VA_ARGS__)
 
+/* Whether a line at lv is written (skip building an expensive one). */
+bool dws_log_enabled(dws_log_level lv);
+const char *dws_log_level_name(dws_log_level lv);
+
 #endif

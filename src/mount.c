@@ -35,6 +35,7 @@
 void dws_mount_opts_init(dws_mount_opts *o)
 {
 	*o = (dws_mount_opts){
+		.size = sizeof(*o),
 		.poll_ms = -1,
 		.info_poll_ms = 60000,
 		.relist_ms = 600000,
@@ -390,8 +391,14 @@ static int open_catalog(dws_mount *m, dws_error *err)
 	if (!rc && dws_catalog_count(c) == 0)
 		rc = dws_fail(err, DWS_ENOENT, "%s: the bucket holds no steps (anchors/ and deltas/ are empty)", m->bucket_uri);
 	if (!rc) {
-		dws_build_opts bo = {.base = m->base, .bucket_opts = m->o.bucket_opts, .maps = m->maps, .nmaps = m->o.nmaps,
-				     .tmpdir = m->tmpdir, .verify = m->o.verify >= DWS_VERIFY_PAYLOAD};
+		dws_build_opts bo;
+		dws_build_opts_init(&bo);
+		bo.base = m->base;
+		bo.bucket_opts = m->o.bucket_opts;
+		bo.maps = m->maps;
+		bo.nmaps = m->o.nmaps;
+		bo.tmpdir = m->tmpdir;
+		bo.verify = m->o.verify >= DWS_VERIFY_PAYLOAD;
 		rc = dws_builder_new(c, &bo, &m->bl, err);
 	}
 	if (rc) {
@@ -404,6 +411,9 @@ static int open_catalog(dws_mount *m, dws_error *err)
 
 int dws_mount_open_env(const dws_mount_opts *o, const dws_mount_env *env, dws_mount **out, dws_error *err)
 {
+	*out = NULL;
+	if (dws_opts_size(o->size, sizeof(*o), "dws_mount_opts", err))
+		return DWS_EINVAL;
 	dws_mount *m = dws_xcalloc(1, sizeof(*m));
 	copy_opts(m, o);
 	m->clock = env && env->clock ? *env->clock : dws_real_clock;

@@ -247,7 +247,9 @@ static uint64_t switch_catalog(dws_mount *m, dws_catalog *c)
 
 static void poll_once(dws_mount *m)
 {
-	dws_catalog_opts co = {.prev = m->cat};
+	dws_catalog_opts co;
+	dws_catalog_opts_init(&co);
+	co.prev = m->cat;
 	pthread_mutex_lock(&m->lock);
 	co.reread_failed = dws_failures_due(m->failed, now_ms(m));
 	pthread_mutex_unlock(&m->lock);

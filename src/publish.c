@@ -570,9 +570,17 @@ static void bucket_defaults(const char *dir, uint64_t step, char *run, size_t rl
 	dws_bucket_close(b);
 }
 
+void dws_publish_opts_init(dws_publish_opts *o)
+{
+	*o = (dws_publish_opts){.size = sizeof(*o), .parent_step = -1, .format = DWS_PUB_GAP_DELTA, .zstd_level = 3};
+}
+
 int dws_publish(const dws_publish_opts *in, char *written, size_t written_len,
 		uint64_t *changed_out, dws_error *err)
 {
+	*changed_out = 0;
+	if (dws_opts_size(in->size, sizeof(*in), "dws_publish_opts", err))
+		return DWS_EINVAL;
 	dws_publish_opts o = *in;
 	ckpt prev = {0}, next = {0};
 	outfile of = {.fd = -1};

@@ -2,7 +2,7 @@
  *
  * Ownership: every open, new or build function returns an object the caller
  * owns and releases with the matching close, free or unref (which accept NULL).
- * Refcounted objects (dws_blob, dws_step) are safe to share between threads;
+ * Refcounted objects (dws_step, dws_patchfile) are safe to share between threads;
  * everything else belongs to one thread at a time.
  *
  * Errors: functions return DWS_OK (0) or a negative dws_code, and fill a
@@ -35,11 +35,6 @@ typedef struct dws_error {
 	char msg[768];
 } dws_error;
 
-const char *dws_code_name(int code);
-/* Whether an error may go away by itself (the network, a server, a file
- * still being written): worth retrying. The other codes mean the input is
- * bad and stays bad until it changes. */
-bool dws_code_transient(int code);
 
 /* ---- logging: one line per event ------------------------------------- */
 
@@ -50,9 +45,7 @@ typedef enum dws_log_level { DWS_LOG_ERROR, DWS_LOG_WARN, DWS_LOG_INFO, DWS_LOG_
 void dws_log_at(dws_log_level lv, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void dws_log(const char *fmt, ...) __attribute__((format(printf, 1, 2))); /* info */
 void dws_log_set_level(dws_log_level lv);
-bool dws_log_enabled(dws_log_level lv);
 bool dws_log_level_parse(const char *s, dws_log_level *out); /* error|warn|info|debug */
-const char *dws_log_level_name(dws_log_level lv);
 /* From now on to syslog (a daemon in the background); false, and stderr
  * kept, where the machine has no syslog socket (a container). A log file
  * set before takes precedence. */
@@ -65,44 +58,15 @@ void dws_log_reopen(void);
 
 /* ---- dtypes ------------------------------------------------------------ */
 
-typedef enum dws_dtype {
-	DWS_DT_INVALID = 0,
-	DWS_DT_BOOL, DWS_DT_U8, DWS_DT_I8, DWS_DT_F8_E5M2, DWS_DT_F8_E4M3,
-	DWS_DT_I16, DWS_DT_U16, DWS_DT_F16, DWS_DT_BF16,
-	DWS_DT_I32, DWS_DT_U32, DWS_DT_F32,
-	DWS_DT_I64, DWS_DT_U64, DWS_DT_F64,
-	DWS_DT_COUNT
-} dws_dtype;
 
-dws_dtype dws_dtype_parse(const char *s);
-const char *dws_dtype_name(dws_dtype dt);
-size_t dws_dtype_size(dws_dtype dt);
 
-/* BF16 -> F16, round to nearest even (NaN stays NaN, overflow to inf). */
-uint16_t dws_bf16_to_f16(uint16_t b);
-float dws_bf16_to_f32(uint16_t b);
-/* F32 -> BF16, round to nearest even (what torch's .to(bfloat16) does). */
-uint16_t dws_f32_to_bf16(float f);
-uint16_t dws_f16_to_bf16(uint16_t h);
 
 /* ---- safetensors -------------------------------------------------------- */
 
 #define DWS_ST_MAX_HEADER (100u * 1024 * 1024) /* same cap as the safetensors library */
 
-typedef struct dws_st_tensor {
-	const char *name;
-	dws_dtype dtype;
-	uint32_t ndim;
-	const uint64_t *shape;
-	uint64_t numel;
-	uint64_t begin, end; /* relative to the data section */
-} dws_st_tensor;
 
-typedef struct dws_st_meta {
-	const char *key, *value;
-} dws_st_meta;
 
-typedef struct dws_st_file dws_st_file;
 
 /* Parse and validate a header. `prefix` holds at least the first 8 bytes; if
  * it does not hold the whole header, *need is set to the byte count needed and
@@ -112,34 +76,7 @@ typedef struct dws_st_file dws_st_file;
  * DWS_ST_SIZE_UNKNOWN (a compressed stream whose size is not known yet) only
  * the header itself is checked. `what` names the file in errors. */
 #define DWS_ST_SIZE_UNKNOWN UINT64_MAX
-int dws_st_parse(const void *prefix, size_t prefix_len, uint64_t file_size,
-		 const char *what, dws_st_file **out, uint64_t *need,
-		 dws_error *err);
-void dws_st_free(dws_st_file *f);
-size_t dws_st_count(const dws_st_file *f);
-const dws_st_tensor *dws_st_at(const dws_st_file *f, size_t i);
-const dws_st_tensor *dws_st_find(const dws_st_file *f, const char *name);
-const char *dws_st_meta_get(const dws_st_file *f, const char *key);
-size_t dws_st_meta_count(const dws_st_file *f);
-const dws_st_meta *dws_st_meta_at(const dws_st_file *f, size_t i);
-/* Bytes before the data section: 8 + header length. */
-uint64_t dws_st_data_start(const dws_st_file *f);
-/* Bytes of the data section the tensors declare: the end of the last one.
- * The file's size is dws_st_data_start + this. */
-uint64_t dws_st_data_end(const dws_st_file *f);
 
-/* Writer: builds a header (sorted keys, space padded to 8) for tensors laid
- * out back to back in the given order. */
-typedef struct dws_st_out_tensor {
-	const char *name;
-	dws_dtype dtype;
-	uint32_t ndim;
-	const uint64_t *shape;
-	uint64_t nbytes;
-} dws_st_out_tensor;
-int dws_st_build_header(const dws_st_out_tensor *t, size_t n,
-			const dws_st_meta *meta, size_t nmeta, char **out,
-			size_t *out_len, dws_error *err);
 
 /* ---- blobs and buckets -------------------------------------------------- */
 
@@ -150,92 +87,40 @@ typedef struct dws_object {
 	char ident[96];     /* content identity: xetHash, ETag+size, or mtime+size */
 } dws_object;
 
-void dws_objects_free(dws_object *v, size_t n);
 
-/* A readable source object. Thread safe; refcounted. */
-typedef struct dws_blob dws_blob;
-int dws_blob_read(dws_blob *b, uint64_t off, void *buf, size_t len,
-		  dws_error *err); /* exact: short means error */
 /* Bytes held in memory by a blob's cache, kept there until released. */
 typedef struct dws_pin {
 	void (*release)(void *a, void *b);
 	void *a, *b;
 } dws_pin;
 void dws_pin_release(dws_pin *p); /* no-op on a pin that holds nothing */
-/* dws_blob_read, except that where the bytes sit whole in memory the blob
- * keeps (a block of the remote cache's hot set), *ref points there and *pin
- * keeps them until dws_pin_release: no copy. Otherwise they are read into
- * buf, *ref == buf and the pin holds nothing. */
-int dws_blob_read_ref(dws_blob *b, uint64_t off, void *buf, size_t len,
-		      const void **ref, dws_pin *pin, dws_error *err);
-uint64_t dws_blob_size(const dws_blob *b);
-const char *dws_blob_name(const dws_blob *b);
-dws_blob *dws_blob_ref(dws_blob *b);
-void dws_blob_unref(dws_blob *b);
-/* A blob over memory the blob takes ownership of (free()d on last unref). */
-dws_blob *dws_blob_from_memory(const char *name, void *data, size_t len);
-/* A whole-object zstd decompression of `src` (a .zst object): streamed into an
- * unlinked temporary file under `tmpdir` (NULL: $TMPDIR or /tmp; made, 0700,
- * when missing), at most `max_size` bytes of output. */
-int dws_blob_zstd(dws_blob *src, const char *tmpdir, uint64_t max_size,
-		  dws_blob **out, dws_error *err);
-/* Decompress only the first `want` bytes of a zstd blob into memory. */
-int dws_zstd_prefix(dws_blob *src, size_t want, void **out, size_t *out_len,
-		    dws_error *err);
 
 typedef struct dws_bucket dws_bucket;
 
+/* Options structs: set up with their dws_*_opts_init first, which fills in
+ * every default and `size` (the struct's size in the caller's build: the
+ * library refuses a struct of another size, so a program built against
+ * another version fails cleanly). Every value then means what it says, 0
+ * included. */
 typedef struct dws_bucket_opts {
-	const char *cache_dir;     /* block cache of remote buckets */
-	uint64_t cache_size;       /* its byte cap */
+	uint32_t size;
+	const char *cache_dir;     /* block cache of remote buckets; NULL: none */
+	uint64_t cache_size;       /* its byte cap; 16 GiB */
 	bool memory_cache;         /* no disk cache: blocks in memory only */
-	uint32_t block_size;       /* fetch unit; default 8 MiB */
+	uint32_t block_size;       /* fetch unit, a multiple of 4 KiB; 8 MiB */
 	const char *ca_file;       /* extra CA bundle (TLS verification stays on) */
-	unsigned stall_timeout_ms; /* a transfer that sends nothing this long fails */
-	unsigned read_deadline_ms; /* a read that cannot be served by then: EIO */
+	unsigned stall_timeout_ms; /* a transfer that sends nothing this long fails; 10000 */
+	unsigned read_deadline_ms; /* a read that cannot be served by then: EIO; 60000 */
 	/* s3:// only; else AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID... */
 	const char *s3_endpoint, *s3_region, *s3_key, *s3_secret;
 } dws_bucket_opts;
+void dws_bucket_opts_init(dws_bucket_opts *o);
 
 /* "/path", "file:///path", "hf://buckets/NS/NAME[/PREFIX]",
  * "hf://NS/REPO[@REVISION]" (a model repo), "s3://BUCKET[/PREFIX]". */
 int dws_bucket_open(const char *uri, dws_bucket **out, dws_error *err);
-int dws_bucket_open_opts(const char *uri, const dws_bucket_opts *o,
-			 dws_bucket **out, dws_error *err);
-/* Cheap "anything new?" probe: a token that changes when the bucket does.
- * DWS_EUNSUP where the backend has none (list instead). */
-int dws_bucket_probe(dws_bucket *b, char *token, size_t len, dws_error *err);
-/* Metadata of one object without listing (DWS_ENOENT if absent). */
-int dws_bucket_head(dws_bucket *b, const char *key, dws_object *out,
-		    dws_error *err);
-bool dws_bucket_is_remote(const dws_bucket *b);
-/* The block cache of a remote bucket (all zero for a local one). */
-typedef struct dws_cache_counts {
-	uint64_t hits, misses;      /* block reads served by the cache; fetched */
-	uint64_t bytes, blocks;     /* on disk now */
-	uint64_t unkept_blocks;     /* fetched, and gone from memory before the */
-	uint64_t unkept_bytes;      /* disk took them (it was slower than the network) */
-	uint64_t waits, wait_ms;    /* reads that waited for a block being fetched
-				     * (read ahead, or for another reader), and how long */
-} dws_cache_counts;
-/* What a bucket has read since it was opened. */
-typedef struct dws_bucket_stats {
-	uint64_t bytes_fetched;       /* local: bytes read from its files (and a base
-				       * model folder read beside it); remote: the
-				       * bytes of its HTTP answers */
-	uint64_t requests[4], bytes[4]; /* HTTP by class: api, resolve, cdn, s3 */
-	dws_cache_counts cache;       /* its block cache (all zero for a local one) */
-} dws_bucket_stats;
-void dws_bucket_stats_get(const dws_bucket *b, dws_bucket_stats *out);
 void dws_bucket_close(dws_bucket *b);
 const char *dws_bucket_uri(const dws_bucket *b);
-/* Every object under prefix ("" = all), recursively, sorted by key. */
-int dws_bucket_list(dws_bucket *b, const char *prefix, dws_object **out,
-		    size_t *n, dws_error *err);
-int dws_bucket_open_blob(dws_bucket *b, const dws_object *obj, dws_blob **out,
-			 dws_error *err);
-/* Validate an object key: relative, no "..", no empty or "." components. */
-bool dws_key_is_safe(const char *key);
 
 /* ---- step names ---------------------------------------------------------- */
 
@@ -276,7 +161,8 @@ typedef struct dws_stepfile {
 } dws_stepfile;
 
 typedef struct dws_catalog_opts {
-	int64_t run_tolerance_ns; /* restart detection slack; default 60 s */
+	uint32_t size;
+	int64_t run_tolerance_ns; /* restart detection slack; 60 s */
 	const struct dws_catalog *prev; /* reuse headers of unchanged objects */
 	/* No listing: prev's objects plus these (found by dws_bucket_head). */
 	bool reuse_listing;
@@ -286,6 +172,7 @@ typedef struct dws_catalog_opts {
 	 * retry is due); else they keep their error until they change. */
 	bool reread_failed;
 } dws_catalog_opts;
+void dws_catalog_opts_init(dws_catalog_opts *o);
 
 typedef struct dws_catalog dws_catalog;
 
@@ -300,14 +187,6 @@ const dws_stepfile *dws_catalog_find(const dws_catalog *c, uint64_t step);
 /* Files of older runs that were left out (for `ls --all`). */
 size_t dws_catalog_stale_count(const dws_catalog *c);
 const dws_stepfile *dws_catalog_stale_at(const dws_catalog *c, size_t i);
-/* The latest complete anchor at or before step, or NULL. */
-const dws_stepfile *dws_catalog_anchor_for(const dws_catalog *c, uint64_t step);
-bool dws_catalog_has_base(const dws_catalog *c);
-/* The keys the n steps after the newest would have (keys[i] malloc'd): a
- * delta, compressed if the run compresses, or an anchor where the run's
- * anchor interval puts one. Returns how many (fewer past 2^63-1). */
-size_t dws_catalog_next_keys(const dws_catalog *c, char **keys, size_t n);
-dws_bucket *dws_catalog_bucket(const dws_catalog *c);
 
 /* ---- steps -------------------------------------------------------------- */
 
@@ -317,14 +196,16 @@ typedef struct dws_prefix_map {
 } dws_prefix_map;
 
 typedef struct dws_build_opts {
+	uint32_t size;
 	const char *base;          /* base folder or URI; NULL: bucket's base/ if any */
 	const dws_bucket_opts *bucket_opts; /* for opening the base */
 	const dws_prefix_map *maps;
 	size_t nmaps;
 	const char *tmpdir;        /* where decompressed anchors are spilled */
-	uint64_t max_delta_bytes;  /* cap for one decompressed delta; 0: 64 GiB */
+	uint64_t max_delta_bytes;  /* cap for one decompressed delta; 64 GiB */
 	bool verify;               /* check dwsfs.* checksums while building */
 } dws_build_opts;
+void dws_build_opts_init(dws_build_opts *o);
 
 typedef struct dws_step dws_step;
 typedef struct dws_builder dws_builder;
@@ -346,19 +227,6 @@ void dws_builder_free(dws_builder *bl);
  * follows it in the same chain. Returns a new reference. */
 int dws_builder_build(dws_builder *bl, uint64_t step, dws_step **out,
 		      dws_error *err);
-/* The catalog the builder reads. */
-dws_catalog *dws_builder_catalog(dws_builder *bl);
-/* The step built last (borrowed: valid until the next build or free). */
-dws_step *dws_builder_newest(dws_builder *bl);
-/* Switch to a newer catalog of the same bucket (the caller keeps ownership of
- * both; the old one may be freed after this returns). */
-void dws_builder_set_catalog(dws_builder *bl, dws_catalog *c);
-/* The content id step N would have in catalog c: a hash of the chain's
- * objects (key and identity), so a rewritten or restarted step gets a new id
- * and the same content always the same one; never 0 for a step of the
- * catalog (64 bits: the FUSE layer maps ids to inode numbers). 0 if the
- * step is not in the catalog. */
-uint64_t dws_catalog_step_id(const dws_catalog *c, uint64_t step);
 
 dws_step *dws_step_ref(dws_step *s);
 void dws_step_unref(dws_step *s);
@@ -367,15 +235,7 @@ uint64_t dws_step_id(const dws_step *s); /* see dws_catalog_step_id */
 uint64_t dws_step_anchor(const dws_step *s);     /* 0: base only */
 size_t dws_step_chain_length(const dws_step *s); /* files applied since anchor */
 uint64_t dws_step_patch_entries(dws_step *s);
-/* Tensors of s held whole in memory (patched past a third and merged with
- * their source, which reads then never touch), and their bytes. */
-size_t dws_step_whole_tensors(dws_step *s, uint64_t *bytes);
-/* Bytes held by the patch runs of every step object alive in the process:
- * what the patches cost in memory, old objects still referenced included. */
-uint64_t dws_patch_memory(void);
-size_t dws_step_file_count(const dws_step *s);
 const dws_file_info *dws_step_file(const dws_step *s, size_t i);
-int dws_step_file_lookup(const dws_step *s, const char *path); /* -1 if none */
 /* The folder tree of a step: node 0 is its top folder. Children of a folder
  * are linked through `next`. */
 typedef struct dws_node {
@@ -390,9 +250,6 @@ size_t dws_step_node_count(const dws_step *s);
 const dws_node *dws_step_node(const dws_step *s, size_t i);
 /* Child of folder node dir named name, or DWS_NODE_NONE. */
 uint32_t dws_step_node_lookup(const dws_step *s, uint32_t dir, const char *name);
-/* Read bytes of file i at off; returns bytes read (short only at EOF) or <0. */
-int64_t dws_step_read(dws_step *s, size_t file, uint64_t off, void *buf,
-		      size_t len, dws_error *err);
 /* dws_step_read for a reply without a copy: the bytes as up to *niov pieces
  * (in: room, at least 1; out: used) in iov. Unpatched source bytes the
  * cache holds in memory are pointed to, each with a pin in pins (room for
@@ -401,10 +258,6 @@ int64_t dws_step_read(dws_step *s, size_t file, uint64_t off, void *buf,
 int64_t dws_step_read_iov(dws_step *s, size_t file, uint64_t off, void *buf,
 			  size_t len, struct iovec *iov, size_t *niov,
 			  dws_pin *pins, size_t *npins, dws_error *err);
-/* Whether every byte of file i of s can be produced without a fetch: its
- * sources are local files, blocks the block cache holds, or tensors held
- * whole in memory. */
-bool dws_step_file_local(dws_step *s, size_t file);
 /* What dws_step_materialize leaves free on the filesystem it writes to. */
 #define DWS_MAT_FREE_FLOOR (1ull << 30)
 /* Write file i of s whole into an unnamed file (O_TMPFILE) in dir, in large
@@ -414,8 +267,6 @@ bool dws_step_file_local(dws_step *s, size_t file);
  * NULL) cancels. The bytes are dws_step_read's. */
 int dws_step_materialize(dws_step *s, size_t file, const char *dir, uint64_t min_free,
 			 const _Atomic bool *stop, int *fd, dws_error *err);
-/* XXH3-64 state digest over the trainer view (src/digest.h). */
-int dws_step_state_digest(dws_step *s, uint64_t *out, dws_error *err);
 /* The step's state digest against the producer's checksum `want` (the
  * catalog's state_xxh3; "" or NULL: nothing to check). DWS_EVERIFY with one
  * line naming `what` on a mismatch. The one check the mount and dwsctl make. */
@@ -428,10 +279,6 @@ typedef struct dws_progress {
 	void *ctx;
 } dws_progress;
 
-/* Write step s as a folder at outdir, atomically: a sibling temp folder renamed
- * into place at the end. outdir must not exist (or be an empty folder). */
-int dws_extract(dws_step *s, const char *outdir, const dws_progress *pr,
-		dws_error *err);
 
 /* Extract step N of bl's catalog. Same result as dws_builder_build +
  * dws_extract; when N is an anchor plus sparse deltas it is streamed instead:
@@ -456,7 +303,6 @@ int64_t dws_patchfile_read(dws_patchfile *p, uint64_t off, void *buf, size_t len
 /* The open file holding the whole patch (for the kernel to read it
  * directly); owned by p, valid while p is referenced. */
 int dws_patchfile_fd(const dws_patchfile *p);
-dws_patchfile *dws_patchfile_ref(dws_patchfile *p);
 void dws_patchfile_unref(dws_patchfile *p);
 
 typedef enum dws_pub_format {
@@ -464,16 +310,18 @@ typedef enum dws_pub_format {
 } dws_pub_format;
 
 typedef struct dws_publish_opts {
+	uint32_t size;
 	const char *prev;        /* previous checkpoint folder (NULL with anchor) */
 	const char *next;        /* next checkpoint folder */
 	const char *bucket_dir;  /* local bucket folder to write into */
 	uint64_t step;
-	int64_t parent_step;     /* -1: none */
-	dws_pub_format format;
+	int64_t parent_step;     /* -1 (the default): none */
+	dws_pub_format format;   /* DWS_PUB_GAP_DELTA */
 	bool zstd;
-	int zstd_level;
+	int zstd_level;          /* 1 to 19; 3 */
 	const char *run_id;      /* NULL: the bucket's current run, else a fresh one */
 } dws_publish_opts;
+void dws_publish_opts_init(dws_publish_opts *o);
 
 int dws_publish(const dws_publish_opts *o, char *written, size_t written_len,
 		uint64_t *changed_out, dws_error *err);
@@ -490,9 +338,9 @@ typedef enum dws_verify_mode {
 
 typedef struct dws_mount dws_mount;
 
-/* Set with dws_mount_opts_init first: every value, 0 included, means what
- * it says; -1 where noted picks the default for the bucket. Times in ms. */
+/* -1 where noted picks the default for the bucket. Times in ms. */
 typedef struct dws_mount_opts {
+	uint32_t size;
 	const char *bucket;
 	const dws_bucket_opts *bucket_opts;
 	const char *base;

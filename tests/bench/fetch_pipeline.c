@@ -7,7 +7,7 @@
  *
  * prints `bytes=N seconds=S mbps=M`; "memory" runs without the disk cache
  * (the mount's cache_size=0). */
-#include "dwsfs/dwsfs.h"
+#include "internal.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,7 +20,10 @@ int main(int argc, char **argv)
 		fprintf(stderr, "usage: fetch_pipeline BUCKET KEY CACHE_DIR [memory]\n");
 		return 2;
 	}
-	dws_bucket_opts o = {.cache_dir = argv[3], .memory_cache = argc > 4 && !strcmp(argv[4], "memory")};
+	dws_bucket_opts o;
+	dws_bucket_opts_init(&o);
+	o.cache_dir = argv[3];
+	o.memory_cache = argc > 4 && !strcmp(argv[4], "memory");
 	dws_bucket *b;
 	dws_error err = {0};
 	dws_object obj;

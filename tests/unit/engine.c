@@ -161,8 +161,14 @@ static void publish(struct run *r, uint64_t step, bool anchor)
 	char dir[160], written[600];
 	snprintf(dir, sizeof(dir), "%s/ckpt%llu", r->root, (unsigned long long)step);
 	write_checkpoint(dir, r->v);
-	dws_publish_opts po = {.prev = anchor ? NULL : r->prev, .next = dir, .bucket_dir = r->bucket, .step = step,
-			       .parent_step = anchor ? -1 : (int64_t)r->step, .format = anchor ? DWS_PUB_ANCHOR : DWS_PUB_GAP_DELTA};
+	dws_publish_opts po;
+	dws_publish_opts_init(&po);
+	po.prev = anchor ? NULL : r->prev;
+	po.next = dir;
+	po.bucket_dir = r->bucket;
+	po.step = step;
+	po.parent_step = anchor ? -1 : (int64_t)r->step;
+	po.format = anchor ? DWS_PUB_ANCHOR : DWS_PUB_GAP_DELTA;
 	uint64_t changed;
 	dws_error e = {0};
 	if (dws_publish(&po, written, sizeof(written), &changed, &e) != DWS_OK) {

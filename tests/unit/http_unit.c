@@ -246,8 +246,15 @@ static char *entry(const char *key, uint64_t size)
 
 static int open_s3(lb_server *srv, dws_bucket **b)
 {
-	dws_bucket_opts bo = {.s3_endpoint = srv->url, .s3_region = "us-east-1", .s3_key = "K", .s3_secret = "S",
-			      .memory_cache = true, .block_size = 4096, .read_deadline_ms = 5000};
+	dws_bucket_opts bo;
+	dws_bucket_opts_init(&bo);
+	bo.s3_endpoint = srv->url;
+	bo.s3_region = "us-east-1";
+	bo.s3_key = "K";
+	bo.s3_secret = "S";
+	bo.memory_cache = true;
+	bo.block_size = 4096;
+	bo.read_deadline_ms = 5000;
 	dws_error e = {0};
 	int rc = dws_bucket_open_opts("s3://bkt/run", &bo, b, &e);
 	if (rc)

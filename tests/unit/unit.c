@@ -923,15 +923,25 @@ static void test_materialize(void)
 	char written[600];
 	uint64_t changed = 0;
 	dws_error e = {0};
-	dws_publish_opts po = {.next = a, .bucket_dir = bucket, .step = 1, .parent_step = -1, .format = DWS_PUB_ANCHOR};
+	dws_publish_opts po;
+	dws_publish_opts_init(&po);
+	po.next = a;
+	po.bucket_dir = bucket;
+	po.step = 1;
+	po.format = DWS_PUB_ANCHOR;
 	int rc = dws_publish(&po, written, sizeof(written), &changed, &e);
-	po = (dws_publish_opts){.prev = a, .next = b, .bucket_dir = bucket, .step = 2, .parent_step = 1};
+	po.prev = a;
+	po.next = b;
+	po.step = 2;
+	po.parent_step = 1;
+	po.format = DWS_PUB_GAP_DELTA;
 	rc = rc ? rc : dws_publish(&po, written, sizeof(written), &changed, &e);
 	dws_bucket *bk = NULL;
 	dws_catalog *cat = NULL;
 	dws_builder *bl = NULL;
 	dws_step *s = NULL;
-	dws_build_opts bo = {0};
+	dws_build_opts bo;
+	dws_build_opts_init(&bo);
 	rc = rc ? rc : dws_bucket_open(bucket, &bk, &e);
 	rc = rc ? rc : dws_catalog_load(bk, NULL, &cat, &e);
 	rc = rc ? rc : dws_builder_new(cat, &bo, &bl, &e);
@@ -986,6 +996,31 @@ out:
 	CHECK(system(cmd) == 0, "materialize: clean up");
 }
 
+/* An options struct not set up by its init is refused, naming it; one set
+ * up is taken, its 0 values as 0. */
+static void test_opts_init(void)
+{
+	dws_error e = {0};
+	dws_bucket *b = NULL;
+	dws_bucket_opts bo = {.block_size = 8u << 20};
+	CHECK(dws_bucket_open_opts("/tmp", &bo, &b, &e) == DWS_EINVAL && strstr(e.msg, "dws_bucket_opts_init"),
+	      "bucket opts without init refused: %s", e.msg);
+	dws_bucket_opts_init(&bo);
+	bo.block_size = 0;
+	memset(&e, 0, sizeof(e));
+	CHECK(dws_bucket_open_opts("/tmp", &bo, &b, &e) == DWS_EINVAL && strstr(e.msg, "block_size 0"),
+	      "block_size 0 is 0, refused: %s", e.msg);
+	dws_bucket_opts_init(&bo);
+	memset(&e, 0, sizeof(e));
+	CHECK(dws_bucket_open_opts("/tmp", &bo, &b, &e) == DWS_OK, "bucket opts from init taken: %s", e.msg);
+	dws_bucket_close(b);
+	dws_publish_opts po = {.step = 1};
+	uint64_t changed;
+	char written[64];
+	memset(&e, 0, sizeof(e));
+	CHECK(dws_publish(&po, written, sizeof(written), &changed, &e) == DWS_EINVAL, "publish opts without init: %s", e.msg);
+}
+
 int main(void)
 {
 	test_dtypes();
@@ -1002,6 +1037,7 @@ int main(void)
 	test_block_cache_slow_disk();
 	test_block_cache_reads_out_of_order();
 	test_materialize();
+	test_opts_init();
 	printf("%d passed, %d failed\n", passed, failed);
 	return failed ? 1 : 0;
 }
