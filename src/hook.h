@@ -21,6 +21,7 @@ typedef struct dws_hook_opts {
 
 typedef struct dws_hook_stats {
 	uint64_t runs;
+	uint64_t failures;       /* runs that did not exit 0 (timeouts included) */
 	bool running;
 	bool has_last;
 	uint64_t last_step;

@@ -3,6 +3,7 @@
 #ifndef DWSFS_STATUS_H
 #define DWSFS_STATUS_H
 
+#include "histogram.h"
 #include "hook.h"
 #include "internal.h"
 
@@ -29,7 +30,17 @@ typedef struct dws_status {
 	const char *last_error;       /* NULL: none */
 	bool has_hook;
 	dws_hook_stats hook;
+	/* not in the document: for the metrics (docs/metrics.md) */
+	dws_bucket_stats io;          /* the bucket's own counts */
+	dws_histogram builds;         /* build + verify of each step built */
+	uint64_t build_failures[2];   /* step builds failed: may pass, for good */
+	uint64_t poll_failures;
 } dws_status;
+
+/* A snapshot of the engine, each part under its lock, taken by a reader
+ * that must not wait long (the status file, the metrics): last_error NULL,
+ * bucket the mount's own (valid while it is open). */
+void dws_mount_status(dws_mount *m, dws_status *st);
 
 /* The document, malloc'd, ending in a newline. */
 char *dws_status_json(const dws_status *st, const dws_status_field *extra, size_t nextra);

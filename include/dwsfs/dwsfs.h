@@ -218,12 +218,23 @@ typedef struct dws_cache_counts {
 	uint64_t waits, wait_ms;    /* reads that waited for a block being fetched
 				     * (read ahead, or for another reader), and how long */
 } dws_cache_counts;
+/* Why an HTTP attempt failed: an error status (408, 5xx, another 4xx), 429,
+ * 404/410, the network (connect, reset, stall, timeout), an answer shorter
+ * than the range asked, anything else (an answer too large, a Range
+ * ignored, a redirect loop). */
+typedef enum dws_http_error_kind {
+	DWS_HTTP_ERR_STATUS, DWS_HTTP_ERR_THROTTLED, DWS_HTTP_ERR_NOT_FOUND, DWS_HTTP_ERR_NETWORK,
+	DWS_HTTP_ERR_TRUNCATED, DWS_HTTP_ERR_OTHER, DWS_HTTP_NERR
+} dws_http_error_kind;
 /* What a bucket has read since it was opened. */
 typedef struct dws_bucket_stats {
 	uint64_t bytes_fetched;       /* local: bytes read from its files (and a base
 				       * model folder read beside it); remote: the
 				       * bytes of its HTTP answers */
 	uint64_t requests[4], bytes[4]; /* HTTP by class: api, resolve, cdn, s3 */
+	uint64_t retries[DWS_HTTP_NERR];  /* attempts tried again, by why */
+	uint64_t failures[DWS_HTTP_NERR]; /* requests that failed for good (retries
+					   * used up, or not worth one), by the last why */
 	dws_cache_counts cache;       /* its block cache (all zero for a local one) */
 } dws_bucket_stats;
 void dws_bucket_stats_get(const dws_bucket *b, dws_bucket_stats *out);
