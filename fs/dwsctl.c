@@ -1,6 +1,7 @@
 /* dwsctl: inspect, extract, verify and publish Delta Weight Sync buckets
  * without a mount. A thin command line over libdwsfs. */
 #include "dwsfs/dwsfs.h"
+#include "revision.h"
 
 #include <errno.h>
 #include <getopt.h>
@@ -498,8 +499,8 @@ int main(int argc, char **argv)
 		usage(argc < 2 ? stderr : stdout);
 		return argc < 2 ? 2 : 0;
 	}
-	if (!strcmp(argv[1], "--version")) {
-		printf("dwsctl %s\n", DWSFS_VERSION);
+	if (!strcmp(argv[1], "--version") || !strcmp(argv[1], "-V")) {
+		printf("dwsctl %s (revision %s)\n", DWSFS_VERSION, DWSFS_REVISION);
 		return 0;
 	}
 	const char *cmd = argv[1];

@@ -3,6 +3,8 @@
  * the session and its loop; the operations are fs/fsops.c. */
 #include "fs.h"
 #include "inodes.h"
+#include "metrics.h"
+#include "notify.h"
 #include "options.h"
 #include "passthrough.h"
 
@@ -22,23 +24,25 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-/* The kernel reads ahead 128 KiB on a FUSE mount unless told otherwise:
- * one request per 128 KiB. Once FUSE_INIT is through (a stat of the mount
- * root waits for it), set the mount's bdi read_ahead_kb. Needs root; without
- * it the default stays. */
-struct ra_arg {
+/* Once the mount answers (a stat of its root waits for FUSE_INIT and the
+ * loop's answer), on a thread of its own: systemd is told it is ready, and
+ * the kernel's readahead is set. The kernel reads ahead 128 KiB on a FUSE
+ * mount unless told otherwise: one request per 128 KiB; the mount's bdi
+ * read_ahead_kb says more (root only; without it the default stays). */
+struct live_arg {
 	char *mnt;
-	int kb;
+	int kb;   /* 0: the kernel's */
 };
 
-static void *read_ahead_main(void *v)
+static void *live_main(void *v)
 {
-	struct ra_arg *a = v;
+	struct live_arg *a = v;
 	struct stat st;
 	if (stat(a->mnt, &st) == 0) {
+		notify_ready();
 		char path[96];
 		snprintf(path, sizeof(path), "/sys/class/bdi/%u:%u/read_ahead_kb", major(st.st_dev), minor(st.st_dev));
-		FILE *f = fopen(path, "w");
+		FILE *f = a->kb > 0 ? fopen(path, "w") : NULL;
 		if (f) {
 			fprintf(f, "%d\n", a->kb);
 			if (fclose(f) != 0)
@@ -50,16 +54,16 @@ static void *read_ahead_main(void *v)
 	return NULL;
 }
 
-static void set_read_ahead(const char *mnt, int kb)
+static void when_live(const char *mnt, int kb)
 {
-	struct ra_arg *a = malloc(sizeof(*a));
+	struct live_arg *a = malloc(sizeof(*a));
 	pthread_t t;
 	if (!a || !(a->mnt = realpath(mnt, NULL))) {
 		free(a);
 		return;
 	}
 	a->kb = kb;
-	if (pthread_create(&t, NULL, read_ahead_main, a) != 0) {
+	if (pthread_create(&t, NULL, live_main, a) != 0) {
 		free(a->mnt);
 		free(a);
 		return;
@@ -184,24 +188,25 @@ static void on_sighup(int sig)
 	dws_log_reopen();
 }
 
-/* Serve until unmounted; se: a session made (options checked), not mounted. */
-static int serve(struct config *c, struct fs *f, struct fuse_session *se, dws_mount *m, int *ready_fd)
+/* The mount is up: the sync thread runs, the metrics are served, the
+ * parent of a background daemon may exit, and systemd is told once the
+ * mount answers. 0, or 1 (said on stderr). */
+static int go_live(struct config *c, struct fs *f, dws_mount *m, int *ready_fd, struct metrics **mx)
 {
 	dws_error err = {0};
-	/* libfuse ends the session on SIGHUP: here it reopens the log file */
-	struct sigaction hup = {.sa_handler = on_sighup};
-	sigemptyset(&hup.sa_mask);
-	if (fuse_set_signal_handlers(se) != 0 || sigaction(SIGHUP, &hup, NULL) != 0)
-		return 1;
-	int ret = 1;
-	if (fuse_session_mount(se, c->mountpoint) != 0)
-		goto out_signals;
-	f->se = se;
-	if (pt_attach(se, m, c->mat_max > 0, c->mat_dir, c->mat_max) != 0)
-		dws_log_at(DWS_LOG_WARN, "passthrough off: libfuse refused custom I/O");
+	dws_step *r = dws_mount_root(m);
+	uint64_t step = dws_step_number(r);
+	dws_step_unref(r);
+	notify_step(step); /* before any swap can say a newer one */
 	if (dws_mount_start(m, &err) != 0) {
 		fprintf(stderr, "dwsfs: %s\n", err.msg);
-		goto out_unmount;
+		return 1;
+	}
+	if (c->metrics_fd >= 0) {
+		*mx = metrics_start(c->metrics_fd, f);
+		c->metrics_fd = -1;
+		if (!*mx)
+			return 1;
 	}
 	if (chdir("/") != 0)
 		dws_log_at(DWS_LOG_WARN, "chdir /: %s", strerror(errno));
@@ -209,11 +214,15 @@ static int serve(struct config *c, struct fs *f, struct fuse_session *se, dws_mo
 		daemon_ready(*ready_fd, c->log_file != NULL);
 		*ready_fd = -1;
 	}
-	if (c->read_ahead_kb > 0)
-		set_read_ahead(c->mountpoint, c->read_ahead_kb);
-	dws_step *r = dws_mount_root(m);
-	dws_log("mounted %s on %s: step %llu", c->bucket, c->mountpoint, (unsigned long long)dws_step_number(r));
-	dws_step_unref(r);
+	when_live(c->mountpoint, c->read_ahead_kb);
+	dws_log("mounted %s on %s: step %llu%s%s", c->bucket, c->mountpoint, (unsigned long long)step,
+		c->metrics_addr ? ", metrics at http://" : "", c->metrics_addr ? c->metrics_addr : "");
+	return 0;
+}
+
+static int loop(struct config *c, struct fuse_session *se)
+{
+	int ret;
 	if (c->cmd.singlethread) {
 		ret = fuse_session_loop(se);
 	} else {
@@ -231,7 +240,29 @@ static int serve(struct config *c, struct fs *f, struct fuse_session *se, dws_mo
 		dws_log("the kernel closed the connection: unmounted");
 		ret = 0;
 	}
-	ret = ret < 0 ? 1 : 0;
+	return ret < 0 ? 1 : 0;
+}
+
+/* Serve until unmounted; se: a session made (options checked), not mounted. */
+static int serve(struct config *c, struct fs *f, struct fuse_session *se, dws_mount *m, int *ready_fd)
+{
+	/* libfuse ends the session on SIGHUP: here it reopens the log file */
+	struct sigaction hup = {.sa_handler = on_sighup};
+	sigemptyset(&hup.sa_mask);
+	if (fuse_set_signal_handlers(se) != 0 || sigaction(SIGHUP, &hup, NULL) != 0)
+		return 1;
+	int ret = 1;
+	struct metrics *mx = NULL;
+	if (fuse_session_mount(se, c->mountpoint) != 0)
+		goto out_signals;
+	f->se = se;
+	if (pt_attach(se, m, c->mat_max > 0, c->mat_dir, c->mat_max) != 0)
+		dws_log_at(DWS_LOG_WARN, "passthrough off: libfuse refused custom I/O");
+	if (go_live(c, f, m, ready_fd, &mx) != 0)
+		goto out_unmount;
+	ret = loop(c, se);
+	notify_stopping();
+	metrics_stop(mx); /* its scrapes read the mount */
 	f->m = NULL;
 	handles_free_all(f);
 	pt_detach();
@@ -246,12 +277,14 @@ out_unmount:
 	fuse_session_unmount(se);
 out_signals:
 	fuse_remove_signal_handlers(se);
+	metrics_stop(mx);
 	dws_mount_close(m);
 	return ret;
 }
 
 /* Everything that can be checked before the bucket is opened: libfuse's
- * options (the session is made), the mountpoint, the log file. */
+ * options (the session is made), the mountpoint, the log file, the
+ * metrics address (bound: one in use is said now). */
 static struct fuse_session *prepare(struct config *c, struct fs *f)
 {
 	char *fsname = NULL; /* a read-only mount named after the bucket */
@@ -264,7 +297,8 @@ static struct fuse_session *prepare(struct config *c, struct fs *f)
 	if (!se)
 		return NULL; /* libfuse said why, in one line */
 	dws_error err = {0};
-	if (config_check_mountpoint(c) || (c->log_file && dws_log_to_file(c->log_file, &err) != 0)) {
+	if (config_check_mountpoint(c) || (c->log_file && dws_log_to_file(c->log_file, &err) != 0) ||
+	    (c->metrics_addr && (c->metrics_fd = metrics_listen(c->metrics_addr)) < 0)) {
 		if (err.code)
 			fprintf(stderr, "dwsfs: %s\n", err.msg);
 		fuse_session_destroy(se);
@@ -282,6 +316,7 @@ int main(int argc, char *argv[])
 	 * A fixed threshold makes each large array its own mapping, unmapped
 	 * when freed. */
 	mallopt(M_MMAP_THRESHOLD, 256 * 1024);
+	notify_init(); /* before any thread: it edits the environment */
 	struct config c;
 	int rc = config_parse(argc, argv, &c);
 	if (rc) {

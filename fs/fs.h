@@ -5,6 +5,7 @@
 #define FUSE_USE_VERSION 312
 #include <fuse_lowlevel.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/types.h>
@@ -24,6 +25,7 @@ struct fs {
 	double name_timeout; /* root and steps/ names can be re-bound */
 	uid_t uid;
 	gid_t gid;
+	atomic_ullong read_errors; /* reads answered EIO (the metrics) */
 };
 
 enum handle_kind { H_FILE, H_STATUS, H_DIR, H_PATCH };

@@ -2,6 +2,7 @@
  * mount engine. Inode numbers: fs/inodes.h. */
 #include "fs.h"
 #include "inodes.h"
+#include "notify.h"
 #include "passthrough.h"
 
 #include <errno.h>
@@ -496,6 +497,7 @@ static void read_patch(fuse_req_t req, struct handle *h, char *buf, size_t size,
 	int64_t n = dws_patchfile_read(h->patch, (uint64_t)off, buf, size, &err);
 	if (n < 0) {
 		dws_log_at(DWS_LOG_ERROR, "read of a patch failed: %s", err.msg);
+		atomic_fetch_add(&fs_of(req)->read_errors, 1);
 		return (void)fuse_reply_err(req, EIO);
 	}
 	fuse_reply_buf(req, buf, (size_t)n);
@@ -528,6 +530,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
 	if (n < 0) {
 		dws_log_at(DWS_LOG_ERROR, "read %s [%lld, +%zu) of step %llu failed: %s", dws_step_file(s, h->file)->path, (long long)off, size,
 			(unsigned long long)dws_step_number(s), err.msg);
+		atomic_fetch_add(&fs_of(req)->read_errors, 1);
 		fuse_reply_err(req, EIO);
 		dws_step_unref(s);
 		return;
@@ -632,10 +635,12 @@ const struct fuse_lowlevel_ops dwsfs_ops = {
 };
 
 /* After a swap (called by the sync thread, holding no lock): drop the
- * kernel's root entries of both steps so the next lookup sees the new one. */
+ * kernel's root entries of both steps so the next lookup sees the new one,
+ * and tell systemd the step. */
 void dwsfs_on_swapped(void *ctx, dws_step *old_root, dws_step *new_root)
 {
 	struct fs *f = ctx;
+	notify_step(dws_step_number(new_root));
 	if (!f->se)
 		return;
 	dws_step *both[2] = {old_root, new_root};

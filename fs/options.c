@@ -4,6 +4,8 @@
  * are not dwsfs's are libfuse's to judge, which it does before the bucket
  * is opened (fuse_session_new); a near miss of one of ours is named here. */
 #include "options.h"
+#include "metrics.h"
+#include "revision.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -17,13 +19,13 @@
 #include <time.h>
 #include <unistd.h>
 
-enum kind { K_STR, K_FLAG, K_SIZE, K_DURATION, K_UINT, K_ENUM, K_MAP };
+enum kind { K_STR, K_FLAG, K_SIZE, K_DURATION, K_UINT, K_ENUM, K_MAP, K_ADDR };
 
 enum opt_id {
 	O_BASE, O_POLL, O_INFO_POLL, O_SWAP_IDLE, O_SWAP_MAX_DELAY, O_ON_SWAP, O_ON_SWAP_TIMEOUT,
 	O_ON_SWAP_KEEP_SECRETS, O_PATCH_AHEAD, O_VERIFY, O_MAP_PREFIX, O_MAX_STEPS, O_READ_AHEAD, O_CACHE_DIR,
 	O_CACHE_SIZE, O_BLOCK_SIZE, O_READ_TIMEOUT, O_STALL_TIMEOUT, O_CA_FILE, O_MAT_MAX, O_MAT_DIR,
-	O_LOG_LEVEL, O_LOG_FILE, O_NONEMPTY, O_COUNT
+	O_LOG_LEVEL, O_LOG_FILE, O_NONEMPTY, O_METRICS_ADDR, O_COUNT
 };
 
 struct optdef {
@@ -61,6 +63,7 @@ static const struct optdef defs[O_COUNT] = {
 	[O_LOG_LEVEL] = {"log_level", K_ENUM, 0, 0, false, "error, warn, info or debug"},
 	[O_LOG_FILE] = {"log_file", K_STR, 0, 0, false, "a file path"},
 	[O_NONEMPTY] = {"nonempty", K_FLAG, 0, 0, false, "no value"},
+	[O_METRICS_ADDR] = {"metrics_addr", K_ADDR, 0, 0, false, METRICS_ADDR_TAKES},
 };
 
 /* What the command line said, before it is checked (copies: libfuse hands
@@ -210,6 +213,11 @@ static bool value_ok(int id, const struct raw *r, int64_t *num)
 		return v && *v;
 	case K_ENUM:
 		return enum_ok(id, v);
+	case K_ADDR: {
+		struct sockaddr_storage ss;
+		socklen_t len;
+		return metrics_addr_parse(v, &ss, &len);
+	}
 	case K_MAP:
 		for (size_t i = 0; i < r->nmaps; i++) {
 			const char *m = r->maps[i], *eq = m ? strchr(m, '=') : NULL;
@@ -325,6 +333,7 @@ static void apply(struct config *c, const struct raw *r, const int64_t *n)
 	c->mat_max = r->set[O_MAT_MAX] ? (uint64_t)n[O_MAT_MAX] : 4ull << 30;
 	c->read_ahead_kb = r->set[O_READ_AHEAD] ? (int)n[O_READ_AHEAD] : 1024;
 	c->nonempty = r->set[O_NONEMPTY];
+	c->metrics_addr = r->val[O_METRICS_ADDR];
 	dws_log_level lv;
 	if (r->val[O_LOG_LEVEL] && dws_log_level_parse(r->val[O_LOG_LEVEL], &lv))
 		dws_log_set_level(lv);
@@ -408,6 +417,7 @@ static void usage(const char *prog)
 		[O_LOG_LEVEL] = "error, warn, info or debug (info)",
 		[O_LOG_FILE] = "append the log here, reopened on SIGHUP",
 		[O_NONEMPTY] = "mount over a folder that is not empty",
+		[O_METRICS_ADDR] = "serve Prometheus metrics at http://HOST:PORT/metrics (off)",
 	};
 	static const char *const meta[O_COUNT] = {
 		[O_BASE] = "SRC", [O_POLL] = "TIME", [O_INFO_POLL] = "TIME", [O_SWAP_IDLE] = "TIME",
@@ -416,7 +426,7 @@ static void usage(const char *prog)
 		[O_MAP_PREFIX] = "FROM=TO", [O_MAX_STEPS] = "N", [O_READ_AHEAD] = "KB", [O_CACHE_DIR] = "DIR",
 		[O_CACHE_SIZE] = "SIZE", [O_BLOCK_SIZE] = "SIZE", [O_READ_TIMEOUT] = "TIME", [O_STALL_TIMEOUT] = "TIME",
 		[O_CA_FILE] = "FILE", [O_MAT_MAX] = "SIZE", [O_MAT_DIR] = "DIR", [O_LOG_LEVEL] = "LEVEL",
-		[O_LOG_FILE] = "PATH",
+		[O_LOG_FILE] = "PATH", [O_METRICS_ADDR] = "HOST:PORT",
 	};
 	for (int i = 0; i < O_COUNT; i++) {
 		char col[48];
@@ -443,6 +453,7 @@ static int check_values(const struct raw *r, int64_t *num)
 int config_parse(int argc, char **argv, struct config *c)
 {
 	memset(c, 0, sizeof(*c));
+	c->metrics_fd = -1;
 	c->args = (struct fuse_args)FUSE_ARGS_INIT(argc, argv);
 	dws_mount_opts_init(&c->mo);
 	dws_bucket_opts_init(&c->bo);
@@ -462,7 +473,7 @@ int config_parse(int argc, char **argv, struct config *c)
 	if (fuse_parse_cmdline(&c->args, &c->cmd) != 0)
 		return 1;
 	if (c->cmd.show_version) {
-		printf("dwsfs %s, libfuse %s\n", DWSFS_VERSION, fuse_pkgversion());
+		printf("dwsfs %s (revision %s), libfuse %s\n", DWSFS_VERSION, DWSFS_REVISION, fuse_pkgversion());
 		return 2;
 	}
 	if (r.nnonopt != 2 || !c->cmd.mountpoint) {
@@ -494,6 +505,8 @@ void config_free(struct config *c)
 		free(c->strings[i]);
 	free(c->cmd.mountpoint);
 	fuse_opt_free_args(&c->args);
+	if (c->metrics_fd >= 0)
+		close(c->metrics_fd);
 }
 
 /* ---- the mountpoint ---- */

@@ -25,6 +25,8 @@ struct config {
 	int read_ahead_kb;        /* 0: the kernel's */
 	bool nonempty;
 	char *log_file;
+	const char *metrics_addr; /* NULL: no metrics */
+	int metrics_fd;           /* listening on metrics_addr, until served; -1 */
 	char *strings[128];       /* owned copies, freed with the config */
 	size_t nstrings;
 };

@@ -36,6 +36,7 @@ void dws_bucket_stats_get(const dws_bucket *b, dws_bucket_stats *out)
 			dws_http_counts(b->http, (dws_http_class)c, &out->requests[c], &out->bytes[c]);
 			out->bytes_fetched += out->bytes[c];
 		}
+		dws_http_errors(b->http, out->retries, out->failures);
 	}
 	if (b->cache)
 		dws_cache_stats(b->cache, &out->cache);

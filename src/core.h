@@ -111,23 +111,6 @@ int dws_bucket_probe(dws_bucket *b, char *token, size_t len, dws_error *err);
 int dws_bucket_head(dws_bucket *b, const char *key, dws_object *out,
 		    dws_error *err);
 bool dws_bucket_is_remote(const dws_bucket *b);
-/* The block cache of a remote bucket (all zero for a local one). */
-typedef struct dws_cache_counts {
-	uint64_t hits, misses;      /* block reads served by the cache; fetched */
-	uint64_t bytes, blocks;     /* on disk now */
-	uint64_t unkept_blocks;     /* fetched, and gone from memory before the */
-	uint64_t unkept_bytes;      /* disk took them (it was slower than the network) */
-	uint64_t waits, wait_ms;    /* reads that waited for a block being fetched
-				     * (read ahead, or for another reader), and how long */
-} dws_cache_counts;
-/* What a bucket has read since it was opened. */
-typedef struct dws_bucket_stats {
-	uint64_t bytes_fetched;       /* local: bytes read from its files (and a base
-				       * model folder read beside it); remote: the
-				       * bytes of its HTTP answers */
-	uint64_t requests[4], bytes[4]; /* HTTP by class: api, resolve, cdn, s3 */
-	dws_cache_counts cache;       /* its block cache (all zero for a local one) */
-} dws_bucket_stats;
 void dws_bucket_stats_get(const dws_bucket *b, dws_bucket_stats *out);
 /* Every object under prefix ("" = all), recursively, sorted by key. */
 int dws_bucket_list(dws_bucket *b, const char *prefix, dws_object **out,

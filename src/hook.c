@@ -235,8 +235,8 @@ static void run(dws_hook *h, dws_step *s)
 	h->pid = 0;
 	if (!status)
 		h->prev = step;
-	h->st = (dws_hook_stats){.runs = h->st.runs + 1, .has_last = true, .last_step = step, .last_exit = status,
-				 .last_ms = ms};
+	h->st = (dws_hook_stats){.runs = h->st.runs + 1, .failures = h->st.failures + (status != 0), .has_last = true,
+				 .last_step = step, .last_exit = status, .last_ms = ms};
 	pthread_mutex_unlock(&h->lock);
 }
 

@@ -19,14 +19,6 @@ typedef struct dws_hook_opts {
 				   * step at start, what a server loaded */
 } dws_hook_opts;
 
-typedef struct dws_hook_stats {
-	uint64_t runs;
-	bool running;
-	bool has_last;
-	uint64_t last_step;
-	int last_exit;           /* exit status; 128 + N for signal N; 124 timed out */
-	int64_t last_ms;
-} dws_hook_stats;
 
 int dws_hook_start(const dws_hook_opts *o, dws_hook **out, dws_error *err);
 /* Run for step s (a reference is taken: the step stays alive while the run

@@ -31,6 +31,7 @@ struct dws_http {
 	CURL *pool[POOL_MAX];
 	int npool;
 	atomic_ullong reqs[DWS_HTTP_NCLASS], bytes[DWS_HTTP_NCLASS];
+	atomic_ullong retries[DWS_HTTP_NERR], failures[DWS_HTTP_NERR];
 	atomic_bool cancelled;
 };
 
@@ -145,6 +146,14 @@ void dws_http_counts(const dws_http *h, dws_http_class c, uint64_t *requests,
 {
 	*requests = atomic_load(&((dws_http *)h)->reqs[c]);
 	*bytes = atomic_load(&((dws_http *)h)->bytes[c]);
+}
+
+void dws_http_errors(const dws_http *h, uint64_t retries[DWS_HTTP_NERR], uint64_t failures[DWS_HTTP_NERR])
+{
+	for (int k = 0; k < DWS_HTTP_NERR; k++) {
+		retries[k] = atomic_load(&((dws_http *)h)->retries[k]);
+		failures[k] = atomic_load(&((dws_http *)h)->failures[k]);
+	}
 }
 
 /* Easy handles are pooled: each keeps its connections alive. */
@@ -595,6 +604,22 @@ static enum outcome judge(const dws_http_req *rq, dws_http_resp *rs, struct xfer
 	return o;
 }
 
+/* Why an attempt that did not give a 2xx failed (dws_http_error_kind). */
+static int attempt_kind(const struct xfer *x, CURLcode cc, long status, enum outcome o)
+{
+	if (x->overflow)
+		return DWS_HTTP_ERR_OTHER;
+	if (cc != CURLE_OK)
+		return DWS_HTTP_ERR_NETWORK;
+	if (status == 429)
+		return DWS_HTTP_ERR_THROTTLED;
+	if (status == 404 || status == 410)
+		return DWS_HTTP_ERR_NOT_FOUND;
+	if (status < 200 || status >= 300)
+		return DWS_HTTP_ERR_STATUS;
+	return o == O_RETRY ? DWS_HTTP_ERR_TRUNCATED : DWS_HTTP_ERR_OTHER;
+}
+
 /* Wait before attempt att+1: DWS_OK, or why not (attempts or the deadline
  * used up). A shutdown cuts the wait short. */
 static int backoff(dws_http *h, unsigned att, unsigned wait_ms, int64_t deadline, char *why, size_t wl)
@@ -626,7 +651,7 @@ int dws_http_do(dws_http *h, const dws_http_req *rq, dws_http_resp *rs,
 	int64_t deadline = rq->deadline_ms ? rq->deadline_ms : dws_now_ms() + h->o.deadline_ms;
 	char *url = dws_xstrdup(rq->url);
 	char why[256] = "";
-	int hops = 0, rc = DWS_EIO;
+	int hops = 0, rc = DWS_EIO, kind = -1;
 	for (unsigned att = 0;; att++) {
 		struct xfer x = {.h = h, .rq = rq, .rs = rs, .max = rq->max_body ? rq->max_body : DEFAULT_MAX_BODY};
 		char *redirect = NULL;
@@ -645,6 +670,7 @@ int dws_http_do(dws_http *h, const dws_http_req *rq, dws_http_resp *rs,
 				free(redirect);
 				snprintf(why, sizeof(why), "more than %d redirects", MAX_HOPS);
 				rc = DWS_EIO;
+				kind = DWS_HTTP_ERR_OTHER;
 				break;
 			}
 			free(url);
@@ -653,8 +679,10 @@ int dws_http_do(dws_http *h, const dws_http_req *rq, dws_http_resp *rs,
 			continue;
 		}
 		free(redirect);
+		kind = attempt_kind(&x, cc, rs->status, o);
 		if (o == O_DONE || (rc = backoff(h, att, wait_ms, deadline, why, sizeof(why))) != DWS_OK)
 			break;
+		atomic_fetch_add(&h->retries[kind], 1);
 		rc = DWS_EIO;
 		/* retry from the original URL: a redirect target may have expired */
 		if (hops) {
@@ -665,6 +693,8 @@ int dws_http_do(dws_http *h, const dws_http_req *rq, dws_http_resp *rs,
 	}
 	if (rc != DWS_OK)
 		fail_line(rq, why, rc, err);
+	if (rc != DWS_OK && kind >= 0 && !atomic_load(&h->cancelled)) /* a shutdown is no failure */
+		atomic_fetch_add(&h->failures[kind], 1);
 	free(url);
 	return rc;
 }

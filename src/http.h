@@ -81,6 +81,10 @@ char *dws_http_escape_path(const char *path);
 void dws_http_counts(const dws_http *h, dws_http_class c, uint64_t *requests,
 		     uint64_t *bytes);
 
+/* Attempts retried and requests failed for good since start, by why
+ * (dws_http_error_kind). */
+void dws_http_errors(const dws_http *h, uint64_t retries[DWS_HTTP_NERR], uint64_t failures[DWS_HTTP_NERR]);
+
 int64_t dws_now_ms(void);
 
 #endif

@@ -321,6 +321,7 @@ static void status_io(dws_mount *m, dws_status *st)
 {
 	dws_bucket_stats bs;
 	dws_bucket_stats_get(m->bucket, &bs);
+	st->io = bs;
 	st->remote = m->remote;
 	st->bytes_fetched = bs.bytes_fetched;
 	if (!m->remote) {
@@ -334,26 +335,37 @@ static void status_io(dws_mount *m, dws_status *st)
 	st->cache_misses = st->cache.misses;
 }
 
-char *dws_mount_status_json(dws_mount *m, const dws_status_field *extra, size_t nextra)
+void dws_mount_status(dws_mount *m, dws_status *st)
 {
-	dws_status st = {0};
+	*st = (dws_status){0};
 	pthread_mutex_lock(&m->lock);
-	status_steps_locked(m, &st);
-	status_io(m, &st);
+	status_steps_locked(m, st);
+	status_io(m, st);
+	st->builds = m->builds;
+	memcpy(st->build_failures, m->build_failures, sizeof(st->build_failures));
+	st->poll_failures = m->poll_failures_total;
 	uint64_t root_id = m->ready ? 0 : dws_step_id(m->root);
-	char last_error[sizeof(m->last_error)];
-	snprintf(last_error, sizeof(last_error), "%s", m->last_error);
-	st.last_error = last_error;
 	pthread_mutex_unlock(&m->lock);
-	st.merging = mat_busy(m);
+	st->merging = mat_busy(m);
 	if (m->mat) {
-		st.materializing = dws_materializer_pending(m->mat, root_id);
-		st.has_materialized = dws_materializer_done(m->mat, &st.materialized_step, &st.materialized_bytes);
+		st->materializing = dws_materializer_pending(m->mat, root_id);
+		st->has_materialized = dws_materializer_done(m->mat, &st->materialized_step, &st->materialized_bytes);
 	}
 	if (m->hook) {
-		st.has_hook = true;
-		dws_hook_stats_get(m->hook, &st.hook);
+		st->has_hook = true;
+		dws_hook_stats_get(m->hook, &st->hook);
 	}
+}
+
+char *dws_mount_status_json(dws_mount *m, const dws_status_field *extra, size_t nextra)
+{
+	dws_status st;
+	dws_mount_status(m, &st);
+	char last_error[sizeof(m->last_error)];
+	pthread_mutex_lock(&m->lock);
+	snprintf(last_error, sizeof(last_error), "%s", m->last_error);
+	pthread_mutex_unlock(&m->lock);
+	st.last_error = last_error;
 	return dws_status_json(&st, extra, nextra);
 }
 

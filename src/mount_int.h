@@ -6,6 +6,7 @@
 #include "engine.h"
 #include "compactor.h"
 #include "failures.h"
+#include "histogram.h"
 #include "hook.h"
 #include "materializer.h"
 #include "patchcache.h"
@@ -46,6 +47,9 @@ struct dws_mount {
 	char last_error[768];
 	int64_t last_poll_wall;
 	uint64_t swaps, view_hits, view_misses;
+	dws_histogram builds;     /* each step built: build + verify */
+	uint64_t build_failures[2]; /* may pass (dws_code_transient), for good */
+	uint64_t poll_failures_total;
 	bool stop;
 
 	/* the sync thread's own */

@@ -89,17 +89,20 @@ dws_step *mount_build_verified(dws_mount *m, uint64_t n, uint64_t id, bool quiet
 		rc = verify_state(m, s, err);
 	pthread_mutex_lock(&m->lock);
 	int64_t again = 0;
+	int64_t built = now_ms(m) - t0;
 	if (rc) {
 		if (!err->code)
 			dws_fail(err, rc, "step %llu: %s", (unsigned long long)n, dws_code_name(rc));
 		again = dws_failures_note(m->failed, id, err, now_ms(m));
+		m->build_failures[dws_code_transient(err->code) ? 0 : 1]++;
 		snprintf(m->last_error, sizeof(m->last_error), "%s", err->msg);
 	} else {
 		dws_failures_forget(m->failed, id);
+		dws_histogram_observe(&m->builds, (double)built / 1000);
 	}
 	pthread_mutex_unlock(&m->lock);
 	if (!rc) {
-		int64_t built = now_ms(m) - t0, pms = patch_ahead(m, s);
+		int64_t pms = patch_ahead(m, s);
 		char ahead[64] = "";
 		if (pms >= 0)
 			snprintf(ahead, sizeof(ahead), ", patch from the root made in %lld ms", (long long)pms);
@@ -176,6 +179,7 @@ static void poll_failed(dws_mount *m, const dws_error *err)
 	pthread_mutex_lock(&m->lock);
 	snprintf(m->last_error, sizeof(m->last_error), "%s", err->msg);
 	m->last_poll_wall = m->clock.wall_ns(m->clock.ctx) / 1000000000;
+	m->poll_failures_total++;
 	pthread_mutex_unlock(&m->lock);
 	m->poll_failures++;
 }

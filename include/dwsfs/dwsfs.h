@@ -416,4 +416,92 @@ size_t dws_mount_patch_list(dws_mount *m, uint64_t *from, size_t max, uint64_t *
 /* .dwsfs/status as a JSON document (malloc'd), with extra fields last. */
 char *dws_mount_status_json(dws_mount *m, const dws_status_field *extra, size_t nextra);
 
+/* ---- a snapshot of a mount (for metrics) ------------------------------ */
+
+/* The block cache of a remote bucket (all zero for a local one). */
+typedef struct dws_cache_counts {
+	uint64_t hits, misses;      /* block reads served by the cache; fetched */
+	uint64_t bytes, blocks;     /* on disk now */
+	uint64_t unkept_blocks;     /* fetched, and gone from memory before the */
+	uint64_t unkept_bytes;      /* disk took them (it was slower than the network) */
+	uint64_t waits, wait_ms;    /* reads that waited for a block being fetched
+				     * (read ahead, or for another reader), and how long */
+} dws_cache_counts;
+/* Why an HTTP attempt failed: an error status (408, 5xx, another 4xx), 429,
+ * 404/410, the network (connect, reset, stall, timeout), an answer shorter
+ * than the range asked, anything else (an answer too large, a Range
+ * ignored, a redirect loop). */
+typedef enum dws_http_error_kind {
+	DWS_HTTP_ERR_STATUS, DWS_HTTP_ERR_THROTTLED, DWS_HTTP_ERR_NOT_FOUND, DWS_HTTP_ERR_NETWORK,
+	DWS_HTTP_ERR_TRUNCATED, DWS_HTTP_ERR_OTHER, DWS_HTTP_NERR
+} dws_http_error_kind;
+/* What a bucket has read since it was opened. */
+typedef struct dws_bucket_stats {
+	uint64_t bytes_fetched;       /* local: bytes read from its files (and a base
+				       * model folder read beside it); remote: the
+				       * bytes of its HTTP answers */
+	uint64_t requests[4], bytes[4]; /* HTTP by class: api, resolve, cdn, s3 */
+	uint64_t retries[DWS_HTTP_NERR];  /* attempts tried again, by why */
+	uint64_t failures[DWS_HTTP_NERR]; /* requests that failed for good (retries
+					   * used up, or not worth one), by the last why */
+	dws_cache_counts cache;       /* its block cache (all zero for a local one) */
+} dws_bucket_stats;
+
+/* Step builds take ~10 ms (a small delta on a warm cache) to a minute (a
+ * large model's anchor fetched cold): bounds from 10 ms to 60 s. */
+#define DWS_HIST_NBOUNDS 12
+extern const double dws_hist_bounds[DWS_HIST_NBOUNDS];
+
+typedef struct dws_histogram {
+	uint64_t le[DWS_HIST_NBOUNDS]; /* observations <= dws_hist_bounds[i] */
+	uint64_t count;                /* all of them (the +Inf bucket) */
+	double sum;                    /* seconds */
+} dws_histogram;
+
+/* The on_swap hook's runs. */
+typedef struct dws_hook_stats {
+	uint64_t runs;
+	uint64_t failures;       /* runs that did not exit 0 (timeouts included) */
+	bool running;
+	bool has_last;
+	uint64_t last_step;
+	int last_exit;           /* exit status; 128 + N for signal N; 124 timed out */
+	int64_t last_ms;
+} dws_hook_stats;
+
+typedef struct dws_status {
+	uint64_t step, anchor;
+	size_t chain_length;
+	const char *bucket;
+	int64_t last_poll_wall;       /* seconds since the epoch, 0: none */
+	uint64_t latest_step;
+	size_t lag_steps, steps;
+	bool has_pending;
+	uint64_t pending_step;
+	uint64_t swaps;
+	int64_t root_since_ns, last_build_ms;
+	bool merging, materializing, has_materialized;
+	uint64_t materialized_step, materialized_bytes;
+	int root_open_handles;
+	uint64_t patched_elements, whole_tensor_bytes, patch_bytes;
+	size_t whole_tensors;
+	bool remote;
+	uint64_t bytes_fetched, cache_hits, cache_misses;
+	dws_cache_counts cache;       /* remote */
+	uint64_t requests[4];         /* remote: api, resolve, cdn, s3 */
+	const char *last_error;       /* NULL: none */
+	bool has_hook;
+	dws_hook_stats hook;
+	/* not in the document: for the metrics (docs/metrics.md) */
+	dws_bucket_stats io;          /* the bucket's own counts */
+	dws_histogram builds;         /* build + verify of each step built */
+	uint64_t build_failures[2];   /* step builds failed: may pass, for good */
+	uint64_t poll_failures;
+} dws_status;
+
+/* A snapshot of the engine, each part under its lock, taken by a reader
+ * that must not wait long (the status file, the metrics): last_error NULL,
+ * bucket the mount's own (valid while it is open). */
+void dws_mount_status(dws_mount *m, dws_status *st);
+
 #endif

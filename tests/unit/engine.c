@@ -2,10 +2,12 @@
  * test's own and a bucket that fails on demand are injected, and each turn
  * of the sync thread is run by hand (dws_mount_sync_once). Covers the swap
  * policy (swap_idle, swap_max_delay, never), the backoff of a transient
- * failure, and the refusal of a bad step. The last line is "N passed, N
- * failed". */
+ * failure, the refusal of a bad step, and the counts the metrics show. The
+ * last line is "N passed, N failed". */
 #include "bucket.h"
 #include "engine.h"
+#include "histogram.h"
+#include "status.h"
 #include "swap.h"
 
 #include <dirent.h>
@@ -287,9 +289,17 @@ static void test_transient_failure_backs_off(void)
 	turn(m, 3000);
 	turn(m, 3999);
 	CHECK(atomic_load(&fail_left) == left, "the next retry waits 2 s");
+	dws_status sn;
+	dws_mount_status(m, &sn);
+	CHECK(sn.build_failures[0] == 2 && sn.build_failures[1] == 0 && sn.builds.count == 1,
+	      "two transient failures (the first try, one retry), one build (%llu, %llu, %llu)", (unsigned long long)sn.build_failures[0],
+	      (unsigned long long)sn.build_failures[1], (unsigned long long)sn.builds.count);
 	atomic_store(&fail_left, 0); /* the network heals */
 	turn(m, 5000);
 	CHECK(root_step(m) == 2, "built once the reads work (root %llu)", (unsigned long long)root_step(m));
+	dws_mount_status(m, &sn);
+	CHECK(sn.builds.count == 2 && sn.builds.le[0] == 2, "each build in the histogram (%llu)",
+	      (unsigned long long)sn.builds.count);
 	publish(&r, 3, false);
 	turn(m, 6000);
 	CHECK(root_step(m) == 3, "and the next step too");
@@ -335,6 +345,10 @@ static void test_bad_step_refused_for_good(void)
 	CHECK(dws_mount_get_step(m, 2, &s, &e) == DWS_EVERIFY && !s, "nor built for steps/N (%s)", e.msg);
 	turn(m, 200000);
 	CHECK(root_step(m) == 1, "nor retried");
+	dws_status sn;
+	dws_mount_status(m, &sn);
+	CHECK(sn.build_failures[1] == 1 && sn.build_failures[0] == 0, "one failure for good (%llu bad, %llu transient)",
+	      (unsigned long long)sn.build_failures[1], (unsigned long long)sn.build_failures[0]);
 	publish(&r, 3, false); /* its chain goes through the bad delta */
 	turn(m, 201000);
 	CHECK(root_step(m) == 1, "a broken delta breaks its successors");
@@ -345,8 +359,27 @@ static void test_bad_step_refused_for_good(void)
 	run_free(&r);
 }
 
+/* ---- the histogram alone ---- */
+
+static void test_histogram(void)
+{
+	dws_histogram h = {0};
+	dws_histogram_observe(&h, 0.01); /* a bound is in its own bucket */
+	dws_histogram_observe(&h, 0.3);
+	dws_histogram_observe(&h, 120);  /* past the last bound: +Inf only */
+	dws_histogram_observe(&h, -1);   /* a clock that went back: 0 */
+	CHECK(h.count == 4 && h.le[0] == 2 && h.le[4] == 2 && h.le[5] == 3 && h.le[DWS_HIST_NBOUNDS - 1] == 3,
+	      "cumulative counts (%llu %llu %llu)", (unsigned long long)h.le[0], (unsigned long long)h.le[5],
+	      (unsigned long long)h.le[DWS_HIST_NBOUNDS - 1]);
+	CHECK(h.sum > 120.30 && h.sum < 120.32, "the sum (%f)", h.sum);
+	for (int i = 1; i < DWS_HIST_NBOUNDS; i++)
+		CHECK(dws_hist_bounds[i] > dws_hist_bounds[i - 1], "bounds rise");
+	CHECK(dws_hist_bounds[0] == 0.01 && dws_hist_bounds[DWS_HIST_NBOUNDS - 1] == 60, "10 ms to 60 s");
+}
+
 int main(void)
 {
+	test_histogram();
 	test_swap_policy();
 	test_swaps();
 	test_transient_failure_backs_off();

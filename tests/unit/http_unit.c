@@ -125,6 +125,59 @@ static void test_error_bodies(void)
 	dws_http_free(h);
 }
 
+/* ---- retries and failures counted by why (the metrics) ---- */
+
+static void test_error_kinds(void)
+{
+	dws_http *h = new_http(); /* 3 attempts */
+	uint64_t r[DWS_HTTP_NERR], f[DWS_HTTP_NERR];
+	static const struct {
+		int status, times;
+		int retried, failed;     /* kind, or -1 */
+		uint64_t nretried;
+	} cases[] = {
+		{503, 2, DWS_HTTP_ERR_STATUS, -1, 2},
+		{404, 1000, -1, DWS_HTTP_ERR_NOT_FOUND, 0},
+		{403, 1000, -1, DWS_HTTP_ERR_STATUS, 0},
+		{429, 1000, DWS_HTTP_ERR_THROTTLED, DWS_HTTP_ERR_THROTTLED, 2},
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		uint64_t r0[DWS_HTTP_NERR], f0[DWS_HTTP_NERR];
+		dws_http_errors(h, r0, f0);
+		struct errcase ec = {.status = cases[i].status, .times = cases[i].times};
+		unsigned char dst[RANGE];
+		dws_http_resp rs;
+		dws_error e = {0};
+		range_read(h, &ec, dst, &rs, &e);
+		dws_http_resp_free(&rs);
+		dws_http_errors(h, r, f);
+		for (int k = 0; k < DWS_HTTP_NERR; k++) {
+			uint64_t want_r = k == cases[i].retried ? cases[i].nretried : 0, want_f = k == cases[i].failed;
+			CHECK(r[k] - r0[k] == want_r && f[k] - f0[k] == want_f, "HTTP %d x%d: kind %d retried %llu, failed %llu",
+			      cases[i].status, cases[i].times, k, (unsigned long long)(r[k] - r0[k]),
+			      (unsigned long long)(f[k] - f0[k]));
+		}
+	}
+	/* nothing listens: connection refused, retried, then failed */
+	lb_server s;
+	if (lb_start(&s, on_errcase, NULL) == 0) {
+		char *url = dws_xasprintf("%s/obj", s.url);
+		lb_stop(&s);
+		uint64_t r0[DWS_HTTP_NERR], f0[DWS_HTTP_NERR];
+		dws_http_errors(h, r0, f0);
+		dws_http_req rq = {.url = url, .cls = DWS_HTTP_CDN, .what = "obj"};
+		dws_http_resp rs;
+		dws_error e = {0};
+		CHECK(dws_http_do(h, &rq, &rs, &e) != DWS_OK, "nothing listens: fails");
+		dws_http_resp_free(&rs);
+		dws_http_errors(h, r, f);
+		CHECK(r[DWS_HTTP_ERR_NETWORK] - r0[DWS_HTTP_ERR_NETWORK] == 2 &&
+		      f[DWS_HTTP_ERR_NETWORK] - f0[DWS_HTTP_ERR_NETWORK] == 1, "a refused connection: network, retried twice");
+		free(url);
+	}
+	dws_http_free(h);
+}
+
 /* ---- range answers pinned to the listed object (F8) ---- */
 
 static void test_range_check(void)
@@ -416,6 +469,7 @@ out:
 int main(void)
 {
 	test_error_bodies();
+	test_error_kinds();
 	test_range_check();
 	test_s3_listing();
 	test_s3_pinned();
