@@ -330,7 +330,7 @@ static void apply(struct config *c, const struct raw *r, const int64_t *n)
 		bo->read_deadline_ms = (unsigned)n[O_READ_TIMEOUT];
 	if (r->set[O_STALL_TIMEOUT])
 		bo->stall_timeout_ms = (unsigned)n[O_STALL_TIMEOUT];
-	c->mat_max = r->set[O_MAT_MAX] ? (uint64_t)n[O_MAT_MAX] : 4ull << 30;
+	c->mat_max = r->set[O_MAT_MAX] ? (uint64_t)n[O_MAT_MAX] : UINT64_MAX; /* the disk decides (dws_step_materialize) */
 	c->read_ahead_kb = r->set[O_READ_AHEAD] ? (int)n[O_READ_AHEAD] : 1024;
 	c->nonempty = r->set[O_NONEMPTY];
 	c->metrics_addr = r->val[O_METRICS_ADDR];
@@ -412,7 +412,7 @@ static void usage(const char *prog)
 		[O_READ_TIMEOUT] = "a read not served by then fails with EIO (60s)",
 		[O_STALL_TIMEOUT] = "a transfer that sends nothing this long is retried (10s)",
 		[O_CA_FILE] = "extra CA bundle for TLS (verification is always on)",
-		[O_MAT_MAX] = "largest step written whole for FUSE passthrough (4G; 0: never)",
+		[O_MAT_MAX] = "largest step materialized for FUSE passthrough (no cap: free disk decides; 0: never)",
 		[O_MAT_DIR] = "where (cache_dir, else $TMPDIR, else /var/tmp)",
 		[O_LOG_LEVEL] = "error, warn, info or debug (info)",
 		[O_LOG_FILE] = "append the log here, reopened on SIGHUP",

@@ -205,17 +205,20 @@ static struct backing *backing_of(uint64_t id, size_t file)
 	return NULL;
 }
 
-/* Backing ids no open file uses, of a step no longer materialized: given
- * back (the kernel frees the file with its last user). Under pt.lock: the
- * ioctl only drops an entry of the connection's table, it sends nothing
- * and waits for nothing from the daemon (no notification). */
+/* Backing ids no open file uses: given back (the kernel frees the file
+ * with its last user), and their hold on the materialized copy with them,
+ * so the copy may be brought forward in place. Under pt.lock: the ioctl
+ * only drops an entry of the connection's table, it sends nothing and
+ * waits for nothing from the daemon (no notification). */
 static void sweep_locked(void)
 {
 	for (size_t i = 0; i < pt.nb;) {
-		if (!pt.b[i].handles && (!pt.m || !dws_mount_is_materialized(pt.m, pt.b[i].id))) {
+		if (!pt.b[i].handles) {
 			uint32_t kid = (uint32_t)pt.b[i].kid;
 			if (ioctl(pt.devfd, IOC_BACKING_CLOSE, &kid) != 0)
 				dws_log_at(DWS_LOG_WARN, "passthrough: give back backing id %d: %s", pt.b[i].kid, strerror(errno));
+			if (pt.m)
+				dws_mount_materialized_put(pt.m, pt.b[i].id);
 			pt.b[i] = pt.b[--pt.nb];
 		} else {
 			i++;

@@ -444,7 +444,7 @@ static int hf_head(dws_bucket *b, const char *key, dws_object *out, dws_error *e
 		out->mtime_ns = (int64_t)time(NULL) * 1000000000; /* just appeared: newest */
 		const char *xet = rs.captured[XET_HASH], *linked_etag = rs.captured[LINKED_ETAG];
 		if (is_hex64(xet))
-			snprintf(out->ident, sizeof(out->ident), "xet:%s", xet);
+			snprintf(out->ident, sizeof(out->ident), "xet:%.64s", xet); /* is_hex64: 64 digits */
 		else
 			snprintf(out->ident, sizeof(out->ident), "etag:%.80s:%llu", linked_etag[0] ? linked_etag : rs.etag,
 				 (unsigned long long)out->size);

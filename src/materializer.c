@@ -1,5 +1,6 @@
 /* The materialization scheduler (see materializer.h). */
 #include "materializer.h"
+#include "matpatch.h"
 #include "clock.h"
 #include "log.h"
 
@@ -13,6 +14,15 @@
 
 enum { LOCAL_RECHECK_MS = 1000 }; /* a remote root's blocks still to come */
 
+/* A materialized copy of a step: one unnamed file per file of the step. */
+struct slot {
+	int *fd;
+	size_t n;
+	uint64_t id, step, bytes; /* id 0: serves nothing (empty, or being written) */
+	unsigned holds;           /* descriptors handed out for passthrough, not put back */
+	int64_t born;             /* when it took its step: the newest serves */
+};
+
 struct dws_materializer {
 	char *dir;
 	uint64_t max;
@@ -21,11 +31,11 @@ struct dws_materializer {
 	pthread_cond_t cond;
 	pthread_t thread;
 	bool stop, kicked, working;
-	uint64_t id, step, bytes; /* the step materialized (id 0: none) */
+	struct slot slot[2];      /* at most two copies on disk */
 	uint64_t skip_id;         /* over the cap or failed: not tried again */
-	int *fd;
-	size_t n;
+	char note[200];           /* why the root is not materialized, "" if it is or will be */
 	atomic_bool cancel;
+	uint64_t in_place, fresh; /* copies brought forward in place; written whole */
 };
 
 static int64_t now_ms(void) { return dws_real_clock.mono_ms(NULL); }
@@ -39,27 +49,95 @@ static void close_fds(int *fd, size_t n)
 }
 
 /* Every file of s into unnamed files: the descriptors, or NULL (failed or
- * cancelled; *cancelled says which). */
-static int *write_all(dws_materializer *mt, dws_step *s, bool *cancelled)
+ * cancelled; *cancelled says which; err the failure). */
+static int *write_all(dws_materializer *mt, dws_step *s, bool *cancelled, dws_error *err)
 {
 	size_t n = dws_step_file_count(s);
 	int *fd = dws_xcalloc(n ? n : 1, sizeof(*fd));
 	for (size_t i = 0; i < n; i++)
 		fd[i] = -1;
-	for (size_t i = 0; i < n; i++) {
-		dws_error err = {0};
-		if (dws_step_materialize(s, i, mt->dir, DWS_MAT_FREE_FLOOR, &mt->cancel, &fd[i], &err)) {
+	for (size_t i = 0; i < n; i++)
+		if (dws_step_materialize(s, i, mt->dir, DWS_MAT_FREE_FLOOR, &mt->cancel, &fd[i], err)) {
 			*cancelled = atomic_load(&mt->cancel);
-			if (!*cancelled)
-				dws_log_warn("step %llu not materialized: %s", (unsigned long long)dws_step_number(s), err.msg);
 			close_fds(fd, n);
 			return NULL;
 		}
-	}
 	return fd;
 }
 
-/* false: the step's sources are not all local yet (look again later). */
+/* Under lock: the slot to bring s to: one no passthrough open holds, the
+ * one whose step is the nearest before s's (fewest changes to write in
+ * place), else the emptier. NULL: both are held. */
+static struct slot *pick_locked(dws_materializer *mt, uint64_t step)
+{
+	struct slot *best = NULL;
+	for (int i = 0; i < 2; i++) {
+		struct slot *sl = &mt->slot[i];
+		if (sl->holds)
+			continue;
+		bool usable = sl->id && sl->step < step, best_usable = best && best->id && best->step < step;
+		if (!best || (usable && (!best_usable || sl->step > best->step)) || (!usable && !best_usable && !sl->fd))
+			best = sl;
+	}
+	return best;
+}
+
+/* Slot sl (served by nobody) brought from its step to s in place: true if
+ * done. A copy anything still has open is left alone (a mapping outlives
+ * its file's handles; the descriptors handed out are opens of their own). */
+static bool forward_in_place(dws_materializer *mt, struct slot *sl, uint64_t from, dws_step *s)
+{
+	if (!mt->ops.patch || dws_matpatch_in_use(sl->fd, sl->n)) {
+		dws_log_debug("step %llu: the copy of step %llu is still open or mapped: written whole",
+			      (unsigned long long)dws_step_number(s), (unsigned long long)from);
+		return false;
+	}
+	dws_patchfile *p = NULL;
+	dws_error err = {0};
+	int rc = mt->ops.patch(mt->ops.ctx, from, dws_step_number(s), &p, &err);
+	if (!rc)
+		rc = dws_matpatch_apply(p, s, sl->fd, sl->n, &err);
+	if (rc == DWS_EUNSUP)
+		dws_log_debug("step %llu: %s", (unsigned long long)dws_step_number(s), err.msg);
+	else if (rc)
+		dws_log_warn("step %llu: copy of step %llu not brought forward in place: %s", (unsigned long long)dws_step_number(s),
+			     (unsigned long long)from, err.msg);
+	dws_patchfile_unref(p);
+	return rc == DWS_OK;
+}
+
+/* Under lock, which it drops while writing: slot sl made s's copy, in
+ * place where it holds an earlier step of s's chain, else written whole.
+ * false: failed or cancelled (the slot is then empty). */
+static bool fill_slot_unlock(dws_materializer *mt, struct slot *sl, dws_step *s, const char **how, bool *cancelled)
+{
+	uint64_t from = sl->id ? sl->step : 0;
+	sl->id = 0; /* from now on no open gets it */
+	pthread_mutex_unlock(&mt->lock);
+	bool done = from && from < dws_step_number(s) && forward_in_place(mt, sl, from, s);
+	int *fd = NULL;
+	dws_error err = {0};
+	if (!done) {
+		close_fds(sl->fd, sl->n); /* its disk space back first: at most two copies */
+		sl->fd = NULL, sl->n = 0;
+		fd = write_all(mt, s, cancelled, &err);
+		if (!fd && !*cancelled)
+			dws_log_warn("step %llu not materialized: %s", (unsigned long long)dws_step_number(s), err.msg);
+	}
+	pthread_mutex_lock(&mt->lock);
+	if (fd)
+		sl->fd = fd, sl->n = dws_step_file_count(s);
+	if (!done && !fd) {
+		snprintf(mt->note, sizeof(mt->note), "%.190s", *cancelled ? "" : err.msg);
+		return false;
+	}
+	*how = done ? "brought forward in place" : "written";
+	done ? mt->in_place++ : mt->fresh++;
+	return true;
+}
+
+/* false: the step's sources are not all local yet, or both copies are
+ * held by open files (look again later). */
 static bool materialize(dws_materializer *mt, dws_step *s)
 {
 	uint64_t id = dws_step_id(s), total = 0;
@@ -69,41 +147,48 @@ static bool materialize(dws_materializer *mt, dws_step *s)
 		total += dws_step_file(s, i)->size;
 		local = local && dws_step_file_local(s, i);
 	}
+	pthread_mutex_lock(&mt->lock);
 	if (total > mt->max) {
-		dws_log_info("step %llu: %llu bytes, over materialize_max (%llu): read through the daemon only",
-			     (unsigned long long)dws_step_number(s), (unsigned long long)total, (unsigned long long)mt->max);
-		pthread_mutex_lock(&mt->lock);
+		snprintf(mt->note, sizeof(mt->note), "step of %llu bytes, over materialize_max (%llu)",
+			 (unsigned long long)total, (unsigned long long)mt->max);
+		dws_log_info("step %llu: %s: read through the daemon only", (unsigned long long)dws_step_number(s), mt->note);
 		mt->skip_id = id;
 		pthread_mutex_unlock(&mt->lock);
 		return true;
 	}
-	if (!local)
+	struct slot *sl = local ? pick_locked(mt, dws_step_number(s)) : NULL;
+	if (!sl) {
+		snprintf(mt->note, sizeof(mt->note), "%s", local ? "both copies are held by open files" : "");
+		pthread_mutex_unlock(&mt->lock);
 		return false;
-	pthread_mutex_lock(&mt->lock);
+	}
 	mt->working = true;
+	mt->note[0] = 0;
 	atomic_store(&mt->cancel, mt->stop); /* a swap or a build from now on cancels */
-	pthread_mutex_unlock(&mt->lock);
 	int64_t t0 = now_ms();
+	const char *how = NULL;
 	bool cancelled = false;
-	int *fd = write_all(mt, s, &cancelled);
-	if (fd)
-		dws_log_info("step %llu: materialized %zu files (%llu bytes) in %lld ms under %s: opens read them through the kernel",
-			     (unsigned long long)dws_step_number(s), n, (unsigned long long)total, (long long)(now_ms() - t0),
-			     mt->dir);
-	pthread_mutex_lock(&mt->lock);
-	mt->working = false;
-	int *old = NULL;
-	size_t nold = 0;
-	if (fd) {
-		old = mt->fd, nold = mt->n;
-		mt->fd = fd, mt->n = n, mt->id = id;
-		mt->step = dws_step_number(s), mt->bytes = total;
+	bool ok = fill_slot_unlock(mt, sl, s, &how, &cancelled);
+	if (ok) {
+		sl->id = id, sl->step = dws_step_number(s), sl->bytes = total, sl->born = now_ms();
+		dws_log_info("step %llu: materialized %zu files (%llu bytes), %s in %lld ms under %s: opens read them through the kernel",
+			     (unsigned long long)dws_step_number(s), n, (unsigned long long)total, how,
+			     (long long)(now_ms() - t0), mt->dir);
 	} else if (!cancelled) {
 		mt->skip_id = id; /* not tried again; the next step is */
 	}
+	mt->working = false;
 	pthread_mutex_unlock(&mt->lock);
-	close_fds(old, nold);
 	return true;
+}
+
+/* Under lock: the slot serving id, or NULL. */
+static struct slot *slot_of_locked(dws_materializer *mt, uint64_t id)
+{
+	for (int i = 0; i < 2 && id; i++)
+		if (mt->slot[i].id == id)
+			return &mt->slot[i];
+	return NULL;
 }
 
 static void *mat_main(void *arg)
@@ -129,7 +214,7 @@ static void *mat_main(void *arg)
 		waiting = false;
 		dws_step *s = mt->ops.busy(mt->ops.ctx) ? NULL : mt->ops.root(mt->ops.ctx);
 		pthread_mutex_lock(&mt->lock);
-		bool todo = s && dws_step_id(s) != mt->id && dws_step_id(s) != mt->skip_id;
+		bool todo = s && !slot_of_locked(mt, dws_step_id(s)) && dws_step_id(s) != mt->skip_id;
 		pthread_mutex_unlock(&mt->lock);
 		if (todo)
 			waiting = !materialize(mt, s);
@@ -180,16 +265,30 @@ int dws_materializer_fd(dws_materializer *mt, uint64_t id, size_t file)
 {
 	int fd = -1;
 	pthread_mutex_lock(&mt->lock);
-	if (id && id == mt->id && file < mt->n)
-		fd = fcntl(mt->fd[file], F_DUPFD_CLOEXEC, 0);
+	struct slot *sl = slot_of_locked(mt, id);
+	if (sl && file < sl->n)
+		fd = dws_matpatch_reopen(sl->fd[file]);
+	if (fd >= 0)
+		sl->holds++;
 	pthread_mutex_unlock(&mt->lock);
 	return fd;
+}
+
+void dws_materializer_put(dws_materializer *mt, uint64_t id)
+{
+	pthread_mutex_lock(&mt->lock);
+	struct slot *sl = slot_of_locked(mt, id);
+	if (sl && sl->holds && --sl->holds == 0) {
+		mt->kicked = true; /* a step may be waiting for this copy */
+		pthread_cond_signal(&mt->cond);
+	}
+	pthread_mutex_unlock(&mt->lock);
 }
 
 bool dws_materializer_has(dws_materializer *mt, uint64_t id)
 {
 	pthread_mutex_lock(&mt->lock);
-	bool yes = id && id == mt->id;
+	bool yes = slot_of_locked(mt, id) != NULL;
 	pthread_mutex_unlock(&mt->lock);
 	return yes;
 }
@@ -197,7 +296,7 @@ bool dws_materializer_has(dws_materializer *mt, uint64_t id)
 bool dws_materializer_pending(dws_materializer *mt, uint64_t root_id)
 {
 	pthread_mutex_lock(&mt->lock);
-	bool p = mt->working || (root_id && root_id != mt->id && root_id != mt->skip_id);
+	bool p = mt->working || (root_id && !slot_of_locked(mt, root_id) && root_id != mt->skip_id);
 	pthread_mutex_unlock(&mt->lock);
 	return p;
 }
@@ -205,11 +304,23 @@ bool dws_materializer_pending(dws_materializer *mt, uint64_t root_id)
 bool dws_materializer_done(dws_materializer *mt, uint64_t *step, uint64_t *bytes)
 {
 	pthread_mutex_lock(&mt->lock);
-	bool has = mt->id != 0;
-	*step = mt->step;
-	*bytes = has ? mt->bytes : 0;
+	const struct slot *newest = NULL;
+	for (int i = 0; i < 2; i++)
+		if (mt->slot[i].id && (!newest || mt->slot[i].born > newest->born))
+			newest = &mt->slot[i];
+	*step = newest ? newest->step : 0;
+	*bytes = newest ? newest->bytes : 0;
 	pthread_mutex_unlock(&mt->lock);
-	return has;
+	return newest != NULL;
+}
+
+void dws_materializer_note(dws_materializer *mt, char *out, size_t len, uint64_t *in_place, uint64_t *fresh)
+{
+	pthread_mutex_lock(&mt->lock);
+	snprintf(out, len, "%s", mt->note);
+	*in_place = mt->in_place;
+	*fresh = mt->fresh;
+	pthread_mutex_unlock(&mt->lock);
 }
 
 void dws_materializer_stop(dws_materializer *mt)
@@ -222,7 +333,8 @@ void dws_materializer_stop(dws_materializer *mt)
 	pthread_cond_signal(&mt->cond);
 	pthread_mutex_unlock(&mt->lock);
 	pthread_join(mt->thread, NULL);
-	close_fds(mt->fd, mt->n);
+	for (int i = 0; i < 2; i++)
+		close_fds(mt->slot[i].fd, mt->slot[i].n);
 	pthread_cond_destroy(&mt->cond);
 	pthread_mutex_destroy(&mt->lock);
 	free(mt->dir);

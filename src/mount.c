@@ -220,6 +220,22 @@ static bool mat_busy(void *ctx)
 	return !c || dws_compactor_busy(c); /* not started: its first merge is to come */
 }
 
+/* The patch from step `from` to `to` when both are in one chain: to bring a
+ * materialized copy forward in place. */
+static int mat_patch(void *ctx, uint64_t from, uint64_t to, dws_patchfile **out, dws_error *err)
+{
+	dws_mount *m = ctx;
+	dws_step *f = NULL, *t = NULL;
+	int rc = dws_mount_get_step(m, from, &f, err);
+	if (!rc)
+		rc = dws_mount_get_step(m, to, &t, err);
+	if (!rc)
+		rc = dws_patchcache_get(m->patches, m->bl, f, t, true, false, out, err);
+	dws_step_unref(f);
+	dws_step_unref(t);
+	return rc;
+}
+
 void dws_mount_materialize(dws_mount *m, const char *dir, uint64_t max_bytes)
 {
 	pthread_mutex_lock(&m->lock);
@@ -227,7 +243,7 @@ void dws_mount_materialize(dws_mount *m, const char *dir, uint64_t max_bytes)
 	pthread_mutex_unlock(&m->lock);
 	if (!first)
 		return;
-	dws_materializer_ops ops = {mat_root, mat_busy, m};
+	dws_materializer_ops ops = {mat_root, mat_busy, mat_patch, m};
 	dws_materializer *mt = NULL;
 	dws_error err = {0};
 	if (dws_materializer_start(dir, max_bytes, &ops, &mt, &err)) {
@@ -247,6 +263,12 @@ void dws_mount_materialize(dws_mount *m, const char *dir, uint64_t max_bytes)
 int dws_mount_materialized_fd(dws_mount *m, uint64_t id, size_t file)
 {
 	return m->mat ? dws_materializer_fd(m->mat, id, file) : -1;
+}
+
+void dws_mount_materialized_put(dws_mount *m, uint64_t id)
+{
+	if (m->mat)
+		dws_materializer_put(m->mat, id);
 }
 
 bool dws_mount_is_materialized(dws_mount *m, uint64_t id)
@@ -350,6 +372,8 @@ void dws_mount_status(dws_mount *m, dws_status *st)
 	if (m->mat) {
 		st->materializing = dws_materializer_pending(m->mat, root_id);
 		st->has_materialized = dws_materializer_done(m->mat, &st->materialized_step, &st->materialized_bytes);
+		dws_materializer_note(m->mat, st->materialize_note, sizeof(st->materialize_note),
+				      &st->materialized_in_place, &st->materialized_whole);
 	}
 	if (m->hook) {
 		st->has_hook = true;

@@ -38,6 +38,9 @@ static void put_steps(json_t *j, const dws_status *st)
 	put(j, "materializing", json_boolean(st->materializing));
 	put(j, "materialized_step", num_or_null(st->has_materialized, st->materialized_step));
 	put(j, "materialized_bytes", num(st->materialized_bytes));
+	put(j, "materialize_note", st->materialize_note[0] ? json_string(st->materialize_note) : json_null());
+	put(j, "materialized_in_place", num(st->materialized_in_place));
+	put(j, "materialized_whole", num(st->materialized_whole));
 	put(j, "root_open_handles", json_integer(st->root_open_handles));
 	put(j, "patched_elements", num(st->patched_elements));
 	put(j, "whole_tensors", num(st->whole_tensors));

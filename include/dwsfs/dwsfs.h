@@ -405,6 +405,9 @@ void dws_mount_materialize(dws_mount *m, const char *dir, uint64_t max_bytes);
 /* A new descriptor of file i of the materialized step with this id, or -1
  * when that step is not the one materialized. */
 int dws_mount_materialized_fd(dws_mount *m, uint64_t id, size_t file);
+/* The descriptor's hold on its copy given back (the last passthrough open
+ * of it closed): the copy may then be brought forward in place. */
+void dws_mount_materialized_put(dws_mount *m, uint64_t id);
 bool dws_mount_is_materialized(dws_mount *m, uint64_t id);
 /* The catch-up patch from step `from` to step `to` of the catalog (a new
  * reference): made on first use (both steps verified), the last few kept.
@@ -482,6 +485,8 @@ typedef struct dws_status {
 	int64_t root_since_ns, last_build_ms;
 	bool merging, materializing, has_materialized;
 	uint64_t materialized_step, materialized_bytes;
+	char materialize_note[200];   /* why the root is not materialized; "" */
+	uint64_t materialized_in_place, materialized_whole;
 	int root_open_handles;
 	uint64_t patched_elements, whole_tensor_bytes, patch_bytes;
 	size_t whole_tensors;
