@@ -123,13 +123,28 @@ def wait(cond, timeout, what):
         time.sleep(0.01)
 
 
+def write_bytes(pid):
+    with open(f"/proc/{pid}/io") as f:
+        return int(next(ln for ln in f if ln.startswith("write_bytes:")).split()[1])
+
+
+def materialized(m, step, w0):
+    """(bytes the daemon wrote since w0 once step is materialized, how, ms)."""
+    wait(lambda: json.loads(open(m.path(".dwsfs", "status")).read()).get("materialized_step") == step, 300,
+         f"step {step} materialized")
+    got = re.search(rf"step {step}: materialized .*?, (written|brought forward in place) in (\d+) ms", m.log())
+    return write_bytes(m.proc.pid) - w0, got.group(1) if got else None, int(got.group(2)) if got else None
+
+
 def one_round(m, work, times, src, step):
     lines_before = len(open(times).read().splitlines())
+    w0 = write_bytes(m.proc.pid)
     os.link(src, os.path.join(work, "bucket", "deltas", os.path.basename(src)))
     t1, t2, size = read_when_root(m, step)
     wait(lambda: len(open(times).read().splitlines()) > lines_before, 120, f"the hook's run for step {step}")
     st, t0 = (int(x) for x in open(times).read().splitlines()[-1].split())
     assert st == step, (st, step)
+    mat_bytes, mat_how, mat_ms = materialized(m, step, w0)
     ready = log_ns(m.log(), f"step {step} ready")
     swapped = log_ns(m.log(), f"root now serves step {step} ")
     made = re.search(rf"patch {step - 1}-{step}: .* made in (\d+) ms", m.log())
@@ -153,7 +168,8 @@ def one_round(m, work, times, src, step):
          "size_ratio": size / (changed * 10), "dense_tensors": int(meta["dense_tensors"]),
          "full_bytes": full_bytes, "full_found_s": full_found, "full_cold_s": full_cold,
          "patch_total_s": (t2 - ready) / 1e9, "made_ms": int(made.group(1)) if made else None,
-         "ahead": bool(ahead), "swap_ms": (swapped - ready) / 1e6 if swapped else None, "build_ms": int(ahead.group(1)) if ahead else None}
+         "ahead": bool(ahead), "delta_bytes": os.path.getsize(src), "mat_write_bytes": mat_bytes,
+         "mat_how": mat_how, "mat_ms": mat_ms, "swap_ms": (swapped - ready) / 1e6 if swapped else None, "build_ms": int(ahead.group(1)) if ahead else None}
     log(f"step {step}: patch made in {r['made_ms']} ms, swap {r['swap_ms']} ms after ready; first byte {r['first_byte_ms']:.1f} ms after ready (hook at {r['hook_start_ms']:.1f}), "
         f"{size:,} B in {r['read_s'] * 1e3:.1f} ms, size {r['size_ratio']:.3f}x; full reload {full_bytes:,} B "
         f"{full_found:.3f} s (cold {full_cold:.3f} s)")
@@ -191,6 +207,10 @@ def report(all_rs, model):
         f"| time: full reload read, as found right after (s) | {med(rs, 'full_found_s')} | |",
         f"| time: full reload read, cold (s) | {med(rs, 'full_cold_s')} | |",
         f"| time: patch / full reload cold | {statistics.median(r['patch_total_s'] / r['full_cold_s'] for r in rs):.4f} | |",
+        f"| materialized copy: bytes the daemon wrote per step / delta bytes | "
+        f"{statistics.median(r['mat_write_bytes'] / r['delta_bytes'] for r in rs):.2f} "
+        f"({', '.join(str(r['mat_how']) for r in rs)}) | <= 3 (#17) |",
+        f"| materialized copy: ms per step | {med(rs, 'mat_ms')} | |",
         ""]
     return "\n".join(lines)
 
