@@ -10,7 +10,7 @@ FROM debian:bookworm AS builder
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       meson ninja-build pkg-config gcc libfuse3-dev fuse3 libcurl4-openssl-dev \
-      libzstd-dev libxxhash-dev libjansson-dev libexpat1-dev \
+      libzstd-dev libxxhash-dev libjansson-dev libexpat1-dev libssl-dev zlib1g-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
