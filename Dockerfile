@@ -10,7 +10,7 @@ FROM debian:bookworm AS builder
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       meson ninja-build pkg-config gcc libfuse3-dev fuse3 libcurl4-openssl-dev \
-      libzstd-dev libxxhash-dev libjansson-dev libexpat1-dev libmicrohttpd-dev \
+      libzstd-dev libxxhash-dev libjansson-dev libexpat1-dev libmicrohttpd-dev libssl-dev zlib1g-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
@@ -21,7 +21,7 @@ RUN meson setup build && ninja -C build && ninja -C build install
 FROM debian:bookworm-slim
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      fuse3 libfuse3-3 libcurl4 libzstd1 libxxhash0 libjansson4 libexpat1 libmicrohttpd12 \
+      fuse3 libfuse3-3 libcurl4 libzstd1 libxxhash0 libjansson4 libexpat1 libmicrohttpd12 libssl3 \
       ca-certificates curl \
  && rm -rf /var/lib/apt/lists/*
 # the prefix (/usr/local): dwsfs, dwsctl, man pages, mount helper, recipes

@@ -20,7 +20,7 @@ secs=$1
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 build="build-fuzz"
-read -r -a targets <<<"${FUZZ_TARGETS:-fuzz_header fuzz_delta fuzz_zstd}"
+read -r -a targets <<<"${FUZZ_TARGETS:-fuzz_header fuzz_delta fuzz_zstd fuzz_skyrl fuzz_miles}"
 
 # ---- build ----
 if [ -f "$build/build.ninja" ]; then

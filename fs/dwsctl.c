@@ -20,14 +20,16 @@ static void usage(FILE *to)
 {
 	fprintf(to,
 		"usage: %s COMMAND ...\n"
-		"  ls BUCKET [--all]                      one line per step of the current run\n"
+		"  ls BUCKET [--all] [--format F]         one line per step of the current run\n"
 		"  extract BUCKET OUTDIR [--step N] [--base SRC] [--map-prefix FROM=TO]...\n"
-		"          [--verify none|payload|state]  write the reconstructed model folder; a step\n"
+		"          [--verify none|payload|state] [--format F]\n"
+		"                                         write the reconstructed model folder; a step\n"
 		"                                         that fails verification (default: state) is not\n"
 		"                                         written\n"
-		"  verify BUCKET [--step N] [--base SRC] [--map-prefix FROM=TO]...\n"
+		"  verify BUCKET [--step N] [--base SRC] [--map-prefix FROM=TO]... [--format F]\n"
 		"                                         check a step against the producer's checksums\n"
 		"  patch BUCKET OUT --from M --to N [--base SRC] [--map-prefix FROM=TO]... [--verify MODE]\n"
+		"          [--format F]\n"
 		"                                         what differs from step M to step N, as one\n"
 		"                                         safetensors file (docs/patches.md)\n"
 		"  publish PREV NEXT BUCKET_DIR --step N [--format gap_delta|raw|v1|anchor]\n"
@@ -35,7 +37,9 @@ static void usage(FILE *to)
 		"                                         write NEXT as a delta against PREV (or an anchor)\n"
 		"  status MOUNTPOINT                      print where a dwsfs mount stands\n"
 		"  wait MOUNTPOINT STEP [--timeout S]     return once the root serves STEP or later\n"
-		"BUCKET: a local folder, hf://buckets/NS/NAME[/PREFIX] or s3://BUCKET[/PREFIX].\n",
+		"BUCKET: a local folder, hf://buckets/NS/NAME[/PREFIX] or s3://BUCKET[/PREFIX].\n"
+		"F (--format of ls, extract, verify, patch): trl, skyrl or miles; by default\n"
+		"from the bucket's layout.\n",
 		prog);
 }
 
@@ -66,6 +70,7 @@ struct build_args {
 	size_t nmaps;
 	bool verify;       /* payload checksums and parent steps while building */
 	bool verify_state; /* and the state checksum of the step */
+	dws_format format; /* DWS_FORMAT_AUTO: from the layout */
 };
 
 static int parse_step(const char *s, uint64_t *out)
@@ -91,6 +96,10 @@ static int parse_build_opt(int c, struct build_args *a)
 		return 0;
 	case OPT_BASE:
 		a->base = optarg;
+		return 0;
+	case OPT_FORMAT:
+		if (!dws_format_parse(optarg, &a->format))
+			return bad_usage("--format is trl, skyrl or miles, not '%s'", optarg);
 		return 0;
 	case OPT_VERIFY:
 		if (strcmp(optarg, "none") && strcmp(optarg, "payload") && strcmp(optarg, "state"))
@@ -131,8 +140,11 @@ static int session_open_build(struct session *s, const char *uri, struct build_a
 {
 	memset(s, 0, sizeof(*s));
 	int rc = dws_bucket_open(uri, &s->bucket, err);
+	dws_catalog_opts co;
+	dws_catalog_opts_init(&co);
+	co.format = a ? a->format : DWS_FORMAT_AUTO;
 	if (!rc)
-		rc = dws_catalog_load(s->bucket, NULL, &s->cat, err);
+		rc = dws_catalog_load(s->bucket, &co, &s->cat, err);
 	if (rc)
 		return rc;
 	if (!a)
@@ -141,7 +153,11 @@ static int session_open_build(struct session *s, const char *uri, struct build_a
 		size_t n = dws_catalog_count(s->cat);
 		if (!n) {
 			err->code = DWS_ENOENT;
-			snprintf(err->msg, sizeof(err->msg), "%s: the bucket holds no steps (anchors/ and deltas/ are empty)", uri);
+			if (dws_catalog_format(s->cat) == DWS_FORMAT_TRL)
+				snprintf(err->msg, sizeof(err->msg), "%s: the bucket holds no steps (anchors/ and deltas/ are empty)", uri);
+			else
+				snprintf(err->msg, sizeof(err->msg), "%s: the folder holds no complete %s version yet", uri,
+					 dws_format_name(dws_catalog_format(s->cat)));
 			return DWS_ENOENT;
 		}
 		a->step = dws_catalog_at(s->cat, n - 1)->step;
@@ -178,8 +194,9 @@ static void ls_line(const dws_stepfile *f, const char *tag)
 {
 	char when[32];
 	fmt_time(f->obj.mtime_ns, when, sizeof(when));
-	const char *kind = f->variant == DWS_VAR_DENSE ? (f->complete ? "anchor" : "overlay") : "delta";
-	const char *comp = f->variant == DWS_VAR_DENSE ? (f->complete ? "complete" : "partial") : "sparse";
+	const char *kind = f->variant == DWS_VAR_DENSE ? (f->complete ? (f->xv ? "full" : "anchor") : "overlay") : "delta";
+	const char *comp = f->variant == DWS_VAR_DENSE ? (f->complete ? "complete" : "partial")
+			   : f->variant == DWS_VAR_XOR || f->variant == DWS_VAR_OVERWRITE ? "dense" : "sparse";
 	printf("%-8" PRIu64 " %-7s %-8s %-9s%s %12" PRIu64 " %12" PRIu64 " %s%s%s%s\n", f->step, kind, comp,
 	       dws_variant_name(f->variant), f->compressed ? "+zst" : "    ", f->changed, f->obj.size, when, tag,
 	       f->error[0] ? "  INVALID: " : "", f->error);
@@ -187,12 +204,17 @@ static void ls_line(const dws_stepfile *f, const char *tag)
 
 static int cmd_ls(int argc, char **argv)
 {
-	static const struct option lo[] = {{"all", no_argument, 0, OPT_ALL}, {0}};
+	static const struct option lo[] = {{"all", no_argument, 0, OPT_ALL}, {"format", required_argument, 0, OPT_FORMAT}, {0}};
 	bool all = false;
+	dws_format fmt = DWS_FORMAT_AUTO;
 	int c;
 	while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
 		if (c == OPT_ALL)
 			all = true;
+		else if (c == OPT_FORMAT && dws_format_parse(optarg, &fmt))
+			continue;
+		else if (c == OPT_FORMAT)
+			return bad_usage("--format is trl, skyrl or miles, not '%s'", optarg);
 		else
 			return 2;
 	}
@@ -200,10 +222,20 @@ static int cmd_ls(int argc, char **argv)
 		return bad_usage("ls takes one BUCKET");
 	struct session s;
 	dws_error err = {0};
-	if (session_open(&s, argv[optind], NULL, &err)) {
+	memset(&s, 0, sizeof(s));
+	int orc = dws_bucket_open(argv[optind], &s.bucket, &err);
+	dws_catalog_opts co;
+	dws_catalog_opts_init(&co);
+	co.format = fmt;
+	if (!orc)
+		orc = dws_catalog_load(s.bucket, &co, &s.cat, &err);
+	if (orc) {
 		session_close(&s);
 		return die(&err);
 	}
+	if (dws_catalog_format(s.cat) != DWS_FORMAT_TRL)
+		printf("# %s versions: CHANGED is the bytes of the tensors a version changes, BYTES its manifest's\n",
+		       dws_format_name(dws_catalog_format(s.cat)));
 	printf("%-8s %-7s %-8s %-13s %12s %12s %s\n", "STEP", "KIND", "STATE", "ENCODING", "CHANGED", "BYTES", "UPLOADED");
 	for (size_t i = 0; i < dws_catalog_count(s.cat); i++)
 		ls_line(dws_catalog_at(s.cat, i), "");
@@ -242,8 +274,9 @@ static int cmd_extract(int argc, char **argv)
 {
 	static const struct option lo[] = {
 		{"step", required_argument, 0, OPT_STEP}, {"base", required_argument, 0, OPT_BASE},
-		{"map-prefix", required_argument, 0, OPT_MAP}, {"verify", required_argument, 0, OPT_VERIFY}, {0}};
-	struct build_args a = {.verify = true, .verify_state = true};
+		{"map-prefix", required_argument, 0, OPT_MAP}, {"verify", required_argument, 0, OPT_VERIFY},
+		{"format", required_argument, 0, OPT_FORMAT}, {0}};
+	struct build_args a = {.verify = true, .verify_state = true, .format = DWS_FORMAT_AUTO};
 	int c;
 	while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1)
 		if (parse_build_opt(c, &a))
@@ -271,8 +304,8 @@ static int cmd_verify(int argc, char **argv)
 {
 	static const struct option lo[] = {
 		{"step", required_argument, 0, OPT_STEP}, {"base", required_argument, 0, OPT_BASE},
-		{"map-prefix", required_argument, 0, OPT_MAP}, {0}};
-	struct build_args a = {.verify = true};
+		{"map-prefix", required_argument, 0, OPT_MAP}, {"format", required_argument, 0, OPT_FORMAT}, {0}};
+	struct build_args a = {.verify = true, .format = DWS_FORMAT_AUTO};
 	int c;
 	while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1)
 		if (parse_build_opt(c, &a))
@@ -294,7 +327,9 @@ static int cmd_verify(int argc, char **argv)
 	free(what);
 	if (!rc)
 		printf("step %" PRIu64 ": %s (anchor %" PRIu64 ", %zu files applied, %" PRIu64 " patched elements)\n", a.step,
-		       want ? "state checksum matches" : "chain decodes; no producer checksum to compare",
+		       want ? "state checksum matches"
+		       : dws_catalog_format(s.cat) != DWS_FORMAT_TRL ? "every tensor's checksum matches"
+								      : "chain decodes; no producer checksum to compare",
 		       dws_step_anchor(s.step), dws_step_chain_length(s.step), dws_step_patch_entries(s.step));
 	session_close(&s);
 	return rc ? die(&err) : 0;
@@ -307,8 +342,8 @@ static int cmd_patch(int argc, char **argv)
 	static const struct option lo[] = {
 		{"from", required_argument, 0, OPT_FROM}, {"to", required_argument, 0, OPT_TO},
 		{"base", required_argument, 0, OPT_BASE}, {"map-prefix", required_argument, 0, OPT_MAP},
-		{"verify", required_argument, 0, OPT_VERIFY}, {0}};
-	struct build_args a = {.verify = true};
+		{"verify", required_argument, 0, OPT_VERIFY}, {"format", required_argument, 0, OPT_FORMAT}, {0}};
+	struct build_args a = {.verify = true, .format = DWS_FORMAT_AUTO};
 	uint64_t from = 0, to = 0;
 	bool has_from = false, has_to = false;
 	int c;

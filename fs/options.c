@@ -22,7 +22,7 @@
 enum kind { K_STR, K_FLAG, K_SIZE, K_DURATION, K_UINT, K_ENUM, K_MAP, K_ADDR };
 
 enum opt_id {
-	O_BASE, O_POLL, O_INFO_POLL, O_SWAP_IDLE, O_SWAP_MAX_DELAY, O_ON_SWAP, O_ON_SWAP_TIMEOUT,
+	O_BASE, O_FORMAT, O_POLL, O_INFO_POLL, O_SWAP_IDLE, O_SWAP_MAX_DELAY, O_ON_SWAP, O_ON_SWAP_TIMEOUT,
 	O_ON_SWAP_KEEP_SECRETS, O_PATCH_AHEAD, O_VERIFY, O_MAP_PREFIX, O_MAX_STEPS, O_READ_AHEAD, O_CACHE_DIR,
 	O_CACHE_SIZE, O_BLOCK_SIZE, O_READ_TIMEOUT, O_STALL_TIMEOUT, O_CA_FILE, O_MAT_MAX, O_MAT_DIR,
 	O_LOG_LEVEL, O_LOG_FILE, O_NONEMPTY, O_METRICS_ADDR, O_COUNT
@@ -40,6 +40,7 @@ struct optdef {
 
 static const struct optdef defs[O_COUNT] = {
 	[O_BASE] = {"base", K_STR, 0, 0, false, "a folder or a bucket URI"},
+	[O_FORMAT] = {"format", K_ENUM, 0, 0, false, "trl, skyrl, miles or auto"},
 	[O_POLL] = {"poll", K_DURATION, 100, DAY_MS, false, "a duration from 100ms to 1d (2s, 500ms; plain: seconds)"},
 	[O_INFO_POLL] = {"info_poll", K_DURATION, 1000, DAY_MS, false, "a duration from 1s to 1d"},
 	[O_SWAP_IDLE] = {"swap_idle", K_DURATION, 0, DAY_MS, false, "a duration from 0 to 1d"},
@@ -197,6 +198,9 @@ static bool enum_ok(int id, const char *s)
 		return dws_log_level_parse(s, &lv);
 	if (id == O_PATCH_AHEAD)
 		return s && (!strcmp(s, "auto") || !strcmp(s, "on") || !strcmp(s, "off"));
+	dws_format f;
+	if (id == O_FORMAT)
+		return dws_format_parse(s, &f);
 	return s && (!strcmp(s, "none") || !strcmp(s, "payload") || !strcmp(s, "state"));
 }
 
@@ -305,6 +309,8 @@ static void apply(struct config *c, const struct raw *r, const int64_t *n)
 	if (r->set[O_MAX_STEPS])
 		mo->max_steps = (size_t)n[O_MAX_STEPS];
 	mo->base = r->val[O_BASE];
+	if (r->val[O_FORMAT])
+		dws_format_parse(r->val[O_FORMAT], &mo->format);
 	mo->on_swap = r->val[O_ON_SWAP];
 	mo->on_swap_keep_secrets = r->set[O_ON_SWAP_KEEP_SECRETS];
 	mo->tmpdir = r->val[O_CACHE_DIR];
@@ -394,6 +400,7 @@ static void usage(const char *prog)
 	       "dwsfs options:\n", prog);
 	static const char *const help[O_COUNT] = {
 		[O_BASE] = "base model folder or URI (default: the bucket's base/)",
+		[O_FORMAT] = "the bucket's layout: trl, skyrl, miles (auto: from the layout)",
 		[O_POLL] = "how often to look for new steps (1s; remote 6s)",
 		[O_INFO_POLL] = "remote: bucket-info probe for anything else (60s)",
 		[O_SWAP_IDLE] = "swap the root once it was idle this long (1s)",
@@ -420,7 +427,7 @@ static void usage(const char *prog)
 		[O_METRICS_ADDR] = "serve Prometheus metrics at http://HOST:PORT/metrics (off)",
 	};
 	static const char *const meta[O_COUNT] = {
-		[O_BASE] = "SRC", [O_POLL] = "TIME", [O_INFO_POLL] = "TIME", [O_SWAP_IDLE] = "TIME",
+		[O_BASE] = "SRC", [O_FORMAT] = "FMT", [O_POLL] = "TIME", [O_INFO_POLL] = "TIME", [O_SWAP_IDLE] = "TIME",
 		[O_SWAP_MAX_DELAY] = "TIME", [O_ON_SWAP] = "CMD", [O_ON_SWAP_TIMEOUT] = "TIME", [O_VERIFY] = "MODE",
 		[O_PATCH_AHEAD] = "WHEN",
 		[O_MAP_PREFIX] = "FROM=TO", [O_MAX_STEPS] = "N", [O_READ_AHEAD] = "KB", [O_CACHE_DIR] = "DIR",

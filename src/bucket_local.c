@@ -21,7 +21,9 @@ static int walk(int dirfd, const char *rel, dws_objvec *ov, int depth,
 {
 	if (depth > LOCAL_MAX_DEPTH)
 		return dws_fail(err, DWS_EFORMAT, "%s/%s: folders nested deeper than %d", root, rel, LOCAL_MAX_DEPTH);
-	int fd = *rel ? openat(dirfd, rel, O_RDONLY | O_DIRECTORY | O_CLOEXEC) : dup(dirfd);
+	/* the root opened anew, not dup()ed: a dup shares the file offset, and
+	 * a second listing of the root would start where the first ended */
+	int fd = openat(dirfd, *rel ? rel : ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (fd < 0)
 		return dws_fail(err, DWS_EIO, "%s/%s: cannot open folder: %s", root, rel, strerror(errno));
 	DIR *d = fdopendir(fd);

@@ -5,6 +5,8 @@
  * run has no anchor yet), then every file with A < step <= N: dense files
  * replace the tensors they hold, sparse files merge into the patch index. */
 #include "builder_int.h"
+#include "format.h"
+#include "xorapply.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
@@ -411,12 +413,55 @@ out:
 	return rc;
 }
 
+/* ---- SkyRL and miles versions (xorapply.c) ---- */
+
+struct xput {
+	dws_builder *bl;
+	dws_step *s;
+};
+
+/* A tensor's result: its run joins the slot's patch (folded when the build
+ * takes several versions at once), or the whole new tensor is its source. */
+static void xor_put(void *ctx, size_t slot, dws_patch *run, dws_blob *whole)
+{
+	struct xput *x = ctx;
+	dws_builder *bl = x->bl;
+	if (whole) {
+		dws_src src = {whole, 0, dws_step_layout(x->s)->slots[slot].dtype};
+		dws_step_set_source(x->s, slot, &src, true);
+		dws_blob_unref(whole);
+		if (slot < bl->nown)
+			bl->own[slot] = NULL;
+		return;
+	}
+	uint64_t numel = dws_step_layout(x->s)->slots[slot].numel;
+	dws_patchset *old = dws_step_patch(x->s, slot);
+	dws_patchset *next = bl->folding && slot < bl->nown ? dws_patchset_add_build(old, run, numel, &bl->own[slot])
+							    : dws_patchset_add(old, run, numel);
+	dws_step_set_patch(x->s, slot, next);
+}
+
+static int apply_version(dws_builder *bl, dws_step *s, const dws_stepfile *f, dws_error *err)
+{
+	if (!bl->base_layout)
+		return dws_fail(err, DWS_ENOENT, "%s: %s versions apply to a base model: give it with -o base= (dwsctl --base) or put it under base/",
+				dws_bucket_uri(dws_catalog_bucket(bl->cat)), dws_format_name(dws_catalog_format(bl->cat)));
+	dws_bl_ensure_seen(bl, dws_step_layout(s)->nslots);
+	bl->stamp++;
+	struct resolve_ctx rctx = {bl, s, f->obj.key, err, false};
+	struct xput put = {bl, s};
+	dws_xapply a = {.s = s, .bucket = dws_catalog_bucket(bl->cat), .xv = f->xv, .verify = bl->o.verify,
+			.resolve = dws_bl_resolve, .rctx = &rctx, .put = xor_put, .pctx = &put};
+	return f->xv->full ? dws_xver_apply_full(&a, err) : dws_xver_apply(&a, err);
+}
+
 static int apply_file(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 		      dws_error *err)
 {
 	if (f->error[0])
 		return dws_fail(err, f->error_code, "%s", f->error);
-	int rc = f->variant == DWS_VAR_DENSE ? apply_dense(bl, s, f, err) : apply_sparse(bl, s, f, err);
+	int rc = f->xv ? apply_version(bl, s, f, err)
+		 : f->variant == DWS_VAR_DENSE ? apply_dense(bl, s, f, err) : apply_sparse(bl, s, f, err);
 	if (rc)
 		return rc;
 	uint64_t at = dws_step_number(s), anchor = dws_step_anchor(s);
@@ -435,7 +480,14 @@ static int chain_start(dws_builder *bl, const dws_stepfile *a, dws_step **out,
 {
 	int rc;
 	dws_step *s;
-	if (bl->base_layout) {
+	if (a && a->xv) {
+		s = bl->base_layout ? dws_step_new(bl->base_layout) : NULL;
+		rc = apply_version(bl, s, a, err); /* a full version: on the base's layout */
+		if (rc) {
+			dws_step_unref(s);
+			return rc;
+		}
+	} else if (bl->base_layout) {
 		s = dws_step_new(bl->base_layout);
 		if (a) {
 			rc = apply_dense(bl, s, a, err);

@@ -88,7 +88,7 @@ int dws_builder_lazy_chain(dws_builder *bl, uint64_t step, dws_lazy_chain **out,
 		return DWS_OK;
 	for (size_t i = 0; i < dws_catalog_count(c); i++) {
 		const dws_stepfile *f = dws_catalog_at(c, i);
-		if (f->step > a->step && f->step <= step && (f->error[0] || f->variant == DWS_VAR_DENSE))
+		if (f->step > a->step && f->step <= step && (f->error[0] || f->variant == DWS_VAR_DENSE || f->xv))
 			return DWS_OK;
 	}
 	dws_lazy_chain *lc = dws_xcalloc(1, sizeof(*lc));
@@ -128,7 +128,7 @@ int dws_builder_span(dws_builder *bl, dws_step *to, uint64_t from, dws_lazy_chai
 		return DWS_OK; /* another chain */
 	for (size_t i = 0; i < dws_catalog_count(c); i++) {
 		const dws_stepfile *f = dws_catalog_at(c, i);
-		if (f->step > from && f->step <= step && (f->error[0] || f->variant == DWS_VAR_DENSE))
+		if (f->step > from && f->step <= step && (f->error[0] || f->variant == DWS_VAR_DENSE || f->xv))
 			return DWS_OK;
 	}
 	dws_lazy_chain *lc = dws_xcalloc(1, sizeof(*lc));

@@ -8,6 +8,7 @@
  * order) is from an earlier run. Files written by `dwsctl publish` carry a run
  * id, which decides exactly. */
 #include "bucket.h"
+#include "format.h"
 
 #include <jansson.h>
 #include <xxhash.h>
@@ -22,6 +23,9 @@ struct dws_catalog {
 	dws_stepfile *stale;  /* files of earlier runs, and losers of a tie */
 	size_t nstale;
 	bool has_base;
+	dws_format format;
+	dws_object *listing;  /* SkyRL, miles: the whole listing (reused by a poll) */
+	size_t nlisting;
 };
 
 const char *dws_variant_name(dws_variant v)
@@ -32,6 +36,8 @@ const char *dws_variant_name(dws_variant v)
 	case DWS_VAR_RAW: return "raw";
 	case DWS_VAR_GAP_DELTA: return "gap_delta";
 	case DWS_VAR_NVCOMP: return "nvcomp_cascaded";
+	case DWS_VAR_XOR: return "xor";
+	case DWS_VAR_OVERWRITE: return "overwrite";
 	}
 	return "?";
 }
@@ -40,10 +46,13 @@ void dws_catalog_free(dws_catalog *c)
 {
 	if (!c)
 		return;
-	for (size_t i = 0; i < c->n; i++)
+	for (size_t i = 0; i < c->n; i++) {
 		free(c->v[i].obj.key);
+		dws_xver_unref(c->v[i].xv);
+	}
 	for (size_t i = 0; i < c->nstale; i++)
 		free(c->stale[i].obj.key);
+	dws_objects_free(c->listing, c->nlisting);
 	free(c->v);
 	free(c->stale);
 	free(c);
@@ -54,6 +63,7 @@ const dws_stepfile *dws_catalog_at(const dws_catalog *c, size_t i) { return &c->
 size_t dws_catalog_stale_count(const dws_catalog *c) { return c->nstale; }
 const dws_stepfile *dws_catalog_stale_at(const dws_catalog *c, size_t i) { return &c->stale[i]; }
 bool dws_catalog_has_base(const dws_catalog *c) { return c->has_base; }
+dws_format dws_catalog_format(const dws_catalog *c) { return c->format; }
 dws_bucket *dws_catalog_bucket(const dws_catalog *c) { return c->bucket; }
 
 const dws_stepfile *dws_catalog_find(const dws_catalog *c, uint64_t step)
@@ -289,6 +299,11 @@ static uint64_t id_mix(uint64_t seed, const dws_stepfile *f)
 	XXH3_64bits_update(st, &f->step, sizeof(f->step));
 	XXH3_64bits_update(st, f->obj.key, strlen(f->obj.key) + 1);
 	XXH3_64bits_update(st, f->obj.ident, strlen(f->obj.ident) + 1);
+	/* a version is its manifest and every payload it names */
+	for (size_t i = 1; f->xv && i < f->xv->nobjs; i++) {
+		XXH3_64bits_update(st, f->xv->objs[i].key, strlen(f->xv->objs[i].key) + 1);
+		XXH3_64bits_update(st, f->xv->objs[i].ident, strlen(f->xv->objs[i].ident) + 1);
+	}
 	uint64_t h = XXH3_64bits_digest(st);
 	XXH3_freeState(st);
 	return h;
@@ -297,6 +312,13 @@ static uint64_t id_mix(uint64_t seed, const dws_stepfile *f)
 size_t dws_catalog_next_keys(const dws_catalog *c, char **keys, size_t n)
 {
 	uint64_t next = c->n ? c->v[c->n - 1].step + 1 : 1;
+	const struct dws_format_ops *fo = dws_format_ops_of(c->format);
+	if (fo) { /* the next versions' manifests or indexes */
+		size_t k = 0;
+		for (; k < n && next + k <= INT64_MAX; k++)
+			keys[k] = fo->index_key(next + k);
+		return k;
+	}
 	bool zst = false;
 	uint64_t a_last = 0, a_every = 0;
 	for (size_t i = 0; i < c->n; i++) {
@@ -353,7 +375,87 @@ static bool reuse(const dws_catalog *prev, bool reread_failed, dws_stepfile *f)
 
 void dws_catalog_opts_init(dws_catalog_opts *o)
 {
-	*o = (dws_catalog_opts){.size = sizeof(*o), .run_tolerance_ns = 60LL * 1000000000};
+	*o = (dws_catalog_opts){.size = sizeof(*o), .run_tolerance_ns = 60LL * 1000000000, .format = DWS_FORMAT_AUTO};
+}
+
+/* ---- SkyRL and miles: versions from the whole listing (format.c) ---- */
+
+/* A version of the previous catalog whose objects are all listed unchanged. */
+static dws_xver *prev_version(void *ctx, const dws_object *index, uint64_t version)
+{
+	const dws_catalog *p = ((const dws_catalog *const *)ctx)[0], *now = ((const dws_catalog *const *)ctx)[1];
+	const dws_stepfile *f = dws_catalog_find(p, version);
+	if (!f || !f->xv || strcmp(f->obj.key, index->key) || strcmp(f->obj.ident, index->ident))
+		return NULL;
+	for (size_t i = 1; i < f->xv->nobjs; i++) {
+		const dws_object *o = dws_xload_find(now->listing, now->nlisting, f->xv->objs[i].key);
+		if (!o || strcmp(o->ident, f->xv->objs[i].ident) || o->size != f->xv->objs[i].size)
+			return NULL;
+	}
+	return dws_xver_ref(f->xv);
+}
+
+/* The listing: the bucket's whole, or (reuse_listing) the previous one with
+ * the objects a poll found in place of theirs. */
+static int xor_listing(dws_catalog *c, const dws_catalog_opts *o, dws_error *err)
+{
+	const dws_catalog *prev = o ? o->prev : NULL;
+	if (!(o && o->reuse_listing && prev))
+		return dws_bucket_list(c->bucket, "", &c->listing, &c->nlisting, err);
+	size_t n = 0;
+	dws_object *v = dws_xcalloc(prev->nlisting + o->nextra + 1, sizeof(*v));
+	for (size_t k = 0; k < o->nextra; k++) {
+		v[n] = o->extra[k];
+		v[n++].key = dws_xstrdup(o->extra[k].key);
+	}
+	for (size_t k = 0; k < prev->nlisting; k++) {
+		bool dup = false;
+		for (size_t x = 0; x < o->nextra && !dup; x++)
+			dup = !strcmp(o->extra[x].key, prev->listing[k].key);
+		if (dup)
+			continue;
+		v[n] = prev->listing[k];
+		v[n++].key = dws_xstrdup(prev->listing[k].key);
+	}
+	dws_objects_sort(v, n);
+	c->listing = v;
+	c->nlisting = n;
+	return DWS_OK;
+}
+
+static int load_xor(dws_catalog *c, const dws_catalog_opts *o, dws_error *err)
+{
+	int rc = xor_listing(c, o, err);
+	if (rc)
+		return rc;
+	const dws_catalog *ctx[2] = {o ? o->prev : NULL, c};
+	dws_xload ld = {.bucket = c->bucket, .objs = c->listing, .nobjs = c->nlisting,
+			.head_missing = o && o->reuse_listing && o->prev, .prev_find = ctx[0] ? prev_version : NULL,
+			.prev_ctx = ctx};
+	rc = dws_xversions(dws_format_ops_of(c->format), &ld, &c->v, &c->n, err);
+	for (size_t i = 0; i < c->nlisting && !c->has_base; i++)
+		c->has_base = !strncmp(c->listing[i].key, "base/", 5);
+	return rc;
+}
+
+/* The format of the bucket: the one asked for, the previous catalog's, or
+ * what its root's listing shows. */
+static int pick_format(dws_bucket *b, const dws_catalog_opts *o, dws_format *out, dws_error *err)
+{
+	*out = o ? o->format : DWS_FORMAT_AUTO;
+	if (*out != DWS_FORMAT_AUTO)
+		return DWS_OK;
+	if (o && o->prev) {
+		*out = o->prev->format;
+		return DWS_OK;
+	}
+	dws_object *objs = NULL;
+	size_t n = 0;
+	int rc = dws_bucket_list(b, "", &objs, &n, err);
+	if (!rc)
+		rc = dws_format_detect(dws_bucket_uri(b), objs, n, out, err);
+	dws_objects_free(objs, n);
+	return rc;
 }
 
 int dws_catalog_load(dws_bucket *b, const dws_catalog_opts *opts,
@@ -363,6 +465,22 @@ int dws_catalog_load(dws_bucket *b, const dws_catalog_opts *opts,
 	*out = NULL;
 	if (opts && dws_opts_size(opts->size, sizeof(*opts), "dws_catalog_opts", err))
 		return DWS_EINVAL;
+	dws_format fmt;
+	int frc = pick_format(b, opts, &fmt, err);
+	if (frc)
+		return frc;
+	if (dws_format_ops_of(fmt)) {
+		dws_catalog *c = dws_xcalloc(1, sizeof(*c));
+		c->bucket = b;
+		c->format = fmt;
+		frc = load_xor(c, opts, err);
+		if (frc) {
+			dws_catalog_free(c);
+			return frc;
+		}
+		*out = c;
+		return DWS_OK;
+	}
 	int64_t tol = opts ? opts->run_tolerance_ns : 60LL * 1000000000;
 	dws_stepfile *all = NULL;
 	size_t nall = 0;
@@ -423,6 +541,7 @@ int dws_catalog_load(dws_bucket *b, const dws_catalog_opts *opts,
 	}
 	dws_catalog *c = dws_xcalloc(1, sizeof(*c));
 	c->bucket = b;
+	c->format = DWS_FORMAT_TRL;
 	/* completeness first (it decides ties), then again within the run */
 	mark_complete(all, nall);
 	select_run(c, all, nall, tol);

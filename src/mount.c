@@ -45,6 +45,7 @@ void dws_mount_opts_init(dws_mount_opts *o)
 		.verify = DWS_VERIFY_AUTO,
 		.on_swap_timeout_ms = 600000,
 		.patch_ahead = -1,
+		.format = DWS_FORMAT_AUTO,
 	};
 }
 
@@ -423,9 +424,14 @@ static void settle_opts(dws_mount *m)
 static int open_catalog(dws_mount *m, dws_error *err)
 {
 	dws_catalog *c = NULL;
-	int rc = dws_catalog_load(m->bucket, NULL, &c, err);
+	dws_catalog_opts co;
+	dws_catalog_opts_init(&co);
+	co.format = m->o.format;
+	int rc = dws_catalog_load(m->bucket, &co, &c, err);
 	if (!rc && dws_catalog_count(c) == 0)
-		rc = dws_fail(err, DWS_ENOENT, "%s: the bucket holds no steps (anchors/ and deltas/ are empty)", m->bucket_uri);
+		rc = dws_fail(err, DWS_ENOENT, dws_catalog_format(c) == DWS_FORMAT_TRL
+			      ? "%s: the bucket holds no steps (anchors/ and deltas/ are empty)"
+			      : "%s: the folder holds no complete %s version yet", m->bucket_uri, dws_format_name(dws_catalog_format(c)));
 	if (!rc) {
 		dws_build_opts bo;
 		dws_build_opts_init(&bo);

@@ -288,6 +288,17 @@ static void poll_once(dws_mount *m)
 
 /* ---- swapping ---- */
 
+/* Under lock: whether a step newer than `step` failed (and is still in the
+ * bucket as it failed): its error stays in last_error while the root is
+ * behind it. */
+static bool newer_failed_locked(const dws_mount *m, uint64_t step)
+{
+	for (size_t i = 0; i < m->ntable; i++)
+		if (m->table[i].step > step && dws_failures_get(m->failed, m->table[i].id))
+			return true;
+	return false;
+}
+
 /* Under lock, which it releases: the ready step becomes the root. */
 static void swap_unlock(dws_mount *m, dws_swap_verdict v)
 {
@@ -299,7 +310,8 @@ static void swap_unlock(dws_mount *m, dws_swap_verdict v)
 		memmove(m->history, m->history + 1, (ROOT_HISTORY - 1) * sizeof(*m->history));
 	m->history[m->nhistory < ROOT_HISTORY ? m->nhistory++ : ROOT_HISTORY - 1] = dws_step_number(old);
 	m->root_since_ns = m->clock.wall_ns(m->clock.ctx);
-	m->last_error[0] = 0;
+	if (!newer_failed_locked(m, dws_step_number(m->root)))
+		m->last_error[0] = 0;
 	dws_step *now_root = dws_step_ref(m->root);
 	dws_materializer *mt = m->mat;
 	pthread_mutex_unlock(&m->lock);

@@ -138,9 +138,25 @@ typedef enum dws_variant {
 	DWS_VAR_RAW,       /* v2/v3 .idx I32 */
 	DWS_VAR_GAP_DELTA, /* v2/v3 .idx U16/U32 gaps */
 	DWS_VAR_NVCOMP,    /* refused when applied */
+	DWS_VAR_XOR,       /* SkyRL or miles: dense XOR against the version before */
+	DWS_VAR_OVERWRITE, /* miles: new byte values at byte offsets */
 } dws_variant;
 
 const char *dws_variant_name(dws_variant v);
+
+/* The layouts dwsfs reads (docs/format.md): TRL's Delta Weight Sync bucket,
+ * SkyRL's checkpoint-delta sync folder, miles' disk-delta folder. */
+typedef enum dws_format {
+	DWS_FORMAT_AUTO = -1, /* from the layout */
+	DWS_FORMAT_TRL = 0,
+	DWS_FORMAT_SKYRL,
+	DWS_FORMAT_MILES,
+} dws_format;
+/* "auto", "trl", "skyrl", "miles". */
+bool dws_format_parse(const char *s, dws_format *out);
+const char *dws_format_name(dws_format f);
+
+struct dws_xver; /* a SkyRL or miles version: its manifest, payloads, records */
 
 typedef struct dws_stepfile {
 	uint64_t step;
@@ -158,6 +174,8 @@ typedef struct dws_stepfile {
 	char error[768];      /* non-empty: the header could not be read; the step is invalid */
 	int error_code;       /* its dws_code: a transient one (dws_code_transient) is
 			       * read again by the next catalog load, a bad file is not */
+	struct dws_xver *xv;  /* SkyRL and miles: the version (obj is its manifest or
+			       * index); NULL for TRL files */
 } dws_stepfile;
 
 typedef struct dws_catalog_opts {
@@ -171,6 +189,7 @@ typedef struct dws_catalog_opts {
 	/* Read again the headers prev could not read for a passing reason (a
 	 * retry is due); else they keep their error until they change. */
 	bool reread_failed;
+	dws_format format;        /* DWS_FORMAT_AUTO: from the layout (prev's, when given) */
 } dws_catalog_opts;
 void dws_catalog_opts_init(dws_catalog_opts *o);
 
@@ -184,6 +203,8 @@ size_t dws_catalog_count(const dws_catalog *c);
 /* Steps of the current run, ascending. */
 const dws_stepfile *dws_catalog_at(const dws_catalog *c, size_t i);
 const dws_stepfile *dws_catalog_find(const dws_catalog *c, uint64_t step);
+/* The format the catalog was read as. */
+dws_format dws_catalog_format(const dws_catalog *c);
 /* Files of older runs that were left out (for `ls --all`). */
 size_t dws_catalog_stale_count(const dws_catalog *c);
 const dws_stepfile *dws_catalog_stale_at(const dws_catalog *c, size_t i);
@@ -344,6 +365,7 @@ typedef struct dws_mount_opts {
 	const char *bucket;
 	const dws_bucket_opts *bucket_opts;
 	const char *base;
+	dws_format format;          /* DWS_FORMAT_AUTO */
 	const dws_prefix_map *maps;
 	size_t nmaps;
 	int64_t poll_ms;            /* -1: 1000, remote buckets 6000 */

@@ -7,6 +7,8 @@ OUT/fuzz_header/   small .safetensors files (every scenario of gen_bucket.py and
                    every case of gen_malformed.py)
 OUT/fuzz_delta/    the same files (the sparse ones are what it decodes; the dense
                    ones exercise the refusals)
+OUT/fuzz_skyrl/    SkyRL manifests with a payload file, OUT/fuzz_miles/ miles indexes
+                   with a shard (tests/fuzz/xor_seeds.py): valid and malformed
 OUT/fuzz_zstd/     small .safetensors.zst files, zstd bombs (a valid delta or anchor
                    followed by zeros, with and without the frame's content size),
                    plus zstd-compressed copies of the malformed cases when the zstd
@@ -26,10 +28,12 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
 MAX_LEN = 64 * 1024
-TARGETS = ("fuzz_header", "fuzz_delta", "fuzz_zstd")
+TARGETS = ("fuzz_header", "fuzz_delta", "fuzz_zstd", "fuzz_skyrl", "fuzz_miles")
 
 sys.path.insert(0, TESTS)
 import gen_malformed  # noqa: E402 - the tests' folder is put on the path first
+sys.path.insert(0, HERE)
+import xor_seeds  # noqa: E402
 
 
 def run(args):
@@ -97,6 +101,10 @@ def main(argv=None):
                                        check=True, capture_output=True)
                     if len(r.stdout) < MAX_LEN:
                         add(os.path.join(out, "fuzz_zstd"), r.stdout)
+
+    for t, blobs in xor_seeds.seeds().items():
+        for data in blobs:
+            add(os.path.join(out, t), data)
 
     for t in TARGETS:
         n = len(os.listdir(os.path.join(out, t)))
