@@ -109,6 +109,9 @@ typedef struct dws_bucket_opts {
 	bool memory_cache;         /* no disk cache: blocks in memory only */
 	uint32_t block_size;       /* fetch unit, a multiple of 4 KiB; 8 MiB */
 	const char *ca_file;       /* extra CA bundle (TLS verification stays on) */
+	const char *token_file;    /* hf://: the Hub token's file (re-read when it
+				      changes); NULL: HF_TOKEN, HF_TOKEN_PATH, the
+				      hf CLI's file */
 	unsigned stall_timeout_ms; /* a transfer that sends nothing this long fails; 10000 */
 	unsigned read_deadline_ms; /* a read that cannot be served by then: EIO; 60000 */
 	/* s3:// only; else AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID... */
