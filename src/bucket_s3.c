@@ -7,6 +7,7 @@
  * be served (a control character, over 1023 bytes, not a safe path) is
  * skipped with one log line per bucket, never the whole listing. */
 #include "bucket.h"
+#include "cred.h"
 #include "http.h"
 #include "remote.h"
 
@@ -372,15 +373,19 @@ int dws_bucket_s3_open(const char *uri, const dws_bucket_opts *o, dws_bucket **o
 		free(dup);
 		return dws_fail(err, DWS_EINVAL, "%s: expected s3://BUCKET[/PREFIX]", uri);
 	}
+	char pregion[64], pendpoint[512];
+	dws_aws_profile_place(pregion, sizeof(pregion), pendpoint, sizeof(pendpoint));
 	const char *region = o && o->s3_region ? o->s3_region : env_first("AWS_REGION", "AWS_DEFAULT_REGION");
 	if (!region)
-		region = "us-east-1";
+		region = pregion[0] ? pregion : "us-east-1";
 	const char *ep = o && o->s3_endpoint ? o->s3_endpoint : env_first("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL");
-	const char *key = o && o->s3_key ? o->s3_key : env_first("AWS_ACCESS_KEY_ID", NULL);
-	const char *secret = o && o->s3_secret ? o->s3_secret : env_first("AWS_SECRET_ACCESS_KEY", NULL);
-	if (!key || !secret) {
+	if (!ep && pendpoint[0])
+		ep = pendpoint;
+	dws_cred *cred = NULL;
+	dws_error ce = {0};
+	if (dws_cred_aws_new(o ? o->s3_key : NULL, o ? o->s3_secret : NULL, &cred, &ce)) {
 		free(dup);
-		return dws_fail(err, DWS_EINVAL, "%s: no credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or -o s3_key/s3_secret)", uri);
+		return dws_fail(err, ce.code, "%s: %s", uri, ce.msg);
 	}
 	struct s3 *s = dws_xcalloc(1, sizeof(*s));
 	atomic_init(&s->refs, 1);
@@ -393,12 +398,9 @@ int dws_bucket_s3_open(const char *uri, const dws_bucket_opts *o, dws_bucket **o
 	s->prefix = dws_xstrdup(prefix ? prefix : "");
 	free(dup);
 	char *sigv4 = dws_xasprintf("aws:amz:%s:s3", region);
-	char *userpwd = dws_xasprintf("%s:%s", key, secret);
-	dws_http_opts ho = {.aws_sigv4 = sigv4, .aws_userpwd = userpwd, .ca_file = o ? o->ca_file : NULL,
+	dws_http_opts ho = {.aws_sigv4 = sigv4, .cred = cred, .ca_file = o ? o->ca_file : NULL,
 			    .stall_timeout_ms = o ? o->stall_timeout_ms : 0, .deadline_ms = o ? o->read_deadline_ms : 0};
 	int rc = dws_http_new(&ho, &s->http, err);
 	free(sigv4);
-	explicit_bzero(userpwd, strlen(userpwd));
-	free(userpwd);
 	return dws_bucket_remote_wrap(&s3_ops, s, uri, o, s->http, rc, out, err);
 }

@@ -59,6 +59,14 @@ void dws_secret_clear(dws_secret *s);
  * a public bucket needs none, and a refusal says what to do. */
 int dws_cred_hf_new(const char *token_file, dws_cred **out, dws_error *err);
 
+/* AWS keys (cred_aws.c), found as the AWS SDKs' default chain finds them
+ * (the file's top comment), after key/secret when both are given. None
+ * found is an error naming every way to give them. */
+int dws_cred_aws_new(const char *key, const char *secret, dws_cred **out, dws_error *err);
+/* The region and endpoint_url of the AWS profile's config section ("" for
+ * none): where the environment names neither. */
+void dws_aws_profile_place(char *region, size_t rn, char *endpoint, size_t en);
+
 /* Temporary credentials are fetched again this long before they expire. */
 #define DWS_CRED_REFRESH_S 300
 
