@@ -20,6 +20,7 @@
 
 #define MAX_PAGES 100000
 #define MAX_LIST_OBJECTS (10u * 1000 * 1000)
+#define S3_PUT_MAX (5ull << 30) /* S3's limit for one PutObject */
 
 /* Shared by the bucket and its blobs; freed with the last reference. */
 struct s3 {
@@ -333,6 +334,41 @@ static int s3_head(dws_bucket *b, const char *key, dws_object *out, dws_error *e
 	return rc;
 }
 
+/* PutObject: one request, the object whole or not at all. */
+static int s3_put(dws_bucket *b, const char *key, int fd, uint64_t len,
+		  void (*sent)(void *ctx, uint64_t bytes), void *ctx, dws_error *err)
+{
+	struct s3 *s = b->priv;
+	if (len > S3_PUT_MAX)
+		return dws_fail(err, DWS_EUNSUP, "%s/%s: %llu bytes, over the %llu a single PutObject takes (multipart "
+			      "uploads are not supported)", b->uri, key, (unsigned long long)len, (unsigned long long)S3_PUT_MAX);
+	char *url = object_url(s, key), *what = dws_xasprintf("%s/%s", b->uri, key);
+	dws_http_upload up = {.fd = fd, .len = len, .sent = sent, .ctx = ctx};
+	/* a large object takes a while: a deadline for its bytes at 1 MiB/s */
+	int64_t deadline = dws_now_ms() + 60000 + (int64_t)(len >> 20) * 1000;
+	dws_http_req rq = {.url = url, .method = "PUT", .upload = &up, .cls = DWS_HTTP_S3, .what = what,
+			   .deadline_ms = deadline, .headers = {"Content-Type: application/octet-stream"}};
+	dws_http_resp rs;
+	int rc = dws_http_do(s->http, &rq, &rs, err);
+	dws_http_resp_free(&rs);
+	free(url);
+	free(what);
+	return rc;
+}
+
+static int s3_del(dws_bucket *b, const char *key, dws_error *err)
+{
+	struct s3 *s = b->priv;
+	char *url = object_url(s, key), *what = dws_xasprintf("%s/%s", b->uri, key);
+	dws_http_req rq = {.url = url, .method = "DELETE", .cls = DWS_HTTP_S3, .what = what};
+	dws_http_resp rs;
+	int rc = dws_http_do(s->http, &rq, &rs, err);
+	dws_http_resp_free(&rs);
+	free(url);
+	free(what);
+	return rc == DWS_ENOENT ? DWS_OK : rc;
+}
+
 static void s3_close(dws_bucket *b)
 {
 	struct s3 *s = b->priv;
@@ -344,7 +380,7 @@ static void s3_close(dws_bucket *b)
 }
 
 static const struct dws_bucket_ops s3_ops = {
-	.list = s3_list, .open_blob = s3_open_blob, .close = s3_close, .head = s3_head,
+	.list = s3_list, .open_blob = s3_open_blob, .close = s3_close, .head = s3_head, .put = s3_put, .del = s3_del,
 };
 
 static const char *env_first(const char *a, const char *b)

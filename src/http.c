@@ -487,6 +487,8 @@ static CURLcode attempt(dws_http *h, const dws_http_req *rq, const char *url, co
 	curl_easy_setopt(c, CURLOPT_ACCEPT_ENCODING, NULL);
 	if (!strcmp(method, "HEAD")) {
 		curl_easy_setopt(c, CURLOPT_NOBODY, 1L);
+	} else if (!strcmp(method, "DELETE")) {
+		curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, "DELETE");
 	} else if (!strcmp(method, "POST")) {
 		curl_easy_setopt(c, CURLOPT_POST, 1L);
 		curl_easy_setopt(c, CURLOPT_POSTFIELDS, rq->body ? rq->body : "");

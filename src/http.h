@@ -48,7 +48,7 @@ typedef struct dws_http_upload {
 } dws_http_upload;
 
 typedef struct dws_http_req {
-	const char *method;       /* "GET" (default), "HEAD", "POST", "PUT" */
+	const char *method;       /* "GET" (default), "HEAD", "POST", "PUT", "DELETE" */
 	const char *url;
 	dws_http_class cls;
 	uint64_t range_off, range_len; /* range_len > 0: Range: bytes=off-(off+len-1) */
