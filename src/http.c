@@ -421,8 +421,9 @@ static struct curl_slist *auth_and_body(dws_http *h, CURL *c, const dws_http_req
 		curl_easy_setopt(c, CURLOPT_READFUNCTION, on_upload);
 		curl_easy_setopt(c, CURLOPT_READDATA, x);
 		uint64_t len = rq->upload ? rq->upload->len : rq->body ? strlen(rq->body) : 0;
+		/* no "Expect:" to skip 100-continue: libcurl would sign a header it
+		 * does not send, and S3 refuses such a signature */
 		curl_easy_setopt(c, CURLOPT_INFILESIZE_LARGE, (curl_off_t)len);
-		hdr = curl_slist_append(hdr, "Expect:"); /* no 100-continue round trip */
 	}
 	/* the token goes to the endpoint's host only, never to a redirect target */
 	const char *token = sec->token ? sec->token : h->token;
