@@ -1,6 +1,7 @@
 /* dwsctl: inspect, extract, verify and publish Delta Weight Sync buckets
  * without a mount. A thin command line over libdwsfs. */
 #include "dwsfs/dwsfs.h"
+#include "progress.h"
 #include "revision.h"
 
 #include <errno.h>
@@ -32,9 +33,10 @@ static void usage(FILE *to)
 		"          [--format F]\n"
 		"                                         what differs from step M to step N, as one\n"
 		"                                         safetensors file (docs/patches.md)\n"
-		"  publish PREV NEXT BUCKET_DIR --step N [--format gap_delta|raw|v1|anchor]\n"
-		"          [--zstd[=LEVEL]] [--run-id ID] [--parent N]\n"
+		"  publish PREV NEXT BUCKET --step N [--format gap_delta|raw|v1|anchor]\n"
+		"          [--zstd[=LEVEL]] [--run-id ID] [--parent N] [--force]\n"
 		"                                         write NEXT as a delta against PREV (or an anchor)\n"
+		"                                         into a local folder or s3://\n"
 		"  status MOUNTPOINT                      print where a dwsfs mount stands\n"
 		"  wait MOUNTPOINT STEP [--timeout S]     return once the root serves STEP or later\n"
 		"BUCKET: a local folder, hf://buckets/NS/NAME[/PREFIX] or s3://BUCKET[/PREFIX].\n"
@@ -84,7 +86,7 @@ static int parse_step(const char *s, uint64_t *out)
 	return 0;
 }
 
-enum { OPT_STEP = 1000, OPT_BASE, OPT_MAP, OPT_ALL, OPT_FORMAT, OPT_ZSTD, OPT_RUN, OPT_PARENT, OPT_VERIFY, OPT_FROM, OPT_TO };
+enum { OPT_STEP = 1000, OPT_BASE, OPT_MAP, OPT_ALL, OPT_FORMAT, OPT_ZSTD, OPT_RUN, OPT_PARENT, OPT_VERIFY, OPT_FROM, OPT_TO, OPT_FORCE };
 
 static int parse_build_opt(int c, struct build_args *a)
 {
@@ -251,25 +253,6 @@ static int cmd_ls(int argc, char **argv)
 
 /* ---- extract ---- */
 
-struct progress {
-	struct timespec last;
-	bool shown;
-};
-
-static void show_progress(void *ctx, const char *what, uint64_t done, uint64_t total)
-{
-	struct progress *p = ctx;
-	struct timespec now;
-	clock_gettime(CLOCK_MONOTONIC, &now);
-	long ms = (now.tv_sec - p->last.tv_sec) * 1000 + (now.tv_nsec - p->last.tv_nsec) / 1000000;
-	if (ms < 200 && done != total)
-		return;
-	p->last = now;
-	p->shown = true;
-	fprintf(stderr, "\r%s: extract %5.1f%%  %" PRIu64 " / %" PRIu64 " MiB  %-40.40s", prog,
-		total ? 100.0 * (double)done / (double)total : 100.0, done >> 20, total >> 20, what);
-}
-
 static int cmd_extract(int argc, char **argv)
 {
 	static const struct option lo[] = {
@@ -289,11 +272,10 @@ static int cmd_extract(int argc, char **argv)
 		session_close(&s);
 		return die(&err);
 	}
-	struct progress p = {0};
-	dws_progress pr = {show_progress, &p};
-	int rc = dws_extract_step(s.bl, a.step, argv[optind + 1], a.verify_state, isatty(2) ? &pr : NULL, &err);
-	if (p.shown)
-		fputc('\n', stderr);
+	struct progress p;
+	const dws_progress *pr = progress_start(&p, prog, "extract");
+	int rc = dws_extract_step(s.bl, a.step, argv[optind + 1], a.verify_state, pr, &err);
+	progress_end(&p);
 	session_close(&s);
 	return rc ? die(&err) : 0;
 }
@@ -323,7 +305,10 @@ static int cmd_verify(int argc, char **argv)
 	char *what = NULL;
 	if (asprintf(&what, "%s/%s", dws_bucket_uri(s.bucket), f->obj.key) < 0)
 		what = NULL;
-	int rc = dws_step_check_state(s.step, want, what ? what : argv[optind], &err);
+	struct progress p;
+	const dws_progress *pr = progress_start(&p, prog, "verify");
+	int rc = dws_step_check_state_progress(s.step, want, what ? what : argv[optind], pr, &err);
+	progress_end(&p);
 	free(what);
 	if (!rc)
 		printf("step %" PRIu64 ": %s (anchor %" PRIu64 ", %zu files applied, %" PRIu64 " patched elements)\n", a.step,
@@ -384,7 +369,7 @@ static int cmd_publish(int argc, char **argv)
 	static const struct option lo[] = {
 		{"step", required_argument, 0, OPT_STEP}, {"format", required_argument, 0, OPT_FORMAT},
 		{"zstd", optional_argument, 0, OPT_ZSTD}, {"run-id", required_argument, 0, OPT_RUN},
-		{"parent", required_argument, 0, OPT_PARENT}, {0}};
+		{"parent", required_argument, 0, OPT_PARENT}, {"force", no_argument, 0, OPT_FORCE}, {0}};
 	dws_publish_opts o;
 	dws_publish_opts_init(&o);
 	bool has_step = false;
@@ -424,19 +409,26 @@ static int cmd_publish(int argc, char **argv)
 		case OPT_RUN:
 			o.run_id = optarg;
 			break;
+		case OPT_FORCE:
+			o.force = true;
+			break;
 		default:
 			return 2;
 		}
 	}
 	if (argc - optind != 3 || !has_step)
-		return bad_usage("publish takes PREV NEXT BUCKET_DIR and --step N (PREV may be '-' with --format anchor)");
+		return bad_usage("publish takes PREV NEXT BUCKET and --step N (PREV may be '-' with --format anchor)");
 	o.prev = strcmp(argv[optind], "-") ? argv[optind] : NULL;
 	o.next = argv[optind + 1];
-	o.bucket_dir = argv[optind + 2];
+	o.bucket = argv[optind + 2];
 	char written[4096];
 	uint64_t changed = 0;
 	dws_error err = {0};
-	if (dws_publish(&o, written, sizeof(written), &changed, &err))
+	struct progress p;
+	o.progress = progress_start(&p, prog, "publish");
+	int rc = dws_publish(&o, written, sizeof(written), &changed, &err);
+	progress_end(&p);
+	if (rc)
 		return die(&err);
 	printf("%s: step %" PRIu64 ", %" PRIu64 " elements\n", written, o.step, changed);
 	return 0;

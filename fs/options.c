@@ -25,7 +25,7 @@ enum opt_id {
 	O_BASE, O_FORMAT, O_POLL, O_INFO_POLL, O_SWAP_IDLE, O_SWAP_MAX_DELAY, O_ON_SWAP, O_ON_SWAP_TIMEOUT,
 	O_ON_SWAP_KEEP_SECRETS, O_PATCH_AHEAD, O_VERIFY, O_MAP_PREFIX, O_MAX_STEPS, O_READ_AHEAD, O_CACHE_DIR,
 	O_CACHE_SIZE, O_BLOCK_SIZE, O_READ_TIMEOUT, O_STALL_TIMEOUT, O_CA_FILE, O_MAT_MAX, O_MAT_DIR,
-	O_LOG_LEVEL, O_LOG_FILE, O_NONEMPTY, O_METRICS_ADDR, O_COUNT
+	O_LOG_LEVEL, O_LOG_FILE, O_NONEMPTY, O_METRICS_ADDR, O_TOKEN_FILE, O_COUNT
 };
 
 struct optdef {
@@ -65,6 +65,7 @@ static const struct optdef defs[O_COUNT] = {
 	[O_LOG_FILE] = {"log_file", K_STR, 0, 0, false, "a file path"},
 	[O_NONEMPTY] = {"nonempty", K_FLAG, 0, 0, false, "no value"},
 	[O_METRICS_ADDR] = {"metrics_addr", K_ADDR, 0, 0, false, METRICS_ADDR_TAKES},
+	[O_TOKEN_FILE] = {"token_file", K_STR, 0, 0, false, "a readable file holding a Hub token"},
 };
 
 /* What the command line said, before it is checked (copies: libfuse hands
@@ -261,6 +262,13 @@ static int apply_paths(struct config *c, const struct raw *r)
 		fprintf(stderr, "dwsfs: ca_file %s: %s (it takes %s)\n", ca, strerror(errno), defs[O_CA_FILE].takes);
 		return 1;
 	}
+	const char *tf = r->val[O_TOKEN_FILE];
+	if (tf && access(tf, R_OK) != 0) {
+		fprintf(stderr, "dwsfs: token_file %s: %s (it takes %s)\n", tf, strerror(errno), defs[O_TOKEN_FILE].takes);
+		return 1;
+	}
+	if (tf) /* absolute: the daemon works from / */
+		c->bo.token_file = keep(c, realpath(tf, NULL));
 	/* absolute: the daemon works from / */
 	const char *want = r->val[O_MAT_DIR] ? r->val[O_MAT_DIR] : r->val[O_CACHE_DIR] ? r->val[O_CACHE_DIR]
 			 : getenv("TMPDIR") && *getenv("TMPDIR") ? getenv("TMPDIR") : "/var/tmp";
@@ -425,6 +433,7 @@ static void usage(const char *prog)
 		[O_LOG_FILE] = "append the log here, reopened on SIGHUP",
 		[O_NONEMPTY] = "mount over a folder that is not empty",
 		[O_METRICS_ADDR] = "serve Prometheus metrics at http://HOST:PORT/metrics (off)",
+		[O_TOKEN_FILE] = "hf://: the Hub token, re-read when the file changes",
 	};
 	static const char *const meta[O_COUNT] = {
 		[O_BASE] = "SRC", [O_FORMAT] = "FMT", [O_POLL] = "TIME", [O_INFO_POLL] = "TIME", [O_SWAP_IDLE] = "TIME",
@@ -433,7 +442,7 @@ static void usage(const char *prog)
 		[O_MAP_PREFIX] = "FROM=TO", [O_MAX_STEPS] = "N", [O_READ_AHEAD] = "KB", [O_CACHE_DIR] = "DIR",
 		[O_CACHE_SIZE] = "SIZE", [O_BLOCK_SIZE] = "SIZE", [O_READ_TIMEOUT] = "TIME", [O_STALL_TIMEOUT] = "TIME",
 		[O_CA_FILE] = "FILE", [O_MAT_MAX] = "SIZE", [O_MAT_DIR] = "DIR", [O_LOG_LEVEL] = "LEVEL",
-		[O_LOG_FILE] = "PATH", [O_METRICS_ADDR] = "HOST:PORT",
+		[O_LOG_FILE] = "PATH", [O_METRICS_ADDR] = "HOST:PORT", [O_TOKEN_FILE] = "PATH",
 	};
 	for (int i = 0; i < O_COUNT; i++) {
 		char col[48];

@@ -24,6 +24,21 @@ int dws_bucket_head(dws_bucket *b, const char *key, dws_object *out,
 	return b->ops->head(b, key, out, err);
 }
 
+int dws_bucket_put(dws_bucket *b, const char *key, int fd, uint64_t len,
+		   void (*sent)(void *ctx, uint64_t bytes), void *ctx, dws_error *err)
+{
+	if (!b->ops->put)
+		return dws_fail(err, DWS_EUNSUP, "%s: this kind of bucket cannot be written to", b->uri);
+	return b->ops->put(b, key, fd, len, sent, ctx, err);
+}
+
+int dws_bucket_delete(dws_bucket *b, const char *key, dws_error *err)
+{
+	if (!b->ops->del)
+		return dws_fail(err, DWS_EUNSUP, "%s: this kind of bucket cannot be written to", b->uri);
+	return b->ops->del(b, key, err);
+}
+
 bool dws_bucket_is_remote(const dws_bucket *b) { return b->http != NULL; }
 
 void dws_bucket_stats_get(const dws_bucket *b, dws_bucket_stats *out)

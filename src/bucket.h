@@ -14,7 +14,17 @@ struct dws_bucket_ops {
 	void (*close)(dws_bucket *b);
 	int (*probe)(dws_bucket *b, char *token, size_t len, dws_error *err);
 	int (*head)(dws_bucket *b, const char *key, dws_object *out, dws_error *err);
+	/* writing (dwsctl publish to a remote bucket); NULL: read-only */
+	int (*put)(dws_bucket *b, const char *key, int fd, uint64_t len,
+		   void (*sent)(void *ctx, uint64_t bytes), void *ctx, dws_error *err);
+	int (*del)(dws_bucket *b, const char *key, dws_error *err);
 };
+
+/* Write object key whole from fd (len bytes from offset 0); sent(ctx,
+ * bytes) as they go. DWS_EUNSUP for a backend that cannot. */
+int dws_bucket_put(dws_bucket *b, const char *key, int fd, uint64_t len,
+		   void (*sent)(void *ctx, uint64_t bytes), void *ctx, dws_error *err);
+int dws_bucket_delete(dws_bucket *b, const char *key, dws_error *err);
 
 struct dws_http;
 struct dws_cache;

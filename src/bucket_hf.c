@@ -12,6 +12,7 @@
  * is the hash); the first answer's ETag is pinned for the object's listed
  * identity and sent as If-Match after (a 412, or another ETag, is a change). */
 #include "bucket.h"
+#include "cred.h"
 #include "http.h"
 #include "remote.h"
 
@@ -229,6 +230,18 @@ static int parse_page(dws_bucket *b, const char *body, const char *want, dws_obj
 	return rc;
 }
 
+/* After a RepoNotFound: what it is, and for hf://NS/NAME (a model
+ * repository) that a Storage Bucket is hf://buckets/NS/NAME. */
+static void not_found_hint(const struct hf *h, dws_error *err)
+{
+	size_t l = strlen(err->msg);
+	if (h->model)
+		snprintf(err->msg + l, sizeof(err->msg) - l,
+			 " (no such model repository, or a private one; a Storage Bucket is hf://buckets/%s/%s)", h->ns, h->name);
+	else
+		snprintf(err->msg + l, sizeof(err->msg) - l, " (no such bucket, or a private one)");
+}
+
 static int hf_list(dws_bucket *b, const char *prefix, dws_object **out, size_t *n,
 		   dws_error *err)
 {
@@ -253,8 +266,8 @@ static int hf_list(dws_bucket *b, const char *prefix, dws_object **out, size_t *
 			dws_http_resp_free(&rs);
 			break;
 		}
-		if (rc == DWS_ENOENT && err)
-			snprintf(err->msg + strlen(err->msg), sizeof(err->msg) - strlen(err->msg), " (no such %s)", h->model ? "repository" : "bucket");
+		if (rc && err && !strcmp(rs.error_code, "RepoNotFound"))
+			not_found_hint(h, err);
 		if (!rc)
 			rc = parse_page(b, rs.body, want, &ov, err);
 		free(url);
@@ -493,46 +506,6 @@ static const struct dws_bucket_ops hf_ops = {
 	.list = hf_list, .open_blob = hf_open_blob, .close = hf_close, .probe = hf_probe, .head = hf_head,
 };
 
-/* ---- token ---- */
-
-
-static char *read_token_file(const char *path)
-{
-	FILE *fp = fopen(path, "r");
-	if (!fp)
-		return NULL;
-	char buf[4096];
-	size_t n = fread(buf, 1, sizeof(buf) - 1, fp);
-	fclose(fp);
-	buf[n] = 0;
-	while (n && (buf[n - 1] == '\n' || buf[n - 1] == '\r' || buf[n - 1] == ' '))
-		buf[--n] = 0;
-	char *t = n ? dws_xstrdup(buf) : NULL;
-	explicit_bzero(buf, sizeof(buf));
-	return t;
-}
-
-/* The token from $HF_TOKEN, $HF_TOKEN_PATH, $HF_HOME/token or
- * ~/.cache/huggingface/token (malloc'd, NULL if none). */
-static char *hub_token(void)
-{
-	const char *t = getenv("HF_TOKEN");
-	if (t && *t)
-		return dws_xstrdup(t);
-	const char *p = getenv("HF_TOKEN_PATH");
-	if (p && *p)
-		return read_token_file(p);
-	const char *home = getenv("HF_HOME");
-	char *path = NULL;
-	if (home && *home)
-		path = dws_xasprintf("%s/token", home);
-	else if (getenv("HOME"))
-		path = dws_xasprintf("%s/.cache/huggingface/token", getenv("HOME"));
-	char *tok = path ? read_token_file(path) : NULL;
-	free(path);
-	return tok;
-}
-
 static bool name_ok(const char *s)
 {
 	if (!*s || !strcmp(s, ".") || !strcmp(s, ".."))
@@ -590,16 +563,17 @@ int dws_bucket_hf_open(const char *uri, const dws_bucket_opts *bo, dws_bucket **
 	h->revision = model ? dws_xstrdup(rev ? rev : "main") : NULL;
 	h->model = model;
 	free(dup);
-	char *token = hub_token();
-	dws_http_opts ho = {.token = token, .endpoint = h->endpoint, .ca_file = bo ? bo->ca_file : NULL,
+	dws_cred *cred = NULL;
+	int rc = dws_cred_hf_new(bo ? bo->token_file : NULL, &cred, err);
+	if (rc) {
+		h->http = NULL;
+		return dws_bucket_remote_wrap(&hf_ops, h, uri, bo, NULL, rc, out, err);
+	}
+	dws_http_opts ho = {.cred = cred, .endpoint = h->endpoint, .ca_file = bo ? bo->ca_file : NULL,
 			    .stall_timeout_ms = bo ? bo->stall_timeout_ms : 0,
 			    .deadline_ms = bo ? bo->read_deadline_ms : 0,
 			    .capture = {hub_headers[XET_HASH], hub_headers[LINKED_SIZE], hub_headers[LINKED_ETAG]},
 			    .error_header = HUB_ERROR_HEADER};
-	int rc = dws_http_new(&ho, &h->http, err);
-	if (token) {
-		explicit_bzero(token, strlen(token));
-		free(token);
-	}
+	rc = dws_http_new(&ho, &h->http, err);
 	return dws_bucket_remote_wrap(&hf_ops, h, uri, bo, h->http, rc, out, err);
 }

@@ -7,6 +7,7 @@
  * be served (a control character, over 1023 bytes, not a safe path) is
  * skipped with one log line per bucket, never the whole listing. */
 #include "bucket.h"
+#include "cred.h"
 #include "http.h"
 #include "remote.h"
 
@@ -19,6 +20,7 @@
 
 #define MAX_PAGES 100000
 #define MAX_LIST_OBJECTS (10u * 1000 * 1000)
+#define S3_PUT_MAX (5ull << 30) /* S3's limit for one PutObject */
 
 /* Shared by the bucket and its blobs; freed with the last reference. */
 struct s3 {
@@ -332,6 +334,41 @@ static int s3_head(dws_bucket *b, const char *key, dws_object *out, dws_error *e
 	return rc;
 }
 
+/* PutObject: one request, the object whole or not at all. */
+static int s3_put(dws_bucket *b, const char *key, int fd, uint64_t len,
+		  void (*sent)(void *ctx, uint64_t bytes), void *ctx, dws_error *err)
+{
+	struct s3 *s = b->priv;
+	if (len > S3_PUT_MAX)
+		return dws_fail(err, DWS_EUNSUP, "%s/%s: %llu bytes, over the %llu a single PutObject takes (multipart "
+			      "uploads are not supported)", b->uri, key, (unsigned long long)len, (unsigned long long)S3_PUT_MAX);
+	char *url = object_url(s, key), *what = dws_xasprintf("%s/%s", b->uri, key);
+	dws_http_upload up = {.fd = fd, .len = len, .sent = sent, .ctx = ctx};
+	/* a large object takes a while: a deadline for its bytes at 1 MiB/s */
+	int64_t deadline = dws_now_ms() + 60000 + (int64_t)(len >> 20) * 1000;
+	dws_http_req rq = {.url = url, .method = "PUT", .upload = &up, .cls = DWS_HTTP_S3, .what = what,
+			   .deadline_ms = deadline, .headers = {"Content-Type: application/octet-stream"}};
+	dws_http_resp rs;
+	int rc = dws_http_do(s->http, &rq, &rs, err);
+	dws_http_resp_free(&rs);
+	free(url);
+	free(what);
+	return rc;
+}
+
+static int s3_del(dws_bucket *b, const char *key, dws_error *err)
+{
+	struct s3 *s = b->priv;
+	char *url = object_url(s, key), *what = dws_xasprintf("%s/%s", b->uri, key);
+	dws_http_req rq = {.url = url, .method = "DELETE", .cls = DWS_HTTP_S3, .what = what};
+	dws_http_resp rs;
+	int rc = dws_http_do(s->http, &rq, &rs, err);
+	dws_http_resp_free(&rs);
+	free(url);
+	free(what);
+	return rc == DWS_ENOENT ? DWS_OK : rc;
+}
+
 static void s3_close(dws_bucket *b)
 {
 	struct s3 *s = b->priv;
@@ -343,7 +380,7 @@ static void s3_close(dws_bucket *b)
 }
 
 static const struct dws_bucket_ops s3_ops = {
-	.list = s3_list, .open_blob = s3_open_blob, .close = s3_close, .head = s3_head,
+	.list = s3_list, .open_blob = s3_open_blob, .close = s3_close, .head = s3_head, .put = s3_put, .del = s3_del,
 };
 
 static const char *env_first(const char *a, const char *b)
@@ -372,15 +409,19 @@ int dws_bucket_s3_open(const char *uri, const dws_bucket_opts *o, dws_bucket **o
 		free(dup);
 		return dws_fail(err, DWS_EINVAL, "%s: expected s3://BUCKET[/PREFIX]", uri);
 	}
+	char pregion[64], pendpoint[512];
+	dws_aws_profile_place(pregion, sizeof(pregion), pendpoint, sizeof(pendpoint));
 	const char *region = o && o->s3_region ? o->s3_region : env_first("AWS_REGION", "AWS_DEFAULT_REGION");
 	if (!region)
-		region = "us-east-1";
+		region = pregion[0] ? pregion : "us-east-1";
 	const char *ep = o && o->s3_endpoint ? o->s3_endpoint : env_first("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL");
-	const char *key = o && o->s3_key ? o->s3_key : env_first("AWS_ACCESS_KEY_ID", NULL);
-	const char *secret = o && o->s3_secret ? o->s3_secret : env_first("AWS_SECRET_ACCESS_KEY", NULL);
-	if (!key || !secret) {
+	if (!ep && pendpoint[0])
+		ep = pendpoint;
+	dws_cred *cred = NULL;
+	dws_error ce = {0};
+	if (dws_cred_aws_new(o ? o->s3_key : NULL, o ? o->s3_secret : NULL, &cred, &ce)) {
 		free(dup);
-		return dws_fail(err, DWS_EINVAL, "%s: no credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or -o s3_key/s3_secret)", uri);
+		return dws_fail(err, ce.code, "%s: %s", uri, ce.msg);
 	}
 	struct s3 *s = dws_xcalloc(1, sizeof(*s));
 	atomic_init(&s->refs, 1);
@@ -393,12 +434,9 @@ int dws_bucket_s3_open(const char *uri, const dws_bucket_opts *o, dws_bucket **o
 	s->prefix = dws_xstrdup(prefix ? prefix : "");
 	free(dup);
 	char *sigv4 = dws_xasprintf("aws:amz:%s:s3", region);
-	char *userpwd = dws_xasprintf("%s:%s", key, secret);
-	dws_http_opts ho = {.aws_sigv4 = sigv4, .aws_userpwd = userpwd, .ca_file = o ? o->ca_file : NULL,
+	dws_http_opts ho = {.aws_sigv4 = sigv4, .cred = cred, .ca_file = o ? o->ca_file : NULL,
 			    .stall_timeout_ms = o ? o->stall_timeout_ms : 0, .deadline_ms = o ? o->read_deadline_ms : 0};
 	int rc = dws_http_new(&ho, &s->http, err);
 	free(sigv4);
-	explicit_bzero(userpwd, strlen(userpwd));
-	free(userpwd);
 	return dws_bucket_remote_wrap(&s3_ops, s, uri, o, s->http, rc, out, err);
 }

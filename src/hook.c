@@ -42,7 +42,7 @@ static int64_t now_ms(void) { return dws_real_clock.mono_ms(NULL); }
 static bool secret(const char *kv)
 {
 	static const char *const names[] = {"HF_TOKEN=", "AWS_ACCESS_KEY_ID=", "AWS_SECRET_ACCESS_KEY=",
-					    "AWS_SESSION_TOKEN="};
+					    "AWS_SESSION_TOKEN=", "AWS_CONTAINER_AUTHORIZATION_TOKEN="};
 	for (size_t i = 0; i < DWS_ARRAY_LEN(names); i++)
 		if (!strncmp(kv, names[i], strlen(names[i])))
 			return true;

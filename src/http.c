@@ -4,6 +4,7 @@
  * redirects are followed by hand so the token never reaches another host, and
  * nothing that could hold a secret (token, signed query) reaches a message. */
 #include "http.h"
+#include "cred.h"
 
 #include <curl/curl.h>
 #include <errno.h>
@@ -23,6 +24,7 @@
 struct dws_http {
 	dws_http_opts o;
 	char *token, *endpoint, *ca_file, *sigv4, *userpwd;
+	dws_cred *cred;
 	char *capture[DWS_HTTP_CAPTURE], *error_header;
 	char *ep_host;
 	long ep_port;
@@ -35,7 +37,11 @@ struct dws_http {
 	atomic_bool cancelled;
 };
 
-void dws_http_cancel(dws_http *h) { atomic_store(&h->cancelled, true); }
+void dws_http_cancel(dws_http *h)
+{
+	if (h)
+		atomic_store(&h->cancelled, true);
+}
 
 static int on_progress(void *ud, curl_off_t dt, curl_off_t dn, curl_off_t ut, curl_off_t un)
 {
@@ -45,6 +51,7 @@ static int on_progress(void *ud, curl_off_t dt, curl_off_t dn, curl_off_t ut, cu
 
 static pthread_once_t global_once = PTHREAD_ONCE_INIT;
 static void global_init(void) { curl_global_init(CURL_GLOBAL_DEFAULT); }
+void dws_http_global_init(void) { pthread_once(&global_once, global_init); }
 
 int64_t dws_now_ms(void)
 {
@@ -85,6 +92,7 @@ int dws_http_new(const dws_http_opts *o, dws_http **out, dws_error *err)
 	pthread_once(&global_once, global_init);
 	dws_http *h = dws_xcalloc(1, sizeof(*h));
 	h->o = *o;
+	h->cred = o->cred;
 	if (!h->o.connect_timeout_ms)
 		h->o.connect_timeout_ms = 10000;
 	if (!h->o.stall_timeout_ms)
@@ -121,6 +129,7 @@ void dws_http_free(dws_http *h)
 		return;
 	for (int i = 0; i < h->npool; i++)
 		curl_easy_cleanup(h->pool[i]);
+	dws_cred_free(h->cred);
 	if (h->token) {
 		explicit_bzero(h->token, strlen(h->token));
 		free(h->token);
@@ -191,38 +200,6 @@ void dws_http_resp_free(dws_http_resp *rs)
 	memset(rs, 0, sizeof(*rs));
 }
 
-char *dws_http_escape(const char *s)
-{
-	pthread_once(&global_once, global_init);
-	char *e = curl_easy_escape(NULL, s, (int)strlen(s));
-	char *out = dws_xstrdup(e);
-	curl_free(e);
-	return out;
-}
-
-char *dws_http_escape_path(const char *path)
-{
-	pthread_once(&global_once, global_init);
-	size_t cap = strlen(path) * 3 + 1, len = 0;
-	char *out = dws_xmalloc(cap);
-	const char *p = path;
-	for (;;) {
-		size_t n = strcspn(p, "/");
-		char *seg = curl_easy_escape(NULL, p, (int)n);
-		size_t sl = strlen(seg);
-		memcpy(out + len, seg, sl);
-		len += sl;
-		curl_free(seg);
-		p += n;
-		if (!*p)
-			break;
-		out[len++] = '/';
-		p++;
-	}
-	out[len] = 0;
-	return out;
-}
-
 /* ---- one attempt ---- */
 
 struct xfer {
@@ -242,7 +219,31 @@ struct xfer {
 	size_t elen;
 	uint64_t etotal;
 	bool ecut;
+	uint64_t up_off;    /* a PUT's body: bytes handed to libcurl so far */
 };
+
+/* A PUT's body, from the request's file or its string. */
+static size_t on_upload(char *p, size_t sz, size_t n, void *ud)
+{
+	struct xfer *x = ud;
+	const dws_http_upload *u = x->rq->upload;
+	uint64_t len = u ? u->len : strlen(x->rq->body), left = len - x->up_off;
+	size_t k = sz * n < left ? sz * n : (size_t)left;
+	if (!k)
+		return 0;
+	if (!u) {
+		memcpy(p, x->rq->body + x->up_off, k);
+	} else {
+		ssize_t r = pread(u->fd, p, k, (off_t)x->up_off);
+		if (r <= 0)
+			return CURL_READFUNC_ABORT; /* the file shrank or failed */
+		k = (size_t)r;
+		if (u->sent)
+			u->sent(u->ctx, x->up_off + k);
+	}
+	x->up_off += k;
+	return k;
+}
 
 static size_t on_error_body(struct xfer *x, const char *p, size_t k)
 {
@@ -386,7 +387,47 @@ static bool same_host(dws_http *h, const char *url)
 }
 
 /* One request without retries. Returns a CURLcode; fills status. */
-static CURLcode attempt(dws_http *h, const dws_http_req *rq, const char *url,
+/* The request's own header lines, its credentials and the body of a PUT. */
+static struct curl_slist *auth_and_body(dws_http *h, CURL *c, const dws_http_req *rq, const char *url,
+					const dws_secret *sec, struct xfer *x, struct curl_slist *hdr, char **auth)
+{
+	for (int i = 0; i < DWS_HTTP_HEADERS && rq->headers[i]; i++)
+		if (!strpbrk(rq->headers[i], "\r\n"))
+			hdr = curl_slist_append(hdr, rq->headers[i]);
+	if (rq->method && !strcmp(rq->method, "PUT")) {
+		curl_easy_setopt(c, CURLOPT_UPLOAD, 1L);
+		curl_easy_setopt(c, CURLOPT_READFUNCTION, on_upload);
+		curl_easy_setopt(c, CURLOPT_READDATA, x);
+		uint64_t len = rq->upload ? rq->upload->len : rq->body ? strlen(rq->body) : 0;
+		/* no "Expect:" to skip 100-continue: libcurl would sign a header it
+		 * does not send, and S3 refuses such a signature */
+		curl_easy_setopt(c, CURLOPT_INFILESIZE_LARGE, (curl_off_t)len);
+	}
+	/* the token goes to the endpoint's host only, never to a redirect target */
+	const char *token = sec->token ? sec->token : h->token;
+	if (token && same_host(h, url)) {
+		*auth = dws_xasprintf("Authorization: Bearer %s", token);
+		hdr = curl_slist_append(hdr, *auth);
+	}
+	if (h->sigv4) {
+		curl_easy_setopt(c, CURLOPT_AWS_SIGV4, h->sigv4);
+		if (sec->key && sec->secret) {
+			curl_easy_setopt(c, CURLOPT_USERNAME, sec->key);
+			curl_easy_setopt(c, CURLOPT_PASSWORD, sec->secret);
+		} else {
+			curl_easy_setopt(c, CURLOPT_USERPWD, h->userpwd);
+		}
+		/* temporary keys: the session token goes in a header libcurl signs */
+		if (sec->session && !*auth) {
+			*auth = dws_xasprintf("x-amz-security-token: %s", sec->session);
+			hdr = curl_slist_append(hdr, *auth);
+		}
+		hdr = curl_slist_append(hdr, "x-amz-content-sha256: UNSIGNED-PAYLOAD");
+	}
+	return hdr;
+}
+
+static CURLcode attempt(dws_http *h, const dws_http_req *rq, const char *url, const dws_secret *sec,
 			int64_t deadline, struct xfer *x, char **redirect)
 {
 	CURL *c = handle_get(h);
@@ -425,6 +466,8 @@ static CURLcode attempt(dws_http *h, const dws_http_req *rq, const char *url,
 	curl_easy_setopt(c, CURLOPT_ACCEPT_ENCODING, NULL);
 	if (!strcmp(method, "HEAD")) {
 		curl_easy_setopt(c, CURLOPT_NOBODY, 1L);
+	} else if (!strcmp(method, "DELETE")) {
+		curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, "DELETE");
 	} else if (!strcmp(method, "POST")) {
 		curl_easy_setopt(c, CURLOPT_POST, 1L);
 		curl_easy_setopt(c, CURLOPT_POSTFIELDS, rq->body ? rq->body : "");
@@ -441,17 +484,8 @@ static CURLcode attempt(dws_http *h, const dws_http_req *rq, const char *url,
 		snprintf(line, sizeof(line), "If-Match: %s", rq->if_match);
 		hdr = curl_slist_append(hdr, line);
 	}
-	/* the token goes to the endpoint's host only, never to a redirect target */
 	char *auth = NULL;
-	if (h->token && same_host(h, url)) {
-		auth = dws_xasprintf("Authorization: Bearer %s", h->token);
-		hdr = curl_slist_append(hdr, auth);
-	}
-	if (h->sigv4) {
-		curl_easy_setopt(c, CURLOPT_AWS_SIGV4, h->sigv4);
-		curl_easy_setopt(c, CURLOPT_USERPWD, h->userpwd);
-		hdr = curl_slist_append(hdr, "x-amz-content-sha256: UNSIGNED-PAYLOAD");
-	}
+	hdr = auth_and_body(h, c, rq, url, sec, x, hdr, &auth);
 	curl_easy_setopt(c, CURLOPT_HTTPHEADER, hdr);
 	CURLcode rc = curl_easy_perform(c);
 	curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &x->rs->status);
@@ -461,6 +495,8 @@ static CURLcode attempt(dws_http *h, const dws_http_req *rq, const char *url,
 		if (loc)
 			*redirect = dws_xstrdup(loc);
 	}
+	for (struct curl_slist *l = hdr; l; l = l->next)
+		explicit_bzero(l->data, strlen(l->data)); /* copies of a secret among them */
 	curl_slist_free_all(hdr);
 	if (auth) {
 		explicit_bzero(auth, strlen(auth));
@@ -644,14 +680,35 @@ static int backoff(dws_http *h, unsigned att, unsigned wait_ms, int64_t deadline
 	return DWS_OK;
 }
 
+/* A refused request (401, 403): true to try again with credentials that
+ * changed since (the one try it gets); else the explanation after why. */
+static bool refused(dws_http *h, const char *url, const dws_http_resp *rs, const dws_secret *sec, bool *reauthed,
+		    char *why, size_t wl)
+{
+	/* a CDN's 403 is about its signed URL, not about our credentials */
+	if (!h->cred || (rs->status != 401 && rs->status != 403) || (h->ep_host && !same_host(h, url)))
+		return false;
+	if (!*reauthed && dws_cred_rejected(h->cred, sec->gen)) {
+		*reauthed = true;
+		return true;
+	}
+	size_t l = strlen(why);
+	if (l + 3 < wl) {
+		snprintf(why + l, wl - l, "; ");
+		dws_cred_explain(h->cred, rs->status, why + l + 2, wl - l - 2);
+	}
+	return false;
+}
+
 int dws_http_do(dws_http *h, const dws_http_req *rq, dws_http_resp *rs,
 		dws_error *err)
 {
 	memset(rs, 0, sizeof(*rs));
 	int64_t deadline = rq->deadline_ms ? rq->deadline_ms : dws_now_ms() + h->o.deadline_ms;
 	char *url = dws_xstrdup(rq->url);
-	char why[256] = "";
+	char why[640] = "";
 	int hops = 0, rc = DWS_EIO, kind = -1;
+	bool reauthed = false;
 	for (unsigned att = 0;; att++) {
 		struct xfer x = {.h = h, .rq = rq, .rs = rs, .max = rq->max_body ? rq->max_body : DEFAULT_MAX_BODY};
 		char *redirect = NULL;
@@ -661,10 +718,25 @@ int dws_http_do(dws_http *h, const dws_http_req *rq, dws_http_resp *rs,
 			snprintf(why, sizeof(why), "shutting down");
 			break;
 		}
-		CURLcode cc = attempt(h, rq, url, deadline, &x, &redirect);
+		dws_secret sec = {0};
+		dws_error ce = {0};
+		if (h->cred && (rc = dws_cred_get(h->cred, &sec, &ce)) != DWS_OK) {
+			snprintf(why, sizeof(why), "%.600s", ce.msg);
+			break;
+		}
+		CURLcode cc = attempt(h, rq, url, &sec, deadline, &x, &redirect);
 		if (x.ecut && cc == CURLE_WRITE_ERROR)
 			cc = CURLE_OK; /* an endless error body: its status stands */
 		enum outcome o = judge(rq, rs, &x, cc, deadline, &redirect, url, why, sizeof(why), &wait_ms, &rc);
+		bool again = o == O_DONE && rc != DWS_OK && refused(h, url, rs, &sec, &reauthed, why, sizeof(why));
+		dws_secret_clear(&sec);
+		if (again) {
+			free(rs->body);
+			rs->body = NULL;
+			rc = DWS_EIO;
+			att--; /* not a failed attempt: other credentials */
+			continue;
+		}
 		if (o == O_REDIRECT) {
 			if (++hops > MAX_HOPS) {
 				free(redirect);

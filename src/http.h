@@ -7,6 +7,9 @@
 typedef struct dws_http dws_http;
 
 #define DWS_HTTP_CAPTURE 4 /* answer headers a client may name to keep */
+#define DWS_HTTP_HEADERS 4 /* request headers a request may add */
+
+struct dws_cred;
 
 typedef struct dws_http_opts {
 	const char *token;        /* Bearer token; sent to the endpoint host only */
@@ -14,6 +17,12 @@ typedef struct dws_http_opts {
 	const char *ca_file;      /* extra CA bundle; TLS verification stays on */
 	const char *aws_sigv4;    /* "aws:amz:REGION:s3" to sign with SigV4 */
 	const char *aws_userpwd;  /* "KEY:SECRET" */
+	/* credentials asked for before every attempt (a token to send as
+	 * above, or AWS keys to sign with): owned by the handle from now on,
+	 * even when dws_http_new fails. A 401 or 403 asks for them again and,
+	 * when they changed, tries once more; a refusal's message says where
+	 * they came from and what to do. */
+	struct dws_cred *cred;
 	unsigned connect_timeout_ms; /* default 10000 */
 	unsigned stall_timeout_ms;   /* no byte for this long ends a transfer; 10000 */
 	unsigned max_attempts;       /* default 8 */
@@ -29,12 +38,23 @@ typedef struct dws_http_opts {
 
 typedef enum dws_http_class { DWS_HTTP_API, DWS_HTTP_RESOLVE, DWS_HTTP_CDN, DWS_HTTP_S3, DWS_HTTP_NCLASS } dws_http_class;
 
+/* A PUT's body from a file: len bytes from offset 0 (read again for each
+ * attempt); sent(ctx, bytes) as they go. */
+typedef struct dws_http_upload {
+	int fd;
+	uint64_t len;
+	void (*sent)(void *ctx, uint64_t bytes);
+	void *ctx;
+} dws_http_upload;
+
 typedef struct dws_http_req {
-	const char *method;       /* "GET" (default), "HEAD", "POST" */
+	const char *method;       /* "GET" (default), "HEAD", "POST", "PUT", "DELETE" */
 	const char *url;
 	dws_http_class cls;
 	uint64_t range_off, range_len; /* range_len > 0: Range: bytes=off-(off+len-1) */
-	const char *body;         /* POST body */
+	const char *body;         /* POST or PUT body (NUL-terminated) */
+	const dws_http_upload *upload; /* PUT: the body from a file instead */
+	const char *headers[DWS_HTTP_HEADERS]; /* "Name: value" lines to add */
 	const char *content_type;
 	void *dst;                /* with a range: exactly range_len bytes of a 2xx
 				     land here, never a byte of an error answer */
@@ -74,6 +94,8 @@ int dws_http_do(dws_http *h, const dws_http_req *rq, dws_http_resp *rs,
 		dws_error *err);
 void dws_http_resp_free(dws_http_resp *rs);
 /* Escape everything but unreserved characters (a query value). */
+/* libcurl's global setup, once per process (before any handle). */
+void dws_http_global_init(void);
 char *dws_http_escape(const char *s);
 /* Escape each path segment (keeps '/'): "a b/c#d" -> "a%20b/c%23d". */
 char *dws_http_escape_path(const char *path);

@@ -3,8 +3,8 @@
  * dense BF16 anchor, plus metadata of our own that lets a reader detect
  * corruption (payload checksum), a missing step (parent step), a mixed run
  * (run id) and drift (state checksum of the whole model at this step). */
-#include "bucket.h"
 #include "digest.h"
+#include "publish_int.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -14,7 +14,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 #include <xxhash.h>
-#include <zstd.h>
 
 typedef struct ck_tensor {
 	char *name;
@@ -47,10 +46,31 @@ static int cmp_name(const void *a, const void *b)
 	return strcmp(((const ck_tensor *)a)->name, ((const ck_tensor *)b)->name);
 }
 
+/* Garbage is named as such, not by what its first 8 bytes would mean as a
+ * header length: a safetensors file starts with a length that fits the
+ * file and the cap, then a JSON object. */
+static int looks_like_safetensors(dws_blob *b, dws_error *err)
+{
+	unsigned char h[9];
+	uint64_t size = dws_blob_size(b), hlen = 0;
+	int rc = size >= sizeof(h) ? dws_blob_read(b, 0, h, sizeof(h), err) : DWS_OK;
+	if (rc)
+		return rc;
+	for (int i = 7; i >= 0 && size >= sizeof(h); i--)
+		hlen = hlen << 8 | h[i];
+	if (size < sizeof(h) || h[8] != '{' || hlen < 2 || hlen > DWS_ST_MAX_HEADER || hlen > size - 8)
+		return dws_fail(err, DWS_EFORMAT, "%s: not a safetensors file (%s)", dws_blob_name(b),
+				size < sizeof(h) ? "shorter than a header" : h[8] != '{' ? "no JSON header after the 8-byte length"
+											: "its header length does not fit the file");
+	return DWS_OK;
+}
+
 static int ckpt_add_file(ckpt *c, dws_blob *b, dws_error *err)
 {
 	dws_st_file *st = NULL;
-	int rc = dws_st_read_blob(b, dws_blob_name(b), &st, err);
+	int rc = looks_like_safetensors(b, err);
+	if (!rc)
+		rc = dws_st_read_blob(b, dws_blob_name(b), &st, err);
 	if (rc)
 		return rc;
 	for (size_t i = 0; i < dws_st_count(st); i++) {
@@ -140,20 +160,45 @@ static int read_bf16(const ck_tensor *t, uint64_t e0, uint64_t n, uint16_t *out,
 	return rc;
 }
 
-static int ckpt_bf16(void *ctx, size_t i, uint64_t e0, uint64_t n, uint16_t *out,
-		     void *scratch, dws_error *err)
-{
-	return read_bf16(&((const ckpt *)ctx)->t[i], e0, n, out, scratch, err);
-}
-
 enum { CH = 1 << 20 }; /* elements compared or copied at a time */
 
-static int state_digest(const ckpt *c, uint64_t *out, dws_error *err)
+static void tick(const dws_progress *pr, const char *phase, uint64_t done, uint64_t total)
+{
+	if (pr && pr->fn)
+		pr->fn(pr->ctx, phase, done, total);
+}
+
+/* Bytes of a checkpoint as BF16: what each pass over it reads. */
+static uint64_t bf16_bytes(const ckpt *c)
+{
+	uint64_t n = 0;
+	for (size_t i = 0; i < c->n; i++)
+		n += c->t[i].numel * 2;
+	return n;
+}
+
+struct digest_ctx {
+	const ckpt *c;
+	const dws_progress *pr;
+	uint64_t done, total;
+};
+
+static int digest_bf16(void *ctx, size_t i, uint64_t e0, uint64_t n, uint16_t *out, void *scratch, dws_error *err)
+{
+	struct digest_ctx *d = ctx;
+	int rc = read_bf16(&d->c->t[i], e0, n, out, scratch, err);
+	d->done += n * 2;
+	tick(d->pr, "checksum", d->done, d->total);
+	return rc;
+}
+
+static int state_digest(const ckpt *c, const dws_progress *pr, uint64_t *out, dws_error *err)
 {
 	dws_digest_item *items = dws_xcalloc(c->n ? c->n : 1, sizeof(*items));
 	for (size_t i = 0; i < c->n; i++)
 		items[i] = (dws_digest_item){c->t[i].name, c->t[i].numel, i};
-	int rc = dws_state_digest(items, c->n, ckpt_bf16, (void *)c, out, err);
+	struct digest_ctx d = {c, pr, 0, bf16_bytes(c)};
+	int rc = dws_state_digest(items, c->n, digest_bf16, &d, out, err);
 	free(items);
 	return rc;
 }
@@ -173,100 +218,6 @@ static void ob_put(outbuf *o, const void *p, size_t n)
 	}
 	memcpy(o->p + o->len, p, n);
 	o->len += n;
-}
-
-/* A file written under a temporary name, renamed into place on success. */
-typedef struct outfile {
-	int fd;
-	char *tmp, *final;
-	ZSTD_CCtx *z;
-	char *zbuf;
-	size_t zcap;
-} outfile;
-
-static int of_raw(outfile *f, const void *p, size_t n, dws_error *err)
-{
-	const char *c = p;
-	while (n) {
-		ssize_t w = write(f->fd, c, n);
-		if (w < 0) {
-			if (errno == EINTR)
-				continue;
-			return dws_fail(err, DWS_EIO, "%s: write: %s", f->tmp, strerror(errno));
-		}
-		c += w;
-		n -= (size_t)w;
-	}
-	return DWS_OK;
-}
-
-static int of_write(outfile *f, const void *p, size_t n, bool end, dws_error *err)
-{
-	if (!f->z)
-		return of_raw(f, p, n, err);
-	ZSTD_inBuffer in = {p, n, 0};
-	for (;;) {
-		ZSTD_outBuffer out = {f->zbuf, f->zcap, 0};
-		size_t r = ZSTD_compressStream2(f->z, &out, &in, end ? ZSTD_e_end : ZSTD_e_continue);
-		if (ZSTD_isError(r))
-			return dws_fail(err, DWS_EIO, "%s: zstd: %s", f->tmp, ZSTD_getErrorName(r));
-		int rc = of_raw(f, f->zbuf, out.pos, err);
-		if (rc)
-			return rc;
-		if (end ? r == 0 : in.pos == in.size)
-			return DWS_OK;
-	}
-}
-
-static int of_open(outfile *f, const char *dir, bool anchor, uint64_t step,
-		   bool zstd, int level, uint64_t content_size, dws_error *err)
-{
-	memset(f, 0, sizeof(*f));
-	f->fd = -1;
-	char *key = dws_step_key(step, anchor, zstd);
-	f->final = dws_xasprintf("%s/%s", dir, key);
-	free(key);
-	char *slash = strrchr(f->final, '/');
-	*slash = 0; /* the step's folder in the bucket */
-	if (mkdir(f->final, 0755) != 0 && errno != EEXIST) {
-		int rc = dws_fail(err, DWS_EIO, "%s: cannot create: %s", f->final, strerror(errno));
-		free(f->final);
-		f->final = NULL;
-		return rc;
-	}
-	f->tmp = dws_xasprintf("%s/.%s.tmp.%ld", f->final, slash + 1, (long)getpid());
-	*slash = '/';
-	f->fd = open(f->tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-	if (f->fd < 0)
-		return dws_fail(err, DWS_EIO, "%s: cannot create: %s", f->tmp, strerror(errno));
-	if (zstd) {
-		f->z = ZSTD_createCCtx();
-		ZSTD_CCtx_setParameter(f->z, ZSTD_c_compressionLevel, level);
-		ZSTD_CCtx_setParameter(f->z, ZSTD_c_checksumFlag, 1);
-		ZSTD_CCtx_setPledgedSrcSize(f->z, content_size);
-		f->zcap = ZSTD_CStreamOutSize();
-		f->zbuf = dws_xmalloc(f->zcap);
-	}
-	return DWS_OK;
-}
-
-static int of_close(outfile *f, bool ok, dws_error *err)
-{
-	int rc = DWS_OK;
-	if (f->fd >= 0) {
-		if (ok && fsync(f->fd) != 0)
-			rc = dws_fail(err, DWS_EIO, "%s: fsync: %s", f->tmp, strerror(errno));
-		close(f->fd);
-	}
-	if (ok && !rc && rename(f->tmp, f->final) != 0)
-		rc = dws_fail(err, DWS_EIO, "%s: cannot rename into place: %s", f->final, strerror(errno));
-	if (!ok || rc)
-		unlink(f->tmp);
-	ZSTD_freeCCtx(f->z);
-	free(f->zbuf);
-	free(f->tmp);
-	free(f->final);
-	return rc;
 }
 
 /* ---- metadata ---- */
@@ -353,36 +304,67 @@ static int diff_tensor(const ck_tensor *a, const ck_tensor *b, changes *ch,
 	return rc;
 }
 
+static void shape_str(const ck_tensor *t, char *buf, size_t n)
+{
+	size_t l = (size_t)snprintf(buf, n, "[");
+	for (uint32_t d = 0; d < t->ndim && l < n; d++)
+		l += (size_t)snprintf(buf + l, n - l, "%s%llu", d ? ", " : "", (unsigned long long)t->shape[d]);
+	if (l < n)
+		snprintf(buf + l, n - l, "]");
+}
+
+/* A delta says which elements of which tensors changed, nothing more: the
+ * next checkpoint must hold the previous one's tensors, by name, dtype and
+ * shape (a reshaped tensor was a delta of 0 elements, served in the old
+ * shape). */
+static int same_tensors(const dws_publish_opts *o, const ckpt *prev, const ckpt *next, dws_error *err)
+{
+	static const char fix[] = "a delta cannot change a tensor's name, dtype or shape: publish an anchor (--format anchor)";
+	size_t j;
+	for (size_t i = 0; i < prev->n; i++)
+		if (!dws_strmap_get(&next->by_name, prev->t[i].name, &j))
+			return dws_fail(err, DWS_EINVAL, "%s: tensor '%s' of the previous checkpoint is missing; %s", o->next,
+					prev->t[i].name, fix);
+	for (size_t i = 0; i < next->n; i++) {
+		const ck_tensor *b = &next->t[i], *a;
+		if (!dws_strmap_get(&prev->by_name, b->name, &j))
+			return dws_fail(err, DWS_EINVAL, "%s: tensor '%s' is not in the previous checkpoint; %s", o->next, b->name, fix);
+		a = &prev->t[j];
+		if (a->dtype != b->dtype)
+			return dws_fail(err, DWS_EINVAL, "%s: tensor '%s' has dtype %s, %s in the previous checkpoint; %s", o->next,
+					b->name, dws_dtype_name(b->dtype), dws_dtype_name(a->dtype), fix);
+		char sa[160], sb[160];
+		shape_str(a, sa, sizeof(sa));
+		shape_str(b, sb, sizeof(sb));
+		if (strcmp(sa, sb))
+			return dws_fail(err, DWS_EINVAL, "%s: tensor '%s' has shape %s, %s in the previous checkpoint; %s", o->next,
+					b->name, sb, sa, fix);
+	}
+	return DWS_OK;
+}
+
 static int publish_delta(const dws_publish_opts *o, const ckpt *prev,
 			 const ckpt *next, const char *run_id, uint64_t state,
-			 outfile *of, uint64_t *changed_out, dws_error *err)
+			 dws_pubtarget *t, dws_pubout *of, uint64_t *changed_out, dws_error *err)
 {
+	uint64_t done = 0, all = bf16_bytes(next);
 	int rc = DWS_OK;
 	changes *chs = dws_xcalloc(next->n, sizeof(*chs));
 	uint64_t total = 0, changed = 0, nparams = 0;
-	for (size_t i = 0; i < prev->n && !rc; i++) {
-		size_t j;
-		if (!dws_strmap_get(&next->by_name, prev->t[i].name, &j))
-			rc = dws_fail(err, DWS_EINVAL, "%s: tensor '%s' of the previous checkpoint is missing", o->next, prev->t[i].name);
-	}
+	rc = same_tensors(o, prev, next, err);
 	for (size_t i = 0; i < next->n && !rc; i++) {
 		const ck_tensor *b = &next->t[i];
 		size_t j;
 		total += b->numel;
-		if (!dws_strmap_get(&prev->by_name, b->name, &j)) {
-			rc = dws_fail(err, DWS_EINVAL, "%s: tensor '%s' is not in the previous checkpoint", o->prev, b->name);
-			break;
-		}
-		if (prev->t[j].numel != b->numel) {
-			rc = dws_fail(err, DWS_EINVAL, "%s: tensor '%s' changed size", o->next, b->name);
-			break;
-		}
+		dws_strmap_get(&prev->by_name, b->name, &j);
 		if (b->numel > (o->format == DWS_PUB_GAP_DELTA ? (uint64_t)UINT32_MAX + 1 : (uint64_t)INT32_MAX + 1)) {
 			rc = dws_fail(err, DWS_EUNSUP, "%s: tensor '%s' is too large for %s indices", o->next, b->name,
 				      o->format == DWS_PUB_GAP_DELTA ? "U32" : "I32");
 			break;
 		}
 		rc = diff_tensor(&prev->t[j], b, &chs[i], err);
+		done += b->numel * 2;
+		tick(o->progress, "compare", done, all);
 		changed += chs[i].n;
 		nparams += chs[i].n > 0;
 	}
@@ -450,11 +432,11 @@ static int publish_delta(const dws_publish_opts *o, const ckpt *prev,
 	size_t hl = 0;
 	rc = dws_st_build_header(ts, nt, ml.m, ml.n, &hdr, &hl, err);
 	if (!rc)
-		rc = of_open(of, o->bucket_dir, false, o->step, o->zstd, o->zstd_level, hl + data.len, err);
+		rc = dws_pubout_open(of, t, false, o->step, o->zstd, o->zstd_level, hl + data.len, err);
 	if (!rc)
-		rc = of_write(of, hdr, hl, false, err);
+		rc = dws_pubout_write(of, hdr, hl, false, err);
 	if (!rc)
-		rc = of_write(of, data.p, data.len, true, err);
+		rc = dws_pubout_write(of, data.p, data.len, true, err);
 	free(hdr);
 	meta_free(&ml);
 	for (size_t i = 0; i < nt; i++)
@@ -476,19 +458,23 @@ out:
 
 /* ---- anchor ---- */
 
-/* Stream every tensor as BF16 through fn (hashing or writing). */
+/* Stream every tensor as BF16 through fn (hashing or writing), saying so
+ * as phase. */
 static int stream_bf16(const ckpt *c, int (*fn)(void *ctx, const void *p, size_t n, dws_error *err),
-		       void *ctx, dws_error *err)
+		       void *ctx, const dws_progress *pr, const char *phase, dws_error *err)
 {
 	uint16_t *bf = dws_xmalloc(CH * 2);
 	void *scratch = dws_xmalloc(CH * 4);
 	int rc = DWS_OK;
+	uint64_t done = 0, all = bf16_bytes(c);
 	for (size_t i = 0; i < c->n && !rc; i++)
 		for (uint64_t e = 0; e < c->t[i].numel && !rc; e += CH) {
 			uint64_t n = c->t[i].numel - e < CH ? c->t[i].numel - e : CH;
 			rc = read_bf16(&c->t[i], e, n, bf, scratch, err);
 			if (!rc)
 				rc = fn(ctx, bf, n * 2, err);
+			done += n * 2;
+			tick(pr, phase, done, all);
 		}
 	free(bf);
 	free(scratch);
@@ -504,16 +490,16 @@ static int hash_sink(void *ctx, const void *p, size_t n, dws_error *err)
 
 static int file_sink(void *ctx, const void *p, size_t n, dws_error *err)
 {
-	return of_write(ctx, p, n, false, err);
+	return dws_pubout_write(ctx, p, n, false, err);
 }
 
 static int publish_anchor(const dws_publish_opts *o, const ckpt *next,
-			  const char *run_id, uint64_t state, outfile *of,
+			  const char *run_id, uint64_t state, dws_pubtarget *t, dws_pubout *of,
 			  uint64_t *changed_out, dws_error *err)
 {
 	XXH3_state_t *hs = XXH3_createState();
 	XXH3_64bits_reset(hs);
-	int rc = stream_bf16(next, hash_sink, hs, err);
+	int rc = stream_bf16(next, hash_sink, hs, o->progress, "payload checksum", err);
 	uint64_t payload = XXH3_64bits_digest(hs);
 	XXH3_freeState(hs);
 	if (rc)
@@ -521,9 +507,9 @@ static int publish_anchor(const dws_publish_opts *o, const ckpt *next,
 	dws_st_out_tensor *ts = dws_xcalloc(next->n, sizeof(*ts));
 	uint64_t total = 0;
 	for (size_t i = 0; i < next->n; i++) {
-		const ck_tensor *t = &next->t[i];
-		ts[i] = (dws_st_out_tensor){t->name, DWS_DT_BF16, t->ndim, t->shape, t->numel * 2};
-		total += t->numel;
+		const ck_tensor *k = &next->t[i];
+		ts[i] = (dws_st_out_tensor){k->name, DWS_DT_BF16, k->ndim, k->shape, k->numel * 2};
+		total += k->numel;
 	}
 	meta_list ml = {0};
 	common_meta(&ml, o, false, next->n, total, total, run_id, state);
@@ -532,13 +518,13 @@ static int publish_anchor(const dws_publish_opts *o, const ckpt *next,
 	size_t hl = 0;
 	rc = dws_st_build_header(ts, next->n, ml.m, ml.n, &hdr, &hl, err);
 	if (!rc)
-		rc = of_open(of, o->bucket_dir, true, o->step, o->zstd, o->zstd_level, hl + total * 2, err);
+		rc = dws_pubout_open(of, t, true, o->step, o->zstd, o->zstd_level, hl + total * 2, err);
 	if (!rc)
-		rc = of_write(of, hdr, hl, false, err);
+		rc = dws_pubout_write(of, hdr, hl, false, err);
 	if (!rc)
-		rc = stream_bf16(next, file_sink, of, err);
+		rc = stream_bf16(next, file_sink, of, o->progress, "write", err);
 	if (!rc)
-		rc = of_write(of, NULL, 0, true, err);
+		rc = dws_pubout_write(of, NULL, 0, true, err);
 	free(hdr);
 	free(ts);
 	meta_free(&ml);
@@ -583,39 +569,48 @@ int dws_publish(const dws_publish_opts *in, char *written, size_t written_len,
 		return DWS_EINVAL;
 	dws_publish_opts o = *in;
 	ckpt prev = {0}, next = {0};
-	outfile of = {.fd = -1};
+	dws_pubout of = {.fd = -1};
+	dws_pubtarget t;
 	char run[64] = "";
 	int64_t parent = -1;
-	*changed_out = 0;
 	if (!o.prev && o.format != DWS_PUB_ANCHOR)
 		return dws_fail(err, DWS_EINVAL, "publish: a delta needs the previous checkpoint");
-	if (mkdir(o.bucket_dir, 0755) != 0 && errno != EEXIST)
-		return dws_fail(err, DWS_EIO, "%s: cannot create: %s", o.bucket_dir, strerror(errno));
-	bucket_defaults(o.bucket_dir, o.step, run, sizeof(run), &parent);
+	if (!o.bucket)
+		return dws_fail(err, DWS_EINVAL, "publish: no bucket to publish into");
+	int rc = dws_pubtarget_open(o.bucket, o.step, o.force, &t, err);
+	if (rc) {
+		dws_pubtarget_close(&t);
+		return rc;
+	}
+	bucket_defaults(o.bucket, o.step, run, sizeof(run), &parent);
 	if (o.run_id)
 		snprintf(run, sizeof(run), "%s", o.run_id);
 	if (!run[0] || (o.format == DWS_PUB_ANCHOR && o.step <= 1 && !o.run_id)) {
 		/* a first anchor starts a new run */
 		unsigned char r[8];
-		if (getrandom(r, sizeof(r), 0) != sizeof(r))
+		if (getrandom(r, sizeof(r), 0) != sizeof(r)) {
+			dws_pubtarget_close(&t);
 			return dws_fail(err, DWS_EIO, "publish: no random bytes for a run id");
+		}
 		snprintf(run, sizeof(run), "%02x%02x%02x%02x%02x%02x%02x%02x", r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]);
 		parent = -1;
 	}
 	if (o.parent_step < 0)
 		o.parent_step = parent;
-	int rc = ckpt_load(o.next, &next, err);
+	rc = ckpt_load(o.next, &next, err);
 	if (!rc && o.prev && o.format != DWS_PUB_ANCHOR)
 		rc = ckpt_load(o.prev, &prev, err);
 	uint64_t state = 0;
 	if (!rc)
-		rc = state_digest(&next, &state, err);
+		rc = state_digest(&next, o.progress, &state, err);
 	if (!rc)
-		rc = o.format == DWS_PUB_ANCHOR ? publish_anchor(&o, &next, run, state, &of, changed_out, err)
-						 : publish_delta(&o, &prev, &next, run, state, &of, changed_out, err);
+		rc = o.format == DWS_PUB_ANCHOR ? publish_anchor(&o, &next, run, state, &t, &of, changed_out, err)
+						 : publish_delta(&o, &prev, &next, run, state, &t, &of, changed_out, err);
 	if (of.final && written)
 		snprintf(written, written_len, "%s", of.final);
-	int crc = of.tmp ? of_close(&of, rc == DWS_OK, err) : DWS_OK;
+	int crc = of.key ? dws_pubout_close(&of, &t, rc == DWS_OK, o.progress, err) : DWS_OK;
+	dws_pubout_free(&of);
+	dws_pubtarget_close(&t);
 	ckpt_free(&next);
 	if (prev.t || prev.by_name.cap)
 		ckpt_free(&prev);

@@ -26,9 +26,11 @@
  * the disk writers, and the cache's life. */
 #include "cache_int.h"
 
+#include <pwd.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 static int64_t mono_ms(void)
 {
@@ -532,7 +534,7 @@ static void *writer_main(void *arg)
 
 /* ---- life cycle ---- */
 
-static char *default_dir(void)
+char *dws_cache_default_dir(void)
 {
 	const char *d = getenv("DWSFS_CACHE_DIR");
 	if (d && *d)
@@ -541,7 +543,16 @@ static char *default_dir(void)
 	if (d && *d)
 		return dws_xasprintf("%s/dwsfs", d);
 	d = getenv("HOME");
-	return dws_xasprintf("%s/.cache/dwsfs", d && *d ? d : "/var/cache");
+	if (d && *d)
+		return dws_xasprintf("%s/.cache/dwsfs", d);
+	/* no HOME (a system service): root's is the system's cache; another
+	 * user's, under the home the password database names */
+	if (geteuid() == 0)
+		return dws_xstrdup("/var/cache/dwsfs");
+	struct passwd *pw = getpwuid(geteuid());
+	if (pw && pw->pw_dir && pw->pw_dir[0] == '/' && strcmp(pw->pw_dir, "/"))
+		return dws_xasprintf("%s/.cache/dwsfs", pw->pw_dir);
+	return dws_xasprintf("/var/tmp/dwsfs-%u", (unsigned)geteuid());
 }
 
 /* A block a previous mount left (dws_blockstore_scan), under lock. */
@@ -597,7 +608,7 @@ int dws_cache_open(const dws_cache_opts *o, dws_cache **out, dws_error *err)
 	 * waiting for the disk writers (on top of it) and of the fetchers */
 	c->pool_cap = c->hot_cap + c->o.write_backlog + c->o.prefetch_threads + 2;
 	c->pool = dws_xcalloc(c->pool_cap, sizeof(*c->pool));
-	c->dir = o->dir ? dws_xstrdup(o->dir) : default_dir();
+	c->dir = o->dir ? dws_xstrdup(o->dir) : dws_cache_default_dir();
 	int rc = c->o.memory_only ? DWS_OK : dws_blockstore_open(c->dir, &c->store, err);
 	if (rc) {
 		free(c->dir);

@@ -7,7 +7,7 @@
 typedef struct dws_cache dws_cache;
 
 typedef struct dws_cache_opts {
-	const char *dir;          /* NULL: $DWSFS_CACHE_DIR, $XDG_CACHE_HOME/dwsfs, ~/.cache/dwsfs */
+	const char *dir;          /* NULL: dws_cache_default_dir() */
 	uint64_t cap;             /* byte cap; default 16 GiB */
 	uint64_t free_floor;      /* keep this much free on the filesystem; default 1 GiB */
 	uint32_t block_size;      /* default 8 MiB */
@@ -21,6 +21,10 @@ typedef struct dws_cache_opts {
 } dws_cache_opts;
 
 int dws_cache_open(const dws_cache_opts *o, dws_cache **out, dws_error *err);
+/* Where the cache lives without a cache_dir (malloc'd): $DWSFS_CACHE_DIR,
+ * else $XDG_CACHE_HOME/dwsfs, else $HOME/.cache/dwsfs, else (no HOME, a
+ * system service) /var/cache/dwsfs for root. */
+char *dws_cache_default_dir(void);
 /* One cache per folder in a process, shared by every bucket using it. */
 int dws_cache_acquire(const dws_bucket_opts *bo, dws_cache **out, dws_error *err);
 void dws_cache_release(dws_cache *c);

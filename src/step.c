@@ -246,11 +246,51 @@ int dws_step_state_digest(dws_step *s, uint64_t *out, dws_error *err)
 	return rc;
 }
 
-int dws_step_check_state(dws_step *s, const char *want, const char *what, dws_error *err)
+/* step_bf16, counting what was read for a progress callback. */
+struct counted {
+	dws_steptab *t;
+	const dws_progress *pr;
+	uint64_t done, total;
+};
+
+static int counted_bf16(void *ctx, size_t slot, uint64_t e0, uint64_t n, uint16_t *out, void *scratch,
+			dws_error *err)
+{
+	struct counted *c = ctx;
+	int rc = step_bf16(c->t, slot, e0, n, out, scratch, err);
+	c->done += n * 2;
+	c->pr->fn(c->pr->ctx, "state checksum", c->done, c->total);
+	return rc;
+}
+
+int dws_step_check_state_progress(dws_step *s, const char *want, const char *what, const dws_progress *pr,
+				  dws_error *err)
 {
 	if (!want || !want[0])
 		return DWS_OK;
 	uint64_t h;
-	int rc = dws_step_state_digest(s, &h, err);
+	int rc;
+	if (!pr || !pr->fn) {
+		rc = dws_step_state_digest(s, &h, err);
+	} else {
+		dws_steptab *t = dws_step_tab(s);
+		const dws_layout *L = s->layout;
+		dws_digest_item *items = dws_xcalloc(L->nslots ? L->nslots : 1, sizeof(*items));
+		struct counted c = {t, pr, 0, 0};
+		size_t n = 0;
+		for (size_t i = 0; i < L->nslots; i++)
+			if (t->trained[i]) {
+				items[n++] = (dws_digest_item){L->slots[i].trainer, L->slots[i].numel, i};
+				c.total += L->slots[i].numel * 2;
+			}
+		rc = dws_state_digest(items, n, counted_bf16, &c, &h, err);
+		free(items);
+		dws_steptab_put(t);
+	}
 	return rc ? rc : dws_state_check(h, want, what, s->step, err);
+}
+
+int dws_step_check_state(dws_step *s, const char *want, const char *what, dws_error *err)
+{
+	return dws_step_check_state_progress(s, want, what, NULL, err);
 }

@@ -10,6 +10,11 @@ import gen_malformed
 from hubserver import Hub
 
 REPO = Path(__file__).resolve().parent.parent
+
+# s3:// without keys ends the AWS credential chain at the instance metadata
+# service, 169.254.169.254: never from a test (tests/test_creds.py points it
+# at a loopback mock where it wants one)
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 DWSCTL = os.environ.get("DWSCTL", str(REPO / "build" / "dwsctl"))
 
 

@@ -83,3 +83,20 @@ def test_timeout_kills_the_run(dwsctl, scenarios, tmp_path):
         assert st["on_swap_last_exit"] == 124 and 900 <= st["on_swap_last_ms"] < 5000 * SLOW, st
         assert time.monotonic() - t0 < 8 * SLOW
     assert f"on_swap (step {s[1]}): hello" in m.log() and "killed after its timeout" in m.log()
+
+
+def test_secrets_kept_from_the_hook(dwsctl, scenarios, tmp_path):
+    """on_swap gets none of the credentials in the daemon's environment (the
+    container agent's token among them) unless on_swap_keep_secrets."""
+    root, info = scenarios["gaps"]
+    expected, s = root / "expected", info["steps"]
+    bucket, rec = tmp_path / "bucket", tmp_path / "env.txt"
+    publish(dwsctl, None, expected / str(s[0]), bucket, s[0], "anchor")
+    secrets = {"HF_TOKEN": "hf_x", "AWS_SESSION_TOKEN": "st", "AWS_CONTAINER_AUTHORIZATION_TOKEN": "agent"}
+    with mounted(bucket, tmp_path / "mnt", *LIVE, f"on_swap=env > {rec}", env=dict(secrets, HOOK_TEST_MARK="1")) as m:
+        publish(dwsctl, expected / str(s[0]), expected / str(s[1]), bucket, s[1])
+        m.wait_step(s[1], 10 * SLOW)
+        wait_until(lambda: (lambda st: st["on_swap_last_step"] == s[1] and not st["on_swap_running"])(read_status(m.mnt)),
+                   10 * SLOW, "the hook's run")
+    names = {line.split("=", 1)[0] for line in rec.read_text().splitlines()}
+    assert "HOOK_TEST_MARK" in names and not names & set(secrets), names

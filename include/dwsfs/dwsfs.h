@@ -109,6 +109,9 @@ typedef struct dws_bucket_opts {
 	bool memory_cache;         /* no disk cache: blocks in memory only */
 	uint32_t block_size;       /* fetch unit, a multiple of 4 KiB; 8 MiB */
 	const char *ca_file;       /* extra CA bundle (TLS verification stays on) */
+	const char *token_file;    /* hf://: the Hub token's file (re-read when it
+				      changes); NULL: HF_TOKEN, HF_TOKEN_PATH, the
+				      hf CLI's file */
 	unsigned stall_timeout_ms; /* a transfer that sends nothing this long fails; 10000 */
 	unsigned read_deadline_ms; /* a read that cannot be served by then: EIO; 60000 */
 	/* s3:// only; else AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID... */
@@ -300,6 +303,10 @@ typedef struct dws_progress {
 	void *ctx;
 } dws_progress;
 
+/* dws_step_check_state telling pr ("verify", bytes read as BF16, of all). */
+int dws_step_check_state_progress(dws_step *s, const char *want, const char *what, const dws_progress *pr,
+				  dws_error *err);
+
 
 /* Extract step N of bl's catalog. Same result as dws_builder_build +
  * dws_extract; when N is an anchor plus sparse deltas it is streamed instead:
@@ -334,13 +341,18 @@ typedef struct dws_publish_opts {
 	uint32_t size;
 	const char *prev;        /* previous checkpoint folder (NULL with anchor) */
 	const char *next;        /* next checkpoint folder */
-	const char *bucket_dir;  /* local bucket folder to write into */
+	const char *bucket;      /* where: a local folder (made if missing) or
+				    s3://BUCKET[/PREFIX]; hf:// is refused (its
+				    uploads go through Xet, which has no C client) */
 	uint64_t step;
 	int64_t parent_step;     /* -1 (the default): none */
 	dws_pub_format format;   /* DWS_PUB_GAP_DELTA */
 	bool zstd;
 	int zstd_level;          /* 1 to 19; 3 */
 	const char *run_id;      /* NULL: the bucket's current run, else a fresh one */
+	bool force;              /* replace a step the bucket holds (else refused) */
+	const dws_progress *progress; /* phases "checksum", "compare", "payload
+				    checksum", "write", "upload"; NULL: none */
 } dws_publish_opts;
 void dws_publish_opts_init(dws_publish_opts *o);
 

@@ -167,7 +167,7 @@ static void publish(struct run *r, uint64_t step, bool anchor)
 	dws_publish_opts_init(&po);
 	po.prev = anchor ? NULL : r->prev;
 	po.next = dir;
-	po.bucket_dir = r->bucket;
+	po.bucket = r->bucket;
 	po.step = step;
 	po.parent_step = anchor ? -1 : (int64_t)r->step;
 	po.format = anchor ? DWS_PUB_ANCHOR : DWS_PUB_GAP_DELTA;

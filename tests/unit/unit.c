@@ -926,7 +926,7 @@ static void test_materialize(void)
 	dws_publish_opts po;
 	dws_publish_opts_init(&po);
 	po.next = a;
-	po.bucket_dir = bucket;
+	po.bucket = bucket;
 	po.step = 1;
 	po.format = DWS_PUB_ANCHOR;
 	int rc = dws_publish(&po, written, sizeof(written), &changed, &e);
