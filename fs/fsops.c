@@ -439,6 +439,7 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 	h->backing = pt_open(ino, h->id, h->file);
 	if (h->root_view)
 		dws_mount_root_opened(f->m);
+	dws_mount_step_opened(f->m, h->id);
 	fi->fh = (uintptr_t)h;
 	fi->keep_cache = 1; /* the inode's bytes never change */
 	fi->noflush = 1;

@@ -77,6 +77,15 @@ static int lazy_file(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 	return rc ? rc : dws_bl_check_patchable(s, lf->ps, lf->np, ctx.dup, lf->what, err);
 }
 
+/* File f of the chain, parsed against s's layout, appended to lc. */
+static int lazy_add(dws_builder *bl, dws_lazy_chain *lc, dws_step *s, const dws_stepfile *f, dws_error *err)
+{
+	lc->files = dws_xrealloc(lc->files, (lc->nfiles + 1) * sizeof(*lc->files));
+	dws_lazy_file *lf = &lc->files[lc->nfiles++];
+	memset(lf, 0, sizeof(*lf));
+	return lazy_file(bl, s, f, lf, err);
+}
+
 int dws_builder_lazy_chain(dws_builder *bl, uint64_t step, dws_lazy_chain **out,
 			   dws_error *err)
 {
@@ -100,10 +109,7 @@ int dws_builder_lazy_chain(dws_builder *bl, uint64_t step, dws_lazy_chain **out,
 			continue;
 		if (f->step > step)
 			break;
-		lc->files = dws_xrealloc(lc->files, (lc->nfiles + 1) * sizeof(*lc->files));
-		dws_lazy_file *lf = &lc->files[lc->nfiles++];
-		memset(lf, 0, sizeof(*lf));
-		rc = lazy_file(bl, lc->first, f, lf, err);
+		rc = lazy_add(bl, lc, lc->first, f, err);
 		if (!rc && bl->o.verify && f->parent_step >= 0 && (uint64_t)f->parent_step != at)
 			rc = dws_fail(err, DWS_EVERIFY, "%s/%s: chain broken: its parent is step %lld but the previous step in the bucket is %llu (a step is missing)",
 				      dws_bucket_uri(dws_catalog_bucket(c)), f->obj.key, (long long)f->parent_step, (unsigned long long)at);
@@ -140,10 +146,7 @@ int dws_builder_span(dws_builder *bl, dws_step *to, uint64_t from, dws_lazy_chai
 			continue;
 		if (f->step > step)
 			break;
-		lc->files = dws_xrealloc(lc->files, (lc->nfiles + 1) * sizeof(*lc->files));
-		dws_lazy_file *lf = &lc->files[lc->nfiles++];
-		memset(lf, 0, sizeof(*lf));
-		rc = lazy_file(bl, to, f, lf, err);
+		rc = lazy_add(bl, lc, to, f, err);
 	}
 	if (rc) {
 		dws_lazy_chain_free(lc);

@@ -154,7 +154,7 @@ out:
 	return state;
 }
 
-int dws_xload_json_text(dws_bucket *b, const dws_object *o, size_t cap, char **text, dws_error *err)
+static int json_text(dws_bucket *b, const dws_object *o, size_t cap, char **text, dws_error *err)
 {
 	*text = NULL;
 	dws_blob *blob = NULL;
@@ -181,6 +181,34 @@ int dws_xload_json_text(dws_bucket *b, const dws_object *o, size_t cap, char **t
 	}
 	*text = t;
 	return DWS_OK;
+}
+
+json_t *dws_xload_json(dws_bucket *b, const dws_object *o, size_t cap, const char *what, dws_xfound *out,
+		       dws_error *err)
+{
+	char *text = NULL;
+	int rc = json_text(b, o, cap, &text, err);
+	out->state = rc && dws_code_transient(rc) ? DWS_XV_INCOMPLETE : DWS_XV_BAD;
+	json_t *j = NULL;
+	if (!rc) {
+		json_error_t je;
+		j = json_loads(text, JSON_REJECT_DUPLICATES, &je);
+		if (!j)
+			dws_fail(err, DWS_EFORMAT, "%s: not JSON: %s (line %d)", what, je.text, je.line);
+	}
+	free(text);
+	return j;
+}
+
+void dws_xfound_finish(dws_xfound *out, dws_xver *v, const dws_error *err)
+{
+	if (out->state == DWS_XV_OK) {
+		out->v = v;
+		return;
+	}
+	out->code = dws_code_of(err, DWS_EFORMAT);
+	snprintf(out->error, sizeof(out->error), "%s", err->msg);
+	dws_xver_unref(v);
 }
 
 /* ---- checksums and dtypes ---- */

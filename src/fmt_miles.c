@@ -200,33 +200,15 @@ static void miles_read(const dws_xload *ld, const dws_object *index, uint64_t ve
 	r.v = dws_xver_new(version, folder, index, 0);
 	snprintf(r.what, sizeof(r.what), "%s/%s: version %llu", dws_bucket_uri(ld->bucket), index->key,
 		 (unsigned long long)version);
-	out->state = DWS_XV_BAD;
 	dws_error err = {0};
-	char *text = NULL;
-	int rc = dws_xload_json_text(ld->bucket, index, INDEX_CAP, &text, &err);
-	if (rc && dws_code_transient(rc))
-		out->state = DWS_XV_INCOMPLETE;
-	json_t *idx = NULL;
-	if (!rc) {
-		json_error_t je;
-		idx = json_loads(text, JSON_REJECT_DUPLICATES, &je);
-		rc = idx ? read_index(&r, idx, &err)
-			 : dws_fail(&err, DWS_EFORMAT, "%s: not JSON: %s (line %d)", r.what, je.text, je.line);
-	}
-	if (!rc)
+	json_t *idx = dws_xload_json(ld->bucket, index, INDEX_CAP, r.what, out, &err);
+	if (idx && read_index(&r, idx, &err) == DWS_OK)
 		out->state = DWS_XV_OK;
 	for (size_t k = 1; k < r.nst; k++)
 		dws_st_free(r.st[k]);
 	free(r.st);
 	json_decref(idx);
-	free(text);
-	if (out->state == DWS_XV_OK) {
-		out->v = r.v;
-		return;
-	}
-	out->code = dws_code_of(&err, DWS_EFORMAT);
-	snprintf(out->error, sizeof(out->error), "%s", err.msg);
-	dws_xver_unref(r.v);
+	dws_xfound_finish(out, r.v, &err);
 }
 
 const struct dws_format_ops dws_fmt_miles = {

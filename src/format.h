@@ -12,6 +12,7 @@
 
 #include "internal.h"
 
+#include <jansson.h>
 #include <stdatomic.h>
 
 typedef enum dws_xenc {
@@ -125,8 +126,14 @@ int dws_xload_object(const dws_xload *ld, const char *key, dws_object *out, dws_
  * size: DWS_XV_INCOMPLETE when the object is shorter than its header says
  * (still being written), DWS_XV_BAD (err set) when it is wrong. */
 dws_xstate dws_xload_header(dws_bucket *b, const dws_object *o, dws_st_file **st, dws_error *err);
-/* A small JSON object (manifest, index) read whole, at most cap bytes. */
-int dws_xload_json_text(dws_bucket *b, const dws_object *o, size_t cap, char **text, dws_error *err);
+/* A version's manifest or index, read whole (at most cap bytes) and parsed:
+ * the JSON document, or NULL with err set and out->state INCOMPLETE where
+ * the failure may pass (read again later), else BAD. */
+json_t *dws_xload_json(dws_bucket *b, const dws_object *o, size_t cap, const char *what, dws_xfound *out,
+		       dws_error *err);
+/* The end of reading a version: out takes v where its state is OK, else
+ * err's code and line (and v goes). */
+void dws_xfound_finish(dws_xfound *out, dws_xver *v, const dws_error *err);
 /* The checksum algorithm named s and whether want (its hex) has its form. */
 int dws_xsum_parse(const char *s, const char *want, dws_xsum *out, const char *what, dws_error *err);
 const char *dws_xsum_name(dws_xsum s);

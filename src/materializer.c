@@ -12,7 +12,11 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
-enum { LOCAL_RECHECK_MS = 1000 }; /* a remote root's blocks still to come */
+/* A remote root's blocks still to come: looked at again every second; past
+ * the grace, once a reader opened one of its files, the copy is made
+ * anyway, fetching what the cache lacks (blocks a reader was served but the
+ * cache did not keep would never come). A root nobody reads fetches nothing. */
+enum { LOCAL_RECHECK_MS = 1000, LOCAL_GRACE_MS = 10000 };
 
 /* A materialized copy of a step: one unnamed file per file of the step. */
 struct slot {
@@ -34,6 +38,8 @@ struct dws_materializer {
 	struct slot slot[2];      /* at most two copies on disk */
 	uint64_t skip_id;         /* over the cap or failed: not tried again */
 	char note[200];           /* why the root is not materialized, "" if it is or will be */
+	uint64_t wait_id;         /* the step waiting for its sources to be local */
+	int64_t wait_since;
 	atomic_bool cancel;
 	uint64_t in_place, fresh; /* copies brought forward in place; written whole */
 };
@@ -156,12 +162,20 @@ static bool materialize(dws_materializer *mt, dws_step *s)
 		pthread_mutex_unlock(&mt->lock);
 		return true;
 	}
-	struct slot *sl = local ? pick_locked(mt, dws_step_number(s)) : NULL;
+	if (!local && mt->wait_id != id)
+		mt->wait_id = id, mt->wait_since = now_ms();
+	bool fetch = !local && now_ms() - mt->wait_since >= LOCAL_GRACE_MS && mt->ops.opened &&
+		     mt->ops.opened(mt->ops.ctx, id);
+	struct slot *sl = local || fetch ? pick_locked(mt, dws_step_number(s)) : NULL;
 	if (!sl) {
-		snprintf(mt->note, sizeof(mt->note), "%s", local ? "both copies are held by open files" : "");
+		snprintf(mt->note, sizeof(mt->note), "%s",
+			 local || fetch ? "both copies are held by open files" : "waiting for the sources' blocks to be cached");
 		pthread_mutex_unlock(&mt->lock);
 		return false;
 	}
+	if (fetch)
+		dws_log_info("step %llu: source blocks not in the cache %lld s after it became the root: fetching them to materialize",
+			     (unsigned long long)dws_step_number(s), (long long)(LOCAL_GRACE_MS / 1000));
 	mt->working = true;
 	mt->note[0] = 0;
 	atomic_store(&mt->cancel, mt->stop); /* a swap or a build from now on cancels */

@@ -2,7 +2,8 @@
  * thread idle, the root's files are made whole in unnamed files on a thread
  * of its own, at idle priority, when the step fits max_bytes and every
  * source byte is local (a remote source only once the block cache holds all
- * of it: this never fetches). The FUSE layer hands them to the kernel
+ * of it, or, once a reader opened one of its files, 10 s after the step
+ * became the root: then it fetches what the cache lacks). The FUSE layer hands them to the kernel
  * (passthrough): opens after that read the page cache of a local file and
  * never reach the daemon.
  *
@@ -25,6 +26,9 @@ typedef struct dws_materializer_ops {
 	/* The catch-up patch from step `from` to step `to` when both are in one
 	 * chain (DWS_EUNSUP otherwise), to bring a copy forward in place. */
 	int (*patch)(void *ctx, uint64_t from, uint64_t to, dws_patchfile **out, dws_error *err);
+	/* Whether a file of the step with this id was the last one opened (a
+	 * reader uses it: worth fetching what the cache lacks). */
+	bool (*opened)(void *ctx, uint64_t id);
 	void *ctx;
 } dws_materializer_ops;
 

@@ -163,6 +163,13 @@ void dws_mount_root_opened(dws_mount *m)
 	pthread_mutex_unlock(&m->lock);
 }
 
+void dws_mount_step_opened(dws_mount *m, uint64_t id)
+{
+	pthread_mutex_lock(&m->lock);
+	m->opened_id = id;
+	pthread_mutex_unlock(&m->lock);
+}
+
 void dws_mount_root_released(dws_mount *m)
 {
 	pthread_mutex_lock(&m->lock);
@@ -212,6 +219,15 @@ static dws_step *mat_root(void *ctx)
 	return s;
 }
 
+static bool mat_opened(void *ctx, uint64_t id)
+{
+	dws_mount *m = ctx;
+	pthread_mutex_lock(&m->lock);
+	bool yes = m->opened_id == id;
+	pthread_mutex_unlock(&m->lock);
+	return yes;
+}
+
 static bool mat_busy(void *ctx)
 {
 	dws_mount *m = ctx;
@@ -244,7 +260,7 @@ void dws_mount_materialize(dws_mount *m, const char *dir, uint64_t max_bytes)
 	pthread_mutex_unlock(&m->lock);
 	if (!first)
 		return;
-	dws_materializer_ops ops = {mat_root, mat_busy, mat_patch, m};
+	dws_materializer_ops ops = {mat_root, mat_busy, mat_patch, mat_opened, m};
 	dws_materializer *mt = NULL;
 	dws_error err = {0};
 	if (dws_materializer_start(dir, max_bytes, &ops, &mt, &err)) {

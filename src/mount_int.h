@@ -43,6 +43,7 @@ struct dws_mount {
 	int64_t last_build_ms;    /* build + verify of the newest step built */
 	int64_t root_since_ns;    /* wall time when the root took its step */
 	int root_open;
+	uint64_t opened_id;       /* the step a file was last opened of (any view) */
 	int64_t root_activity;
 	char last_error[768];
 	int64_t last_poll_wall;

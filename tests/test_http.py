@@ -349,6 +349,33 @@ def test_materialized_once_cached_never_fetching(hub, tmp_path):
         assert h.stats()["cdn"] == cdn, "materialization fetched"
 
 
+def test_materialized_after_the_grace_when_blocks_never_come(hub, tmp_path):
+    """A remote root a reader opened but did not read whole (or whose blocks
+    the cache did not keep) waits for its blocks, saying so in the status,
+    then, 10 s after it became the root, is materialized anyway: the copy
+    fetches what the cache lacks. (An idle mount fetches nothing:
+    test_polling_budget.)"""
+    if os.geteuid() != 0:
+        pytest.skip("FUSE passthrough needs root")
+    h, root = hub
+    want = model_bucket(root / "buckets" / "test" / "grace", tmp_path, deltas=2, changed=0.02)
+    env = hf_env(h, tmp_path / "cache")
+    with Mount("hf://buckets/test/grace", tmp_path / "mnt", ["poll=60", "block_size=1048576"], env=env) as m:
+        wait_until(lambda: not m.status()["merging"], 60, "the compaction thread to go idle")
+        st = wait_until(lambda: (lambda s: s if s["materialize_note"] else None)(m.status()), 10, "the note")
+        assert "waiting" in st["materialize_note"] and st["materialized_step"] is None, st
+        with open(m.mnt / "model.safetensors", "rb") as f:  # a reader: its first bytes only
+            assert f.read(4096) == want[:4096]
+        cdn = h.stats()["cdn"]
+        st = wait_until(lambda: (lambda s: s if s["materialized_step"] == s["step"] else None)(m.status()), 40,
+                        "the root to be materialized after the grace")
+        assert st["materialize_note"] is None and h.stats()["cdn"] > cdn, st
+        before = m.status()
+        assert read_all(m.mnt / "model.safetensors") == want
+        assert m.status()["daemon_reads"] == before["daemon_reads"]
+        assert "fetching them to materialize" in m.log()
+
+
 def test_new_step_fetches_about_the_delta(hub, scenarios, tmp_path):
     """Taking a new step costs <= 1.05x the delta file's bytes."""
     h, root = hub

@@ -422,6 +422,9 @@ dws_step *dws_mount_root_lookup(dws_mount *m);
  * after swap_idle ms without an open handle or an open. */
 void dws_mount_root_opened(dws_mount *m);
 void dws_mount_root_released(dws_mount *m);
+/* A file of the step with content id `id` was opened (any view): a reader
+ * uses that step. */
+void dws_mount_step_opened(dws_mount *m, uint64_t id);
 /* Steps of the current catalog, ascending (a malloc'd array). */
 size_t dws_mount_steps(dws_mount *m, uint64_t **out);
 /* Step N of the catalog, built on first use; a new reference. */

@@ -4,6 +4,7 @@
  * server), its precedence and its refresh before expiry. The last line is
  * "N passed, N failed". */
 #include "cred.h"
+#include "check.h"
 #include "loopback.h"
 #include "remote.h"
 
@@ -14,19 +15,6 @@
 #include <time.h>
 #include <unistd.h>
 
-static int passed, failed;
-
-#define CHECK(cond, ...)                                                   \
-	do {                                                               \
-		if (cond) {                                                \
-			passed++;                                          \
-		} else {                                                   \
-			failed++;                                          \
-			fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-			fprintf(stderr, __VA_ARGS__);                      \
-			fputc('\n', stderr);                               \
-		}                                                          \
-	} while (0)
 
 /* ---- the cache folder ---- */
 

@@ -5,6 +5,7 @@
  * failure, the refusal of a bad step, and the counts the metrics show. The
  * last line is "N passed, N failed". */
 #include "bucket.h"
+#include "check.h"
 #include "engine.h"
 #include "histogram.h"
 #include "status.h"
@@ -19,19 +20,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-static int passed, failed;
-
-#define CHECK(cond, ...)                                                   \
-	do {                                                               \
-		if (cond) {                                                \
-			passed++;                                          \
-		} else {                                                   \
-			failed++;                                          \
-			fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-			fprintf(stderr, __VA_ARGS__);                      \
-			fputc('\n', stderr);                               \
-		}                                                          \
-	} while (0)
 
 /* ---- the swap policy alone ---- */
 

@@ -3,6 +3,7 @@
  * range answers pinned to the listed object, S3/Hub listings with keys that
  * are skipped (each logged once). The last line is "N passed, N failed". */
 #include "bucket.h"
+#include "check.h"
 #include "http.h"
 #include "loopback.h"
 
@@ -11,19 +12,6 @@
 #include <string.h>
 #include <unistd.h>
 
-static int passed, failed;
-
-#define CHECK(cond, ...)                                                   \
-	do {                                                               \
-		if (cond) {                                                \
-			passed++;                                          \
-		} else {                                                   \
-			failed++;                                          \
-			fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-			fprintf(stderr, __VA_ARGS__);                      \
-			fputc('\n', stderr);                               \
-		}                                                          \
-	} while (0)
 
 #define RANGE 1000
 

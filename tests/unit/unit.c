@@ -1,6 +1,7 @@
 /* Unit tests of the core, without a mount. Each check names what it tests;
  * the last line is "N passed, N failed". */
 #include "bucket.h"
+#include "check.h"
 #include "delta.h"
 #include "remote.h"
 #include "step.h"
@@ -16,19 +17,6 @@
 #include <unistd.h>
 #include <zstd.h>
 
-static int passed, failed;
-
-#define CHECK(cond, ...)                                                   \
-	do {                                                               \
-		if (cond) {                                                \
-			passed++;                                          \
-		} else {                                                   \
-			failed++;                                          \
-			fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-			fprintf(stderr, __VA_ARGS__);                      \
-			fputc('\n', stderr);                               \
-		}                                                          \
-	} while (0)
 
 /* ---- dtypes ---- */
 
