@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """Load safetensors files the way safetensors does, for tests/bench/run (not a test).
 
-    mmap_load.py FILE... [--passes N] [--raw]
+    mmap_load.py FILE... [--passes N] [--raw] [--no-folios]
 
 For each pass: every file is mmap'ed read-only, its header parsed (u64 length +
 JSON), and every tensor touched through the mapping: numpy.frombuffer over the
@@ -12,7 +12,9 @@ file, the FUSE ceiling). Prints one JSON line per pass: {"pass", "seconds", "byt
 "tensors", "checksum", "faults", "large_folio_share"}: faults = the pass's page
 faults (minor + major, getrusage); large_folio_share = the share of the mapped
 pages (every 64th sampled, after the touch) that sit in a large folio of the page
-cache (compound, /proc/self/pagemap + /proc/kpageflags; null without root). A
+cache (compound, /proc/self/pagemap + /proc/kpageflags; null without root, or
+with --no-folios, which skips that second, untimed touch of every page: the
+scale benchmark's models are larger than the page cache). A
 warm pass costs a fault per folio mapped, or per fault-around window (64 KiB) of
 small pages: that count, not dwsfs, sets a warm mmap load's speed.
 """
@@ -101,6 +103,7 @@ def main(argv=None):
     ap.add_argument("files", nargs="+")
     ap.add_argument("--passes", type=int, default=1)
     ap.add_argument("--raw", action="store_true")
+    ap.add_argument("--no-folios", action="store_true")
     a = ap.parse_args(argv)
     for i in range(a.passes):
         ru = resource.getrusage(resource.RUSAGE_SELF)
@@ -111,7 +114,8 @@ def main(argv=None):
         faults = ru2.ru_minflt - ru.ru_minflt + ru2.ru_majflt - ru.ru_majflt
         # after the timed pass (the sampling is slow): which folios the touch mapped
         folios = []
-        load(a.files, a.raw, folios)
+        if not a.no_folios:
+            load(a.files, a.raw, folios)
         share = None
         if folios and None not in folios:
             seen = sum(x[0] for x in folios)
