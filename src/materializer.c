@@ -16,7 +16,7 @@
  * the grace, once a reader opened one of its files, the copy is made
  * anyway, fetching what the cache lacks (blocks a reader was served but the
  * cache did not keep would never come). A root nobody reads fetches nothing. */
-enum { LOCAL_RECHECK_MS = 1000, LOCAL_GRACE_MS = 10000 };
+enum { LOCAL_RECHECK_MS = 1000, LOCAL_GRACE_MS = 10000, IDLE_RECHECK_MS = 10000 };
 
 /* A materialized copy of a step: one unnamed file per file of the step. */
 struct slot {
@@ -215,18 +215,18 @@ static void *mat_main(void *arg)
 	pthread_mutex_lock(&mt->lock);
 	while (!mt->stop) {
 		if (!mt->kicked) {
-			struct timespec ts = dws_deadline_in(LOCAL_RECHECK_MS);
-			if (waiting)
-				pthread_cond_timedwait(&mt->cond, &mt->lock, &ts);
-			else
-				pthread_cond_wait(&mt->cond, &mt->lock);
+			/* a kick can come before the engine could take it (the
+			 * compactor's first idle before m->mat was set): look
+			 * again on a clock as well */
+			struct timespec ts = dws_deadline_in(waiting ? LOCAL_RECHECK_MS : IDLE_RECHECK_MS);
+			pthread_cond_timedwait(&mt->cond, &mt->lock, &ts);
 			if (mt->stop)
 				break;
 		}
 		mt->kicked = false;
 		pthread_mutex_unlock(&mt->lock);
-		waiting = false;
-		dws_step *s = mt->ops.busy(mt->ops.ctx) ? NULL : mt->ops.root(mt->ops.ctx);
+		waiting = mt->ops.busy(mt->ops.ctx); /* merging, or not started: again soon */
+		dws_step *s = waiting ? NULL : mt->ops.root(mt->ops.ctx);
 		pthread_mutex_lock(&mt->lock);
 		bool todo = s && !slot_of_locked(mt, dws_step_id(s)) && dws_step_id(s) != mt->skip_id;
 		pthread_mutex_unlock(&mt->lock);

@@ -275,30 +275,41 @@ def test_what_each_mode_runs_comes_from_its_list(mode):
     assert not missing, f"not in install-deps --{mode} (nor a dependency of it): {missing}"
 
 
-def fake_env(tmp_path, installed, uid):
-    """PATH shims: dpkg-query says which packages are installed, apt-get and
-    npm log their arguments, id says the uid."""
+NPM_SHIM = ("echo \"npm $*\" >>{log}; mkdir -p node_modules/.bin; touch node_modules/.bin/s3rver; "
+            "chmod +x node_modules/.bin/s3rver")
+
+
+def fake_env(tmp_path, installed, uid, npm=True):
+    """PATH shims alone (the machine's own tools linked in): dpkg-query says
+    which packages are installed, apt-get and npm log their arguments, id
+    says the uid. npm=False: no npm until apt-get installs Debian's."""
     bin_ = tmp_path / "bin"
     bin_.mkdir()
     log = tmp_path / "log"
+    npm_shim = NPM_SHIM.format(log=log)
     shims = {
         "dpkg-query": "for a in \"$@\"; do case \" $FAKE_INSTALLED \" in *\" $a \"*) echo \"$a ii \";; esac; done",
-        "apt-get": f"echo \"apt-get $*\" >>{log}",
-        "npm": f"echo \"npm $*\" >>{log}; mkdir -p node_modules/.bin; touch node_modules/.bin/s3rver; "
-               "chmod +x node_modules/.bin/s3rver",
+        "apt-get": f"echo \"apt-get $*\" >>{log}; case \" $* \" in *\" npm \"*) "
+                   f"printf '#!/bin/sh\\n%s\\n' '{npm_shim}' >{bin_}/npm; chmod +x {bin_}/npm;; esac",
         "id": f"echo {uid}",
     }
+    if npm:
+        shims["npm"] = npm_shim
     for name, body in shims.items():
         (bin_ / name).write_text(f"#!/bin/sh\n{body}\n")
         (bin_ / name).chmod(0o755)
-    env = dict(os.environ, PATH=f"{bin_}:/usr/bin:/bin", FAKE_INSTALLED=" ".join(installed),
+    for tool in ("sh", "bash", "grep", "mkdir", "touch", "chmod", "printf", "cat"):
+        if shutil.which(tool) and not (bin_ / tool).exists():
+            (bin_ / tool).symlink_to(shutil.which(tool))
+    env = dict(os.environ, PATH=str(bin_), FAKE_INSTALLED=" ".join(installed),
                DWSFS_S3DIR=str(tmp_path / "npm"))
     env.pop("DWSFS_SKIP_DEPS", None)
     return env, log
 
 
 def run_deps(env, *args):
-    return subprocess.run(["bash", str(INSTALL_DEPS), *args], env=env, capture_output=True, text=True, timeout=30)
+    return subprocess.run([shutil.which("bash"), str(INSTALL_DEPS), *args], env=env, capture_output=True, text=True,
+                          timeout=30)
 
 
 def test_install_deps_not_root_names_what_is_missing(tmp_path):
@@ -319,13 +330,25 @@ def test_install_deps_as_root_installs_what_is_missing(tmp_path):
     calls = log.read_text().splitlines()
     assert calls[0] == "apt-get update -qq"
     assert calls[1].startswith("apt-get install -y ")
-    assert set(apt_packages(calls[1])) == {"python3-pytest", "nginx", "npm"}, calls[1]
+    assert set(apt_packages(calls[1])) == {"python3-pytest", "nginx"}, calls[1]
     assert calls[2].startswith("npm install") and "s3rver" in calls[2], calls
     # then nothing is missing: no apt-get, no npm
     log.unlink()
     env["FAKE_INSTALLED"] = " ".join(test)
     p = run_deps(env, "--test")
     assert p.returncode == 0 and not log.exists(), p.stderr
+
+
+def test_install_deps_takes_debians_npm_only_without_one(tmp_path):
+    """No npm on the machine: Debian's npm package comes with the rest
+    (with one, as nodesource's nodejs carries, it would conflict)."""
+    test = listed("test")
+    env, log = fake_env(tmp_path, test, uid=0, npm=False)
+    p = run_deps(env, "--test")
+    assert p.returncode == 0, p.stderr
+    calls = log.read_text().splitlines()
+    assert set(apt_packages(calls[1])) == {"npm"}, calls
+    assert calls[2].startswith("npm install") and "s3rver" in calls[2], calls
 
 
 # ---- B: meson install under the prefix ---------------------------------
