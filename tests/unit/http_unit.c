@@ -6,6 +6,7 @@
 #include "check.h"
 #include "http.h"
 #include "loopback.h"
+#include "s3_upload.h"
 
 #include <fcntl.h>
 #include <stdlib.h>
@@ -411,6 +412,11 @@ static void test_sigv4_query(void)
 	q = dws_http_query(part, 2);
 	CHECK(!strcmp(q, "partNumber=10&uploadId=ab.C-_"), "UploadPart's query: %s", q);
 	free(q);
+	/* parts grow to a whole MiB where 10000 would not hold the object */
+	CHECK(dws_s3_part_size(13ull << 20, 5ull << 20) == 5ull << 20, "a small object keeps its part size");
+	CHECK(dws_s3_part_size(5ull << 40, 64ull << 20) == 525ull << 20, "5 TiB: 525 MiB parts");
+	CHECK(dws_s3_part_size((5ull << 40) + 1, 64ull << 20) == 0, "over 5 TiB: none");
+	CHECK(dws_s3_part_size(10000ull * (64ull << 20) + 1, 64ull << 20) == 65ull << 20, "one byte past 10000 parts");
 	/* a listing of two pages: the second's query sorted too */
 	char *e1 = entry("run/anchors/step_000001.safetensors", 10), *e2 = entry("run/deltas/step_000002.safetensors", 20);
 	struct s3srv st = {.list = dws_xasprintf("<ListBucketResult><IsTruncated>true</IsTruncated><NextContinuationToken>"
