@@ -9,6 +9,7 @@
 #include <jansson.h>
 #include <stdarg.h>
 #include <inttypes.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -61,6 +62,22 @@ static int bad_usage(const char *fmt, ...)
 	va_end(ap);
 	fputc('\n', stderr);
 	return 2;
+}
+
+/* SIGINT or SIGTERM in publish: during the upload, the library stops it and
+ * undoes it (an S3 multipart upload is aborted, not left to be billed), then
+ * dwsctl dies of the signal; before the upload, or a second time, at once. */
+static volatile sig_atomic_t stop_signal;
+static struct progress *watching;
+
+static void on_stop_signal(int sig)
+{
+	if (stop_signal || !watching || !watching->in_watch) {
+		signal(sig, SIG_DFL);
+		raise(sig);
+		return;
+	}
+	stop_signal = sig;
 }
 
 /* Options shared by the commands that build a step. */
@@ -425,9 +442,19 @@ static int cmd_publish(int argc, char **argv)
 	uint64_t changed = 0;
 	dws_error err = {0};
 	struct progress p;
-	o.progress = progress_start(&p, prog, "publish");
+	o.progress = progress_watch(&p, prog, "publish", "upload");
+	o.stop = &stop_signal;
+	watching = &p;
+	struct sigaction sa = {.sa_handler = on_stop_signal};
+	sigaction(SIGINT, &sa, NULL);
+	sigaction(SIGTERM, &sa, NULL);
 	int rc = dws_publish(&o, written, sizeof(written), &changed, &err);
 	progress_end(&p);
+	if (rc && stop_signal) { /* the upload was undone: now die of the signal */
+		die(&err);
+		signal(stop_signal, SIG_DFL);
+		raise(stop_signal);
+	}
 	if (rc)
 		return die(&err);
 	printf("%s: step %" PRIu64 ", %" PRIu64 " elements\n", written, o.step, changed);

@@ -28,6 +28,10 @@ static void fmt_left(double s, char *buf, size_t n)
 static void draw(void *ctx, const char *what, uint64_t done, uint64_t total)
 {
 	struct progress *p = ctx;
+	if (p->watch)
+		p->in_watch = !strcmp(what, p->watch);
+	if (!p->tty)
+		return;
 	struct timespec now;
 	clock_gettime(CLOCK_MONOTONIC, &now);
 	bool new_phase = total != p->total || done < p->done || strcmp(what, p->phase) != 0;
@@ -61,7 +65,15 @@ const dws_progress *progress_start(struct progress *p, const char *prog, const c
 	p->prog = prog;
 	p->verb = verb;
 	p->pr = (dws_progress){draw, p};
-	return isatty(2) ? &p->pr : NULL;
+	p->tty = isatty(2);
+	return p->tty ? &p->pr : NULL;
+}
+
+const dws_progress *progress_watch(struct progress *p, const char *prog, const char *verb, const char *watch)
+{
+	progress_start(p, prog, verb);
+	p->watch = watch;
+	return &p->pr;
 }
 
 void progress_end(struct progress *p)

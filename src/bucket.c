@@ -25,11 +25,12 @@ int dws_bucket_head(dws_bucket *b, const char *key, dws_object *out,
 }
 
 int dws_bucket_put(dws_bucket *b, const char *key, int fd, uint64_t len,
-		   void (*sent)(void *ctx, uint64_t bytes), void *ctx, dws_error *err)
+		   void (*sent)(void *ctx, uint64_t bytes), void *ctx,
+		   const volatile sig_atomic_t *stop, dws_error *err)
 {
 	if (!b->ops->put)
 		return dws_fail(err, DWS_EUNSUP, "%s: this kind of bucket cannot be written to", b->uri);
-	return b->ops->put(b, key, fd, len, sent, ctx, err);
+	return b->ops->put(b, key, fd, len, sent, ctx, stop, err);
 }
 
 int dws_bucket_delete(dws_bucket *b, const char *key, dws_error *err)

@@ -5,6 +5,7 @@
 #include "internal.h"
 
 #include <pthread.h>
+#include <signal.h>
 
 struct dws_bucket_ops {
 	int (*list)(dws_bucket *b, const char *prefix, dws_object **out,
@@ -16,14 +17,17 @@ struct dws_bucket_ops {
 	int (*head)(dws_bucket *b, const char *key, dws_object *out, dws_error *err);
 	/* writing (dwsctl publish to a remote bucket); NULL: read-only */
 	int (*put)(dws_bucket *b, const char *key, int fd, uint64_t len,
-		   void (*sent)(void *ctx, uint64_t bytes), void *ctx, dws_error *err);
+		   void (*sent)(void *ctx, uint64_t bytes), void *ctx,
+		   const volatile sig_atomic_t *stop, dws_error *err);
 	int (*del)(dws_bucket *b, const char *key, dws_error *err);
 };
 
 /* Write object key whole from fd (len bytes from offset 0); sent(ctx,
- * bytes) as they go. DWS_EUNSUP for a backend that cannot. */
+ * bytes) as they go (0 first). Once *stop is set (NULL: never) the write
+ * ends, undone, with "interrupted". DWS_EUNSUP for a backend that cannot. */
 int dws_bucket_put(dws_bucket *b, const char *key, int fd, uint64_t len,
-		   void (*sent)(void *ctx, uint64_t bytes), void *ctx, dws_error *err);
+		   void (*sent)(void *ctx, uint64_t bytes), void *ctx,
+		   const volatile sig_atomic_t *stop, dws_error *err);
 int dws_bucket_delete(dws_bucket *b, const char *key, dws_error *err);
 
 struct dws_http;

@@ -10,6 +10,7 @@
 #include "cred.h"
 #include "http.h"
 #include "remote.h"
+#include "s3_upload.h"
 
 #include <ctype.h>
 #include <expat.h>
@@ -20,7 +21,6 @@
 
 #define MAX_PAGES 100000
 #define MAX_LIST_OBJECTS (10u * 1000 * 1000)
-#define S3_PUT_MAX (5ull << 30) /* S3's limit for one PutObject */
 
 /* Shared by the bucket and its blobs; freed with the last reference. */
 struct s3 {
@@ -203,12 +203,12 @@ static int s3_list(dws_bucket *b, const char *prefix, dws_object **out, size_t *
 	int rc = DWS_OK;
 	char *token = NULL;
 	for (int page = 0; page < MAX_PAGES; page++) {
-		char *ep = dws_http_escape(want);
-		char *tk = token ? dws_http_escape(token) : NULL;
-		char *url = dws_xasprintf("%s/%s?list-type=2&prefix=%s%s%s", s->endpoint, s->bucket, ep,
-					  tk ? "&continuation-token=" : "", tk ? tk : "");
-		free(ep);
-		free(tk);
+		/* the query sorted: libcurl 7.88 signs it as sent, S3 sorted, and
+		 * a continuation-token last was a 403 from page two on */
+		const char *kv[] = {"list-type", "2", "prefix", want, "continuation-token", token};
+		char *q = dws_http_query(kv, token ? 3 : 2);
+		char *url = dws_xasprintf("%s/%s?%s", s->endpoint, s->bucket, q);
+		free(q);
 		dws_http_req rq = {.url = url, .cls = DWS_HTTP_S3, .what = b->uri};
 		dws_http_resp rs;
 		rc = dws_http_do(s->http, &rq, &rs, err);
@@ -334,23 +334,20 @@ static int s3_head(dws_bucket *b, const char *key, dws_object *out, dws_error *e
 	return rc;
 }
 
-/* PutObject: one request, the object whole or not at all. */
-static int s3_put(dws_bucket *b, const char *key, int fd, uint64_t len,
-		  void (*sent)(void *ctx, uint64_t bytes), void *ctx, dws_error *err)
+/* The object whole or not at all: PutObject, or a multipart upload past
+ * DWSFS_S3_MULTIPART_THRESHOLD (s3_upload.c). */
+static int s3_put(dws_bucket *b, const char *key, int fd, uint64_t len, void (*sent)(void *ctx, uint64_t bytes),
+		  void *ctx, const volatile sig_atomic_t *stop, dws_error *err)
 {
 	struct s3 *s = b->priv;
-	if (len > S3_PUT_MAX)
-		return dws_fail(err, DWS_EUNSUP, "%s/%s: %llu bytes, over the %llu a single PutObject takes (multipart "
-			      "uploads are not supported)", b->uri, key, (unsigned long long)len, (unsigned long long)S3_PUT_MAX);
+	dws_s3_upload_conf c;
+	int rc = dws_s3_upload_conf_env(&c, err);
+	if (rc)
+		return rc;
 	char *url = object_url(s, key), *what = dws_xasprintf("%s/%s", b->uri, key);
-	dws_http_upload up = {.fd = fd, .len = len, .sent = sent, .ctx = ctx};
-	/* a large object takes a while: a deadline for its bytes at 1 MiB/s */
-	int64_t deadline = dws_now_ms() + 60000 + (int64_t)(len >> 20) * 1000;
-	dws_http_req rq = {.url = url, .method = "PUT", .upload = &up, .cls = DWS_HTTP_S3, .what = what,
-			   .deadline_ms = deadline, .headers = {"Content-Type: application/octet-stream"}};
-	dws_http_resp rs;
-	int rc = dws_http_do(s->http, &rq, &rs, err);
-	dws_http_resp_free(&rs);
+	dws_s3_put p = {.http = s->http, .url = url, .what = what, .fd = fd, .len = len, .sent = sent, .ctx = ctx,
+			.stop = stop};
+	rc = dws_s3_upload(&p, &c, err);
 	free(url);
 	free(what);
 	return rc;

@@ -43,10 +43,10 @@ void dws_http_cancel(dws_http *h)
 		atomic_store(&h->cancelled, true);
 }
 
-static int on_progress(void *ud, curl_off_t dt, curl_off_t dn, curl_off_t ut, curl_off_t un)
+/* Shut down, or the request's caller says stop. */
+static bool halted(const dws_http *h, const dws_http_req *rq)
 {
-	(void)dt, (void)dn, (void)ut, (void)un;
-	return atomic_load(&((dws_http *)ud)->cancelled) ? 1 : 0;
+	return atomic_load(&((dws_http *)h)->cancelled) || (rq->stop && *rq->stop);
 }
 
 static pthread_once_t global_once = PTHREAD_ONCE_INIT;
@@ -222,6 +222,13 @@ struct xfer {
 	uint64_t up_off;    /* a PUT's body: bytes handed to libcurl so far */
 };
 
+static int on_progress(void *ud, curl_off_t dt, curl_off_t dn, curl_off_t ut, curl_off_t un)
+{
+	(void)dt, (void)dn, (void)ut, (void)un;
+	const struct xfer *x = ud;
+	return halted(x->h, x->rq) ? 1 : 0;
+}
+
 /* A PUT's body, from the request's file or its string. */
 static size_t on_upload(char *p, size_t sz, size_t n, void *ud)
 {
@@ -234,7 +241,7 @@ static size_t on_upload(char *p, size_t sz, size_t n, void *ud)
 	if (!u) {
 		memcpy(p, x->rq->body + x->up_off, k);
 	} else {
-		ssize_t r = pread(u->fd, p, k, (off_t)x->up_off);
+		ssize_t r = pread(u->fd, p, k, (off_t)(u->off + x->up_off));
 		if (r <= 0)
 			return CURL_READFUNC_ABORT; /* the file shrank or failed */
 		k = (size_t)r;
@@ -458,7 +465,7 @@ static CURLcode attempt(dws_http *h, const dws_http_req *rq, const char *url, co
 	curl_easy_setopt(c, CURLOPT_BUFFERSIZE, 128L * 1024);
 	curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);
 	curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, on_progress);
-	curl_easy_setopt(c, CURLOPT_XFERINFODATA, h);
+	curl_easy_setopt(c, CURLOPT_XFERINFODATA, x);
 	curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_body);
 	curl_easy_setopt(c, CURLOPT_WRITEDATA, x);
 	curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, on_header);
@@ -658,7 +665,8 @@ static int attempt_kind(const struct xfer *x, CURLcode cc, long status, enum out
 
 /* Wait before attempt att+1: DWS_OK, or why not (attempts or the deadline
  * used up). A shutdown cuts the wait short. */
-static int backoff(dws_http *h, unsigned att, unsigned wait_ms, int64_t deadline, char *why, size_t wl)
+static int backoff(dws_http *h, const dws_http_req *rq, unsigned att, unsigned wait_ms, int64_t deadline, char *why,
+		   size_t wl)
 {
 	if (att + 1 >= h->o.max_attempts)
 		return DWS_EIO;
@@ -671,7 +679,7 @@ static int backoff(dws_http *h, unsigned att, unsigned wait_ms, int64_t deadline
 		snprintf(why + strlen(why), wl - strlen(why), "; deadline reached");
 		return DWS_ETIMEDOUT;
 	}
-	for (int64_t until = now + wait_ms; !atomic_load(&h->cancelled) && dws_now_ms() < until;) {
+	for (int64_t until = now + wait_ms; !halted(h, rq) && dws_now_ms() < until;) {
 		int64_t left = until - dws_now_ms();
 		int64_t slice = left < 50 ? (left > 0 ? left : 0) : 50;
 		struct timespec ts = {0, (long)slice * 1000000};
@@ -714,8 +722,8 @@ int dws_http_do(dws_http *h, const dws_http_req *rq, dws_http_resp *rs,
 		char *redirect = NULL;
 		unsigned wait_ms = 0;
 		headers_reset(rs);
-		if (atomic_load(&h->cancelled)) {
-			snprintf(why, sizeof(why), "shutting down");
+		if (halted(h, rq)) {
+			snprintf(why, sizeof(why), atomic_load(&h->cancelled) ? "shutting down" : "interrupted");
 			break;
 		}
 		dws_secret sec = {0};
@@ -752,7 +760,7 @@ int dws_http_do(dws_http *h, const dws_http_req *rq, dws_http_resp *rs,
 		}
 		free(redirect);
 		kind = attempt_kind(&x, cc, rs->status, o);
-		if (o == O_DONE || (rc = backoff(h, att, wait_ms, deadline, why, sizeof(why))) != DWS_OK)
+		if (o == O_DONE || (rc = backoff(h, rq, att, wait_ms, deadline, why, sizeof(why))) != DWS_OK)
 			break;
 		atomic_fetch_add(&h->retries[kind], 1);
 		rc = DWS_EIO;
@@ -763,9 +771,11 @@ int dws_http_do(dws_http *h, const dws_http_req *rq, dws_http_resp *rs,
 			hops = 0;
 		}
 	}
+	if (rc != DWS_OK && rq->stop && *rq->stop)
+		snprintf(why, sizeof(why), "interrupted");
 	if (rc != DWS_OK)
 		fail_line(rq, why, rc, err);
-	if (rc != DWS_OK && kind >= 0 && !atomic_load(&h->cancelled)) /* a shutdown is no failure */
+	if (rc != DWS_OK && kind >= 0 && !halted(h, rq)) /* a shutdown is no failure */
 		atomic_fetch_add(&h->failures[kind], 1);
 	free(url);
 	return rc;

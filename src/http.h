@@ -4,6 +4,8 @@
 
 #include "internal.h"
 
+#include <signal.h>
+
 typedef struct dws_http dws_http;
 
 #define DWS_HTTP_CAPTURE 4 /* answer headers a client may name to keep */
@@ -38,11 +40,11 @@ typedef struct dws_http_opts {
 
 typedef enum dws_http_class { DWS_HTTP_API, DWS_HTTP_RESOLVE, DWS_HTTP_CDN, DWS_HTTP_S3, DWS_HTTP_NCLASS } dws_http_class;
 
-/* A PUT's body from a file: len bytes from offset 0 (read again for each
- * attempt); sent(ctx, bytes) as they go. */
+/* A PUT's body from a file: len bytes from offset off (read again for each
+ * attempt); sent(ctx, bytes) as they go, bytes counted from off. */
 typedef struct dws_http_upload {
 	int fd;
-	uint64_t len;
+	uint64_t off, len;
 	void (*sent)(void *ctx, uint64_t bytes);
 	void *ctx;
 } dws_http_upload;
@@ -63,6 +65,9 @@ typedef struct dws_http_req {
 	const char *if_match;     /* If-Match: a strong ETag (a changed object: 412) */
 	int64_t deadline_ms;      /* absolute CLOCK_MONOTONIC ms; 0: opts default */
 	const char *what;         /* names the object in errors */
+	/* set (by a signal handler, say): this request ends at once, with no
+	 * retry and no wait ("interrupted"); NULL: none */
+	const volatile sig_atomic_t *stop;
 } dws_http_req;
 
 typedef struct dws_http_resp {
@@ -93,10 +98,16 @@ void dws_http_cancel(dws_http *h);
 int dws_http_do(dws_http *h, const dws_http_req *rq, dws_http_resp *rs,
 		dws_error *err);
 void dws_http_resp_free(dws_http_resp *rs);
-/* Escape everything but unreserved characters (a query value). */
 /* libcurl's global setup, once per process (before any handle). */
 void dws_http_global_init(void);
+/* Escape everything but unreserved characters (a query value). */
 char *dws_http_escape(const char *s);
+/* A query string "a=1&b=2" of n name/value pairs (kv[2i], kv[2i+1]; a NULL
+ * value is "") in SigV4's canonical form: each name and value escaped (all
+ * but A-Za-z0-9-._~, uppercase hex), sorted by name then value, every "="
+ * written. libcurl up to 8.x signs the query as sent, unsorted, while S3
+ * checks the canonical form: an S3 query must be built here. */
+char *dws_http_query(const char *const *kv, size_t n);
 /* Escape each path segment (keeps '/'): "a b/c#d" -> "a%20b/c%23d". */
 char *dws_http_escape_path(const char *path);
 /* Requests and bytes per class since start. */

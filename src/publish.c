@@ -608,7 +608,7 @@ int dws_publish(const dws_publish_opts *in, char *written, size_t written_len,
 						 : publish_delta(&o, &prev, &next, run, state, &t, &of, changed_out, err);
 	if (of.final && written)
 		snprintf(written, written_len, "%s", of.final);
-	int crc = of.key ? dws_pubout_close(&of, &t, rc == DWS_OK, o.progress, err) : DWS_OK;
+	int crc = of.key ? dws_pubout_close(&of, &t, rc == DWS_OK, o.progress, o.stop, err) : DWS_OK;
 	dws_pubout_free(&of);
 	dws_pubtarget_close(&t);
 	ckpt_free(&next);

@@ -37,9 +37,11 @@ typedef struct dws_pubout {
 int dws_pubout_open(dws_pubout *f, dws_pubtarget *t, bool anchor, uint64_t step, bool zstd, int level,
 		    uint64_t content_size, dws_error *err);
 int dws_pubout_write(dws_pubout *f, const void *p, size_t n, bool end, dws_error *err);
-/* ok: put it in place (rename, or upload with pr's "upload" progress) and
- * remove the step's other files; else drop it. */
-int dws_pubout_close(dws_pubout *f, dws_pubtarget *t, bool ok, const dws_progress *pr, dws_error *err);
+/* ok: put it in place (rename, or upload with pr's "upload" progress, ended
+ * and undone once *stop is set) and remove the step's other files; else
+ * drop it. */
+int dws_pubout_close(dws_pubout *f, dws_pubtarget *t, bool ok, const dws_progress *pr,
+		     const volatile sig_atomic_t *stop, dws_error *err);
 void dws_pubout_free(dws_pubout *f);
 
 #endif

@@ -3,8 +3,9 @@
  *   a local bucket folder: written under a temporary name beside it,
  *     fsync'd, renamed into place;
  *   s3://BUCKET[/PREFIX]: spooled to an unnamed local file ($TMPDIR, else
- *     /var/tmp), then one PutObject (S3 shows an object whole or not at all),
- *     signed with the credentials reading uses;
+ *     /var/tmp), then one PutObject, or past DWSFS_S3_MULTIPART_THRESHOLD a
+ *     multipart upload (s3_upload.c; S3 shows an object whole or not at
+ *     all), signed with the credentials reading uses;
  *   hf://: refused. The Hub takes uploads through Xet storage, which has no
  *     C client (shared/spec/hf-bucket-api.md, Writing).
  * A step the bucket holds already (any of its four names) is refused unless
@@ -12,6 +13,7 @@
  * place, since the catalog would go on picking a complete anchor of the
  * step over the new file. */
 #include "publish_int.h"
+#include "s3_upload.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -61,9 +63,13 @@ int dws_pubtarget_open(const char *uri, uint64_t step, bool force, dws_pubtarget
 				"client; publish into a local folder and push it with `hf buckets sync FOLDER %s`",
 				uri, uri);
 	t->remote = strstr(uri, "://") && strncmp(uri, "file://", 7);
+	dws_s3_upload_conf c; /* bad upload settings: refused before any work */
+	int rc = strncmp(uri, "s3://", 5) ? DWS_OK : dws_s3_upload_conf_env(&c, err);
+	if (rc)
+		return rc;
 	if (!t->remote && mkdir(uri, 0755) != 0 && errno != EEXIST)
 		return dws_fail(err, DWS_EIO, "%s: cannot create: %s", uri, strerror(errno));
-	int rc = dws_bucket_open(uri, &t->b, err);
+	rc = dws_bucket_open(uri, &t->b, err);
 	if (!rc)
 		rc = find_step(t, step, err);
 	if (!rc && t->nexisting && !force)
@@ -192,14 +198,15 @@ static void upload_sent(void *ctx, uint64_t bytes)
 		f->pr->fn(f->pr->ctx, "upload", bytes, f->size);
 }
 
-int dws_pubout_close(dws_pubout *f, dws_pubtarget *t, bool ok, const dws_progress *pr, dws_error *err)
+int dws_pubout_close(dws_pubout *f, dws_pubtarget *t, bool ok, const dws_progress *pr,
+		     const volatile sig_atomic_t *stop, dws_error *err)
 {
 	int rc = DWS_OK;
 	if (f->fd >= 0 && ok && fsync(f->fd) != 0)
 		rc = dws_fail(err, DWS_EIO, "%s: fsync: %s", f->tmp ? f->tmp : f->final, strerror(errno));
 	if (ok && !rc && t->remote) {
 		f->pr = pr;
-		rc = dws_bucket_put(t->b, f->key, f->fd, f->size, upload_sent, f, err);
+		rc = dws_bucket_put(t->b, f->key, f->fd, f->size, upload_sent, f, stop, err);
 	} else if (ok && !rc && rename(f->tmp, f->final) != 0) {
 		rc = dws_fail(err, DWS_EIO, "%s: cannot rename into place: %s", f->final, strerror(errno));
 	}

@@ -11,6 +11,7 @@
 #ifndef DWSFS_DWSFS_H
 #define DWSFS_DWSFS_H
 
+#include <signal.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -353,6 +354,11 @@ typedef struct dws_publish_opts {
 	bool force;              /* replace a step the bucket holds (else refused) */
 	const dws_progress *progress; /* phases "checksum", "compare", "payload
 				    checksum", "write", "upload"; NULL: none */
+	/* set (from a signal handler) while the step uploads: the upload ends
+	 * and is undone (an S3 multipart upload aborted) and dws_publish fails
+	 * with "interrupted"; NULL: never. The "upload" phase starts with
+	 * progress 0, before any request. */
+	const volatile sig_atomic_t *stop;
 } dws_publish_opts;
 void dws_publish_opts_init(dws_publish_opts *o);
 

@@ -6,6 +6,7 @@
 #include "check.h"
 #include "http.h"
 #include "loopback.h"
+#include "s3_upload.h"
 
 #include <fcntl.h>
 #include <stdlib.h>
@@ -236,6 +237,8 @@ static const char *LIST_XML_HEAD =
 
 struct s3srv {
 	char *list;           /* the ListObjectsV2 answer */
+	char *list2;          /* the answer to a continuation-token, if any */
+	char list_targets[2][2048]; /* the listings' request targets, as sent */
 	char etag[64];        /* the object's ETag now */
 	uint64_t total;       /* and size as Content-Range says */
 	bool honour_if_match;
@@ -247,10 +250,13 @@ static void on_s3(void *ud, const lb_request *rq, int n, lb_reply *r)
 {
 	(void)n;
 	struct s3srv *s = ud;
-	if (!strncmp(rq->target, "/bkt?list-type=2", 16)) {
+	if (!strncmp(rq->target, "/bkt?", 5) && strstr(rq->target, "list-type=2")) {
+		bool next = strstr(rq->target, "continuation-token=") != NULL;
+		snprintf(s->list_targets[next], sizeof(s->list_targets[next]), "%s", rq->target);
+		const char *l = next && s->list2 ? s->list2 : s->list;
 		r->status = 200;
-		r->body = dws_xstrdup(s->list);
-		r->len = strlen(s->list);
+		r->body = dws_xstrdup(l);
+		r->len = strlen(l);
 		return;
 	}
 	char rng[128];
@@ -390,6 +396,53 @@ static void test_s3_listing(void)
 	free(huge);
 }
 
+/* libcurl 7.88 signs a query as sent and S3 checks it sorted: every S3
+ * query is built sorted, escaped as SigV4 says. */
+static void test_sigv4_query(void)
+{
+	const char *kv[] = {"list-type", "2", "prefix", "run/a b~", "continuation-token", "1/x+y=="};
+	char *q = dws_http_query(kv, 3);
+	CHECK(!strcmp(q, "continuation-token=1%2Fx%2By%3D%3D&list-type=2&prefix=run%2Fa%20b~"), "sorted, escaped query: %s", q);
+	free(q);
+	const char *up[] = {"uploads", NULL};
+	q = dws_http_query(up, 1);
+	CHECK(!strcmp(q, "uploads="), "an empty value keeps its '=': %s", q);
+	free(q);
+	const char *part[] = {"uploadId", "ab.C-_", "partNumber", "10"};
+	q = dws_http_query(part, 2);
+	CHECK(!strcmp(q, "partNumber=10&uploadId=ab.C-_"), "UploadPart's query: %s", q);
+	free(q);
+	/* parts grow to a whole MiB where 10000 would not hold the object */
+	CHECK(dws_s3_part_size(13ull << 20, 5ull << 20) == 5ull << 20, "a small object keeps its part size");
+	CHECK(dws_s3_part_size(5ull << 40, 64ull << 20) == 525ull << 20, "5 TiB: 525 MiB parts");
+	CHECK(dws_s3_part_size((5ull << 40) + 1, 64ull << 20) == 0, "over 5 TiB: none");
+	CHECK(dws_s3_part_size(10000ull * (64ull << 20) + 1, 64ull << 20) == 65ull << 20, "one byte past 10000 parts");
+	/* a listing of two pages: the second's query sorted too */
+	char *e1 = entry("run/anchors/step_000001.safetensors", 10), *e2 = entry("run/deltas/step_000002.safetensors", 20);
+	struct s3srv st = {.list = dws_xasprintf("<ListBucketResult><IsTruncated>true</IsTruncated><NextContinuationToken>"
+						 "t/1+=</NextContinuationToken>%s</ListBucketResult>", e1),
+			   .list2 = list_xml(e2)};
+	lb_server srv;
+	dws_bucket *b = NULL;
+	if (lb_start(&srv, on_s3, &st) == 0 && open_s3(&srv, &b) == 0) {
+		dws_object *v = NULL;
+		size_t n = 0;
+		dws_error err = {0};
+		int rc = dws_bucket_list(b, "", &v, &n, &err);
+		CHECK(rc == 0 && n == 2, "two pages listed: rc %d n %zu %s", rc, n, err.msg);
+		CHECK(!strcmp(st.list_targets[0], "/bkt?list-type=2&prefix=run%2F") &&
+			      !strcmp(st.list_targets[1], "/bkt?continuation-token=t%2F1%2B%3D&list-type=2&prefix=run%2F"),
+		      "listing queries sorted: %s then %s", st.list_targets[0], st.list_targets[1]);
+		dws_objects_free(v, n);
+		dws_bucket_close(b);
+	}
+	lb_stop(&srv);
+	free(st.list);
+	free(st.list2);
+	free(e1);
+	free(e2);
+}
+
 struct blobread {
 	dws_blob *blob;
 	uint64_t off;
@@ -461,6 +514,7 @@ int main(void)
 	test_range_check();
 	test_s3_listing();
 	test_s3_pinned();
+	test_sigv4_query();
 	printf("%d passed, %d failed\n", passed, failed);
 	return failed ? 1 : 0;
 }
