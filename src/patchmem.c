@@ -30,7 +30,46 @@ static struct {
 	atomic_bool warned, warned_tmpfs;
 	pthread_mutex_t lock;
 	char dir[PATH_MAX];
+	/* the spilled mappings, for dws_pmem_trim (under lock) */
+	struct mapping { void *p; size_t len; } *maps;
+	size_t nmaps, capmaps;
+	atomic_uint_least64_t read_since_trim;
 } pm = {.cap = UINT64_MAX, .lock = PTHREAD_MUTEX_INITIALIZER};
+
+static void maps_add(void *p, size_t len)
+{
+	pthread_mutex_lock(&pm.lock);
+	if (pm.nmaps == pm.capmaps) {
+		pm.capmaps = pm.capmaps ? 2 * pm.capmaps : 64;
+		pm.maps = dws_xrealloc(pm.maps, pm.capmaps * sizeof(*pm.maps));
+	}
+	pm.maps[pm.nmaps++] = (struct mapping){p, len};
+	pthread_mutex_unlock(&pm.lock);
+}
+
+static void maps_remove(void *p)
+{
+	pthread_mutex_lock(&pm.lock);
+	for (size_t i = 0; i < pm.nmaps; i++)
+		if (pm.maps[i].p == p) {
+			pm.maps[i] = pm.maps[--pm.nmaps];
+			break;
+		}
+	pthread_mutex_unlock(&pm.lock);
+}
+
+void dws_pmem_trim(uint64_t read)
+{
+	if (!atomic_load(&pm.disk))
+		return;
+	uint64_t since = atomic_fetch_add(&pm.read_since_trim, read) + read;
+	if (since < DWS_PMEM_TRIM_EVERY || !atomic_compare_exchange_strong(&pm.read_since_trim, &since, 0))
+		return;
+	pthread_mutex_lock(&pm.lock);
+	for (size_t i = 0; i < pm.nmaps; i++)
+		madvise(pm.maps[i].p, pm.maps[i].len, MADV_DONTNEED);
+	pthread_mutex_unlock(&pm.lock);
+}
 
 void dws_pmem_configure(uint64_t cap, const char *dir)
 {
@@ -181,6 +220,7 @@ void *dws_pmem_alloc(dws_pmem *b, size_t n, unsigned flags)
 	}
 	atomic_fetch_add(&pm.disk, n);
 	atomic_fetch_add(&pm.blocks, 1);
+	maps_add(p, maplen);
 	*b = (dws_pmem){.p = p, .len = n, .disk = true};
 	return p;
 }
@@ -230,6 +270,7 @@ void dws_pmem_free(dws_pmem *b)
 	size_t gone = atomic_load(&b->gone), left = gone < b->len ? b->len - gone : 0;
 	if (b->disk) {
 		long pg = sysconf(_SC_PAGESIZE);
+		maps_remove(b->p); /* before the unmap: a trim never meets an address reused */
 		munmap(b->p, (b->len + (size_t)pg - 1) & ~((size_t)pg - 1));
 		atomic_fetch_sub(&pm.disk, left);
 		atomic_fetch_sub(&pm.blocks, 1);

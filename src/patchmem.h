@@ -56,6 +56,12 @@ void dws_pmem_written(dws_pmem *b);
  * go back to the kernel, spilled ones are punched out of the file. */
 void dws_pmem_release(dws_pmem *b, void *p, size_t n);
 void dws_pmem_free(dws_pmem *b);
+/* `read` more bytes read: each DWS_PMEM_TRIM_EVERY of them, every spilled
+ * block's pages leave the process (readers fault them in again from the
+ * page cache), so its resident memory stays within the cap and that much
+ * however much spilled data is read. Cheap when it is not yet time. */
+#define DWS_PMEM_TRIM_EVERY (16ull << 20)
+void dws_pmem_trim(uint64_t read);
 
 typedef struct dws_pmem_counts {
 	uint64_t cap;         /* UINT64_MAX: none */

@@ -4,6 +4,7 @@
  * in memory. The cost of a read does not grow with the chain: a tensor
  * carries a few merged runs, never the deltas themselves. */
 #include "step_int.h"
+#include "patchmem.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -274,6 +275,7 @@ static int64_t step_read(dws_step *s, size_t fi, uint64_t off, void *buf, size_t
 			 struct pieces *P, dws_error *err)
 {
 	pthread_once(&f16_once, f16_table_init);
+	dws_pmem_trim(len); /* spilled patches' pages read before leave the process */
 	const dws_layout *L = s->layout;
 	if (fi >= L->nfiles)
 		return dws_fail(err, DWS_ENOENT, "step %llu: no file %zu", (unsigned long long)s->step, fi);
