@@ -153,6 +153,8 @@ static dws_patch *merge2(const dws_patch *older, const dws_patch *newer)
 	uint32_t i = 0, j = 0, na = older->n, nb = newer->n;
 	uint64_t o = 0;
 	while (i < na && j < nb) {
+		if (!(o & ((1u << 20) - 1)))
+			dws_pmem_trim((1u << 20) * 6); /* spilled runs' pages: not all at once */
 		uint32_t x = ai[i], y = bi[j];
 		if (x < y) {
 			idx[o] = x;
@@ -306,6 +308,7 @@ static bool make_full(dws_patch *p, const dws_src *src)
 			ok = false;
 			break;
 		}
+		dws_pmem_trim(n * 2);
 		/* the patched values over the source's, then the whole window back */
 		dense_apply_bf16(p, e, n, buf);
 		memcpy(p->val + e, buf, (size_t)n * 2);
@@ -341,6 +344,7 @@ static void dense_apply_runs(dws_patch *out, dws_patch *const *runs, uint32_t k)
 	uint32_t *cur = dws_xcalloc(k ? k : 1, sizeof(*cur));
 	for (uint64_t w0 = 0; w0 < numel; w0 += WINDOW) {
 		uint64_t w1 = numel - w0 < WINDOW ? numel : w0 + WINDOW;
+		dws_pmem_trim(WINDOW * 2); /* a spilled tensor's pages: not all at once */
 		for (uint32_t r = 0; r < k; r++) {
 			const dws_patch *p = runs[r];
 			if (p->bits) {

@@ -242,7 +242,9 @@ static int read_extent(const dws_layout *L, const dws_steptab *t, const dws_out_
 	dws_patch *run;
 	if (x->slot < 0)
 		return ref_ok ? dws_blob_read_ref(f->blob, pos, dst, n, ref, pin, err) : dws_blob_read(f->blob, pos, dst, n, err);
-	if (ref_ok && (run = full_tensor(L, t, (size_t)x->slot))) {
+	/* a spilled run's pages are small: pinned one by one for a reply
+	 * pointing into them, they cost more than a copy */
+	if (ref_ok && (run = full_tensor(L, t, (size_t)x->slot)) && !run->own[1].disk) {
 		/* the reply points into the run, which the pin keeps */
 		atomic_fetch_add(&run->refs, 1);
 		*ref = (const unsigned char *)run->val + (pos - x->off);
