@@ -150,6 +150,15 @@ static void steps(FILE *o, const dws_status *st)
 	i64(o, "dwsfs_last_poll_timestamp_seconds", "When the bucket was last polled (Unix time).", st->last_poll_wall);
 	i64(o, "dwsfs_root_open_handles", "Files of the root open now.", st->root_open_handles);
 	u64(o, "dwsfs_patch_memory_bytes", "gauge", "Memory held by patch arrays.", st->patch_bytes);
+	if (st->patch_mem_cap != UINT64_MAX)
+		u64(o, "dwsfs_patch_memory_cap_bytes", "gauge", "The cap on patch arrays in memory (patch_mem).",
+		    st->patch_mem_cap);
+	u64(o, "dwsfs_patch_anonymous_bytes", "gauge", "Patch arrays in anonymous memory (held under patch_mem).",
+	    st->patch_bytes_memory);
+	u64(o, "dwsfs_patch_spilled_bytes", "gauge", "Patch arrays spilled to unlinked files past patch_mem.",
+	    st->patch_bytes_disk);
+	u64(o, "dwsfs_patch_spill_failures_total", "counter", "Spills that failed and stayed in memory.",
+	    st->patch_spill_failures);
 }
 
 static void builds(FILE *o, const dws_status *st)

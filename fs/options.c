@@ -25,7 +25,7 @@ enum opt_id {
 	O_BASE, O_FORMAT, O_POLL, O_INFO_POLL, O_SWAP_IDLE, O_SWAP_MAX_DELAY, O_ON_SWAP, O_ON_SWAP_TIMEOUT,
 	O_ON_SWAP_KEEP_SECRETS, O_PATCH_AHEAD, O_VERIFY, O_MAP_PREFIX, O_MAX_STEPS, O_READ_AHEAD, O_CACHE_DIR,
 	O_CACHE_SIZE, O_BLOCK_SIZE, O_READ_TIMEOUT, O_STALL_TIMEOUT, O_CA_FILE, O_MAT_MAX, O_MAT_DIR,
-	O_LOG_LEVEL, O_LOG_FILE, O_NONEMPTY, O_METRICS_ADDR, O_TOKEN_FILE, O_COUNT
+	O_PATCH_MEM, O_LOG_LEVEL, O_LOG_FILE, O_NONEMPTY, O_METRICS_ADDR, O_TOKEN_FILE, O_COUNT
 };
 
 struct optdef {
@@ -61,6 +61,7 @@ static const struct optdef defs[O_COUNT] = {
 	[O_CA_FILE] = {"ca_file", K_STR, 0, 0, false, "a readable CA bundle file"},
 	[O_MAT_MAX] = {"materialize_max", K_SIZE, 0, 1LL << 60, false, "a size: bytes, or K, M, G, T (KiB..TiB: powers of 1024), 0: never"},
 	[O_MAT_DIR] = {"materialize_dir", K_STR, 0, 0, false, "an existing folder"},
+	[O_PATCH_MEM] = {"patch_mem", K_SIZE, 0, 1LL << 60, false, "a size: bytes, or K, M, G, T (KiB..TiB: powers of 1024), 0: spill all but small arrays"},
 	[O_LOG_LEVEL] = {"log_level", K_ENUM, 0, 0, false, "error, warn, info or debug"},
 	[O_LOG_FILE] = {"log_file", K_STR, 0, 0, false, "a file path"},
 	[O_NONEMPTY] = {"nonempty", K_FLAG, 0, 0, false, "no value"},
@@ -344,6 +345,8 @@ static void apply(struct config *c, const struct raw *r, const int64_t *n)
 		bo->read_deadline_ms = (unsigned)n[O_READ_TIMEOUT];
 	if (r->set[O_STALL_TIMEOUT])
 		bo->stall_timeout_ms = (unsigned)n[O_STALL_TIMEOUT];
+	if (r->set[O_PATCH_MEM])
+		mo->patch_mem = n[O_PATCH_MEM];
 	c->mat_max = r->set[O_MAT_MAX] ? (uint64_t)n[O_MAT_MAX] : UINT64_MAX; /* the disk decides (dws_step_materialize) */
 	c->read_ahead_kb = r->set[O_READ_AHEAD] ? (int)n[O_READ_AHEAD] : 1024;
 	c->nonempty = r->set[O_NONEMPTY];
@@ -429,6 +432,7 @@ static void usage(const char *prog)
 		[O_CA_FILE] = "extra CA bundle for TLS (verification is always on)",
 		[O_MAT_MAX] = "largest step materialized for FUSE passthrough (no cap: free disk decides; 0: never)",
 		[O_MAT_DIR] = "where (cache_dir, else $TMPDIR, else /var/tmp)",
+		[O_PATCH_MEM] = "patch memory kept in RAM; past it patches spill to files in cache_dir, else $TMPDIR, else /var/tmp (1/8 of RAM, >= 256M)",
 		[O_LOG_LEVEL] = "error, warn, info or debug (info)",
 		[O_LOG_FILE] = "append the log here, reopened on SIGHUP",
 		[O_NONEMPTY] = "mount over a folder that is not empty",
@@ -441,7 +445,7 @@ static void usage(const char *prog)
 		[O_PATCH_AHEAD] = "WHEN",
 		[O_MAP_PREFIX] = "FROM=TO", [O_MAX_STEPS] = "N", [O_READ_AHEAD] = "KB", [O_CACHE_DIR] = "DIR",
 		[O_CACHE_SIZE] = "SIZE", [O_BLOCK_SIZE] = "SIZE", [O_READ_TIMEOUT] = "TIME", [O_STALL_TIMEOUT] = "TIME",
-		[O_CA_FILE] = "FILE", [O_MAT_MAX] = "SIZE", [O_MAT_DIR] = "DIR", [O_LOG_LEVEL] = "LEVEL",
+		[O_CA_FILE] = "FILE", [O_MAT_MAX] = "SIZE", [O_MAT_DIR] = "DIR", [O_PATCH_MEM] = "SIZE", [O_LOG_LEVEL] = "LEVEL",
 		[O_LOG_FILE] = "PATH", [O_METRICS_ADDR] = "HOST:PORT", [O_TOKEN_FILE] = "PATH",
 	};
 	for (int i = 0; i < O_COUNT; i++) {

@@ -403,6 +403,7 @@ static int apply_sparse(dws_builder *bl, dws_step *s, const dws_stepfile *f,
 		on_two_threads(param_main, &w);
 	else
 		param_main(&w);
+	dws_arena_written(arena);
 	free(first);
 out:
 	dws_arena_unref(arena); /* the runs keep their own references */

@@ -21,6 +21,7 @@
 #include "log.h"
 #include "materializer.h"
 #include "patchcache.h"
+#include "patchmem.h"
 #include "patchfile.h"
 #include "poller.h"
 #include "status.h"
@@ -46,6 +47,7 @@ void dws_mount_opts_init(dws_mount_opts *o)
 		.on_swap_timeout_ms = 600000,
 		.patch_ahead = -1,
 		.format = DWS_FORMAT_AUTO,
+		.patch_mem = -1,
 	};
 }
 
@@ -354,6 +356,12 @@ static void status_steps_locked(dws_mount *m, dws_status *st)
 	st->patched_elements = dws_step_patch_entries(m->root);
 	st->whole_tensors = dws_step_whole_tensors(m->root, &st->whole_tensor_bytes);
 	st->patch_bytes = dws_patch_memory();
+	dws_pmem_counts pc;
+	dws_pmem_get(&pc);
+	st->patch_mem_cap = pc.cap;
+	st->patch_bytes_memory = pc.memory;
+	st->patch_bytes_disk = pc.disk;
+	st->patch_spill_failures = pc.spill_failures;
 }
 
 static void status_io(dws_mount *m, dws_status *st)
@@ -474,6 +482,7 @@ int dws_mount_open_env(const dws_mount_opts *o, const dws_mount_env *env, dws_mo
 		return DWS_EINVAL;
 	dws_mount *m = dws_xcalloc(1, sizeof(*m));
 	copy_opts(m, o);
+	dws_pmem_configure(o->patch_mem >= 0 ? (uint64_t)o->patch_mem : dws_pmem_default_cap(), o->tmpdir);
 	m->clock = env && env->clock ? *env->clock : dws_real_clock;
 	m->failed = dws_failures_new();
 	pthread_mutex_init(&m->lock, NULL);

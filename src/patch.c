@@ -43,7 +43,9 @@ dws_arena *dws_arena_new(size_t bytes)
 {
 	dws_arena *a = dws_xcalloc(1, sizeof(*a));
 	atomic_init(&a->refs, 1);
-	a->mem = dws_big_alloc_unhinted(bytes ? bytes : 1);
+	a->mem = dws_pmem_alloc(&a->blk, bytes ? bytes : 1, 0);
+	if (a->blk.disk) /* a file's pages: neither faulted in ahead nor huge */
+		return a;
 	/* A fresh arena's pages are faulted in (zeroed by the kernel) as the
 	 * decode first writes them: most of a step's build time where fresh
 	 * memory is dear (a VM handing freed pages back to its host). Fault
@@ -64,21 +66,14 @@ dws_arena *dws_arena_new(size_t bytes)
 	return a;
 }
 
+void dws_arena_written(dws_arena *a) { dws_pmem_written(&a->blk); }
+
 void dws_arena_unref(dws_arena *a)
 {
 	if (!a || atomic_fetch_sub(&a->refs, 1) != 1)
 		return;
-	free(a->mem);
+	dws_pmem_free(&a->blk);
 	free(a);
-}
-
-static void release_pages(void *p, size_t n)
-{
-	long pg = sysconf(_SC_PAGESIZE);
-	uintptr_t a = ((uintptr_t)p + (uintptr_t)pg - 1) & ~((uintptr_t)pg - 1);
-	uintptr_t e = ((uintptr_t)p + n) & ~((uintptr_t)pg - 1);
-	if (pg > 0 && e > a)
-		madvise((void *)a, e - a, MADV_DONTNEED);
 }
 
 void dws_patch_unref(dws_patch *p)
@@ -91,14 +86,13 @@ void dws_patch_unref(dws_patch *p)
 		 * run's whole pages back now (merged runs replace a delta's runs
 		 * one tensor at a time) */
 		if (atomic_load(&p->arena->refs) > 1) {
-			release_pages(p->idx, (size_t)p->n * sizeof(uint32_t));
-			release_pages(p->val, (size_t)p->n * sizeof(uint16_t));
+			dws_pmem_release(&p->arena->blk, p->idx, (size_t)p->n * sizeof(uint32_t));
+			dws_pmem_release(&p->arena->blk, p->val, (size_t)p->n * sizeof(uint16_t));
 		}
 		dws_arena_unref(p->arena);
 	} else {
-		free(p->idx);
-		free(p->val);
-		free(p->bits);
+		for (int i = 0; i < 3; i++)
+			dws_pmem_free(&p->own[i]);
 	}
 	free(p);
 }
@@ -116,15 +110,34 @@ dws_patch *dws_patch_new_in(dws_arena *a, uint32_t *idx, uint16_t *val, uint32_t
 	return p;
 }
 
-dws_patch *dws_patch_new_owned(uint32_t *idx, uint16_t *val, uint32_t n)
+/* A sparse run over the owned blocks of its arrays. */
+static dws_patch *patch_new_blocks(dws_pmem *idx, dws_pmem *val, uint32_t n)
 {
 	dws_patch *p = dws_xcalloc(1, sizeof(*p));
 	atomic_init(&p->refs, 1);
 	p->n = n;
-	p->idx = idx;
-	p->val = val;
+	p->own[0] = (dws_pmem){.p = idx->p, .len = idx->len, .disk = idx->disk};
+	p->own[1] = (dws_pmem){.p = val->p, .len = val->len, .disk = val->disk};
+	p->idx = p->own[0].p;
+	p->val = p->own[1].p;
 	atomic_fetch_add(&patch_mem, patch_size(p));
 	return p;
+}
+
+dws_patch *dws_patch_new_owned(uint32_t *idx, uint16_t *val, uint32_t n)
+{
+	dws_pmem bi, bv;
+	dws_pmem_adopt(&bi, idx, (size_t)n * sizeof(uint32_t));
+	dws_pmem_adopt(&bv, val, (size_t)n * sizeof(uint16_t));
+	return patch_new_blocks(&bi, &bv, n);
+}
+
+/* The producer is done with owned run p: its spilled blocks leave the
+ * process's pages. */
+static void patch_written(dws_patch *p)
+{
+	for (int i = 0; !p->arena && i < 3; i++)
+		dws_pmem_written(&p->own[i]);
 }
 
 /* Two runs into one; where both hold an index the newer one's value wins.
@@ -132,13 +145,16 @@ dws_patch *dws_patch_new_owned(uint32_t *idx, uint16_t *val, uint32_t n)
 static dws_patch *merge2(const dws_patch *older, const dws_patch *newer)
 {
 	uint64_t total = (uint64_t)older->n + newer->n;
-	uint32_t *idx = dws_big_alloc((total ? total : 1) * sizeof(uint32_t));
-	uint16_t *val = dws_big_alloc((total ? total : 1) * sizeof(uint16_t));
+	dws_pmem mi, mv;
+	uint32_t *idx = dws_pmem_alloc(&mi, (total ? total : 1) * sizeof(uint32_t), DWS_PMEM_HUGE | DWS_PMEM_MERGED);
+	uint16_t *val = dws_pmem_alloc(&mv, (total ? total : 1) * sizeof(uint16_t), DWS_PMEM_HUGE | DWS_PMEM_MERGED);
 	const uint32_t *ai = older->idx, *bi = newer->idx;
 	const uint16_t *av = older->val, *bv = newer->val;
 	uint32_t i = 0, j = 0, na = older->n, nb = newer->n;
 	uint64_t o = 0;
 	while (i < na && j < nb) {
+		if (!(o & ((1u << 20) - 1)))
+			dws_pmem_trim((1u << 20) * 6); /* spilled runs' pages: not all at once */
 		uint32_t x = ai[i], y = bi[j];
 		if (x < y) {
 			idx[o] = x;
@@ -156,10 +172,10 @@ static dws_patch *merge2(const dws_patch *older, const dws_patch *newer)
 	memcpy(val + o, bv + j, (size_t)(nb - j) * sizeof(uint16_t));
 	o += nb - j;
 	if (o < total) { /* duplicates dropped: give the tail back */
-		idx = dws_xrealloc(idx, (o ? o : 1) * sizeof(uint32_t));
-		val = dws_xrealloc(val, (o ? o : 1) * sizeof(uint16_t));
+		dws_pmem_shrink(&mi, (o ? o : 1) * sizeof(uint32_t));
+		dws_pmem_shrink(&mv, (o ? o : 1) * sizeof(uint16_t));
 	}
-	return dws_patch_new_owned(idx, val, (uint32_t)o);
+	return patch_new_blocks(&mi, &mv, (uint32_t)o);
 }
 
 /* ---- dense runs ---- */
@@ -267,11 +283,10 @@ static dws_patch *dense_new(uint64_t numel, bool huge)
 	atomic_init(&p->refs, 1);
 	p->numel = numel;
 	size_t words = (size_t)((numel + 63) / 64);
-	p->bits = dws_xcalloc(words ? words : 1, sizeof(uint64_t));
+	p->bits = dws_pmem_alloc(&p->own[2], (words ? words : 1) * sizeof(uint64_t), DWS_PMEM_ZERO | DWS_PMEM_MERGED);
 	size_t bytes = (size_t)(numel ? numel : 1) * sizeof(uint16_t);
-	p->val = huge ? dws_big_alloc(bytes) : dws_big_alloc_unhinted(bytes);
-	memset(p->val, 0, (size_t)numel * sizeof(uint16_t));
-	if (!huge)
+	p->val = dws_pmem_alloc(&p->own[1], bytes, DWS_PMEM_ZERO | DWS_PMEM_MERGED | (huge ? DWS_PMEM_HUGE : 0));
+	if (!huge && !p->own[1].disk)
 		dws_big_hint(p->val, bytes);
 	atomic_fetch_add(&patch_mem, patch_size(p));
 	return p;
@@ -293,6 +308,7 @@ static bool make_full(dws_patch *p, const dws_src *src)
 			ok = false;
 			break;
 		}
+		dws_pmem_trim(n * 2);
 		/* the patched values over the source's, then the whole window back */
 		dense_apply_bf16(p, e, n, buf);
 		memcpy(p->val + e, buf, (size_t)n * 2);
@@ -328,6 +344,7 @@ static void dense_apply_runs(dws_patch *out, dws_patch *const *runs, uint32_t k)
 	uint32_t *cur = dws_xcalloc(k ? k : 1, sizeof(*cur));
 	for (uint64_t w0 = 0; w0 < numel; w0 += WINDOW) {
 		uint64_t w1 = numel - w0 < WINDOW ? numel : w0 + WINDOW;
+		dws_pmem_trim(WINDOW * 2); /* a spilled tensor's pages: not all at once */
 		for (uint32_t r = 0; r < k; r++) {
 			const dws_patch *p = runs[r];
 			if (p->bits) {
@@ -416,9 +433,12 @@ dws_patch *dws_patch_compact(dws_patch *const *runs, uint32_t k, uint64_t numel,
 			d->full |= runs[r]->full; /* every bit set already */
 		if (!d->full && whole)
 			make_full(d, src);
+		patch_written(d);
 		return d;
 	}
-	return merge_sparse(runs, k);
+	dws_patch *m = merge_sparse(runs, k);
+	patch_written(m);
+	return m;
 }
 
 dws_patchset *dws_patchset_add(const dws_patchset *old, dws_patch *run, uint64_t numel)
@@ -485,6 +505,7 @@ static dws_patchset *fold_into_own(const dws_patchset *old, dws_patch *run, dws_
 	free(runs);
 	dws_patch_unref(run);
 	own->n = (uint32_t)dense_count(own);
+	patch_written(own);
 	/* old (the caller drops it) lets go of the folded runs */
 	atomic_fetch_add(&own->refs, 1);
 	return patchset_one(own);
@@ -534,6 +555,7 @@ dws_patchset *dws_patchset_add_build(const dws_patchset *old, dws_patch *run, ui
 	uint32_t k;
 	dws_patch **runs = runs_then(old, 0, run, &k);
 	*own = densify(runs, k, numel, false);
+	patch_written(*own);
 	free(runs);
 	dws_patch_unref(run);
 	return patchset_one(*own);

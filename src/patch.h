@@ -5,6 +5,7 @@
 #define DWSFS_PATCH_H
 
 #include "internal.h"
+#include "patchmem.h"
 
 /* A merged patch: the elements of one tensor that differ from its source, as
  * sorted indices with BF16 values (newest wins). Immutable once built and
@@ -14,9 +15,12 @@
 typedef struct dws_arena {
 	atomic_long refs;
 	void *mem;
+	dws_pmem blk;     /* mem's block (patchmem.h) */
 } dws_arena;
 
 dws_arena *dws_arena_new(size_t bytes);
+/* Its runs are in it: a spilled arena's pages leave the process. */
+void dws_arena_written(dws_arena *a);
 void dws_arena_unref(dws_arena *a);
 
 /* Where an output tensor's bytes come from, before patching. */
@@ -41,6 +45,7 @@ typedef struct dws_patch {
 			     (the source's values filled in), the source is
 			     not read at all; n still counts the entries */
 	dws_arena *arena; /* idx and val lie in it; NULL: owned */
+	dws_pmem own[3];  /* owned: the blocks of idx, val and bits */
 } dws_patch;
 
 /* A run over arrays the run takes ownership of (free()d with it). */

@@ -46,6 +46,10 @@ static void put_steps(json_t *j, const dws_status *st)
 	put(j, "whole_tensors", num(st->whole_tensors));
 	put(j, "whole_tensor_bytes", num(st->whole_tensor_bytes));
 	put(j, "patch_bytes", num(st->patch_bytes));
+	put(j, "patch_mem_cap", num_or_null(st->patch_mem_cap != UINT64_MAX, st->patch_mem_cap));
+	put(j, "patch_bytes_memory", num(st->patch_bytes_memory));
+	put(j, "patch_bytes_disk", num(st->patch_bytes_disk));
+	put(j, "patch_spill_failures", num(st->patch_spill_failures));
 }
 
 static void put_io(json_t *j, const dws_status *st)

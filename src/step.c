@@ -227,6 +227,7 @@ static int step_bf16(void *ctx, size_t slot, uint64_t e0, uint64_t n, uint16_t *
 	if (rc)
 		return rc;
 	dws_to_bf16(src->dtype, raw, n, out);
+	dws_pmem_trim(n * 2); /* spilled patches' pages read before leave the process */
 	dws_patchset_apply_bf16(t->patch[slot], e0, n, out);
 	return DWS_OK;
 }

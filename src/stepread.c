@@ -4,6 +4,7 @@
  * in memory. The cost of a read does not grow with the chain: a tensor
  * carries a few merged runs, never the deltas themselves. */
 #include "step_int.h"
+#include "patchmem.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -241,7 +242,9 @@ static int read_extent(const dws_layout *L, const dws_steptab *t, const dws_out_
 	dws_patch *run;
 	if (x->slot < 0)
 		return ref_ok ? dws_blob_read_ref(f->blob, pos, dst, n, ref, pin, err) : dws_blob_read(f->blob, pos, dst, n, err);
-	if (ref_ok && (run = full_tensor(L, t, (size_t)x->slot))) {
+	/* a spilled run's pages are small: pinned one by one for a reply
+	 * pointing into them, they cost more than a copy */
+	if (ref_ok && (run = full_tensor(L, t, (size_t)x->slot)) && !run->own[1].disk) {
 		/* the reply points into the run, which the pin keeps */
 		atomic_fetch_add(&run->refs, 1);
 		*ref = (const unsigned char *)run->val + (pos - x->off);
@@ -274,6 +277,7 @@ static int64_t step_read(dws_step *s, size_t fi, uint64_t off, void *buf, size_t
 			 struct pieces *P, dws_error *err)
 {
 	pthread_once(&f16_once, f16_table_init);
+	dws_pmem_trim(len); /* spilled patches' pages read before leave the process */
 	const dws_layout *L = s->layout;
 	if (fi >= L->nfiles)
 		return dws_fail(err, DWS_ENOENT, "step %llu: no file %zu", (unsigned long long)s->step, fi);

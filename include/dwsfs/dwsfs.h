@@ -400,6 +400,10 @@ typedef struct dws_mount_opts {
 	int patch_ahead;            /* the patch root -> new step made before it is
 				     * ready: 1 yes, 0 no, -1 once a patch was read */
 	const char *mountpoint;     /* absolute: for the hook's environment and logs */
+	int64_t patch_mem;          /* the cap on patch memory, process-wide: past it
+				     * merged patches spill to unlinked files under
+				     * tmpdir ($TMPDIR, else /var/tmp); -1: 1/8 of
+				     * the machine's memory, at least 256 MiB */
 	/* Called by the sync thread after a swap, holding no lock. */
 	void (*swapped)(void *ctx, dws_step *old_root, dws_step *new_root);
 	void *ctx;
@@ -533,6 +537,8 @@ typedef struct dws_status {
 	int root_open_handles;
 	uint64_t patched_elements, whole_tensor_bytes, patch_bytes;
 	size_t whole_tensors;
+	uint64_t patch_mem_cap;       /* UINT64_MAX: none */
+	uint64_t patch_bytes_memory, patch_bytes_disk, patch_spill_failures;
 	bool remote;
 	uint64_t bytes_fetched, cache_hits, cache_misses;
 	dws_cache_counts cache;       /* remote */
