@@ -306,17 +306,20 @@ def test_cached_sources_merged_into_whole_tensors(hub, tmp_path):
         st = merged(m)
         assert st["whole_tensors"] == 0, st  # the anchor's blocks were not cached yet
         assert read_all(m.mnt / "model.safetensors") == want  # fills the cache
+        # blocks the disk writers were too far behind to take (a loaded
+        # machine) are served and not kept: the next mount fetches them
+        unkept = m.status()["cache_unkept_blocks"]
     cdn = h.stats()["cdn"]
     with Mount("hf://buckets/test/fold", tmp_path / "mnt", opts, env=env) as m:
         st = merged(m)
-        assert st["whole_tensors"] > 0 and st["whole_tensor_bytes"] > len(want) // 2, st
+        assert unkept or (st["whole_tensors"] > 0 and st["whole_tensor_bytes"] > len(want) // 2), (unkept, st)
         assert read_all(m.mnt / "model.safetensors") == want
         assert read_mmap(m.mnt / "model.safetensors") == want
         with open(m.mnt / "model.safetensors", "rb") as f:  # odd offsets and lengths
             for off in (1, 4097, len(want) // 3 + 7, len(want) - 12345):
                 f.seek(off)
                 assert f.read(70001) == want[off:off + 70001], off
-    assert h.stats()["cdn"] == cdn  # the second mount fetched nothing
+    assert h.stats()["cdn"] - cdn <= unkept, unkept  # the second mount fetched nothing the first kept
 
 
 def test_materialized_once_cached_never_fetching(hub, tmp_path):
