@@ -83,6 +83,18 @@ static int place_of(const dws_layout *L, const struct target *t, const char *nam
 	return DWS_OK;
 }
 
+/* The pages of [p, p+n) leave the process (a shared file mapping: written
+ * pages stay dirty in the page cache): the copy's and the patch's pages do
+ * not pile up in the daemon's RSS as a patch goes through a large model. */
+static void drop_pages(const void *p, size_t n)
+{
+	uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE), a = (uintptr_t)p & ~(pg - 1);
+	if (n)
+		madvise((void *)a, (uintptr_t)p + n - a, MADV_DONTNEED);
+}
+
+enum { DROP_EVERY = 16u << 20 };
+
 /* One tensor's entries of the patch (mapped at pm) into the copy. */
 static int apply_tensor(const dws_st_file *st, const unsigned char *pm, const dws_layout *L, const struct target *t,
 			const dws_st_tensor *vt, dws_error *err)
@@ -103,11 +115,17 @@ static int apply_tensor(const dws_st_file *st, const unsigned char *pm, const dw
 			rc = dws_fail(err, DWS_EFORMAT, "patch: dense '%s' has %llu elements, the tensor %llu", vt->name,
 				      (unsigned long long)vt->numel, (unsigned long long)numel);
 		else
-			memcpy(at, vals, (size_t)(numel * osz));
+			for (uint64_t b = 0, all = numel * osz; b < all; b += DROP_EVERY) {
+				size_t w = all - b < DROP_EVERY ? (size_t)(all - b) : DROP_EVERY;
+				memcpy(at + b, vals + b, w);
+				drop_pages(at + b, w);
+				drop_pages(vals + b, w);
+			}
 	} else if (!rc) {
 		if (it->dtype != DWS_DT_I64 || it->numel != vt->numel)
 			rc = dws_fail(err, DWS_EFORMAT, "patch: '%s' does not match its values", iname);
 		const unsigned char *ix = pm + dws_st_data_start(st) + it->begin;
+		uint64_t dropped = 0; /* bytes of the tensor behind the positions (sorted) */
 		for (uint64_t k = 0; k < vt->numel && !rc; k++) {
 			uint64_t pos;
 			memcpy(&pos, ix + k * 8, 8);
@@ -116,7 +134,14 @@ static int apply_tensor(const dws_st_file *st, const unsigned char *pm, const dw
 					      (unsigned long long)pos, (unsigned long long)numel);
 			else
 				memcpy(at + pos * osz, vals + k * osz, osz);
+			if (!rc && pos * osz >= dropped + DROP_EVERY) {
+				drop_pages(at + dropped, (size_t)(pos * osz - dropped));
+				dropped = pos * osz;
+			}
 		}
+		drop_pages(at + dropped, (size_t)(numel * osz - dropped));
+		drop_pages(ix, (size_t)(vt->numel * 8));
+		drop_pages(vals, (size_t)(vt->numel * osz));
 	}
 	free(iname);
 	free(name);

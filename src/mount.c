@@ -132,6 +132,18 @@ static uint64_t step_id(dws_mount *m, uint64_t n)
 	return id;
 }
 
+/* step_id of a step that did not fail to build (a patch from it may be made
+ * from the deltas after it alone), else 0. */
+static uint64_t good_step_id(dws_mount *m, uint64_t n)
+{
+	uint64_t id = step_id(m, n);
+	pthread_mutex_lock(&m->lock);
+	if (id && dws_failures_get(m->failed, id))
+		id = 0;
+	pthread_mutex_unlock(&m->lock);
+	return id;
+}
+
 int dws_mount_get_step(dws_mount *m, uint64_t step, dws_step **out, dws_error *err)
 {
 	uint64_t id = step_id(m, step);
@@ -244,13 +256,14 @@ static bool mat_busy(void *ctx)
 static int mat_patch(void *ctx, uint64_t from, uint64_t to, dws_patchfile **out, dws_error *err)
 {
 	dws_mount *m = ctx;
-	dws_step *f = NULL, *t = NULL;
-	int rc = dws_mount_get_step(m, from, &f, err);
+	dws_step *t = NULL;
+	uint64_t from_id = good_step_id(m, from);
+	int rc = from_id ? dws_mount_get_step(m, to, &t, err)
+			 : dws_fail(err, DWS_ENOENT, "%s: no good step %llu", m->bucket_uri, (unsigned long long)from);
+	/* from the deltas between alone: building the copy's old step would
+	 * hold a second patch set (the step cache kept it) */
 	if (!rc)
-		rc = dws_mount_get_step(m, to, &t, err);
-	if (!rc)
-		rc = dws_patchcache_get(m->patches, m->bl, f, t, true, false, out, err);
-	dws_step_unref(f);
+		rc = dws_patchcache_get_chain(m->patches, m->bl, from, from_id, t, false, out, err);
 	dws_step_unref(t);
 	return rc;
 }
@@ -307,12 +320,20 @@ int dws_mount_patch(dws_mount *m, uint64_t from, uint64_t to, dws_patchfile **ou
 	*out = dws_patchcache_find(m->patches, step_id(m, from), step_id(m, to), true);
 	if (*out)
 		return DWS_OK;
+	/* within one chain, from the deltas between alone: the old step is
+	 * not built (nor kept in the step cache) */
 	dws_step *f = NULL, *t = NULL;
-	int rc = dws_mount_get_step(m, from, &f, err);
+	uint64_t from_id = good_step_id(m, from);
+	int rc = dws_mount_get_step(m, to, &t, err);
 	if (!rc)
-		rc = dws_mount_get_step(m, to, &t, err);
-	if (!rc)
-		rc = dws_patchcache_get(m->patches, m->bl, f, t, false, true, out, err);
+		rc = from_id ? dws_patchcache_get_chain(m->patches, m->bl, from, from_id, t, true, out, err) : DWS_EUNSUP;
+	if (rc == DWS_EUNSUP) {
+		if (err)
+			err->code = 0, err->msg[0] = 0;
+		rc = dws_mount_get_step(m, from, &f, err);
+		if (!rc)
+			rc = dws_patchcache_get(m->patches, m->bl, f, t, false, true, out, err);
+	}
 	dws_step_unref(f);
 	dws_step_unref(t);
 	return rc;

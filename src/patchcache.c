@@ -84,22 +84,24 @@ static void keep(dws_patchcache *pc, uint64_t from_id, uint64_t to_id, dws_patch
 
 static int64_t ms_now(void) { return dws_real_clock.mono_ms(NULL); }
 
-int dws_patchcache_get(dws_patchcache *pc, dws_builder *bl, dws_step *f, dws_step *t, bool chain_only, bool for_reader,
-		       dws_patchfile **out, dws_error *err)
+/* f built, or NULL: the patch from step number fn (content id fid) made
+ * from the chain alone. */
+static int get(dws_patchcache *pc, dws_builder *bl, dws_step *f, uint64_t fn, uint64_t fid, dws_step *t, bool chain_only,
+	       bool for_reader, dws_patchfile **out, dws_error *err)
 {
 	int rc = DWS_OK;
 	pthread_mutex_lock(&pc->make_lock);
-	*out = find(pc, dws_step_id(f), dws_step_id(t));
+	*out = find(pc, fid, dws_step_id(t));
 	if (!*out) {
 		int64_t t0 = ms_now();
 		pthread_mutex_lock(pc->build_lock);
-		rc = dws_patchfile_make(bl, f, t, pc->tmpdir, chain_only, out, err);
+		rc = f ? dws_patchfile_make(bl, f, t, pc->tmpdir, chain_only, out, err)
+		       : dws_patchfile_make_chain(bl, fn, t, pc->tmpdir, out, err);
 		pthread_mutex_unlock(pc->build_lock);
 		if (!rc) {
-			keep(pc, dws_step_id(f), dws_step_id(t), *out);
-			dws_log_info("patch %llu-%llu: %llu elements, %llu bytes, made in %lld ms",
-				     (unsigned long long)dws_step_number(f), (unsigned long long)dws_step_number(t),
-				     (unsigned long long)dws_patchfile_changed(*out),
+			keep(pc, fid, dws_step_id(t), *out);
+			dws_log_info("patch %llu-%llu: %llu elements, %llu bytes, made in %lld ms", (unsigned long long)fn,
+				     (unsigned long long)dws_step_number(t), (unsigned long long)dws_patchfile_changed(*out),
 				     (unsigned long long)dws_patchfile_size(*out), (long long)(ms_now() - t0));
 		}
 	}
@@ -107,6 +109,18 @@ int dws_patchcache_get(dws_patchcache *pc, dws_builder *bl, dws_step *f, dws_ste
 	if (!rc && for_reader)
 		atomic_store(&pc->read_any, true);
 	return rc;
+}
+
+int dws_patchcache_get(dws_patchcache *pc, dws_builder *bl, dws_step *f, dws_step *t, bool chain_only, bool for_reader,
+		       dws_patchfile **out, dws_error *err)
+{
+	return get(pc, bl, f, dws_step_number(f), dws_step_id(f), t, chain_only, for_reader, out, err);
+}
+
+int dws_patchcache_get_chain(dws_patchcache *pc, dws_builder *bl, uint64_t from, uint64_t from_id, dws_step *t,
+			     bool for_reader, dws_patchfile **out, dws_error *err)
+{
+	return get(pc, bl, NULL, from, from_id, t, true, for_reader, out, err);
 }
 
 bool dws_patchcache_read_any(dws_patchcache *pc)

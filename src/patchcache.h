@@ -18,6 +18,10 @@ void dws_patchcache_free(dws_patchcache *pc);
  * for_reader: someone is about to read it (see dws_patchcache_read_any). */
 int dws_patchcache_get(dws_patchcache *pc, dws_builder *bl, dws_step *f, dws_step *t, bool chain_only, bool for_reader,
 		       dws_patchfile **out, dws_error *err);
+/* The same from step number `from` (content id from_id) within t's chain,
+ * without that step built (patchfile.h: dws_patchfile_make_chain). */
+int dws_patchcache_get_chain(dws_patchcache *pc, dws_builder *bl, uint64_t from, uint64_t from_id, dws_step *t,
+			     bool for_reader, dws_patchfile **out, dws_error *err);
 /* The kept patch between the steps with these content ids, or NULL. */
 dws_patchfile *dws_patchcache_find(dws_patchcache *pc, uint64_t from_id, uint64_t to_id, bool for_reader);
 /* Whether any patch was handed to a reader yet. */

@@ -512,17 +512,19 @@ static int make_data(struct out *o, dws_lazy_chain *lc, dws_step *from, dws_step
 	return rc;
 }
 
-int dws_patchfile_make(dws_builder *bl, dws_step *from, dws_step *to, const char *tmpdir, bool chain_only,
-		       dws_patchfile **out, dws_error *err)
+/* from: built, or NULL when the patch is made from the chain alone (step
+ * number fs). */
+static int make(dws_builder *bl, uint64_t fs, dws_step *from, dws_step *to, const char *tmpdir, bool chain_only,
+		dws_patchfile **out, dws_error *err)
 {
 	*out = NULL;
-	uint64_t fs = dws_step_number(from), ts = dws_step_number(to);
+	uint64_t ts = dws_step_number(to);
 	if (fs >= ts)
 		return dws_fail(err, DWS_EINVAL, "patch from step %llu to step %llu: the first must come before the second",
 				(unsigned long long)fs, (unsigned long long)ts);
 	dws_lazy_chain *lc = NULL;
 	int rc = DWS_OK;
-	if (dws_layout_same(dws_step_layout(from), dws_step_layout(to)))
+	if (!from || dws_layout_same(dws_step_layout(from), dws_step_layout(to)))
 		rc = dws_builder_span(bl, to, fs, &lc, err);
 	if (!rc && !lc && chain_only)
 		rc = dws_fail(err, DWS_EUNSUP, "patch %llu-%llu: not within one chain of deltas", (unsigned long long)fs,
@@ -555,6 +557,18 @@ int dws_patchfile_make(dws_builder *bl, dws_step *from, dws_step *to, const char
 	}
 	*out = p;
 	return DWS_OK;
+}
+
+int dws_patchfile_make(dws_builder *bl, dws_step *from, dws_step *to, const char *tmpdir, bool chain_only,
+		       dws_patchfile **out, dws_error *err)
+{
+	return make(bl, dws_step_number(from), from, to, tmpdir, chain_only, out, err);
+}
+
+int dws_patchfile_make_chain(dws_builder *bl, uint64_t from, dws_step *to, const char *tmpdir, dws_patchfile **out,
+			     dws_error *err)
+{
+	return make(bl, from, NULL, to, tmpdir, true, out, err);
 }
 
 uint64_t dws_patchfile_size(const dws_patchfile *p) { return p->size; }

@@ -19,6 +19,10 @@
  * chain), never by comparing tensors. */
 int dws_patchfile_make(dws_builder *bl, dws_step *from, dws_step *to, const char *tmpdir, bool chain_only,
 		       dws_patchfile **out, dws_error *err);
+/* The same within one chain, from step number `from` alone: that step need
+ * not be built (an old root, say). DWS_EUNSUP if an anchor lies between. */
+int dws_patchfile_make_chain(dws_builder *bl, uint64_t from, dws_step *to, const char *tmpdir, dws_patchfile **out,
+			     dws_error *err);
 uint64_t dws_patchfile_changed(const dws_patchfile *p); /* elements written */
 /* The whole file at path, atomically (a temp name renamed). */
 int dws_patchfile_write(dws_patchfile *p, const char *path, dws_error *err);
