@@ -284,3 +284,40 @@ def mounted(bucket, mnt, *opts, env=None, allowed_errors=(), expect_returncode=0
             unmount(mnt)
         if problems and not body_failed:
             raise MountError("; ".join(problems) + f"\n--- daemon log ---\n{text}")
+
+
+S3RVER = os.environ.get("S3RVER", "/opt/dwsfs-test-npm/node_modules/.bin/s3rver")
+
+
+@contextlib.contextmanager
+def s3rver_running(tmp_path, port, log=None):
+    """npm's s3rver on 127.0.0.1:port with a bucket `grpo`, its data under
+    tmp_path; its output to the file `log` (None: dropped). Yields the
+    endpoint; always stopped. Missing: the test fails under
+    DWSFS_REQUIRE_S3=1 (CI), else skips."""
+    import pytest  # only the tests that start it need pytest here
+    if not os.access(S3RVER, os.X_OK):
+        if os.environ.get("DWSFS_REQUIRE_S3") == "1":
+            pytest.fail(f"s3rver not installed at {S3RVER}")
+        pytest.skip(f"s3rver not installed at {S3RVER}")
+    data = Path(tmp_path) / "s3data"
+    data.mkdir()
+    out = open(log, "w") if log else subprocess.DEVNULL
+    p = subprocess.Popen([S3RVER, "-d", str(data), "-a", "127.0.0.1", "-p", str(port), "--configure-bucket", "grpo",
+                          *([] if log else ["--silent"])], stdout=out, stderr=subprocess.STDOUT)
+    ep = f"http://127.0.0.1:{port}"
+    try:
+        def up():
+            r = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", ep], capture_output=True,
+                               text=True, timeout=5)
+            return r.stdout.strip() not in ("", "000")
+        wait_until(up, 30, "s3rver")
+        yield ep
+    finally:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+        if log:
+            out.close()

@@ -21,10 +21,10 @@ import dwsgen
 import dwsref
 from conftest import REPO
 from hubserver import Hub
+from mountutil import s3rver_running
 
 DWSFS = os.environ.get("DWSFS", str(REPO / "build" / "dwsfs"))
 DWSCTL = os.environ.get("DWSCTL", str(REPO / "build" / "dwsctl"))
-S3RVER = os.environ.get("S3RVER", "/opt/dwsfs-test-npm/node_modules/.bin/s3rver")
 TOKEN = "hf_test_secret_token_0123456789"
 
 
@@ -713,29 +713,8 @@ def test_cache_reused_across_remounts_and_keyed_by_content(hub, scenarios, tmp_p
 
 @pytest.fixture
 def s3(tmp_path):
-    if not os.access(S3RVER, os.X_OK):
-        if os.environ.get("DWSFS_REQUIRE_S3") == "1":
-            pytest.fail(f"s3rver not installed at {S3RVER}")
-        pytest.skip(f"s3rver not installed at {S3RVER}")
-    port = 20000 + os.getpid() % 20000
-    data = tmp_path / "s3data"
-    data.mkdir()
-    p = subprocess.Popen([S3RVER, "-d", str(data), "-a", "127.0.0.1", "-p", str(port), "--configure-bucket", "grpo",
-                          "--silent"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ep = f"http://127.0.0.1:{port}"
-    try:
-        def up():
-            r = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", ep], capture_output=True,
-                               text=True, timeout=5)
-            return r.stdout.strip() not in ("", "000")
-        wait_until(up, 30, "s3rver")
+    with s3rver_running(tmp_path, 20000 + os.getpid() % 20000) as ep:
         yield ep
-    finally:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
 
 
 def s3_put_tree(ep, src, prefix):

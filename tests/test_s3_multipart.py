@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 import dwsgen
-from test_http import S3RVER, s3_env, wait_until
+from mountutil import s3rver_running
+from test_http import s3_env, wait_until
 from test_publish import tensors
 
 MIB = 1 << 20
@@ -53,31 +54,8 @@ def publish(dwsctl, model, uri, env, step=1, **kw):
 @pytest.fixture
 def s3rver(tmp_path):
     """s3rver with its log kept (it says "Stored part N of ID")."""
-    if not os.access(S3RVER, os.X_OK):
-        if os.environ.get("DWSFS_REQUIRE_S3") == "1":
-            pytest.fail(f"s3rver not installed at {S3RVER}")
-        pytest.skip(f"s3rver not installed at {S3RVER}")
-    port = 20000 + (os.getpid() + 7) % 20000
-    data = tmp_path / "s3data"
-    data.mkdir()
-    log = open(tmp_path / "s3rver.log", "w")
-    p = subprocess.Popen([S3RVER, "-d", str(data), "-a", "127.0.0.1", "-p", str(port), "--configure-bucket", "grpo"],
-                         stdout=log, stderr=subprocess.STDOUT)
-    ep = f"http://127.0.0.1:{port}"
-    try:
-        def up():
-            r = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", ep], capture_output=True,
-                               text=True, timeout=5)
-            return r.stdout.strip() not in ("", "000")
-        wait_until(up, 30, "s3rver")
+    with s3rver_running(tmp_path, 20000 + (os.getpid() + 7) % 20000, log=tmp_path / "s3rver.log") as ep:
         yield ep, tmp_path / "s3rver.log"
-    finally:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-        log.close()
 
 
 def test_multipart_roundtrip_on_s3rver(dwsctl, model, tmp_path, s3rver):
