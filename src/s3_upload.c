@@ -18,10 +18,13 @@
  * CompleteMultipartUpload may send after its status) is a failure. */
 #include "s3_upload.h"
 #include "http.h"
+#include "log.h"
 
 #include <ctype.h>
 #include <errno.h>
 #include <expat.h>
+#include <openssl/evp.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -347,6 +350,63 @@ static void mpu_abort(struct mpu *m, dws_error *err)
 		snprintf(err->msg + l, sizeof(err->msg) - l, " (multipart upload aborted)");
 }
 
+/* The ETag S3 gives an object joined from these parts: the MD5 of their
+ * MD5s (each part's ETag), then "-N". false: a part's ETag is not a plain
+ * MD5 (SSE-KMS, say), so the object cannot be recognized by it. */
+static bool joined_etag(const struct mpu *m, char *out, size_t cap)
+{
+	EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+	bool ok = ctx && EVP_DigestInit_ex(ctx, EVP_md5(), NULL) == 1;
+	for (uint32_t i = 0; ok && i < m->n; i++) {
+		const char *e = m->etags[i];
+		size_t n = strlen(e);
+		if (n == 34 && e[0] == '"' && e[33] == '"')
+			e++, n = 32;
+		unsigned char md5[16];
+		for (size_t k = 0; ok && k < 16; k++) {
+			unsigned v = 0;
+			ok = n == 32 && isxdigit((unsigned char)e[2 * k]) && isxdigit((unsigned char)e[2 * k + 1]) &&
+			     sscanf(e + 2 * k, "%2x", &v) == 1;
+			md5[k] = (unsigned char)v;
+		}
+		ok = ok && EVP_DigestUpdate(ctx, md5, 16) == 1;
+	}
+	unsigned char d[EVP_MAX_MD_SIZE];
+	unsigned dl = 0;
+	ok = ok && EVP_DigestFinal_ex(ctx, d, &dl) == 1 && dl == 16;
+	EVP_MD_CTX_free(ctx);
+	size_t len = 0;
+	for (unsigned k = 0; ok && k < 16; k++)
+		len += (size_t)snprintf(out + len, cap - len, "%02x", d[k]);
+	if (ok)
+		snprintf(out + len, cap - len, "-%u", m->n);
+	return ok;
+}
+
+/* CompleteMultipartUpload said NoSuchUpload: an earlier try of it may have
+ * joined the parts and its answer been lost on the way. True when the
+ * object is there with this upload's size and joined ETag. */
+static bool completed_before(const struct mpu *m)
+{
+	char want[48];
+	if (!joined_etag(m, want, sizeof(want)))
+		return false;
+	dws_http_req rq = {.url = m->p->url, .method = "HEAD", .cls = DWS_HTTP_S3, .what = m->p->what,
+			   .deadline_ms = dws_now_ms() + 30000};
+	dws_http_resp rs;
+	dws_error he = {0};
+	bool yes = false;
+	if (!dws_http_do(m->p->http, &rq, &rs, &he)) {
+		const char *e = rs.etag;
+		size_t n = strlen(e);
+		if (n >= 2 && e[0] == '"' && e[n - 1] == '"')
+			e++, n -= 2;
+		yes = rs.has_content_length && rs.content_length == m->p->len && n == strlen(want) && !strncmp(e, want, n);
+	}
+	dws_http_resp_free(&rs);
+	return yes;
+}
+
 static int multipart(const dws_s3_put *p, const dws_s3_upload_conf *c, dws_error *err)
 {
 	struct mpu m = {.p = p, .part = dws_s3_part_size(p->len, c->part_size)};
@@ -359,6 +419,13 @@ static int multipart(const dws_s3_put *p, const dws_s3_upload_conf *c, dws_error
 		rc = mpu_part(&m, i, err);
 	if (!rc)
 		rc = mpu_complete(&m, err);
+	if (rc == DWS_ENOENT && completed_before(&m)) {
+		dws_log_info("%s: CompleteMultipartUpload's answer was lost; the object is there, joined from these %u parts",
+			     p->what, m.n);
+		rc = DWS_OK;
+		if (err)
+			err->code = 0, err->msg[0] = 0;
+	}
 	if (rc)
 		mpu_abort(&m, err);
 	free(m.etags);

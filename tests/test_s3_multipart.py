@@ -116,13 +116,16 @@ class FakeS3:
     """S3 enough for publish: ListObjectsV2 (two pages, the second behind a
     continuation token with characters to escape), multipart uploads. fail:
     {"part": N, "status": S} answers part N with S; "complete_error": a 200
-    whose body is an <Error>; "hold_part": N holds part N until released."""
+    whose body is an <Error>; "hold_part": N holds part N until released;
+    "complete_lost": CompleteMultipartUpload joins the parts and drops the
+    connection unanswered, its retry gets NoSuchUpload."""
 
     def __init__(self, fail=None):
         self.fail = fail or {}
         self.requests = []         # (method, path, query)
         self.bad_signatures = []
         self.parts = {}            # part number -> bytes
+        self.joined = None         # (ETag, size) once an upload completed
         self.part_started = threading.Event()
         self.release = threading.Event()
         fake = self
@@ -187,6 +190,15 @@ class FakeS3:
             return h.answer(200, b"", [("ETag", '"%s"' % hashlib.md5(data).hexdigest())])
         if h.command == "POST" and "uploadId" in q:
             self.body(h)
+            if self.fail.get("complete_lost"):
+                if self.joined:  # the retry: that upload is gone
+                    return h.answer(404, b"<Error><Code>NoSuchUpload</Code></Error>", xml)
+                # joined, and the connection drops before the answer
+                md5s = b"".join(hashlib.md5(self.parts[i]).digest() for i in sorted(self.parts))
+                self.joined = (hashlib.md5(md5s).hexdigest() + f"-{len(self.parts)}",
+                               sum(len(v) for v in self.parts.values()))
+                h.close_connection = True
+                return None
             if self.fail.get("complete_error"):
                 return h.answer(200, b"<?xml version=\"1.0\"?>\n<Error><Code>InternalError</Code><Message>We "
                                      b"encountered an internal error.\nPlease try again.</Message></Error>", xml)
@@ -194,6 +206,12 @@ class FakeS3:
                             xml)
         if h.command == "DELETE" and "uploadId" in q:
             return h.answer(204)
+        if h.command == "HEAD" and self.joined:
+            h.send_response(200)
+            h.send_header("ETag", f'"{self.joined[0]}"')
+            h.send_header("Content-Length", str(self.joined[1]))
+            h.end_headers()
+            return None
         return h.answer(404, b"<Error><Code>NoSuchKey</Code></Error>", xml)
 
     def count(self, method, what):
@@ -234,6 +252,17 @@ def test_multipart_flow_signed_as_s3_checks(dwsctl, model, tmp_path, fake):
     assert sorted(f.parts) == [1, 2, 3] and all(len(f.parts[i]) == 5 * MIB for i in (1, 2)), sorted(f.parts)
     assert f.count("POST", "uploads=") == 1 and f.count("POST", "uploadId=up.ID-1~x") == 1
     assert f.count("DELETE", "uploadId") == 0
+
+
+def test_complete_answer_lost_object_there(dwsctl, model, tmp_path, fake):
+    """CompleteMultipartUpload joined the parts but its answer was lost: the
+    retry's NoSuchUpload is not a failure once a HEAD shows the object with
+    this upload's size and joined ETag (the MD5 of the parts' MD5s, -N)."""
+    f = fake({"complete_lost": True})
+    p = publish(dwsctl, model, "s3://bkt/run", fake_env(f, tmp_path))
+    assert p.returncode == 0, p.stderr
+    assert f.count("POST", "uploadId=") >= 2 and f.count("HEAD", "") >= 1, f.requests
+    assert f.count("DELETE", "uploadId") == 0, f.requests
 
 
 @pytest.mark.parametrize("how", ["part", "complete_error"])
