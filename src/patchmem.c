@@ -193,15 +193,17 @@ void *dws_pmem_alloc(dws_pmem *b, size_t n, unsigned flags)
 		return anon(b, n, flags);
 	}
 	/* a merged run leaves room for the next delta's arena: builds decode
-	 * into memory, the big long-lived runs are what spills */
-	uint64_t limit = cap;
+	 * into memory, the big long-lived runs are what spills; and an arena
+	 * leaves room for what decoding it holds besides (the delta file's
+	 * bytes, about its size): the cap bounds the daemon's memory, not only
+	 * the patches' */
+	uint64_t limit = cap, peak = atomic_load(&pm.build_peak);
 	if (flags & DWS_PMEM_MERGED) {
-		uint64_t keep = 2 * atomic_load(&pm.build_peak);
-		limit -= keep < cap / 2 ? keep : cap / 2;
+		limit -= 3 * peak < cap / 2 ? 3 * peak : cap / 2;
 	} else {
-		uint64_t peak = atomic_load(&pm.build_peak);
 		while (n > peak && !atomic_compare_exchange_weak(&pm.build_peak, &peak, n))
 			;
+		limit -= n < cap / 4 ? n : cap / 4;
 	}
 	if (take_memory(n, limit))
 		return anon(b, n, flags);
