@@ -22,6 +22,14 @@ bool dws_parse_version(const char *s, size_t len, size_t width, uint64_t *out)
 	return true;
 }
 
+bool dws_key_version(const char *key, const char *pre, const char *suf, size_t width, uint64_t *version)
+{
+	size_t n = strlen(key), pl = strlen(pre), sl = strlen(suf);
+	if (n <= pl + sl || strncmp(key, pre, pl) || strcmp(key + n - sl, suf))
+		return false;
+	return dws_parse_version(key + pl, n - pl - sl, width, version);
+}
+
 /* ---- versions ---- */
 
 dws_xver *dws_xver_new(uint64_t version, const char *folder, const dws_object *index, size_t nrecs)

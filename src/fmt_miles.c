@@ -16,10 +16,7 @@ static const char pre[] = "weight_v", suf[] = "/model.safetensors.index.json";
 
 static bool miles_is_index(const char *key, uint64_t *version)
 {
-	size_t n = strlen(key), pl = strlen(pre), sl = strlen(suf);
-	if (n <= pl + sl || strncmp(key, pre, pl) || strcmp(key + n - sl, suf))
-		return false;
-	return dws_parse_version(key + pl, n - pl - sl, 6, version);
+	return dws_key_version(key, pre, suf, 6, version);
 }
 
 static char *miles_index_key(uint64_t version)

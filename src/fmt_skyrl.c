@@ -15,10 +15,7 @@ static const char pre[] = "delta-", suf[] = "/manifest.json";
 
 static bool skyrl_is_index(const char *key, uint64_t *version)
 {
-	size_t n = strlen(key), pl = strlen(pre), sl = strlen(suf);
-	if (n <= pl + sl || strncmp(key, pre, pl) || strcmp(key + n - sl, suf))
-		return false;
-	return dws_parse_version(key + pl, n - pl - sl, 8, version);
+	return dws_key_version(key, pre, suf, 8, version);
 }
 
 static char *skyrl_index_key(uint64_t version)

@@ -117,6 +117,8 @@ int dws_xversions(const struct dws_format_ops *fo, const dws_xload *ld, dws_step
 /* A number of at least `width` digits, canonical (no leading zero past the
  * width), at most 2^63-1. */
 bool dws_parse_version(const char *s, size_t len, size_t width, uint64_t *out);
+/* key is pre + a version (dws_parse_version, `width`) + suf: its version. */
+bool dws_key_version(const char *key, const char *pre, const char *suf, size_t width, uint64_t *version);
 /* The listed object with this key, or NULL (objs sorted by key). */
 const dws_object *dws_xload_find(const dws_object *objs, size_t n, const char *key);
 /* A listed payload (or, with head_missing, one found by HEAD) into *out (key
