@@ -131,25 +131,10 @@ static int opt_proc(void *data, const char *arg, int key, struct fuse_args *outa
 
 static bool parse_size(const char *s, int64_t *out)
 {
-	if (!s || !*s || *s == '-' || *s == '+')
+	uint64_t v;
+	if (!dws_parse_size(s, &v))
 		return false;
-	char *end;
-	errno = 0;
-	unsigned long long v = strtoull(s, &end, 10);
-	if (end == s || errno)
-		return false;
-	static const char units[] = "KMGT";
-	int shift = 0;
-	const char *u = *end ? strchr(units, *end & ~0x20) : NULL;
-	if (u) {
-		shift = 10 * (int)(u - units + 1);
-		end++;
-		if (end[0] == 'i' && end[1] == 'B')
-			end += 2;
-	}
-	if (*end || v > (uint64_t)INT64_MAX >> shift)
-		return false;
-	*out = (int64_t)(v << shift);
+	*out = (int64_t)v;
 	return true;
 }
 

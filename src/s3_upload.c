@@ -33,37 +33,13 @@
 
 /* ---- settings ---- */
 
-/* "123", "64M", "5GiB": binary units; false if it is none of those. */
-static bool parse_size(const char *s, uint64_t *out)
-{
-	if (!isdigit((unsigned char)*s))
-		return false;
-	errno = 0;
-	char *end;
-	unsigned long long v = strtoull(s, &end, 10);
-	if (errno)
-		return false;
-	unsigned shift = 0;
-	const char *units = "KMGT", *u = *end ? strchr(units, toupper((unsigned char)*end)) : NULL;
-	if (u) {
-		shift = 10 * (unsigned)(u - units + 1);
-		end++;
-		if (!strcmp(end, "iB") || !strcmp(end, "B"))
-			end += strlen(end);
-	}
-	if (*end || (shift && v > (UINT64_MAX >> shift)))
-		return false;
-	*out = (uint64_t)v << shift;
-	return true;
-}
-
 static int env_size(const char *name, uint64_t *out, dws_error *err)
 {
 	const char *v = getenv(name);
 	*out = DEFAULT_SIZE;
 	if (!v || !*v)
 		return DWS_OK;
-	if (strlen(v) > 32 || !parse_size(v, out))
+	if (strlen(v) > 32 || !dws_parse_size(v, out))
 		return dws_fail(err, DWS_EINVAL, "%s='%.32s': not a size (bytes, or a number with K, M, G or T, as in 64M)",
 				name, v);
 	return DWS_OK;

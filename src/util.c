@@ -127,6 +127,30 @@ char *dws_xasprintf(const char *fmt, ...)
 	return s;
 }
 
+bool dws_parse_size(const char *s, uint64_t *out)
+{
+	if (!s || *s < '0' || *s > '9')
+		return false;
+	char *end;
+	errno = 0;
+	unsigned long long v = strtoull(s, &end, 10);
+	if (errno)
+		return false;
+	static const char units[] = "KMGT";
+	unsigned shift = 0;
+	const char *u = *end ? strchr(units, *end & ~0x20) : NULL;
+	if (u) {
+		shift = 10 * (unsigned)(u - units + 1);
+		end++;
+		if (end[0] == 'i' && end[1] == 'B')
+			end += 2;
+	}
+	if (*end || v > (uint64_t)INT64_MAX >> shift)
+		return false;
+	*out = (uint64_t)v << shift;
+	return true;
+}
+
 bool dws_parse_u64(const char *s, uint64_t *out)
 {
 	uint64_t v = 0;

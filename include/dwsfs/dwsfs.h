@@ -37,6 +37,10 @@ typedef struct dws_error {
 } dws_error;
 
 
+/* The one size syntax of every size option and setting: a byte count, or a
+ * number with K, M, G or T (powers of 1024; KiB..TiB too), at most 2^63-1. */
+bool dws_parse_size(const char *s, uint64_t *out);
+
 /* ---- logging: one line per event ------------------------------------- */
 
 typedef enum dws_log_level { DWS_LOG_ERROR, DWS_LOG_WARN, DWS_LOG_INFO, DWS_LOG_DEBUG } dws_log_level;
