@@ -14,7 +14,8 @@ side, each round, every one after `drop_caches`:
 
 Targets: remount >= 0.8x of cache cat, and never slower than network.
 Writes OUT (bench-results/remount.md) and its .json. Environment: SMOKE,
-PARAMS, ROUNDS, BUILD, KEEP=1, OUT.
+PARAMS, ROUNDS, BUILD, KEEP=1, OUT, REMOUNT_OPTS (more -o options
+for the remount, comma-separated).
 """
 import json
 import os
@@ -32,6 +33,7 @@ PARAMS = float(os.environ.get("PARAMS", "2e7" if SMOKE else "600e6"))
 ROUNDS = int(os.environ.get("ROUNDS", "1" if SMOKE else "3"))
 BUILD = os.path.abspath(os.environ.get("BUILD", os.path.join(ROOT, "build")))
 OUT = os.environ.get("OUT", os.path.join(ROOT, "bench-results", "tmp" if SMOKE else "", "remount.md"))
+REMOUNT_OPTS = [o for o in os.environ.get("REMOUNT_OPTS", "").split(",") if o]  # more -o options for the remount
 os.environ["DWSFS"] = os.path.join(BUILD, "dwsfs")
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import mountutil  # noqa: E402
@@ -103,7 +105,7 @@ def main():
             res["cache_cat"] = timed_cat(cache_files(cache))
             drop_caches()
             t0 = time.perf_counter()
-            with mountutil.mounted(uri, mnt, f"cache_dir={cache}", env=env, mount_timeout=600) as m:
+            with mountutil.mounted(uri, mnt, f"cache_dir={cache}", *REMOUNT_OPTS, env=env, mount_timeout=600) as m:
                 res["remount_mount"] = time.perf_counter() - t0
                 res["remount"] = timed_cat(root_files(m))
                 res["remount_fetched"] = m.status()["bytes_fetched"]
