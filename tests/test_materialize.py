@@ -27,16 +27,17 @@ def checkpoint(folder, a, b):
         f.write(blob)
 
 
-def steps(tmp, n, per_step=10, seed=0):
+def steps(tmp, n, per_step=10, seed=0, spread=False):
     """n checkpoint folders tmp/ck/1..n; each after the first changes
-    `per_step` elements of tensor a, in its first 64 KiB (a few pages)."""
+    `per_step` elements of tensor a, in its first 64 KiB (a few pages), or
+    anywhere in it (spread)."""
     rng = np.random.default_rng(seed)
     a = rng.integers(0x3c00, 0x3f00, N, dtype=np.uint16)
     b = rng.integers(0x3c00, 0x3f00, N, dtype=np.uint16)
     out = []
     for k in range(n):
         if k:
-            idx = rng.choice(1 << 15, per_step, replace=False)
+            idx = rng.choice(N if spread else 1 << 15, per_step, replace=False)
             a = a.copy()
             a[idx] ^= 1
         folder = tmp / "ck" / str(k + 1)
@@ -85,6 +86,27 @@ def test_next_copy_brought_forward_in_place(dwsfs_pt, dwsctl, tmp_path):
         # the folios holding the 10 elements (up to 2 MiB each where the page
         # cache took the copy in large folios), not the model
         assert max(writes[1:]) < model / 8, (writes, model)
+
+
+def test_copy_brought_forward_from_the_disk(dwsfs_pt, dwsctl, tmp_path):
+    """A step changing 1% of a tensor's elements, spread (every 2 MiB chunk
+    of it read, changed and written whole) into a copy whose pages left the
+    page cache (read back with O_DIRECT): the bytes are the step's."""
+    cks = steps(tmp_path, 3, per_step=N // 100, seed=2, spread=True)
+    bucket = tmp_path / "bucket"
+    publish(dwsctl, None, cks[0], bucket, 1, "anchor")
+    with mounted(bucket, tmp_path / "mnt", *LIVE) as m:
+        wait_materialized(m, 1)
+        for k in (1, 2):
+            os.sync()
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("1")
+            publish(dwsctl, cks[k - 1], cks[k], bucket, k + 1)
+            m.wait_step(k + 1, STEP_DEADLINE)
+            wait_materialized(m, k + 1)
+            assert read_file(m.path("model.safetensors")) == want(bucket, tmp_path, k + 1), f"step {k + 1}"
+        st = m.status()
+        assert st["materialized_whole"] == 1 and st["materialized_in_place"] == 2, st
 
 
 def test_mapped_copy_keeps_its_bytes(dwsfs_pt, dwsctl, tmp_path):
