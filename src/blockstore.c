@@ -315,19 +315,6 @@ static int block_open(dws_blockstore *s, const char *key, dws_block_stamp *now)
 	return fd;
 }
 
-static bool pread_all(int fd, void *buf, size_t len, uint64_t off)
-{
-	for (size_t done = 0; done < len;) {
-		ssize_t r = pread(fd, (char *)buf + done, len - done, (off_t)(off + done));
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r <= 0)
-			return false;
-		done += (size_t)r;
-	}
-	return true;
-}
-
 /* The trailer of block key of want_len bytes: true and its checksum in *sum
  * if it is whole, of this format and for that length. */
 static bool trailer_ok(const unsigned char *tr, uint64_t want_len, uint64_t *sum)
@@ -420,12 +407,12 @@ int dws_block_read(dws_blockstore *s, const char *key, uint64_t want_len, uint64
 	unsigned char tr[TRAILER];
 	uint64_t sum;
 	int rc = DWS_ENOENT;
-	if (!pread_all(fd, tr, TRAILER, want_len) || !trailer_ok(tr, want_len, &sum) || off + len > want_len)
+	if (!dws_pread_all(fd, tr, TRAILER, want_len) || !trailer_ok(tr, want_len, &sum) || off + len > want_len)
 		goto out;
 	if (!stamp->ino || memcmp(stamp, &now, sizeof(now)) != 0) {
 		/* not checked in this process, or changed since: the whole block */
 		char *all = dws_xmalloc(want_len ? want_len : 1);
-		bool ok = pread_all(fd, all, want_len, 0) && block_sum(all, want_len, key) == sum;
+		bool ok = dws_pread_all(fd, all, want_len, 0) && block_sum(all, want_len, key) == sum;
 		if (ok)
 			memcpy(buf, all + off, len);
 		free(all);
@@ -434,7 +421,7 @@ int dws_block_read(dws_blockstore *s, const char *key, uint64_t want_len, uint64
 		rc = ok ? DWS_OK : DWS_ENOENT;
 		goto out;
 	}
-	rc = pread_all(fd, buf, len, off) ? DWS_OK : DWS_ENOENT;
+	rc = dws_pread_all(fd, buf, len, off) ? DWS_OK : DWS_ENOENT;
 out:
 	close(fd);
 	return rc;

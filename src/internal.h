@@ -59,6 +59,10 @@ char *dws_xasprintf(const char *fmt, ...) DWS_PRINTF(1, 2);
 
 /* Parse a decimal u64 string strictly (no sign, no spaces, no overflow). */
 bool dws_parse_u64(const char *s, uint64_t *out);
+/* All n bytes at off, retrying on EINTR and short transfers: false on an
+ * error (errno) or the file's end. */
+bool dws_pread_all(int fd, void *p, size_t n, uint64_t off);
+bool dws_pwrite_all(int fd, const void *p, size_t n, uint64_t off);
 /* "step_000123.safetensors[.zst]" -> 123; false if the name is not a step
  * (stepname.c: the naming rule of step files and folders). */
 bool dws_parse_step_name(const char *base, uint64_t *step, bool *zst);

@@ -61,16 +61,9 @@ int dws_step_materialize(dws_step *s, size_t fi, const char *dir, uint64_t min_f
 				      (unsigned long long)off, (unsigned long long)info->size);
 			goto out;
 		}
-		for (int64_t w = 0; w < n;) {
-			ssize_t k = pwrite(fd, buf + w, (size_t)(n - w), (off_t)(off + (uint64_t)w));
-			if (k < 0 && errno == EINTR)
-				continue;
-			if (k <= 0) {
-				rc = dws_fail(err, DWS_EIO, "materialize %s: write in %s: %s", info->path, dir,
-					      k < 0 ? strerror(errno) : "no progress");
-				goto out;
-			}
-			w += k;
+		if (!dws_pwrite_all(fd, buf, (size_t)n, off)) {
+			rc = dws_fail(err, DWS_EIO, "materialize %s: write in %s: %s", info->path, dir, strerror(errno));
+			goto out;
 		}
 		off += (uint64_t)n;
 	}

@@ -82,19 +82,6 @@ static int target_open(const int *fds, size_t n, struct target *t, dws_error *er
 	return DWS_OK;
 }
 
-static bool pwrite_all(int fd, const void *p, size_t n, uint64_t off)
-{
-	for (size_t w = 0; w < n;) {
-		ssize_t k = pwrite(fd, (const char *)p + w, n - w, (off_t)(off + w));
-		if (k < 0 && errno == EINTR)
-			continue;
-		if (k <= 0)
-			return false;
-		w += (size_t)k;
-	}
-	return true;
-}
-
 /* [at, at+n) of fd into p: what it holds from flag (0 or RWF_NOWAIT: the
  * page cache's pages only), stopping short where that ends. */
 static size_t pread_some(int fd, unsigned char *p, size_t n, uint64_t at, int flag)
@@ -198,7 +185,7 @@ static int write_chunk(const struct target *t, const struct entries *e, uint64_t
 	*next = j;
 	if (j - k < (c1 - c0) / 4096 / SPARSE_PAGES || j == k + 1) {
 		for (uint64_t i = k; i < j && !rc; i++)
-			if (!(rc = position(e, i, &o, err)) && !pwrite_all(t->fd[e->file], e->vals + i * e->osz, e->osz, o))
+			if (!(rc = position(e, i, &o, err)) && !dws_pwrite_all(t->fd[e->file], e->vals + i * e->osz, e->osz, o))
 				rc = dws_fail(err, DWS_EIO, "materialized file %zu: write at %llu: %s", e->file,
 					      (unsigned long long)o, strerror(errno));
 		return rc;
@@ -207,7 +194,7 @@ static int write_chunk(const struct target *t, const struct entries *e, uint64_t
 	for (uint64_t i = k; i < j && !rc; i++)
 		if (!(rc = position(e, i, &o, err)))
 			memcpy(t->buf + (o - c0), e->vals + i * e->osz, e->osz);
-	if (!rc && !pwrite_all(t->fd[e->file], t->buf, (size_t)(c1 - c0), c0))
+	if (!rc && !dws_pwrite_all(t->fd[e->file], t->buf, (size_t)(c1 - c0), c0))
 		rc = dws_fail(err, DWS_EIO, "materialized file %zu: write at %llu: %s", e->file, (unsigned long long)c0,
 			      strerror(errno));
 	return rc;
@@ -218,7 +205,7 @@ static int write_dense(const struct target *t, const struct entries *e, dws_erro
 {
 	for (uint64_t b = 0, all = e->numel * e->osz; b < all; b += DROP_EVERY) {
 		size_t w = all - b < DROP_EVERY ? (size_t)(all - b) : DROP_EVERY;
-		if (!pwrite_all(t->fd[e->file], e->vals + b, w, e->at + b))
+		if (!dws_pwrite_all(t->fd[e->file], e->vals + b, w, e->at + b))
 			return dws_fail(err, DWS_EIO, "materialized file %zu: write at %llu: %s", e->file,
 					(unsigned long long)(e->at + b), strerror(errno));
 		drop_pages(e->vals + b, w);

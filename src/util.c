@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <sys/mman.h>
+#include <unistd.h>
 #include <string.h>
 #include <xxhash.h>
 #if DWS_XXH_DISPATCH
@@ -163,6 +164,38 @@ bool dws_parse_u64(const char *s, uint64_t *out)
 			return false;
 	}
 	*out = v;
+	return true;
+}
+
+bool dws_pread_all(int fd, void *p, size_t n, uint64_t off)
+{
+	for (size_t done = 0; done < n;) {
+		ssize_t r = pread(fd, (char *)p + done, n - done, (off_t)(off + done));
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0) {
+			if (r == 0)
+				errno = EIO; /* the file ends short */
+			return false;
+		}
+		done += (size_t)r;
+	}
+	return true;
+}
+
+bool dws_pwrite_all(int fd, const void *p, size_t n, uint64_t off)
+{
+	for (size_t done = 0; done < n;) {
+		ssize_t w = pwrite(fd, (const char *)p + done, n - done, (off_t)(off + done));
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0) {
+			if (w == 0)
+				errno = EIO; /* no progress */
+			return false;
+		}
+		done += (size_t)w;
+	}
 	return true;
 }
 
