@@ -326,7 +326,8 @@ def test_materialized_once_cached_never_fetching(hub, tmp_path):
     """The root of a remote bucket is materialized for passthrough only once
     the block cache holds every source byte (a read of the model puts them
     there): before, nothing is written and nothing fetched for it; after,
-    opens pass through with exact bytes and the CDN sees no request."""
+    opens pass through with exact bytes and the CDN sees no request but for
+    blocks the cache did not keep (a loaded disk)."""
     if os.geteuid() != 0:
         pytest.skip("FUSE passthrough needs root")
     h, root = hub
@@ -349,7 +350,11 @@ def test_materialized_once_cached_never_fetching(hub, tmp_path):
         after = m.status()
         assert after["passthrough_opens"] >= before["passthrough_opens"] + 2, (before, after)
         assert after["daemon_reads"] == before["daemon_reads"], (before, after)
-        assert h.stats()["cdn"] == cdn, "materialization fetched"
+        # blocks the disk writers were too far behind to take (a loaded
+        # machine: 3 in a CI rehearsal) were served and not kept; 10 s on,
+        # the copy fetched them, and only them
+        unkept = after["cache_unkept_blocks"]
+        assert h.stats()["cdn"] - cdn <= unkept, ("materialization fetched more than the cache did not keep", unkept)
 
 
 def test_materialized_after_the_grace_when_blocks_never_come(hub, tmp_path):
