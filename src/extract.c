@@ -164,15 +164,8 @@ static int write_pieces(struct job *j, const dws_progress *pr, uint64_t total, d
 		if (state == 2)
 			return dws_fail(err, j->err.code, "%s", j->err.msg);
 		const char *path = dws_step_file(j->s, p->file)->path;
-		for (size_t w = 0; !rc && w < p->n;) {
-			ssize_t r = pwrite(j->fds[p->file], p->buf + w, p->n - w, (off_t)(p->off + w));
-			if (r < 0 && errno == EINTR)
-				continue;
-			if (r <= 0)
-				rc = dws_fail(err, DWS_EIO, "%s: write: %s", path, strerror(errno));
-			else
-				w += (size_t)r;
-		}
+		if (!dws_pwrite_all(j->fds[p->file], p->buf, p->n, p->off))
+			rc = dws_fail(err, DWS_EIO, "%s: write: %s", path, strerror(errno));
 		done += p->n;
 		if (!rc && pr && pr->fn)
 			pr->fn(pr->ctx, path, done, total);
@@ -258,23 +251,6 @@ static int outdir_close(struct outdir *o, const dws_step *s, const char *outdir,
 	free(o->o1);
 	free(o->o2);
 	return rc;
-}
-
-static int pwrite_all(int fd, const void *buf, size_t n, uint64_t off,
-		      const char *path, dws_error *err)
-{
-	const char *p = buf;
-	while (n) {
-		ssize_t r = pwrite(fd, p, n, (off_t)off);
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r <= 0)
-			return dws_fail(err, DWS_EIO, "%s: write: %s", path, r < 0 ? strerror(errno) : "no progress");
-		p += r;
-		n -= (size_t)r;
-		off += (uint64_t)r;
-	}
-	return DWS_OK;
 }
 
 /* What the written folder is checked against before it is moved into place:
@@ -472,8 +448,10 @@ static void stream_drain(struct stream *S)
 		dws_error e = {0};
 		if (!atomic_load(&S->failed)) {
 			const char *path = S->L->files[w->file].info.path;
-			if (pwrite_all(S->fds[w->file], w->buf, w->n, w->off, path, &e))
+			if (!dws_pwrite_all(S->fds[w->file], w->buf, w->n, w->off)) {
+				dws_fail(&e, DWS_EIO, "%s: write: %s", path, strerror(errno));
 				stream_fail(S, &e);
+			}
 			S->done += w->n;
 			if (S->pr && S->pr->fn)
 				S->pr->fn(S->pr->ctx, path, S->done, S->total);

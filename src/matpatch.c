@@ -99,9 +99,19 @@ static size_t pread_some(int fd, unsigned char *p, size_t n, uint64_t at, int fl
 	return got;
 }
 
+/* [p, p+n) at off of file f. */
+static int write_at(const struct target *t, size_t f, const void *p, size_t n, uint64_t off, dws_error *err)
+{
+	if (dws_pwrite_all(t->fd[f], p, n, off))
+		return DWS_OK;
+	return dws_fail(err, DWS_EIO, "materialized file %zu: write at %llu: %s", f, (unsigned long long)off,
+			strerror(errno));
+}
+
 /* Chunk [c0, c0+len) of file f into t->buf. */
 static int chunk_read(const struct target *t, size_t f, uint64_t c0, size_t len, dws_error *err)
 {
+	errno = 0; /* a short read sets none */
 	size_t got = pread_some(t->fd[f], t->buf, len, c0, RWF_NOWAIT);
 	if (got < len && t->dfd[f] >= 0) {
 		got &= ~(size_t)4095; /* O_DIRECT: aligned; the end rounded up (a short read at the file's end) */
@@ -185,19 +195,15 @@ static int write_chunk(const struct target *t, const struct entries *e, uint64_t
 	*next = j;
 	if (j - k < (c1 - c0) / 4096 / SPARSE_PAGES || j == k + 1) {
 		for (uint64_t i = k; i < j && !rc; i++)
-			if (!(rc = position(e, i, &o, err)) && !dws_pwrite_all(t->fd[e->file], e->vals + i * e->osz, e->osz, o))
-				rc = dws_fail(err, DWS_EIO, "materialized file %zu: write at %llu: %s", e->file,
-					      (unsigned long long)o, strerror(errno));
+			if (!(rc = position(e, i, &o, err)))
+				rc = write_at(t, e->file, e->vals + i * e->osz, e->osz, o, err);
 		return rc;
 	}
 	rc = chunk_read(t, e->file, c0, (size_t)(c1 - c0), err);
 	for (uint64_t i = k; i < j && !rc; i++)
 		if (!(rc = position(e, i, &o, err)))
 			memcpy(t->buf + (o - c0), e->vals + i * e->osz, e->osz);
-	if (!rc && !dws_pwrite_all(t->fd[e->file], t->buf, (size_t)(c1 - c0), c0))
-		rc = dws_fail(err, DWS_EIO, "materialized file %zu: write at %llu: %s", e->file, (unsigned long long)c0,
-			      strerror(errno));
-	return rc;
+	return rc ? rc : write_at(t, e->file, t->buf, (size_t)(c1 - c0), c0, err);
 }
 
 /* Every element of a dense entry, written from the patch. */
@@ -205,9 +211,9 @@ static int write_dense(const struct target *t, const struct entries *e, dws_erro
 {
 	for (uint64_t b = 0, all = e->numel * e->osz; b < all; b += DROP_EVERY) {
 		size_t w = all - b < DROP_EVERY ? (size_t)(all - b) : DROP_EVERY;
-		if (!dws_pwrite_all(t->fd[e->file], e->vals + b, w, e->at + b))
-			return dws_fail(err, DWS_EIO, "materialized file %zu: write at %llu: %s", e->file,
-					(unsigned long long)(e->at + b), strerror(errno));
+		int rc = write_at(t, e->file, e->vals + b, w, e->at + b, err);
+		if (rc)
+			return rc;
 		drop_pages(e->vals + b, w);
 	}
 	return DWS_OK;

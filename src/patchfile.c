@@ -56,14 +56,8 @@ struct out {
 
 static int out_flush(struct out *o, dws_error *err)
 {
-	for (size_t done = 0; done < o->blen;) {
-		ssize_t w = pwrite(o->fd, o->buf + done, o->blen - done, (off_t)(o->off + done));
-		if (w < 0 && errno == EINTR)
-			continue;
-		if (w <= 0)
-			return dws_fail(err, DWS_EIO, "patch file: write: %s", w < 0 ? strerror(errno) : "no progress");
-		done += (size_t)w;
-	}
+	if (!dws_pwrite_all(o->fd, o->buf, o->blen, o->off))
+		return dws_fail(err, DWS_EIO, "patch file: write: %s", strerror(errno));
 	o->off += o->blen;
 	o->blen = 0;
 	return DWS_OK;
